@@ -1,0 +1,182 @@
+"""The `tessera` command line: arguments -> JobSpec -> run. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from schemas.errors import TesseraError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Segment very large imagery on a Ray cluster.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+    )
+
+
+def _fail(exc: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _human_area(m2: float, unit: str | None) -> str:
+    if unit in ("metre", "meter") and m2 >= 1e6:
+        return f"{m2 / 1e6:,.2f} km²"
+    suffix = "m²" if unit in ("metre", "meter") else f"{unit or 'CRS unit'}²"
+    return f"{m2:,.0f} {suffix}"
+
+
+def _print_result(result, *, extra_rows: list[tuple[str, str]] | None = None) -> None:
+    table = Table(title=f"tessera: {len(result.scenes)} scene(s) in {result.wall_s:.1f} s, model {result.model_name}")
+    for col in ("scene", "status", "chunks (computed/total)", "regions", "detail"):
+        table.add_column(col)
+    for s in result.scenes:
+        row = s.row or {}
+        detail = s.error or ""
+        if not detail and row.get("class_areas"):
+            unit = row.get("crs_linear_unit")
+            detail = ", ".join(f"{c['class_name']} {_human_area(c['area_crs2'], unit)}" for c in row["class_areas"])
+        if s.already_complete:
+            detail = "already complete for this fingerprint: nothing recomputed"
+        table.add_row(s.name, s.status, f"{s.n_todo}/{s.n_chunks}", str(row.get("n_regions", "")), detail)
+    console.print(table)
+    for key, value in extra_rows or []:
+        console.print(f"[bold]{key}:[/] {value}")
+    console.print(f"[bold]outputs:[/] {result.root}  (<scene>.zarr, tables/regions|scenes|chunks)")
+
+
+@app.command()
+def run(
+    job_file: Annotated[Path, typer.Argument(help="Job spec YAML.")],
+    address: Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADDRESS or local).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a job spec: tile, predict, stitch and write every scene it names."""
+    from pipelines.job import run_job
+    from pipelines.spec import load_job_spec
+
+    _setup_logging(verbose)
+    try:
+        spec = load_job_spec(job_file)
+        result = run_job(spec, base_dir=job_file.resolve().parent, ray_address=address)
+    except TesseraError as exc:
+        _fail(exc)
+    _print_result(result)
+    if result.failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output root.")] = Path("tessera-demo"),
+    size: Annotated[int, typer.Option(help="Scene side in px.")] = 4096,
+    seed: Annotated[int, typer.Option(help="Scene generator seed.")] = 7,
+    actors: Annotated[int, typer.Option(help="Predictor actors.")] = 1,
+    torch_threads: Annotated[int | None, typer.Option(help="torch threads per actor (default: all cores / actors).")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address (default: local).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Generate a synthetic satellite scene and segment it end to end on a local Ray."""
+    from pipelines.demo import run_demo
+
+    _setup_logging(verbose)
+    threads = torch_threads or max(1, (os.cpu_count() or 1) // actors)
+    console.print(f"tessera demo: {size}x{size} synthetic 4-band UTM scene, bundled U-Net, local Ray ...")
+    try:
+        report = run_demo(out, size=size, seed=seed, actors=actors, torch_threads=threads, ray_address=address)
+    except TesseraError as exc:
+        _fail(exc)
+    mem = report.memory
+    ious = ", ".join(f"{k} {v:.3f}" for k, v in report.iou.items())
+    _print_result(report.result, extra_rows=[
+        ("input", f"{report.scene_path} (truth: {report.truth_path.name}; generated in {report.generate_s:.1f} s)"),
+        ("mIoU vs ground truth", f"{report.miou:.4f} ({ious})"),
+        ("peak memory", f"driver {mem.driver_rss / 2**20:.0f} MiB, largest worker {mem.max_child_rss / 2**20:.0f} MiB, "
+                        f"all processes (shared pages counted per process) {mem.total_rss / 2**20:.0f} MiB"),
+    ])
+    root = report.result.root
+    console.print("\n[bold]try:[/]")
+    console.print(f'  tessera query --root {root} "SELECT class_name, count(*) AS regions, '
+                  f'round(sum(area_crs2)/1e6, 3) AS km2 FROM regions GROUP BY 1 ORDER BY km2 DESC"')
+    console.print(f'  tessera query --root {root} "SELECT scene, status, wall_s, predict_s FROM scenes"')
+    console.print(f'  tessera query --root {root} --format csv "SELECT region_id, class_name, area_crs2, '
+                  f'centroid_lon, centroid_lat FROM regions ORDER BY area_crs2 DESC LIMIT 5"')
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="SQL over the views regions, scenes, chunks.")],
+    root: Annotated[Path, typer.Option(help="Output root of a job.")] = Path("tessera-demo"),
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
+) -> None:
+    """Query a job's result tables with DuckDB SQL."""
+    import duckdb
+
+    from pipelines.query import run_query
+
+    if fmt not in ("table", "csv", "json"):
+        _fail(ValueError(f"--format must be table, csv or json, got {fmt!r}"))
+    try:
+        result = run_query(root, sql)
+    except (TesseraError, duckdb.Error) as exc:
+        _fail(exc)
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(result, sys.stdout.buffer)
+    elif fmt == "json":
+        for row in result.to_pylist():
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+    else:
+        table = Table(show_lines=False)
+        for name in result.column_names:
+            table.add_column(name)
+        for row in result.slice(0, limit).to_pylist():
+            table.add_row(*(_cell(v) for v in row.values()))
+        console.print(table)
+        if result.num_rows > limit:
+            console.print(f"... {result.num_rows - limit} more rows (use --limit or --format csv)")
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="Folder for the weights + model card.")] = Path("models"),
+    preset: Annotated[str, typer.Option(help="Training preset: 'demo' (U-Net on the synthetic generator).")] = "demo",
+    seed: Annotated[int, typer.Option()] = 0,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (default: the preset's).")] = None,
+) -> None:
+    """Train a model preset and write safetensors weights + a model card."""
+    from pipelines.train import train_demo_model
+
+    if preset != "demo":
+        _fail(ValueError(f"unknown preset {preset!r}; presets: demo"))
+    kwargs = {"seed": seed} | ({"steps": steps} if steps else {})
+    card = train_demo_model(out, **kwargs)
+    console.print(f"wrote {card}")
+
+
+if __name__ == "__main__":
+    app()

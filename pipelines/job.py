@@ -1,0 +1,607 @@
+"""The Ray wiring of a job: plan -> read -> predict -> write chunk + partial stats -> merge.
+
+Everything Ray lives here. The stream is one Ray Data pipeline over the chunk plans of every
+scene: read windows (CPU tasks) -> predictor actors (GPU/CPU, model loaded once per actor) ->
+write each chunk exactly once to Zarr with its partial region statistics and a manifest marker.
+The driver holds plans and small records, never pixels; it merges partial statistics per scene.
+
+Resumability: each finished chunk leaves `<root>/_work/<scene>/<fingerprint>/<index>.json`
+(written last, atomically) beside its partial stats. A re-run with the same fingerprint computes
+only chunks without a marker; a complete scene is not touched at all.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.georef import crs_linear_unit, regions_table
+from pipelines.readers.geotiff import SceneInfo, open_scene, read_window, scene_name
+from pipelines.regions import ChunkRegions, chunk_regions, merge_regions, region_id_offset
+from pipelines.tiling import ChunkWindow, chunk_grid_shape, plan_chunks
+from pipelines.writers.tables import write_table
+from pipelines.writers.zarr_masks import (
+    create_scene_store,
+    mark_complete,
+    read_store_state,
+    remove_store,
+    write_chunk,
+)
+from schemas import store as layout
+from schemas.errors import InputError, ModelCardError, OutputError, TesseraError
+from schemas.job import JobSpec
+from schemas.model_card import ModelCard
+from schemas.tables import CHUNK_SKIPPED_NODATA, CHUNK_WRITTEN, STATUS_COMPLETE, STATUS_FAILED
+from workers.checkpoints import Checkpoint, file_sha256, load_checkpoint, resolve_card_path
+from workers.predictor import PredictorOptions
+
+log = logging.getLogger("tessera")
+
+# Bump when the meaning of output bytes changes for the same inputs and parameters.
+OUTPUT_FORMAT_VERSION = 1
+WORK_DIR = "_work"
+
+
+@dataclass(frozen=True)
+class ResolvedJob:
+    """A job spec with its model loaded and every default filled in."""
+
+    spec: JobSpec
+    root: Path
+    checkpoint: Checkpoint
+    chunk_size: int
+    halo: int
+    predictor_options: PredictorOptions
+
+    @property
+    def card(self) -> ModelCard:
+        return self.checkpoint.card
+
+    def parameters(self) -> dict[str, Any]:
+        """Everything that changes output bytes, except the input itself."""
+        o = self.predictor_options
+        return {
+            "format": OUTPUT_FORMAT_VERSION,
+            "model_sha256": self.card.weights_sha256,
+            "model_name": self.card.name,
+            "bands": list(self.spec.bands) if self.spec.bands else None,
+            "chunk_size": self.chunk_size,
+            "halo": self.halo,
+            "tile_size": o.tile_size,
+            "tile_overlap": o.tile_overlap,
+            "blend": o.blend,
+            "precision": o.precision,
+        }
+
+
+@dataclass(frozen=True)
+class SceneContext:
+    """What the read and write stages need to know about one scene (small, picklable)."""
+
+    scene_id: int
+    name: str
+    info: SceneInfo
+    bands: tuple[int, ...] | None
+    zarr_path: str
+    work_dir: str
+    fingerprint: str
+    grid_shape: tuple[int, ...]
+    chunk_shape: tuple[int, ...]
+
+
+@dataclass
+class SceneOutcome:
+    """The driver's record of one scene during a job."""
+
+    name: str
+    source: str
+    context: SceneContext | None = None
+    input_sha256: str | None = None
+    status: str = "pending"
+    error: str | None = None
+    n_chunks: int = 0
+    n_todo: int = 0
+    already_complete: bool = False
+    row: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a job did: one outcome per scene, the output root and the wall time."""
+
+    root: Path
+    scenes: tuple[SceneOutcome, ...]
+    wall_s: float
+    model_name: str
+
+    @property
+    def failed(self) -> tuple[SceneOutcome, ...]:
+        return tuple(s for s in self.scenes if s.status == STATUS_FAILED)
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
+    """Load and check the model, fill defaults from its card. Fails before any actor starts.
+
+    Raises:
+        ModelCardError: missing or invalid card/weights, or a job setting the card rejects.
+    """
+    card_path = resolve_card_path(spec.model.card, base_dir=base_dir)
+    checkpoint = load_checkpoint(card_path)
+    card = checkpoint.card
+    if spec.model.architecture is not None and spec.model.architecture != card.architecture:
+        raise ModelCardError(
+            f"{card_path}: job asks for architecture {spec.model.architecture!r} "
+            f"but the card is {card.architecture!r}"
+        )
+    if spec.bands is not None and len(spec.bands) != card.in_channels:
+        raise ModelCardError(
+            f"job bands {list(spec.bands)} give {len(spec.bands)} channels, model {card.name!r} "
+            f"({card_path}) expects {card.in_channels}"
+        )
+    tiling = spec.tiling
+    tile_size = tiling.tile_size if tiling.tile_size is not None else card.tile_size
+    options = PredictorOptions(
+        device="cuda" if spec.resources.num_gpus_per_actor > 0 else "cpu",
+        precision=spec.inference.precision,
+        batch_size=spec.resources.batch_size,
+        tile_size=tile_size,
+        tile_overlap=tiling.tile_overlap,
+        blend=tiling.blend,
+        torch_threads=spec.resources.torch_threads or max(1, int(spec.resources.cpus_per_actor)),
+    )
+    root = Path(spec.output.root).expanduser()
+    if not root.is_absolute():
+        root = base_dir / root
+    return ResolvedJob(
+        spec=spec,
+        root=root.resolve(),
+        checkpoint=checkpoint,
+        chunk_size=tiling.chunk_size,
+        halo=tiling.halo if tiling.halo is not None else card.halo,
+        predictor_options=options,
+    )
+
+
+def expand_inputs(patterns: tuple[str, ...], *, base_dir: Path) -> tuple[list[str], list[str]]:
+    """Expand paths/globs (relative ones against base_dir).
+
+    Returns:
+        (paths, unmatched): sorted unique existing paths, and patterns that matched nothing.
+    """
+    paths: set[str] = set()
+    unmatched: list[str] = []
+    for pattern in patterns:
+        full = pattern if os.path.isabs(os.path.expanduser(pattern)) else str(base_dir / pattern)
+        full = os.path.expanduser(full)
+        if glob.has_magic(full):
+            found = [p for p in glob.glob(full, recursive=True) if os.path.isfile(p)]
+        else:
+            found = [full] if os.path.exists(full) else []
+        if not found:
+            unmatched.append(pattern)
+        paths.update(os.path.normpath(p) for p in found)
+    return sorted(paths), unmatched
+
+
+def assign_scene_names(paths: list[str]) -> list[str]:
+    """Safe, unique scene names in input order (a repeated stem gets '-2', '-3', ...)."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        base = scene_name(path)
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
+
+
+def scene_fingerprint(parameters: dict[str, Any], input_sha256: str) -> str:
+    """SHA-256 of the job parameters that change output bytes and the input's checksum."""
+    payload = json.dumps({**parameters, "input_sha256": input_sha256}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def check_scene_fits_model(info: SceneInfo, *, bands: tuple[int, ...] | None, card: ModelCard) -> None:
+    """Raise InputError (naming the file and the fix) when a scene cannot feed the model."""
+    if bands is not None:
+        bad = [b for b in bands if b > info.count]
+        if bad:
+            raise InputError(f"{info.path}: has {info.count} bands, job asks for bands {bad}")
+    elif info.count != card.in_channels:
+        hint = list(range(1, card.in_channels + 1))
+        raise InputError(
+            f"{info.path}: {info.count} bands, model {card.name!r} expects {card.in_channels} "
+            f"(set bands: {hint} in the job spec to choose them)"
+        )
+    if info.transform[1] != 0 or info.transform[3] != 0:
+        log.warning("%s: rotated/sheared geotransform; x/y coordinates in the store are approximate, "
+                    "GeoTransform is exact", info.path)
+
+
+# ----------------------------------------------------------------------------- markers
+
+
+def chunk_key(index: tuple[int, ...]) -> str:
+    return "c" + "_".join(str(i) for i in index)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def done_chunk_keys(work_dir: Path) -> set[str]:
+    """Keys of chunks whose manifest marker exists (the marker is written last)."""
+    if not work_dir.is_dir():
+        return set()
+    return {p.stem for p in work_dir.glob("c*.json")}
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _window_from_row(row: dict[str, Any]) -> ChunkWindow:
+    index = tuple(int(i) for i in row["index"])
+    core = tuple(slice(int(a), int(b)) for a, b in row["core"])
+    read = tuple(slice(int(a), int(b)) for a, b in row["read"])
+    pad = tuple((int(a), int(b)) for a, b in row["pad"])
+    return ChunkWindow(index=index, core=core, read=read, pad=pad)
+
+
+def _plan_row(scene_id: int, w: ChunkWindow) -> dict[str, Any]:
+    return {
+        "scene_id": scene_id,
+        "index": np.asarray(w.index, dtype=np.int64),
+        "core": np.asarray([(s.start, s.stop) for s in w.core], dtype=np.int64),
+        "read": np.asarray([(s.start, s.stop) for s in w.read], dtype=np.int64),
+        "pad": np.asarray(w.pad, dtype=np.int64),
+    }
+
+
+def read_stage(row: dict[str, Any], *, scenes: dict[int, SceneContext]) -> dict[str, Any]:
+    """Ray Data map: a chunk plan row -> + pixels (C, H, W), valid (H, W), skip, error, read_s."""
+    ctx = scenes[int(row["scene_id"])]
+    window = _window_from_row(row)
+    t0 = time.perf_counter()
+    out = dict(row)
+    out["core_in_window"] = np.asarray([(s.start, s.stop) for s in window.core_in_window], dtype=np.int64)
+    try:
+        pixels, valid = read_window(ctx.info, window, bands=ctx.bands)
+    except InputError as exc:
+        out.update(pixels=np.zeros((0, 0, 0), np.uint8), valid=np.zeros((0, 0), bool),
+                   skip=False, error=str(exc), read_s=time.perf_counter() - t0)
+        return out
+    skip = not bool(valid[window.core_in_window].any())
+    if skip:  # wholly nodata: nothing to predict or send on
+        pixels, valid = np.zeros((0, 0, 0), pixels.dtype), np.zeros((0, 0), bool)
+    out.update(pixels=pixels, valid=valid, skip=skip, error="", read_s=time.perf_counter() - t0)
+    return out
+
+
+def write_stage(row: dict[str, Any], *, scenes: dict[int, SceneContext]) -> dict[str, Any]:
+    """Ray Data map: write the chunk once, its partial stats, then its manifest marker.
+
+    Returns a small record (no pixels) for the driver.
+    """
+    ctx = scenes[int(row["scene_id"])]
+    window = _window_from_row(row)
+    key = chunk_key(window.index)
+    record = {"scene_id": ctx.scene_id, "key": key, "error": str(row["error"])}
+    if record["error"]:
+        return record
+    try:
+        t0 = time.perf_counter()
+        if row["skip"]:
+            labels = np.full(window.core_shape, layout.NODATA_CLASS, dtype=np.uint8)
+        else:
+            labels = np.asarray(row["labels"], dtype=np.uint8).reshape(window.core_shape)
+            write_chunk(Path(ctx.zarr_path), window.core, labels)
+        t1 = time.perf_counter()
+        parts = chunk_regions(
+            labels,
+            chunk_index=window.index,
+            origin=tuple(s.start for s in window.core),
+            id_offset=region_id_offset(window.index, ctx.grid_shape, ctx.chunk_shape),
+            nodata=layout.NODATA_CLASS,
+        )
+        work = Path(ctx.work_dir)
+        parts.to_npz(work / f"{key}.npz")
+        t2 = time.perf_counter()
+        manifest_row = {
+            "scene": ctx.name,
+            "chunk_index": [int(i) for i in window.index],
+            "origin": [int(s.start) for s in window.core],
+            "shape": [int(n) for n in window.core_shape],
+            "status": CHUNK_SKIPPED_NODATA if row["skip"] else CHUNK_WRITTEN,
+            "valid_pixels": int((labels != layout.NODATA_CLASS).sum()),
+            "n_regions_partial": int(len(parts.ids)),
+            "read_s": float(row["read_s"]),
+            "predict_s": float(row["predict_s"]),
+            "write_s": t1 - t0,
+            "stats_s": t2 - t1,
+            "fingerprint": ctx.fingerprint,
+        }
+        _atomic_write_text(work / f"{key}.json", json.dumps(manifest_row))
+    except (OSError, ValueError) as exc:
+        record["error"] = f"{ctx.info.path}: writing chunk {list(window.index)} failed: {exc}"
+    return record
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to Ray (an address, RAY_ADDRESS, or a new local instance) unless connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def _prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: SceneInfo, sha: str) -> None:
+    """Validate a scene, create or resume its store, and list the chunks still to compute."""
+    spec = job.spec
+    check_scene_fits_model(info, bands=spec.bands, card=job.card)
+    fingerprint = scene_fingerprint(job.parameters(), sha)
+    zarr_path = job.root / f"{outcome.name}.zarr"
+    work_root = job.root / WORK_DIR / outcome.name
+    state = read_store_state(zarr_path)
+    if state is not None and state.get(layout.KEY_FINGERPRINT) != fingerprint:
+        if not spec.output.overwrite:
+            raise OutputError(
+                f"{zarr_path}: holds results of another job fingerprint "
+                f"({str(state.get(layout.KEY_FINGERPRINT))[:12]}..., this job {fingerprint[:12]}...); "
+                "use another output root, or set output.overwrite: true to replace it"
+            )
+        remove_store(zarr_path)
+        remove_store(work_root)
+        state = None
+    chunk_shape = (job.chunk_size,) * len(info.shape)
+    windows = plan_chunks(info.shape, job.chunk_size, job.halo)
+    work_dir = work_root / fingerprint[:16]
+    outcome.context = SceneContext(
+        scene_id=scene_id, name=outcome.name, info=info, bands=spec.bands, zarr_path=str(zarr_path),
+        work_dir=str(work_dir), fingerprint=fingerprint,
+        grid_shape=chunk_grid_shape(info.shape, job.chunk_size), chunk_shape=chunk_shape,
+    )
+    outcome.input_sha256 = sha
+    outcome.n_chunks = len(windows)
+    if state is not None and state.get(layout.KEY_STATUS) == layout.STORE_STATUS_COMPLETE:
+        outcome.already_complete = True
+        outcome.status = STATUS_COMPLETE
+        return
+    if state is None:
+        create_scene_store(
+            zarr_path,
+            shape=info.shape,
+            chunk_shape=chunk_shape,
+            transform=info.transform,
+            crs_wkt=info.crs_wkt,
+            class_names=job.card.class_names,
+            provenance={
+                layout.KEY_FINGERPRINT: fingerprint,
+                layout.KEY_MODEL: {"name": job.card.name, "architecture": job.card.architecture,
+                                   "sha256": job.card.weights_sha256},
+                layout.KEY_HALO: job.halo,
+                layout.KEY_SOURCE: os.path.basename(info.path),
+                layout.KEY_INPUT_SHA256: sha,
+            },
+        )
+    work_dir.mkdir(parents=True, exist_ok=True)
+    done = done_chunk_keys(work_dir)
+    outcome.n_todo = sum(1 for w in windows if chunk_key(w.index) not in done)
+    outcome.status = "running"
+
+
+def _open_and_hash(path: str) -> tuple[SceneInfo | None, str | None, str | None]:
+    """(info, sha256, error) of one input; errors are returned, not raised (one scene fails alone)."""
+    try:
+        info = open_scene(path)
+        return info, file_sha256(Path(path)), None
+    except InputError as exc:
+        return None, None, str(exc)
+    except OSError as exc:
+        return None, None, f"{path}: {exc}"
+
+
+def _finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_start: float) -> None:
+    """Merge partial stats, write the scene's tables, and mark its store complete."""
+    ctx = outcome.context
+    assert ctx is not None  # only scenes with a context reach here
+    t0 = time.perf_counter()
+    work_dir = Path(ctx.work_dir)
+    windows = plan_chunks(ctx.info.shape, job.chunk_size, job.halo)
+    missing = [w.index for w in windows if not (work_dir / f"{chunk_key(w.index)}.json").is_file()]
+    if missing:
+        raise OutputError(f"{ctx.zarr_path}: {len(missing)} chunks have no manifest marker, e.g. {list(missing[0])}")
+    manifest = [json.loads((work_dir / f"{chunk_key(w.index)}.json").read_text()) for w in windows]
+    parts = [ChunkRegions.from_npz(work_dir / f"{chunk_key(w.index)}.npz") for w in windows]
+    merged = merge_regions(parts)
+    table = regions_table(ctx.name, merged, transform=ctx.info.transform, crs_wkt=ctx.info.crs_wkt,
+                          class_names=job.card.class_names)
+    merge_s = time.perf_counter() - t0
+    pixel_area = ctx.info.pixel_area_crs2
+    class_areas = []
+    for class_id, name in enumerate(job.card.class_names):
+        count = int(merged.pixel_count[merged.class_id == class_id].sum())
+        class_areas.append({"class_id": class_id, "class_name": name, "pixel_count": count,
+                            "area_crs2": count * pixel_area})
+    write_table(job.root, "regions", ctx.name, table)
+    write_table(job.root, "chunks", ctx.name, manifest)
+    outcome.status = STATUS_COMPLETE
+    outcome.row = _scene_row(job, outcome, started_at, t_start) | {
+        "n_chunks_skipped_nodata": sum(m["status"] == CHUNK_SKIPPED_NODATA for m in manifest),
+        "n_regions": len(merged),
+        "valid_pixels": int(sum(m["valid_pixels"] for m in manifest)),
+        "class_areas": class_areas,
+        "read_s": sum(m["read_s"] for m in manifest),
+        "predict_s": sum(m["predict_s"] for m in manifest),
+        "write_s": sum(m["write_s"] for m in manifest),
+        "stats_s": sum(m["stats_s"] for m in manifest),
+        "merge_s": merge_s,
+    }
+    write_table(job.root, "scenes", ctx.name, [outcome.row])
+    mark_complete(Path(ctx.zarr_path))
+
+
+def _scene_row(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_start: float) -> dict[str, Any]:
+    ctx = outcome.context
+    info = ctx.info if ctx else None
+    return {
+        "scene": outcome.name,
+        "source": outcome.source,
+        "status": outcome.status,
+        "error": outcome.error,
+        "fingerprint": ctx.fingerprint if ctx else None,
+        "input_sha256": outcome.input_sha256,
+        "model_name": job.card.name,
+        "model_sha256": job.card.weights_sha256,
+        "shape": list(info.shape) if info else None,
+        "crs": info.crs if info else None,
+        "crs_linear_unit": crs_linear_unit(info.crs_wkt) if info else None,
+        "pixel_area_crs2": info.pixel_area_crs2 if info else None,
+        "n_chunks": outcome.n_chunks if ctx else None,
+        "n_chunks_computed": outcome.n_todo if ctx else None,
+        "zarr_path": f"{outcome.name}.zarr" if ctx else None,
+        "started_at": started_at,
+        "finished_at": datetime.now(timezone.utc),
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    base_dir: Path,
+    ray_address: str | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> JobResult:
+    """Run a job: every scene in the spec, each chunk computed and written at most once.
+
+    Args:
+        spec: the validated job spec.
+        base_dir: folder that relative paths in the spec are relative to (the spec's folder).
+        ray_address: Ray cluster to connect to (default: RAY_ADDRESS or a local instance).
+        on_chunk: progress callback (chunks done, chunks total).
+
+    Returns:
+        JobResult with one outcome per scene; failed scenes carry their error and are also in
+        `tables/scenes`. Raises only for job-level problems (model, output root).
+    """
+    import ray
+
+    t_start = time.perf_counter()
+    started_at = datetime.now(timezone.utc)
+    job = resolve_job(spec, base_dir=base_dir)
+    job.root.mkdir(parents=True, exist_ok=True)
+    paths, unmatched = expand_inputs(spec.inputs, base_dir=base_dir)
+    outcomes = [SceneOutcome(name=n, source=p) for n, p in zip(assign_scene_names(paths), paths)]
+    for pattern in unmatched:
+        name = scene_name(pattern)
+        outcomes.append(SceneOutcome(name=name, source=pattern, status=STATUS_FAILED,
+                                     error=f"{pattern}: no such file (or the pattern matched nothing)"))
+    _save_resolved_spec(job)
+
+    ensure_ray(ray_address)
+    open_task = ray.remote(num_cpus=0.5)(_open_and_hash)
+    pending = [o for o in outcomes if o.status != STATUS_FAILED]
+    opened = ray.get([open_task.remote(o.source) for o in pending])
+    scenes: dict[int, SceneContext] = {}
+    for scene_id, (outcome, (info, sha, error)) in enumerate(zip(pending, opened)):
+        try:
+            if error is not None:
+                raise InputError(error)
+            _prepare_scene(job, outcome, scene_id, info, sha)
+        except TesseraError as exc:
+            outcome.status, outcome.error = STATUS_FAILED, str(exc)
+            log.error("scene %s failed: %s", outcome.name, exc)
+            continue
+        if outcome.context is not None and not outcome.already_complete:
+            scenes[scene_id] = outcome.context
+
+    by_id = {o.context.scene_id: o for o in outcomes if o.context is not None}
+    rows = []
+    for scene_id, ctx in scenes.items():
+        done = done_chunk_keys(Path(ctx.work_dir))
+        for w in plan_chunks(ctx.info.shape, job.chunk_size, job.halo):
+            if chunk_key(w.index) not in done:
+                rows.append(_plan_row(scene_id, w))
+    if rows:
+        _stream(job, rows, scenes, by_id, on_chunk)
+
+    for outcome in outcomes:
+        if outcome.status == "running":
+            try:
+                _finish_scene(job, outcome, started_at, t_start)
+            except (TesseraError, OSError, ValueError) as exc:
+                outcome.status, outcome.error = STATUS_FAILED, str(exc)
+        if outcome.status == STATUS_FAILED:
+            outcome.row = _scene_row(job, outcome, started_at, t_start)
+            write_table(job.root, "scenes", outcome.name, [outcome.row])
+    return JobResult(root=job.root, scenes=tuple(outcomes), wall_s=time.perf_counter() - t_start,
+                     model_name=job.card.name)
+
+
+def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, SceneContext],
+            by_id: dict[int, SceneOutcome], on_chunk: Callable[[int, int], None] | None) -> None:
+    """Run the Ray Data pipeline over the chunk plans; record failures per scene."""
+    import ray
+
+    from workers.actors import PredictorActor
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    res = job.spec.resources
+    scenes_ref = {"scenes": scenes}
+    ds = (
+        ray.data.from_items(rows, override_num_blocks=len(rows))
+        .map(read_stage, fn_kwargs=scenes_ref, num_cpus=0.5)
+        .map_batches(
+            PredictorActor,
+            fn_constructor_kwargs={"card_path": str(job.checkpoint.card_path), "options": job.predictor_options},
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=res.actors),
+            num_cpus=res.cpus_per_actor,
+            num_gpus=res.num_gpus_per_actor,
+        )
+        .map(write_stage, fn_kwargs=scenes_ref, num_cpus=0.5)
+    )
+    done = 0
+    for record in ds.iter_rows():
+        done += 1
+        if on_chunk:
+            on_chunk(done, len(rows))
+        if record["error"]:
+            outcome = by_id[int(record["scene_id"])]
+            if outcome.status != STATUS_FAILED:
+                log.error("scene %s failed: %s", outcome.name, record["error"])
+            outcome.status = STATUS_FAILED
+            outcome.error = outcome.error or str(record["error"])
+
+
+def _save_resolved_spec(job: ResolvedJob) -> None:
+    """Save the resolved spec beside the outputs (what ran, with defaults filled in)."""
+    resolved = job.spec.model_dump(mode="json") | {"resolved": job.parameters()}
+    _atomic_write_text(job.root / "job.resolved.json", json.dumps(resolved, indent=2, sort_keys=True))

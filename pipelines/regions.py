@@ -1,0 +1,715 @@
+"""Connected regions per class, computed chunk by chunk and merged exactly across chunk borders.
+
+A *region* is a maximal set of pixels of the same class connected through their 8 neighbours
+(``skimage.measure.label(classes, background=nodata, connectivity=2)`` on the whole scene).
+The scene is never labelled whole. Instead (cellpose's and dask-image's scheme):
+
+1. Each chunk core is labelled alone (:func:`label_chunk`) with ids made disjoint across
+   chunks by an integer offset (:func:`region_id_offset`), and reduced to a small table of
+   *partial* statistics plus the ids along its four borders (:func:`chunk_regions`,
+   :class:`ChunkRegions`; persisted with :meth:`ChunkRegions.to_npz`).
+2. :func:`merge_regions` pairs the border ids of neighbouring chunks that touch (8-connectivity,
+   equal class), solves connected components on that small id graph, adds up the partials
+   (counts and coordinate sums add, bbox mins and maxes reduce) and numbers the final regions
+   1..N in raster order of their first pixel. The result (:class:`MergedRegions`) also holds the
+   relabel table from chunk ids to region ids (:meth:`MergedRegions.relabel`).
+
+Coordinates are pixel indices in the scene, ``(row, col)``, inclusive bounds. 2D only for now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import operator
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import sparse
+from scipy.sparse import csgraph
+from skimage import measure
+
+__all__ = [
+    "NPZ_FORMAT_VERSION",
+    "ChunkRegions",
+    "MergedRegions",
+    "chunk_regions",
+    "label_chunk",
+    "merge_regions",
+    "region_id_offset",
+]
+
+#: Version of the ``.npz`` layout written by :meth:`ChunkRegions.to_npz`.
+NPZ_FORMAT_VERSION = 1
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+# name -> dtype of the per-region arrays of ChunkRegions, in field order
+_CHUNK_REGION_ARRAYS: dict[str, np.dtype] = {
+    "ids": np.dtype(np.int64),
+    "class_id": np.dtype(np.uint8),
+    "pixel_count": np.dtype(np.int64),
+    "sum_row": np.dtype(np.float64),
+    "sum_col": np.dtype(np.float64),
+    "min_row": np.dtype(np.int64),
+    "min_col": np.dtype(np.int64),
+    "max_row": np.dtype(np.int64),
+    "max_col": np.dtype(np.int64),
+    "first_row": np.dtype(np.int64),
+    "first_col": np.dtype(np.int64),
+}
+_CHUNK_EDGE_ARRAYS = ("edge_top", "edge_bottom", "edge_left", "edge_right")
+
+
+def _as_int(value: object, what: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+
+
+def _as_pair(value: object, what: str, *, minimum: int) -> tuple[int, int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence | np.ndarray):
+        raise ValueError(f"{what} must be a pair of integers, got {value!r}")
+    pair = tuple(_as_int(v, f"{what} entry") for v in value)
+    if len(pair) != 2 or min(pair) < minimum:
+        raise ValueError(f"{what} must be a pair of integers >= {minimum}, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _frozen_array(value: object, name: str, dtype: np.dtype, owner: str) -> np.ndarray:
+    """A read-only 1-D view of ``value``, which must already have ``dtype`` (no silent casts)."""
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{owner}.{name} must be a numpy array, got {type(value).__name__}")
+    if value.dtype != dtype or value.ndim != 1:
+        raise ValueError(f"{owner}.{name} must be 1-D {dtype}, got {value.ndim}-D {value.dtype}")
+    view = value.view()
+    view.flags.writeable = False
+    return view
+
+
+def _equal_fields(a: object, b: object) -> bool:
+    if type(a) is not type(b):
+        return NotImplemented  # type: ignore[return-value]
+    for f in dataclasses.fields(a):  # type: ignore[arg-type]
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray):
+            if x.dtype != y.dtype or not np.array_equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class ChunkRegions:
+    """Partial region statistics of one chunk core, and the region ids along its borders.
+
+    Regions here are the connected components *within the chunk*; one scene region cut by chunk
+    borders has one entry in each chunk it touches. All coordinates are scene pixel indices.
+    Arrays are stored as read-only views and must already have the dtypes below.
+
+    Attributes:
+        chunk_index: ``(i, j)`` index of the chunk in the chunk grid.
+        origin: ``(row0, col0)`` scene index of the first pixel of the chunk core.
+        shape: ``(H, W)`` size of the chunk core in pixels.
+        ids: ``(N,)`` int64 region ids, > 0, unique across the scene (see
+            :func:`region_id_offset`).
+        class_id: ``(N,)`` uint8 class of each region.
+        pixel_count: ``(N,)`` int64 pixels of each region in this chunk, >= 1.
+        sum_row: ``(N,)`` float64 sum of the scene row indices of the region's pixels (exact
+            integers below 2**53).
+        sum_col: ``(N,)`` float64 sum of their scene column indices.
+        min_row: ``(N,)`` int64 smallest scene row of the region in this chunk (inclusive).
+        min_col: ``(N,)`` int64 smallest scene column (inclusive).
+        max_row: ``(N,)`` int64 largest scene row (inclusive).
+        max_col: ``(N,)`` int64 largest scene column (inclusive).
+        first_row: ``(N,)`` int64 row of the region's first pixel in raster (C) order; equals
+            ``min_row``.
+        first_col: ``(N,)`` int64 column of that pixel (a pixel surely inside the region).
+        edge_top: ``(W,)`` int64 region id of each pixel of the first core row, 0 for nodata.
+        edge_bottom: ``(W,)`` int64 ids of the last core row.
+        edge_left: ``(H,)`` int64 ids of the first core column.
+        edge_right: ``(H,)`` int64 ids of the last core column.
+    """
+
+    chunk_index: tuple[int, int]
+    origin: tuple[int, int]
+    shape: tuple[int, int]
+    ids: np.ndarray
+    class_id: np.ndarray
+    pixel_count: np.ndarray
+    sum_row: np.ndarray
+    sum_col: np.ndarray
+    min_row: np.ndarray
+    min_col: np.ndarray
+    max_row: np.ndarray
+    max_col: np.ndarray
+    first_row: np.ndarray
+    first_col: np.ndarray
+    edge_top: np.ndarray
+    edge_bottom: np.ndarray
+    edge_left: np.ndarray
+    edge_right: np.ndarray
+
+    def __post_init__(self) -> None:
+        owner = "ChunkRegions"
+        index = _as_pair(self.chunk_index, f"{owner}.chunk_index", minimum=0)
+        origin = _as_pair(self.origin, f"{owner}.origin", minimum=0)
+        shape = _as_pair(self.shape, f"{owner}.shape", minimum=1)
+        object.__setattr__(self, "chunk_index", index)
+        object.__setattr__(self, "origin", origin)
+        object.__setattr__(self, "shape", shape)
+        arrays = {
+            name: _frozen_array(getattr(self, name), name, dt, owner) for name, dt in _CHUNK_REGION_ARRAYS.items()
+        }
+        for name in _CHUNK_EDGE_ARRAYS:
+            arrays[name] = _frozen_array(getattr(self, name), name, np.dtype(np.int64), owner)
+        for name, value in arrays.items():
+            object.__setattr__(self, name, value)
+        where = f"{owner} of chunk {index}"
+        n = len(self.ids)
+        lengths = {name: len(arrays[name]) for name in _CHUNK_REGION_ARRAYS}
+        if set(lengths.values()) != {n}:
+            raise ValueError(f"{where}: per-region arrays differ in length: {lengths}")
+        (h, w), (r0, c0) = shape, origin
+        edge_lengths = {name: len(arrays[name]) for name in _CHUNK_EDGE_ARRAYS}
+        if edge_lengths != {"edge_top": w, "edge_bottom": w, "edge_left": h, "edge_right": h}:
+            raise ValueError(f"{where}: edge lengths {edge_lengths} do not fit the chunk shape {shape}")
+        if n and self.ids.min() <= 0:
+            raise ValueError(f"{where}: ids must be > 0, got {self.ids.min()}")
+        if len(np.unique(self.ids)) != n:
+            raise ValueError(f"{where}: ids are not unique")
+        if n and self.pixel_count.min() < 1:
+            raise ValueError(f"{where}: pixel_count must be >= 1, got {self.pixel_count.min()}")
+        inside = (
+            (r0 <= self.min_row)
+            & (self.min_row <= self.max_row)
+            & (self.max_row < r0 + h)
+            & (c0 <= self.min_col)
+            & (self.min_col <= self.max_col)
+            & (self.max_col < c0 + w)
+            & (self.first_row == self.min_row)
+            & (self.min_col <= self.first_col)
+            & (self.first_col <= self.max_col)
+            & (self.sum_row >= self.pixel_count * self.min_row)
+            & (self.sum_row <= self.pixel_count * self.max_row)
+            & (self.sum_col >= self.pixel_count * self.min_col)
+            & (self.sum_col <= self.pixel_count * self.max_col)
+        )
+        if not inside.all():
+            k = int(np.flatnonzero(~inside)[0])
+            raise ValueError(
+                f"{where}: region {self.ids[k]} has inconsistent bounds or sums "
+                f"(rows {self.min_row[k]}..{self.max_row[k]}, cols {self.min_col[k]}..{self.max_col[k]}, "
+                f"first pixel ({self.first_row[k]}, {self.first_col[k]}), sums ({self.sum_row[k]}, {self.sum_col[k]}) "
+                f"of {self.pixel_count[k]} px) for a core at {origin} of {shape}"
+            )
+        edges = np.concatenate([arrays[name] for name in _CHUNK_EDGE_ARRAYS])
+        stray = edges[(edges != 0) & ~np.isin(edges, self.ids)]
+        if stray.size:
+            raise ValueError(f"{where}: border ids {np.unique(stray)[:5].tolist()} are not among the region ids")
+
+    __eq__ = _equal_fields  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]
+
+    def __len__(self) -> int:
+        """Number of regions in the chunk."""
+        return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arrays (the size of this chunk's contribution to the merge)."""
+        return sum(getattr(self, name).nbytes for name in (*_CHUNK_REGION_ARRAYS, *_CHUNK_EDGE_ARRAYS))
+
+    def to_npz(self, path: str | os.PathLike[str]) -> None:
+        """Write to an uncompressed ``.npz`` file atomically (temp file in the same folder, then rename).
+
+        Args:
+            path: Destination file; replaced if it exists. Its folder must exist.
+        """
+        path = Path(path)
+        payload = {name: getattr(self, name) for name in (*_CHUNK_REGION_ARRAYS, *_CHUNK_EDGE_ARRAYS)}
+        payload |= {
+            "format_version": np.int64(NPZ_FORMAT_VERSION),
+            "chunk_index": np.asarray(self.chunk_index, dtype=np.int64),
+            "origin": np.asarray(self.origin, dtype=np.int64),
+            "shape": np.asarray(self.shape, dtype=np.int64),
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o644)
+                np.savez(f, allow_pickle=False, **payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def from_npz(cls, path: str | os.PathLike[str]) -> ChunkRegions:
+        """Read a file written by :meth:`to_npz`; the result equals what was written.
+
+        Raises:
+            ValueError: If the file lacks fields, has another format version or fails validation
+                (the message names the file).
+        """
+        with np.load(path, allow_pickle=False) as npz:
+            names = (*_CHUNK_REGION_ARRAYS, *_CHUNK_EDGE_ARRAYS, "format_version", "chunk_index", "origin", "shape")
+            missing = [name for name in names if name not in npz.files]
+            if missing:
+                raise ValueError(f"{os.fspath(path)}: not a ChunkRegions file, missing {missing}")
+            version = int(npz["format_version"])
+            if version != NPZ_FORMAT_VERSION:
+                raise ValueError(
+                    f"{os.fspath(path)}: ChunkRegions format version {version}, this tessera reads {NPZ_FORMAT_VERSION}"
+                )
+            fields = {name: npz[name] for name in (*_CHUNK_REGION_ARRAYS, *_CHUNK_EDGE_ARRAYS)}
+            meta = {name: tuple(int(v) for v in npz[name]) for name in ("chunk_index", "origin", "shape")}
+        try:
+            return cls(**meta, **fields)  # type: ignore[arg-type]
+        except ValueError as error:
+            raise ValueError(f"{os.fspath(path)}: {error}") from error
+
+
+def region_id_offset(chunk_index: Sequence[int], grid_shape: Sequence[int], chunk_shape: Sequence[int]) -> int:
+    """Offset that makes region ids disjoint across chunks.
+
+    ``offset = linear_index * (prod(chunk_shape) + 1)``, with ``linear_index`` the C-order
+    position of ``chunk_index`` in the grid. A chunk has at most ``prod(chunk_shape)`` regions,
+    labelled 1.., so its ids ``offset + 1 .. offset + prod(chunk_shape)`` never meet another
+    chunk's.
+
+    Args:
+        chunk_index: Index of the chunk in the grid, one entry per axis.
+        grid_shape: Chunks per axis (``pipelines.tiling.chunk_grid_shape``).
+        chunk_shape: Regular chunk size in pixels per axis (edge chunks may be smaller).
+
+    Returns:
+        The offset, a Python int that fits int64 together with every id of the scene.
+
+    Raises:
+        ValueError: On mismatched axes, an index off the grid, or ids that would overflow int64.
+    """
+    index = tuple(_as_int(v, "chunk_index entry") for v in chunk_index)
+    grid = tuple(_as_int(v, "grid_shape entry") for v in grid_shape)
+    chunk = tuple(_as_int(v, "chunk_shape entry") for v in chunk_shape)
+    if not (len(index) == len(grid) == len(chunk)) or not index:
+        raise ValueError(f"chunk_index {index}, grid_shape {grid} and chunk_shape {chunk} must have the same axes")
+    if min(grid) < 1 or min(chunk) < 1:
+        raise ValueError(f"grid_shape {grid} and chunk_shape {chunk} must be > 0")
+    if any(not 0 <= i < g for i, g in zip(index, grid, strict=True)):
+        raise ValueError(f"chunk_index {index} is off the grid {grid}")
+    per_chunk = math.prod(chunk) + 1
+    if math.prod(grid) * per_chunk > _INT64_MAX:
+        raise ValueError(f"region ids of a {grid} grid of {chunk} chunks overflow int64; use smaller scenes or chunks")
+    linear = 0
+    for i, g in zip(index, grid, strict=True):
+        linear = linear * g + i
+    return linear * per_chunk
+
+
+def _check_classes(classes: object, nodata: object) -> tuple[np.ndarray, int]:
+    if not isinstance(classes, np.ndarray) or classes.dtype != np.uint8 or classes.ndim != 2 or classes.size == 0:
+        if isinstance(classes, np.ndarray):
+            desc = f"{classes.ndim}-D {classes.dtype} {classes.shape}"
+        else:
+            desc = type(classes).__name__
+        raise ValueError(f"classes must be a non-empty 2-D uint8 array (H, W), got {desc}")
+    value = _as_int(nodata, "nodata")
+    if not 0 <= value <= 255:
+        raise ValueError(f"nodata must be a uint8 value 0..255, got {nodata!r}")
+    return classes, value
+
+
+def label_chunk(classes: np.ndarray, *, id_offset: int, nodata: int = 255) -> np.ndarray:
+    """Label the connected regions of each class in one chunk core, with scene-unique ids.
+
+    ``ids = id_offset + skimage.measure.label(classes, background=nodata, connectivity=2)``
+    where the label is > 0, and 0 on nodata. Local labels run 1..N in raster order of the
+    regions' first pixels.
+
+    Args:
+        classes: ``(H, W)`` uint8 class of each pixel of the core.
+        id_offset: From :func:`region_id_offset`; >= 0.
+        nodata: Class value that belongs to no region.
+
+    Returns:
+        ``(H, W)`` int64 region ids, 0 on nodata.
+
+    Raises:
+        ValueError: On a bad array, nodata value or offset.
+    """
+    classes, nodata = _check_classes(classes, nodata)
+    offset = _as_int(id_offset, "id_offset")
+    if offset < 0 or offset + classes.size > _INT64_MAX:
+        raise ValueError(f"id_offset must be >= 0 and leave room for {classes.size} ids in int64, got {id_offset!r}")
+    local = measure.label(classes, background=nodata, connectivity=2).astype(np.int64, copy=False)
+    return np.where(local > 0, local + offset, 0)
+
+
+def chunk_regions(
+    classes: np.ndarray,
+    *,
+    chunk_index: tuple[int, int],
+    origin: tuple[int, int],
+    id_offset: int,
+    nodata: int = 255,
+    labels: np.ndarray | None = None,
+) -> ChunkRegions:
+    """Partial statistics of the regions of one chunk core.
+
+    Per local region ``k`` (pixels ``P_k``): ``pixel_count = |P_k|``,
+    ``sum_row = sum(row0 + r for (r, c) in P_k)`` (likewise ``sum_col``), bbox and first
+    pixel in scene indices; plus the ids on the four borders of the core. All vectorised
+    (``np.bincount``, ``np.minimum.at``).
+
+    Args:
+        classes: ``(H, W)`` uint8 classes of the chunk core (no halo).
+        chunk_index: ``(i, j)`` index of the chunk in the grid.
+        origin: ``(row0, col0)`` scene index of the core's first pixel.
+        id_offset: From :func:`region_id_offset`.
+        nodata: Class value that belongs to no region.
+        labels: ``(H, W)`` int64 ids from ``label_chunk(classes, id_offset=id_offset,
+            nodata=nodata)`` if the caller already has them (e.g. to write an instance mask);
+            labelled here otherwise.
+
+    Returns:
+        The chunk's :class:`ChunkRegions`, regions in order of their ids.
+
+    Raises:
+        ValueError: On bad arguments, or ``labels`` that do not fit ``classes`` and ``id_offset``.
+    """
+    classes, nodata = _check_classes(classes, nodata)
+    offset = _as_int(id_offset, "id_offset")
+    h, w = classes.shape
+    if labels is None:
+        labels = label_chunk(classes, id_offset=offset, nodata=nodata)
+    elif not isinstance(labels, np.ndarray) or labels.dtype != np.int64 or labels.shape != classes.shape:
+        desc = f"{labels.dtype} {labels.shape}" if isinstance(labels, np.ndarray) else type(labels).__name__
+        raise ValueError(f"labels must be int64 of the classes' shape {classes.shape}, got {desc}")
+    valid = labels > 0
+    if not np.array_equal(valid, classes != nodata):
+        raise ValueError(f"labels must be > 0 exactly where classes != nodata ({nodata})")
+    local = np.where(valid, labels - offset, 0)
+    if valid.any() and not (1 <= local[valid].min() and local.max() <= h * w):
+        raise ValueError(f"labels must lie in id_offset + 1 .. id_offset + {h * w} = {offset + 1} .. {offset + h * w}")
+    flat = local.ravel()
+    n = int(flat.max())
+    counts = np.bincount(flat, minlength=n + 1)
+    present = np.flatnonzero(counts[1:]) + 1  # local labels in use (all of 1..n from label_chunk)
+    cls_of = np.zeros(n + 1, dtype=np.uint8)
+    cls_of[flat] = classes.ravel()
+    if not np.array_equal(cls_of[flat][valid.ravel()], classes.ravel()[valid.ravel()]):
+        raise ValueError("labels must not join pixels of different classes")
+    rows = np.broadcast_to(np.arange(h, dtype=np.float64)[:, None], (h, w)).ravel()
+    cols = np.broadcast_to(np.arange(w, dtype=np.float64)[None, :], (h, w)).ravel()
+    row0, col0 = _as_pair(origin, "origin", minimum=0)
+    count = counts[present].astype(np.int64)
+    sum_row = np.bincount(flat, weights=rows, minlength=n + 1)[present] + count * float(row0)
+    sum_col = np.bincount(flat, weights=cols, minlength=n + 1)[present] + count * float(col0)
+    # First and last pixel of each label in raster (C) order give its first pixel and its row
+    # range; in column-major order they give its column range.
+    position = np.arange(h * w, dtype=np.int64)
+    first, last = np.full(n + 1, h * w, dtype=np.int64), np.full(n + 1, -1, dtype=np.int64)
+    np.minimum.at(first, flat, position)
+    np.maximum.at(last, flat, position)
+    flat_t = local.T.ravel()
+    first_t, last_t = np.full(n + 1, h * w, dtype=np.int64), np.full(n + 1, -1, dtype=np.int64)
+    np.minimum.at(first_t, flat_t, position)
+    np.maximum.at(last_t, flat_t, position)
+    first, last, first_t, last_t = first[present], last[present], first_t[present], last_t[present]
+    return ChunkRegions(
+        chunk_index=chunk_index,
+        origin=(row0, col0),
+        shape=(h, w),
+        ids=present.astype(np.int64) + offset,
+        class_id=cls_of[present],
+        pixel_count=count,
+        sum_row=sum_row,
+        sum_col=sum_col,
+        min_row=first // w + row0,
+        min_col=first_t // h + col0,
+        max_row=last // w + row0,
+        max_col=last_t // h + col0,
+        first_row=first // w + row0,
+        first_col=first % w + col0,
+        edge_top=labels[0, :].copy(),
+        edge_bottom=labels[-1, :].copy(),
+        edge_left=labels[:, 0].copy(),
+        edge_right=labels[:, -1].copy(),
+    )
+
+
+_MERGED_ARRAYS: dict[str, np.dtype] = {
+    "region_id": np.dtype(np.int64),
+    "class_id": np.dtype(np.uint8),
+    "pixel_count": np.dtype(np.int64),
+    "centroid_row": np.dtype(np.float64),
+    "centroid_col": np.dtype(np.float64),
+    "min_row": np.dtype(np.int64),
+    "min_col": np.dtype(np.int64),
+    "max_row": np.dtype(np.int64),
+    "max_col": np.dtype(np.int64),
+    "first_row": np.dtype(np.int64),
+    "first_col": np.dtype(np.int64),
+}
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class MergedRegions:
+    """The regions of a whole scene, merged from chunk partials, and the chunk-id relabel table.
+
+    Rows are sorted by ``(min_row, min_col, class_id, pixel_count, first_row, first_col)``;
+    the first pixel is unique per region, so the order is total and does not depend on the
+    chunking. ``region_id`` is 1..N in that order. Arrays are read-only views.
+
+    Attributes:
+        region_id: ``(N,)`` int64, 1..N.
+        class_id: ``(N,)`` uint8 class of each region.
+        pixel_count: ``(N,)`` int64 pixels (area in pixels).
+        centroid_row: ``(N,)`` float64 mean row index of the pixels (pixel-index coordinates:
+            pixel ``(r, c)`` is at ``(r, c)``, not at its corner).
+        centroid_col: ``(N,)`` float64 mean column index.
+        min_row: ``(N,)`` int64 bbox, inclusive scene indices.
+        min_col: ``(N,)`` int64.
+        max_row: ``(N,)`` int64.
+        max_col: ``(N,)`` int64.
+        first_row: ``(N,)`` int64 row of the region's first pixel in raster order (an anchor
+            pixel surely inside the region, unlike the centroid).
+        first_col: ``(N,)`` int64 its column.
+        source_id: ``(M,)`` int64 every chunk-level id of the input, strictly increasing.
+        source_region_id: ``(M,)`` int64 the ``region_id`` each ``source_id`` was merged into.
+    """
+
+    region_id: np.ndarray
+    class_id: np.ndarray
+    pixel_count: np.ndarray
+    centroid_row: np.ndarray
+    centroid_col: np.ndarray
+    min_row: np.ndarray
+    min_col: np.ndarray
+    max_row: np.ndarray
+    max_col: np.ndarray
+    first_row: np.ndarray
+    first_col: np.ndarray
+    source_id: np.ndarray
+    source_region_id: np.ndarray
+
+    def __post_init__(self) -> None:
+        owner = "MergedRegions"
+        table = {"source_id": np.dtype(np.int64), "source_region_id": np.dtype(np.int64)}
+        for name, dt in (_MERGED_ARRAYS | table).items():
+            object.__setattr__(self, name, _frozen_array(getattr(self, name), name, dt, owner))
+        lengths = {name: len(getattr(self, name)) for name in _MERGED_ARRAYS}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"{owner}: per-region arrays differ in length: {lengths}")
+        n = len(self.region_id)
+        if not np.array_equal(self.region_id, np.arange(1, n + 1)):
+            raise ValueError(f"{owner}: region_id must be 1..{n} in order")
+        if len(self.source_id) != len(self.source_region_id):
+            raise ValueError(
+                f"{owner}: source_id ({len(self.source_id)}) and source_region_id ({len(self.source_region_id)}) "
+                "differ in length"
+            )
+        if np.any(np.diff(self.source_id) <= 0):
+            raise ValueError(f"{owner}: source_id must be strictly increasing")
+        if len(self.source_region_id) and not (1 <= self.source_region_id.min() and self.source_region_id.max() <= n):
+            raise ValueError(f"{owner}: source_region_id must lie in 1..{n}")
+
+    __eq__ = _equal_fields  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]
+
+    def __len__(self) -> int:
+        """Number of regions."""
+        return len(self.region_id)
+
+    def relabel(self, ids: np.ndarray) -> np.ndarray:
+        """Map chunk-level ids (from :func:`label_chunk`) to merged region ids.
+
+        Args:
+            ids: Array of any shape of int64 chunk-level ids; 0 (nodata) stays 0.
+
+        Returns:
+            int64 array of the same shape with ``region_id`` values.
+
+        Raises:
+            ValueError: If an id is not in the relabel table.
+        """
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"ids must be integers, got {ids.dtype}")
+        table = self.source_id
+        if table.size == 0:
+            found = np.zeros(ids.shape, dtype=bool)
+            pos = np.zeros(ids.shape, dtype=np.intp)
+        else:
+            pos = np.minimum(np.searchsorted(table, ids), table.size - 1)
+            found = table[pos] == ids
+        unknown = ~found & (ids != 0)
+        if unknown.any():
+            raise ValueError(
+                f"ids {np.unique(ids[unknown])[:5].tolist()} are not in the relabel table of these regions"
+            )
+        if table.size == 0:
+            return np.zeros(ids.shape, dtype=np.int64)
+        return np.where(found, self.source_region_id[pos], 0).astype(np.int64, copy=False)
+
+
+def _face_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Id pairs across a face: pixel k of ``a`` touches pixels k-1, k, k+1 of ``b`` (8-connectivity)."""
+    src = np.concatenate([a, a[:-1], a[1:]])
+    dst = np.concatenate([b, b[1:], b[:-1]])
+    return src, dst
+
+
+def _neighbour_pairs(parts: dict[tuple[int, int], ChunkRegions]) -> tuple[np.ndarray, np.ndarray]:
+    """All id pairs that touch across chunk faces and corners (unfiltered by class and nodata)."""
+    srcs: list[np.ndarray] = []
+    dsts: list[np.ndarray] = []
+    for (i, j), a in parts.items():
+        (r0, c0), (h, w) = a.origin, a.shape
+        right, down = parts.get((i, j + 1)), parts.get((i + 1, j))
+        down_right, down_left = parts.get((i + 1, j + 1)), parts.get((i + 1, j - 1))
+        if right is not None:
+            if right.origin != (r0, c0 + w) or right.shape[0] != h:
+                raise ValueError(
+                    f"chunk {right.chunk_index} at {right.origin} of {right.shape} is not the right neighbour of "
+                    f"chunk {a.chunk_index} at {a.origin} of {a.shape}"
+                )
+            s, d = _face_pairs(a.edge_right, right.edge_left)
+            srcs.append(s)
+            dsts.append(d)
+        if down is not None:
+            if down.origin != (r0 + h, c0) or down.shape[1] != w:
+                raise ValueError(
+                    f"chunk {down.chunk_index} at {down.origin} of {down.shape} is not the lower neighbour of "
+                    f"chunk {a.chunk_index} at {a.origin} of {a.shape}"
+                )
+            s, d = _face_pairs(a.edge_bottom, down.edge_top)
+            srcs.append(s)
+            dsts.append(d)
+        if down_right is not None:
+            if down_right.origin != (r0 + h, c0 + w):
+                raise ValueError(
+                    f"chunk {down_right.chunk_index} at {down_right.origin} does not start at the lower right corner "
+                    f"{(r0 + h, c0 + w)} of chunk {a.chunk_index}"
+                )
+            srcs.append(a.edge_bottom[-1:])
+            dsts.append(down_right.edge_top[:1])
+        if down_left is not None:
+            dl_r0, dl_c0 = down_left.origin
+            if dl_r0 != r0 + h or dl_c0 + down_left.shape[1] != c0:
+                raise ValueError(
+                    f"chunk {down_left.chunk_index} at {down_left.origin} of {down_left.shape} does not end at "
+                    f"the lower left corner {(r0 + h, c0)} of chunk {a.chunk_index}"
+                )
+            srcs.append(a.edge_bottom[:1])
+            dsts.append(down_left.edge_top[-1:])
+    if not srcs:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    return np.concatenate(srcs), np.concatenate(dsts)
+
+
+def merge_regions(parts: Iterable[ChunkRegions]) -> MergedRegions:
+    """Merge per-chunk partial statistics into the regions of the whole scene, exactly.
+
+    Two chunk regions belong to one scene region when pixels of theirs touch across a chunk
+    face or corner (8-connectivity) and have the same class. Those pairs form a small graph on
+    the chunk ids, solved with ``scipy.sparse.csgraph.connected_components``; partials then
+    merge algebraically: ``pixel_count`` and coordinate sums add, bbox mins and maxes reduce,
+    ``centroid = sum / pixel_count``. Chunks may be missing (e.g. skipped as all nodata); they
+    join nothing. The result equals labelling the whole scene with
+    ``skimage.measure.label(classes, background=nodata, connectivity=2)``.
+
+    Args:
+        parts: One :class:`ChunkRegions` per chunk of one scene and one chunk grid, any order.
+
+    Returns:
+        The merged :class:`MergedRegions` (deterministic order, see there).
+
+    Raises:
+        ValueError: If a chunk index repeats, ids collide across chunks, or neighbouring chunks
+            do not line up.
+    """
+    by_index: dict[tuple[int, int], ChunkRegions] = {}
+    for part in parts:
+        if not isinstance(part, ChunkRegions):
+            raise ValueError(f"merge_regions takes ChunkRegions, got {type(part).__name__}")
+        if part.chunk_index in by_index:
+            raise ValueError(f"chunk {part.chunk_index} is given twice")
+        by_index[part.chunk_index] = part
+    chunks = [by_index[k] for k in sorted(by_index)]
+
+    def gather(name: str, dtype: np.dtype) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in chunks]) if chunks else np.zeros(0, dtype=dtype)
+
+    data = {name: gather(name, dt) for name, dt in _CHUNK_REGION_ARRAYS.items()}
+    ids = data["ids"]
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    dup = np.flatnonzero(np.diff(sorted_ids) == 0)
+    if dup.size:
+        bad = int(sorted_ids[dup[0]])
+        owners = [p.chunk_index for p in chunks if np.isin(bad, p.ids)]
+        raise ValueError(f"region id {bad} appears in chunks {owners}; use region_id_offset for disjoint ids")
+    m = len(ids)
+
+    src, dst = _neighbour_pairs(by_index)
+    keep = (src != 0) & (dst != 0)
+    src_idx = order[np.searchsorted(sorted_ids, src[keep])]
+    dst_idx = order[np.searchsorted(sorted_ids, dst[keep])]
+    same = data["class_id"][src_idx] == data["class_id"][dst_idx]
+    graph = sparse.coo_matrix(
+        (np.ones(int(same.sum()), dtype=np.int8), (src_idx[same], dst_idx[same])), shape=(m, m)
+    ).tocsr()
+    n, comp = csgraph.connected_components(graph, directed=False)
+    comp = comp.astype(np.int64, copy=False)
+
+    count = np.zeros(n, dtype=np.int64)
+    np.add.at(count, comp, data["pixel_count"])
+    sum_row = np.bincount(comp, weights=data["sum_row"], minlength=n)
+    sum_col = np.bincount(comp, weights=data["sum_col"], minlength=n)
+    mins = {}
+    for name in ("min_row", "min_col"):
+        mins[name] = np.full(n, _INT64_MAX, dtype=np.int64)
+        np.minimum.at(mins[name], comp, data[name])
+    for name in ("max_row", "max_col"):
+        mins[name] = np.full(n, -1, dtype=np.int64)
+        np.maximum.at(mins[name], comp, data[name])
+    class_id = np.zeros(n, dtype=np.uint8)
+    class_id[comp] = data["class_id"]  # equal within a component: only equal classes were joined
+    by_first = np.lexsort((data["first_col"], data["first_row"], comp))
+    starts = np.flatnonzero(np.r_[True, comp[by_first][1:] != comp[by_first][:-1]]) if m else np.zeros(0, np.int64)
+    first_row, first_col = data["first_row"][by_first[starts]], data["first_col"][by_first[starts]]
+
+    rank = np.lexsort((first_col, first_row, count, class_id, mins["min_col"], mins["min_row"]))
+    region_of_comp = np.empty(n, dtype=np.int64)
+    region_of_comp[rank] = np.arange(1, n + 1, dtype=np.int64)
+    centroid_row, centroid_col = sum_row / count, sum_col / count  # count >= 1
+    return MergedRegions(
+        region_id=np.arange(1, n + 1, dtype=np.int64),
+        class_id=class_id[rank],
+        pixel_count=count[rank],
+        centroid_row=centroid_row[rank],
+        centroid_col=centroid_col[rank],
+        min_row=mins["min_row"][rank],
+        min_col=mins["min_col"][rank],
+        max_row=mins["max_row"][rank],
+        max_col=mins["max_col"][rank],
+        first_row=first_row[rank],
+        first_col=first_col[rank],
+        source_id=sorted_ids,
+        source_region_id=region_of_comp[comp[order]],
+    )

@@ -1,0 +1,40 @@
+"""Parquet tables under `<root>/tables/<table>/<scene>.parquet`, written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.tables import SCHEMAS
+
+
+def table_path(root: Path, table: str, scene: str) -> Path:
+    """Where a scene's rows of a table live."""
+    if table not in SCHEMAS:
+        raise ValueError(f"unknown table {table!r}; tables: {', '.join(SCHEMAS)}")
+    return root / "tables" / table / f"{scene}.parquet"
+
+
+def write_table(root: Path, table: str, scene: str, rows: pa.Table | list[dict]) -> Path:
+    """Replace a scene's rows of a table (temp file + rename: readers never see half a file).
+
+    Rows are checked against the schema constant: a missing column or a wrong type raises.
+    """
+    schema = SCHEMAS[table]
+    data = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
+    data = data.select(schema.names).cast(schema)
+    path = table_path(root, table, scene)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(data, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,159 @@
+"""Job spec: what to segment, with which model, how to tile it, where to write.
+
+A job spec is YAML validated here. Defaults work for the bundled demo model; every field says
+its unit. Errors name the file and the dotted field path. Relative paths in a spec file are
+resolved against the spec file's folder (by `pipelines.spec.load_job_spec`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from schemas.errors import JobSpecError
+from schemas.model_card import format_validation_errors
+
+JOB_SPEC_VERSION = 1
+BUILTIN_PREFIX = "builtin:"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(_Frozen):
+    """Which checkpoint to run."""
+
+    card: str = Field(
+        default="builtin:unet-demo",
+        description="Model card JSON path (weights named inside it, beside the card), "
+        "or 'builtin:<name>' for a model shipped with tessera.",
+        examples=["builtin:unet-demo", "models/landcover.json"],
+    )
+    architecture: str | None = Field(
+        default=None,
+        description="Optional cross-check: must equal the card's architecture if given.",
+        examples=["unet"],
+    )
+
+
+class TilingSpec(_Frozen):
+    """How a scene is cut into output chunks and model tiles."""
+
+    chunk_size: int = Field(
+        default=1024, ge=16, le=16384,
+        description="Output chunk side in px; also the Zarr chunk side. The unit of work.",
+    )
+    halo: int | None = Field(
+        default=None, ge=0, le=4096,
+        description="Context read around each chunk, px per side. Default: the model card's halo.",
+    )
+    tile_size: int | None = Field(
+        default=None, ge=8, le=16384,
+        description="Model tile side in px; windows larger than this are cut into overlapping "
+        "tiles and blended. Default: the model card's tile_size.",
+    )
+    tile_overlap: float = Field(
+        default=0.25, ge=0.0, lt=1.0,
+        description="Overlap between neighbouring model tiles, as a fraction of the tile side.",
+    )
+    blend: Literal["gaussian", "constant"] = Field(
+        default="gaussian", description="Weighting of overlapping tiles before averaging."
+    )
+
+
+class ResourcesSpec(_Frozen):
+    """Ray resources of the predictor actors."""
+
+    actors: int = Field(default=1, ge=1, le=1024, description="Number of predictor actors.")
+    num_gpus_per_actor: float = Field(
+        default=0.0, ge=0.0, le=8.0, description="GPUs per actor (0 = run on CPU)."
+    )
+    cpus_per_actor: float = Field(default=1.0, gt=0.0, le=256.0, description="CPUs reserved per actor.")
+    batch_size: int = Field(default=2, ge=1, le=1024, description="Model tiles per forward pass.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, le=256,
+        description="torch intra-op threads per actor on CPU. Default: the actor's CPU share, "
+        "at least 1 (avoids oversubscribing cores shared with Ray tasks).",
+    )
+
+
+class InferenceSpec(_Frozen):
+    """Numerics of the forward pass."""
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="Autocast precision on GPU ('auto': bf16 where supported, else fp16). "
+        "CPU always runs fp32.",
+    )
+
+
+class OutputSpec(_Frozen):
+    """Where results go."""
+
+    root: str = Field(description="Output root folder: <root>/<scene>.zarr and <root>/tables/.",
+                      examples=["out/landcover-2026"])
+    overwrite: bool = Field(
+        default=False,
+        description="Replace outputs written under a different job fingerprint "
+        "(otherwise such a scene fails with a clear error and nothing is touched).",
+    )
+
+
+class JobSpec(_Frozen):
+    """A whole tessera job."""
+
+    version: int = Field(default=JOB_SPEC_VERSION, description="Job spec schema version.")
+    name: str = Field(default="tessera-job", min_length=1, max_length=128, description="Job name for logs.")
+    inputs: tuple[str, ...] = Field(
+        min_length=1, description="Scene paths or glob patterns (GeoTIFF/COG).",
+        examples=[["scenes/*.tif"]],
+    )
+    bands: tuple[int, ...] | None = Field(
+        default=None, min_length=1,
+        description="1-based band indexes to feed the model, in model order. Default: all bands.",
+        examples=[[1, 2, 3, 4]],
+    )
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    tiling: TilingSpec = Field(default_factory=TilingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    inference: InferenceSpec = Field(default_factory=InferenceSpec)
+    output: OutputSpec
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value != JOB_SPEC_VERSION:
+            raise ValueError(f"unsupported job spec version {value}; this tessera reads version {JOB_SPEC_VERSION}")
+        return value
+
+    @field_validator("bands")
+    @classmethod
+    def _positive_bands(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and any(b < 1 for b in value):
+            raise ValueError(f"band indexes are 1-based (rasterio convention), got {list(value)}")
+        return value
+
+
+def parse_job_spec(text: str, *, source: str) -> JobSpec:
+    """Validate the YAML text of a job spec.
+
+    Args:
+        text: YAML text (parsed with yaml.safe_load: no tags, no code).
+        source: where it came from (a path), quoted in errors.
+
+    Raises:
+        JobSpecError: not YAML, not a mapping, or a field is wrong (dotted path in the message).
+    """
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise JobSpecError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise JobSpecError(f"{source}: a job spec must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise JobSpecError(f"{source}: invalid job spec:\n{format_validation_errors(exc)}") from None

@@ -1,0 +1,122 @@
+"""Arrow schemas of the result tables under `<root>/tables/`, defined once.
+
+Each table is a folder of Parquet files, one file per scene (`<table>/<scene>.parquet`),
+rewritten atomically, so re-running a scene replaces its rows and never duplicates them.
+DuckDB views of the same names read them (`pipelines.query`).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TABLE_NAMES = ("regions", "scenes", "chunks")
+
+# Scene statuses: a scene is complete only when every chunk is written and its tables are in.
+STATUS_COMPLETE = "complete"
+STATUS_FAILED = "failed"
+# Chunk statuses in the manifest.
+CHUNK_WRITTEN = "written"
+CHUNK_SKIPPED_NODATA = "skipped_nodata"
+
+REGIONS_SCHEMA = pa.schema(
+    [
+        pa.field("scene", pa.string(), nullable=False),
+        pa.field("region_id", pa.int64(), nullable=False),
+        pa.field("class_id", pa.uint8(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("pixel_count", pa.int64(), nullable=False),
+        pa.field("area_crs2", pa.float64(), nullable=False),
+        pa.field("min_row", pa.int64(), nullable=False),
+        pa.field("min_col", pa.int64(), nullable=False),
+        pa.field("max_row", pa.int64(), nullable=False),
+        pa.field("max_col", pa.int64(), nullable=False),
+        pa.field("bbox_xmin_crs", pa.float64(), nullable=False),
+        pa.field("bbox_ymin_crs", pa.float64(), nullable=False),
+        pa.field("bbox_xmax_crs", pa.float64(), nullable=False),
+        pa.field("bbox_ymax_crs", pa.float64(), nullable=False),
+        pa.field("centroid_row", pa.float64(), nullable=False),
+        pa.field("centroid_col", pa.float64(), nullable=False),
+        pa.field("centroid_x_crs", pa.float64(), nullable=False),
+        pa.field("centroid_y_crs", pa.float64(), nullable=False),
+        pa.field("centroid_lon", pa.float64(), nullable=True),
+        pa.field("centroid_lat", pa.float64(), nullable=True),
+    ],
+    metadata={
+        b"description": b"One row per connected region (8-connectivity) of one class in one scene.",
+        b"units": b"rows/cols: pixel indices (inclusive bbox); *_crs: scene CRS units; "
+        b"area_crs2: squared CRS linear units (m2 for UTM); lon/lat: degrees WGS84 "
+        b"(null when the CRS cannot be transformed)",
+    },
+)
+
+CLASS_AREA_TYPE = pa.struct(
+    [
+        pa.field("class_id", pa.uint8(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("pixel_count", pa.int64(), nullable=False),
+        pa.field("area_crs2", pa.float64(), nullable=False),
+    ]
+)
+
+SCENES_SCHEMA = pa.schema(
+    [
+        pa.field("scene", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string(), nullable=True),
+        pa.field("fingerprint", pa.string(), nullable=True),
+        pa.field("input_sha256", pa.string(), nullable=True),
+        pa.field("model_name", pa.string(), nullable=True),
+        pa.field("model_sha256", pa.string(), nullable=True),
+        pa.field("shape", pa.list_(pa.int64()), nullable=True),
+        pa.field("crs", pa.string(), nullable=True),
+        pa.field("crs_linear_unit", pa.string(), nullable=True),
+        pa.field("pixel_area_crs2", pa.float64(), nullable=True),
+        pa.field("n_chunks", pa.int64(), nullable=True),
+        pa.field("n_chunks_computed", pa.int64(), nullable=True),
+        pa.field("n_chunks_skipped_nodata", pa.int64(), nullable=True),
+        pa.field("n_regions", pa.int64(), nullable=True),
+        pa.field("valid_pixels", pa.int64(), nullable=True),
+        pa.field("class_areas", pa.list_(CLASS_AREA_TYPE), nullable=True),
+        pa.field("zarr_path", pa.string(), nullable=True),
+        pa.field("started_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("wall_s", pa.float64(), nullable=False),
+        pa.field("read_s", pa.float64(), nullable=True),
+        pa.field("predict_s", pa.float64(), nullable=True),
+        pa.field("write_s", pa.float64(), nullable=True),
+        pa.field("stats_s", pa.float64(), nullable=True),
+        pa.field("merge_s", pa.float64(), nullable=True),
+    ],
+    metadata={
+        b"description": b"One row per scene of the last run that touched it: status, error, "
+        b"class areas, timings (wall_s: scene wall time; *_s: summed over chunks), provenance.",
+    },
+)
+
+CHUNKS_SCHEMA = pa.schema(
+    [
+        pa.field("scene", pa.string(), nullable=False),
+        pa.field("chunk_index", pa.list_(pa.int32()), nullable=False),
+        pa.field("origin", pa.list_(pa.int64()), nullable=False),
+        pa.field("shape", pa.list_(pa.int64()), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("valid_pixels", pa.int64(), nullable=False),
+        pa.field("n_regions_partial", pa.int64(), nullable=False),
+        pa.field("read_s", pa.float64(), nullable=False),
+        pa.field("predict_s", pa.float64(), nullable=False),
+        pa.field("write_s", pa.float64(), nullable=False),
+        pa.field("stats_s", pa.float64(), nullable=False),
+        pa.field("fingerprint", pa.string(), nullable=False),
+    ],
+    metadata={
+        b"description": b"The chunk manifest: one row per output chunk (index, pixel origin and "
+        b"shape in the scene, status, per-stage seconds).",
+    },
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "regions": REGIONS_SCHEMA,
+    "scenes": SCENES_SCHEMA,
+    "chunks": CHUNKS_SCHEMA,
+}

@@ -1,0 +1,63 @@
+"""Test helpers: small georeferenced scenes and oracle checkpoints made on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.transform import from_origin
+
+from workers.checkpoints import save_checkpoint
+from workers.models.oracles import ThresholdOracle
+
+UTM33N = "EPSG:32633"
+
+
+def write_geotiff(path: Path, data: np.ndarray, *, nodata: float | None = 0, crs: str = UTM33N,
+                  transform=None, tiled: bool = True) -> Path:
+    """Write (C, H, W) data as a GeoTIFF with a real CRS (UTM 33N, 10 m pixels by default)."""
+    count, height, width = data.shape
+    transform = transform or from_origin(500000.0, 5000000.0, 10.0, 10.0)
+    profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=data.dtype.name,
+                   crs=crs, transform=transform, nodata=nodata)
+    if tiled and height >= 16 and width >= 16:
+        profile.update(tiled=True, blockxsize=16 * max(1, min(width, 256) // 16),
+                       blockysize=16 * max(1, min(height, 256) // 16))
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(data)
+    return path
+
+
+def smooth_scene(shape: tuple[int, int], *, bands: int = 4, seed: int = 0, nodata_border: int = 0) -> np.ndarray:
+    """(bands, H, W) uint16 smooth random field in 1..20000; 0 (nodata) in a border if asked."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(size=(bands, *shape))
+    field = np.stack([gaussian_filter(b, sigma=4) for b in noise])
+    field = (field - field.min()) / (field.max() - field.min() + 1e-9)
+    data = (1 + field * 19999).astype(np.uint16)
+    if nodata_border:
+        b = nodata_border
+        data[:, :b, :] = 0
+        data[:, :, -b:] = 0
+    return data
+
+
+def oracle_checkpoint(out_dir: Path, *, bands: int = 4, num_classes: int = 4, radius: int = 0,
+                      mean: float = 10000.0, std: float = 3000.0, tile_size: int = 64, halo: int = 8,
+                      name: str = "oracle") -> Path:
+    """A ThresholdOracle saved with a valid card; returns the card path."""
+    model = ThresholdOracle(bands, num_classes, radius=radius)
+    fields = {
+        "architecture": "oracle_threshold",
+        "arch_args": {"radius": radius},
+        "in_channels": bands,
+        "classes": [{"id": i, "name": f"class{i}"} for i in range(num_classes)],
+        "bands": [{"name": f"b{i + 1}", "mean": mean, "std": std} for i in range(bands)],
+        "tile_size": tile_size,
+        "halo": halo,
+        "stride": 1,
+    }
+    return save_checkpoint(model, fields, out_dir, name=name)

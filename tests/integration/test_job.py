@@ -1,0 +1,223 @@
+"""End-to-end runs through a real local Ray: oracle exactness, georeferencing, tables, faults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+import torch
+import zarr
+from skimage.measure import label, regionprops
+
+from pipelines.job import run_job
+from pipelines.query import run_query
+from schemas import store as layout
+from schemas.errors import ModelCardError
+from schemas.job import JobSpec
+from schemas.tables import SCHEMAS
+from tests.helpers import oracle_checkpoint, smooth_scene, write_geotiff
+from workers.models.oracles import ThresholdOracle
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _spec(inputs, root, card, **tiling) -> JobSpec:
+    return JobSpec.model_validate({
+        "inputs": [str(p) for p in inputs],
+        "model": {"card": str(card)},
+        "tiling": {"chunk_size": 64, "halo": 8, "tile_size": 32, "tile_overlap": 0.25} | tiling,
+        "resources": {"actors": 1, "batch_size": 3, "torch_threads": 1},
+        "output": {"root": str(root)},
+    })
+
+
+def _classes(root: Path, scene: str) -> np.ndarray:
+    return zarr.open_array(str(root / f"{scene}.zarr"), path=layout.CLASSES, mode="r")[:]
+
+
+def _whole_image_oracle(data: np.ndarray, *, radius: int, num_classes: int = 4,
+                        mean: float = 10000.0, std: float = 3000.0) -> np.ndarray:
+    """The oracle applied to the whole image in one forward pass (nodata -> 0 input, 255 output)."""
+    valid = ~(data == 0).all(axis=0)
+    # Same float32 arithmetic as the predictor: (x - mean) * (1 / std), nodata -> 0.
+    inv_std = 1.0 / torch.tensor(std, dtype=torch.float32)
+    x = (torch.from_numpy(data.astype(np.float32)) - mean) * inv_std * torch.from_numpy(valid)
+    model = ThresholdOracle(data.shape[0], num_classes, radius=radius).eval()
+    with torch.inference_mode():
+        labels = model(x[None]).argmax(dim=1)[0].numpy().astype(np.uint8)
+    return np.where(valid, labels, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def oracle_run(tmp_path_factory):
+    """One scene (odd size, nodata border, several chunks) through the pointwise oracle."""
+    tmp = tmp_path_factory.mktemp("oracle")
+    data = smooth_scene((150, 173), seed=1, nodata_border=20)
+    scene = write_geotiff(tmp / "scene one.tif", data)
+    card = oracle_checkpoint(tmp / "model")
+    root = tmp / "out"
+    result = run_job(_spec([scene], root, card), base_dir=tmp)
+    return data, scene, root, result
+
+
+def test_tiled_oracle_equals_whole_image(oracle_run):
+    data, _, root, result = oracle_run
+    assert [s.status for s in result.scenes] == ["complete"]
+    assert result.scenes[0].name == "scene_one"
+    np.testing.assert_array_equal(_classes(root, "scene_one"), _whole_image_oracle(data, radius=0))
+
+
+def test_halo_gives_exact_chunks_for_a_spatial_oracle(tmp_path):
+    # radius-3 box filter: chunks are exact when halo >= 3 and one tile covers the window.
+    data = smooth_scene((130, 97), seed=2)
+    scene = write_geotiff(tmp_path / "s.tif", data, nodata=None)
+    card = oracle_checkpoint(tmp_path / "model", radius=3)
+    root = tmp_path / "out"
+    run_job(_spec([scene], root, card, halo=3, tile_size=256), base_dir=tmp_path)
+    expected = _whole_image_oracle(data, radius=3)
+    np.testing.assert_array_equal(_classes(root, "s"), expected)
+
+
+def test_georeferencing_round_trip(oracle_run):
+    import rioxarray  # noqa: F401  (registers .rio)
+    import xarray as xr
+
+    _, scene, root, _ = oracle_run
+    ds = xr.open_zarr(root / "scene_one.zarr", zarr_format=3, mask_and_scale=False)
+    classes = ds[layout.CLASSES]
+    with rasterio.open(scene) as src:
+        assert classes.rio.crs == src.crs
+        assert classes.rio.transform().almost_equals(src.transform)
+        assert classes.shape == (src.height, src.width)
+        assert classes.dtype == np.uint8
+        np.testing.assert_allclose(ds.x.values[:3], [src.xy(0, c)[0] for c in range(3)])
+        np.testing.assert_allclose(ds.y.values[:3], [src.xy(r, 0)[1] for r in range(3)])
+    attrs = zarr.open_group(str(root / "scene_one.zarr"), mode="r").attrs[layout.TESSERA_ATTR]
+    assert attrs[layout.KEY_STATUS] == layout.STORE_STATUS_COMPLETE
+    assert attrs[layout.KEY_CLASS_NAMES] == ["class0", "class1", "class2", "class3"]
+    assert len(attrs[layout.KEY_MODEL]["sha256"]) == 64
+
+
+def test_region_stats_equal_skimage_on_stitched_mask(oracle_run):
+    _, scene, root, _ = oracle_run
+    classes = _classes(root, "scene_one")
+    table = pq.read_table(root / "tables" / "regions" / "scene_one.parquet")
+    assert table.schema.equals(SCHEMAS["regions"], check_metadata=False)
+    labels = label(classes, background=255, connectivity=2)
+    expected = sorted(
+        (int(classes[tuple(p.coords[0])]), int(p.area), tuple(int(v) for v in p.bbox))
+        for p in regionprops(labels)
+    )
+    rows = table.to_pylist()
+    got = sorted((r["class_id"], r["pixel_count"], (r["min_row"], r["min_col"], r["max_row"] + 1, r["max_col"] + 1))
+                 for r in rows)
+    assert got == expected
+    with rasterio.open(scene) as src:
+        pixel_area = abs(src.transform.a * src.transform.e)
+        for r in rows[:20]:
+            assert r["area_crs2"] == pytest.approx(r["pixel_count"] * pixel_area)
+            x, y = src.xy(r["centroid_row"], r["centroid_col"])
+            assert (r["centroid_x_crs"], r["centroid_y_crs"]) == pytest.approx((x, y))
+            assert 14.0 < r["centroid_lon"] < 16.0 and 44.0 < r["centroid_lat"] < 46.0  # UTM 33N, 5000 km N
+
+
+def test_tables_and_manifest(oracle_run):
+    _, _, root, _ = oracle_run
+    scenes = run_query(root, "SELECT * FROM scenes").to_pylist()
+    assert len(scenes) == 1 and scenes[0]["status"] == "complete" and scenes[0]["error"] is None
+    assert len(scenes[0]["input_sha256"]) == 64 and scenes[0]["shape"] == [150, 173]
+    chunks = run_query(root, "SELECT status, count(*) AS n FROM chunks GROUP BY status ORDER BY status").to_pylist()
+    # 150x173 in 64-px chunks: 3 x 3 grid; the nodata border (20 rows on top, 20 cols on the
+    # right) leaves no chunk wholly nodata.
+    assert sum(c["n"] for c in chunks) == 9
+    n_regions = run_query(root, "SELECT count(*) AS n FROM regions").column("n")[0].as_py()
+    assert n_regions == scenes[0]["n_regions"] > 0
+    areas = {c["class_name"]: c["pixel_count"] for c in scenes[0]["class_areas"]}
+    classes = _classes(root, "scene_one")
+    assert areas == {f"class{k}": int((classes == k).sum()) for k in range(4)}
+    assert scenes[0]["valid_pixels"] == int((classes != 255).sum())
+
+
+def test_nodata_chunks_are_skipped_and_recorded(tmp_path):
+    data = smooth_scene((128, 128), seed=3)
+    data[:, :64, :64] = 0  # one whole chunk of nodata
+    scene = write_geotiff(tmp_path / "holes.tif", data)
+    root = tmp_path / "out"
+    run_job(_spec([scene], root, oracle_checkpoint(tmp_path / "m")), base_dir=tmp_path)
+    rows = run_query(root, "SELECT chunk_index, status, valid_pixels FROM chunks ORDER BY chunk_index").to_pylist()
+    assert rows[0] == {"chunk_index": [0, 0], "status": "skipped_nodata", "valid_pixels": 0}
+    assert all(r["status"] == "written" for r in rows[1:])
+    assert (_classes(root, "holes")[:64, :64] == 255).all()
+
+
+def test_bad_scene_fails_alone_with_a_clear_error(tmp_path):
+    good = write_geotiff(tmp_path / "good.tif", smooth_scene((70, 70), seed=4))
+    (tmp_path / "corrupt.tif").write_bytes(b"II*\x00 this is not a tiff")
+    three_bands = write_geotiff(tmp_path / "rgb.tif", smooth_scene((70, 70), bands=3, seed=5))
+    root = tmp_path / "out"
+    spec = _spec([good, tmp_path / "corrupt.tif", three_bands, tmp_path / "missing.tif"], root,
+                 oracle_checkpoint(tmp_path / "m"))
+    result = run_job(spec, base_dir=tmp_path)
+    status = {s.name: (s.status, s.error) for s in result.scenes}
+    assert status["good"] == ("complete", None)
+    assert status["corrupt"][0] == "failed" and "corrupt.tif" in status["corrupt"][1]
+    assert status["rgb"][0] == "failed" and "3 bands" in status["rgb"][1] and "expects 4" in status["rgb"][1]
+    assert status["missing"][0] == "failed" and "missing.tif" in status["missing"][1]
+    table = {r["scene"]: r for r in run_query(root, "SELECT scene, status, error FROM scenes").to_pylist()}
+    assert {k: v["status"] for k, v in table.items()} == {
+        "good": "complete", "corrupt": "failed", "rgb": "failed", "missing": "failed"}
+    assert not (root / "corrupt.zarr").exists()
+
+
+def test_rerun_recomputes_nothing_and_resume_computes_only_missing(tmp_path):
+    scene = write_geotiff(tmp_path / "r.tif", smooth_scene((128, 192), seed=6))
+    card = oracle_checkpoint(tmp_path / "m")
+    root = tmp_path / "out"
+    first = run_job(_spec([scene], root, card), base_dir=tmp_path)
+    assert first.scenes[0].n_todo == 6
+    before = _classes(root, "r")
+    again = run_job(_spec([scene], root, card), base_dir=tmp_path)
+    assert again.scenes[0].already_complete and again.scenes[0].n_todo == 0
+
+    # Simulate an interrupted run: scene not complete, two chunks without markers, their
+    # pixels lost. Resuming computes exactly those two and restores identical bytes.
+    group = zarr.open_group(str(root / "r.zarr"), mode="r+")
+    attrs = dict(group.attrs[layout.TESSERA_ATTR])
+    attrs[layout.KEY_STATUS] = layout.STORE_STATUS_PARTIAL
+    group.attrs[layout.TESSERA_ATTR] = attrs
+    work = next((root / "_work" / "r").iterdir())
+    for key in ("c0_1", "c1_2"):
+        (work / f"{key}.json").unlink()
+    arr = zarr.open_array(str(root / "r.zarr"), path=layout.CLASSES, mode="r+")
+    arr[0:64, 64:128] = 255
+    arr[64:128, 128:192] = 255
+    resumed = run_job(_spec([scene], root, card), base_dir=tmp_path)
+    assert resumed.scenes[0].n_todo == 2 and resumed.scenes[0].status == "complete"
+    np.testing.assert_array_equal(_classes(root, "r"), before)
+
+
+def test_different_fingerprint_is_never_mixed_in(tmp_path):
+    scene = write_geotiff(tmp_path / "f.tif", smooth_scene((64, 64), seed=7))
+    card = oracle_checkpoint(tmp_path / "m")
+    root = tmp_path / "out"
+    run_job(_spec([scene], root, card), base_dir=tmp_path)
+    other = run_job(_spec([scene], root, card, tile_overlap=0.5), base_dir=tmp_path)
+    assert other.scenes[0].status == "failed"
+    assert "another job fingerprint" in other.scenes[0].error and "overwrite" in other.scenes[0].error
+
+
+def test_missing_model_fails_before_any_work(tmp_path):
+    scene = write_geotiff(tmp_path / "x.tif", smooth_scene((32, 32), seed=8))
+    with pytest.raises(ModelCardError, match="not found"):
+        run_job(_spec([scene], tmp_path / "out", tmp_path / "nope.json"), base_dir=tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_resolved_spec_saved_beside_outputs(oracle_run):
+    _, _, root, _ = oracle_run
+    saved = json.loads((root / "job.resolved.json").read_text())
+    assert saved["resolved"]["halo"] == 8 and saved["resolved"]["chunk_size"] == 64

@@ -1,0 +1,134 @@
+"""Checkpoints: a model card (JSON) + safetensors weights beside it.
+
+Loading never executes pickled code: weights are safetensors (or, for `.pt` files,
+`torch.load(weights_only=True)`), and the file's SHA-256 must match the card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from schemas.errors import ModelCardError
+from schemas.job import BUILTIN_PREFIX
+from schemas.model_card import ModelCard, parse_model_card
+from workers.registry import build_model
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A validated card and the resolved path of its weights."""
+
+    card: ModelCard
+    card_path: Path
+    weights_path: Path
+
+
+def resolve_card_path(ref: str, *, base_dir: Path | None = None) -> Path:
+    """'builtin:<name>' -> the shipped card; a relative path -> against base_dir (default cwd)."""
+    if ref.startswith(BUILTIN_PREFIX):
+        name = ref[len(BUILTIN_PREFIX):]
+        path = BUILTIN_DIR / f"{name}.json"
+        if Path(name).name != name or not path.is_file():
+            shipped = sorted(p.stem for p in BUILTIN_DIR.glob("*.json"))
+            raise ModelCardError(f"no builtin model {name!r}; shipped: {', '.join(shipped) or 'none'}")
+        return path
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return path
+
+
+def load_checkpoint(card_path: str | Path, *, verify_sha256: bool = True) -> Checkpoint:
+    """Read and validate a card, and check that its weights exist (and match the checksum).
+
+    Raises:
+        ModelCardError: card missing/invalid, weights missing, or checksum mismatch.
+    """
+    card_path = Path(card_path)
+    try:
+        text = card_path.read_text()
+    except FileNotFoundError:
+        raise ModelCardError(f"{card_path}: model card not found") from None
+    except OSError as exc:
+        raise ModelCardError(f"{card_path}: cannot read model card: {exc}") from None
+    card = parse_model_card(text, source=str(card_path))
+    weights_path = card_path.parent / card.weights
+    if not weights_path.is_file():
+        raise ModelCardError(f"{card_path}: weights file {weights_path} not found")
+    if verify_sha256:
+        actual = file_sha256(weights_path)
+        if actual != card.weights_sha256:
+            raise ModelCardError(
+                f"{weights_path}: SHA-256 {actual} does not match the card's weights_sha256 "
+                f"{card.weights_sha256} (wrong or corrupted file)"
+            )
+    return Checkpoint(card=card, card_path=card_path, weights_path=weights_path)
+
+
+def load_state_dict(weights_path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (or a `.pt` state dict loaded with weights_only=True)."""
+    if weights_path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(weights_path))
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ModelCardError(f"{weights_path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def build_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
+    """Build the card's architecture and load its weights (strict), in eval mode, on CPU, fp32."""
+    card = ckpt.card
+    model = build_model(
+        card.architecture, in_channels=card.in_channels, num_classes=card.num_classes, arch_args=card.arch_args
+    )
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(ckpt.weights_path).items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelCardError(f"{ckpt.weights_path}: weights do not fit architecture {card.architecture!r}: {exc}") from None
+    return model.eval()
+
+
+def file_sha256(path: Path, *, block: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while data := fh.read(block):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def save_checkpoint(model: torch.nn.Module, card_fields: dict, out_dir: Path, *, name: str) -> Path:
+    """Write `<name>.safetensors` (the model's state dict) and `<name>.json` (its card).
+
+    Args:
+        model: the module whose state_dict is saved (tensors made contiguous, on CPU).
+        card_fields: every card field except `name`, `weights` and `weights_sha256`.
+        out_dir: destination folder (created).
+        name: model id and file stem.
+
+    Returns:
+        The card path. The card is validated before it is written.
+    """
+    from safetensors.torch import save_file
+
+    from schemas.model_card import ModelCard
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / f"{name}.safetensors"
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(weights))
+    card = ModelCard.model_validate(
+        {**card_fields, "name": name, "weights": weights.name, "weights_sha256": file_sha256(weights)}
+    )
+    card_path = out_dir / f"{name}.json"
+    card_path.write_text(card.model_dump_json(indent=2))
+    return card_path
