@@ -1,0 +1,109 @@
+"""Job spec and model card validation: defaults work, errors name the file and the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.spec import load_job_spec
+from schemas.errors import JobSpecError, ModelCardError
+from schemas.job import JobSpec, parse_job_spec
+from schemas.model_card import parse_model_card
+from workers.checkpoints import load_checkpoint, resolve_card_path
+
+
+def test_minimal_spec_gets_working_defaults():
+    spec = parse_job_spec("inputs: [a.tif]\noutput: {root: out}\n", source="job.yaml")
+    assert spec.model.card == "builtin:unet-demo"
+    assert spec.tiling.chunk_size == 1024 and spec.tiling.halo is None and spec.tiling.blend == "gaussian"
+    assert spec.resources.actors == 1 and spec.resources.num_gpus_per_actor == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("inputs: [a.tif]\noutput: {root: out}\ntiling: {chunk_size: 0}", "tiling.chunk_size"),
+        ("inputs: [a.tif]\noutput: {root: out}\ntiling: {tile_overlap: 1.0}", "tiling.tile_overlap"),
+        ("inputs: [a.tif]\noutput: {root: out}\ntiling: {chunksize: 512}", "tiling.chunksize"),
+        ("inputs: []\noutput: {root: out}", "inputs"),
+        ("inputs: [a.tif]", "output"),
+        ("inputs: [a.tif]\noutput: {root: out}\nbands: [0, 1]", "bands"),
+        ("inputs: [a.tif]\noutput: {root: out}\nresources: {actors: two}", "resources.actors"),
+        ("inputs: [a.tif]\noutput: {root: out}\nversion: 9", "version"),
+    ],
+)
+def test_bad_fields_are_named(text, field):
+    with pytest.raises(JobSpecError, match=rf"job\.yaml: invalid job spec:\n(.|\n)*{field}"):
+        parse_job_spec(text, source="job.yaml")
+
+
+def test_yaml_is_parsed_safely():
+    with pytest.raises(JobSpecError, match="job.yaml: not valid YAML"):
+        parse_job_spec("inputs: !!python/object/apply:os.system ['echo hi']\n", source="job.yaml")
+    with pytest.raises(JobSpecError, match="must be a YAML mapping"):
+        parse_job_spec("- a\n- b\n", source="job.yaml")
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(JobSpecError, match="nope.yaml: job spec not found"):
+        load_job_spec(tmp_path / "nope.yaml")
+
+
+def test_spec_is_frozen():
+    spec = JobSpec.model_validate({"inputs": ["a.tif"], "output": {"root": "o"}})
+    with pytest.raises(Exception, match="frozen"):
+        spec.name = "x"
+
+
+def _card(**overrides):
+    card = {
+        "name": "m", "architecture": "unet", "in_channels": 2,
+        "classes": [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}],
+        "bands": [{"name": "x", "mean": 0, "std": 1}, {"name": "y", "mean": 0, "std": 1}],
+        "tile_size": 64, "halo": 8, "stride": 16, "weights": "m.safetensors", "weights_sha256": "0" * 64,
+    }
+    return json.dumps(card | overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"in_channels": 3}, "in_channels is 3 but 2 bands"),
+        ({"classes": [{"id": 1, "name": "a"}]}, "class ids must be 0..0"),
+        ({"tile_size": 72}, "not a multiple of stride"),
+        ({"weights": "../evil.safetensors"}, "weights must be a file name"),
+        ({"weights_sha256": "abc"}, "weights_sha256"),
+    ],
+)
+def test_bad_model_cards(overrides, message):
+    with pytest.raises(ModelCardError, match=message):
+        parse_model_card(_card(**overrides), source="card.json")
+
+
+def test_checkpoint_checksum_and_missing_weights(tmp_path):
+    (tmp_path / "card.json").write_text(_card())
+    with pytest.raises(ModelCardError, match="weights file .* not found"):
+        load_checkpoint(tmp_path / "card.json")
+    (tmp_path / "m.safetensors").write_bytes(b"not the weights")
+    with pytest.raises(ModelCardError, match="does not match the card"):
+        load_checkpoint(tmp_path / "card.json")
+
+
+def test_unknown_builtin_model():
+    with pytest.raises(ModelCardError, match="no builtin model 'nope'"):
+        resolve_card_path("builtin:nope")
+    with pytest.raises(ModelCardError, match="no builtin model"):
+        resolve_card_path("builtin:../../etc/passwd")
+
+
+def test_cluster_yaml_passes_rays_own_schema():
+    from pathlib import Path
+
+    import yaml
+    from ray.autoscaler._private.util import validate_config
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster.yaml").read_text())
+    validate_config(config)
+    gpu = config["available_node_types"]["gpu_worker"]
+    assert gpu["max_workers"] >= 1 and config["head_node_type"] == "head"
