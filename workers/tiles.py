@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["BLEND_MODES", "BlendAccumulator", "blend_weights", "plan_tiles"]
+__all__ = ["BLEND_MODES", "GAUSSIAN_FLOOR", "BlendAccumulator", "blend_weights", "plan_tiles"]
 
 #: Weight maps understood by :func:`blend_weights`.
 BLEND_MODES = ("gaussian", "constant")
