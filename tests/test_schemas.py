@@ -107,3 +107,10 @@ def test_cluster_yaml_passes_rays_own_schema():
     validate_config(config)
     gpu = config["available_node_types"]["gpu_worker"]
     assert gpu["max_workers"] >= 1 and config["head_node_type"] == "head"
+
+
+def test_documented_example_spec_is_valid():
+    from pathlib import Path
+
+    spec = load_job_spec(Path(__file__).resolve().parents[1] / "docs" / "jobspec.example.yaml")
+    assert spec.tiling.chunk_size == 1024 and spec.output.root == "out/landcover-2026"

@@ -89,6 +89,8 @@ class Predictor:
         return self.card.num_classes
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        if not array.flags.writeable:  # e.g. zero-copy from Ray's object store; torch wants writable
+            array = array.copy()
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
