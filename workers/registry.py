@@ -1,19 +1,45 @@
 """Model registry: architecture name -> builder. Nothing is imported or built at import time.
 
-A builder takes (in_channels, num_classes, **arch_args) and returns a torch.nn.Module that maps
-(N, in_channels, H, W) float32 to (N, num_classes, H, W) logits.
+A builder takes (in_channels, num_classes, **arch_args) and returns a torch.nn.Module. A
+"semantic" model maps (N, in_channels, H, W) float32 to (N, num_classes, H, W) logits at the
+input resolution; an "instance" model (``maskrcnn``) returns torchvision's list of dicts
+(boxes, labels, scores, masks), see :func:`model_kind`.
+
+Registered names (arch_args, defaults; native stride in px):
+
+* ``unet``: our U-Net (``base_channels=16, depth=4, upsample="transpose"|"bilinear"``); ``2**depth``.
+* ``oracle_threshold``: test oracle (``radius=0, sharpness=50.0``); 1.
+* ``fcn_resnet50``: torchvision FCN ResNet-50 (no arch_args); 1.
+* ``deeplabv3``: torchvision DeepLabV3 (``backbone="resnet50"|"resnet101"|"mobilenet_v3_large"``); 1.
+* ``lraspp``: torchvision LR-ASPP MobileNetV3-Large (no arch_args); 1.
+* ``deeplabv3plus``: smp DeepLabV3+ (``encoder="resnet18", encoder_output_stride=16,
+  decoder_channels=256``); ``encoder_output_stride``.
+* ``pspnet``: smp PSPNet (``encoder="resnet18", encoder_depth=3, psp_out_channels=512``);
+  ``2**encoder_depth``.
+* ``unet_smp``: smp U-Net (``encoder="resnet18", encoder_depth=5, decoder_channels=None``);
+  ``2**encoder_depth``.
+* ``maskrcnn``: torchvision Mask R-CNN ResNet-50 FPN, instance (``min_size=800, max_size=1333,
+  image_mean=None, image_std=None, box_score_thresh=0.05, box_detections_per_img=100``); 1.
+
+Any name containing ':' is a plugin, ``"package.module:callable"`` (see
+:mod:`workers.models.plugins`); plugins are semantic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from schemas.errors import ModelCardError
+from workers.models import zoo
+from workers.models.plugins import build_plugin, is_plugin_reference, plugin_stride
 
 Builder = Callable[..., torch.nn.Module]
+ModelKind = Literal["semantic", "instance"]
 
 
 def _build_unet(in_channels: int, num_classes: int, **arch_args: Any) -> torch.nn.Module:
@@ -28,30 +54,148 @@ def _build_threshold_oracle(in_channels: int, num_classes: int, **arch_args: Any
     return ThresholdOracle(in_channels, num_classes, **arch_args)
 
 
-_BUILDERS: dict[str, Builder] = {
-    "unet": _build_unet,
-    "oracle_threshold": _build_threshold_oracle,
+def _bind_arch_args(factory: Callable[..., Any], arch_args: Mapping[str, Any]) -> dict[str, Any]:
+    """arch_args completed with the factory's defaults (TypeError for an unknown name)."""
+    bound = inspect.signature(factory).bind(1, 1, **arch_args)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _unet_stride(arch_args: Mapping[str, Any]) -> int:
+    from workers.models.unet import UNet
+
+    return 2 ** _bind_arch_args(UNet, arch_args)["depth"]
+
+
+def _oracle_stride(arch_args: Mapping[str, Any]) -> int:
+    from workers.models.oracles import ThresholdOracle
+
+    _bind_arch_args(ThresholdOracle, arch_args)
+    return 1
+
+
+def _interpolating_stride(builder: Builder) -> Callable[[Mapping[str, Any]], int]:
+    """Models that resize their logits (or their input) themselves take any size: stride 1."""
+
+    def stride(arch_args: Mapping[str, Any]) -> int:
+        _bind_arch_args(builder, arch_args)
+        return 1
+
+    return stride
+
+
+def _deeplabv3plus_stride(arch_args: Mapping[str, Any]) -> int:
+    return _bind_arch_args(zoo.build_smp_deeplabv3plus, arch_args)["encoder_output_stride"]
+
+
+def _pspnet_stride(arch_args: Mapping[str, Any]) -> int:
+    return 2 ** _bind_arch_args(zoo.build_smp_pspnet, arch_args)["encoder_depth"]
+
+
+def _unet_smp_stride(arch_args: Mapping[str, Any]) -> int:
+    return 2 ** _bind_arch_args(zoo.build_smp_unet, arch_args)["encoder_depth"]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A registered architecture: its builder, kind and native stride (of its arch_args)."""
+
+    build: Builder
+    kind: ModelKind
+    stride: Callable[[Mapping[str, Any]], int]
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "unet": _Entry(_build_unet, "semantic", _unet_stride),
+    "oracle_threshold": _Entry(_build_threshold_oracle, "semantic", _oracle_stride),
+    "fcn_resnet50": _Entry(zoo.build_fcn_resnet50, "semantic", _interpolating_stride(zoo.build_fcn_resnet50)),
+    "deeplabv3": _Entry(zoo.build_deeplabv3, "semantic", _interpolating_stride(zoo.build_deeplabv3)),
+    "lraspp": _Entry(zoo.build_lraspp, "semantic", _interpolating_stride(zoo.build_lraspp)),
+    "deeplabv3plus": _Entry(zoo.build_smp_deeplabv3plus, "semantic", _deeplabv3plus_stride),
+    "pspnet": _Entry(zoo.build_smp_pspnet, "semantic", _pspnet_stride),
+    "unet_smp": _Entry(zoo.build_smp_unet, "semantic", _unet_smp_stride),
+    "maskrcnn": _Entry(zoo.build_maskrcnn, "instance", _interpolating_stride(zoo.build_maskrcnn)),
 }
 
 
 def architectures() -> tuple[str, ...]:
-    """Names the registry can build, sorted."""
-    return tuple(sorted(_BUILDERS))
+    """Registered names, sorted (plugin references ``"module:callable"`` are accepted besides)."""
+    return tuple(sorted(_REGISTRY))
 
 
-def build_model(architecture: str, *, in_channels: int, num_classes: int, arch_args: dict[str, Any]) -> torch.nn.Module:
-    """Build an architecture with random init (weights are loaded separately).
-
-    Raises:
-        ModelCardError: unknown architecture, or arguments the builder rejects.
-    """
+def _entry(architecture: str) -> _Entry:
     try:
-        builder = _BUILDERS[architecture]
+        return _REGISTRY[architecture]
     except KeyError:
         raise ModelCardError(
-            f"unknown architecture {architecture!r}; known: {', '.join(architectures())}"
+            f"unknown architecture {architecture!r}; known: {', '.join(architectures())} "
+            "(or a plugin 'package.module:callable')"
         ) from None
+
+
+def model_kind(architecture: str) -> ModelKind:
+    """``"semantic"`` (logits ``(N, K, H, W)``) or ``"instance"`` (torchvision detection dicts).
+
+    Plugins are semantic. Raises ModelCardError for an unknown name.
+    """
+    if is_plugin_reference(architecture):
+        return "semantic"
+    return _entry(architecture).kind
+
+
+def native_stride(architecture: str, arch_args: Mapping[str, Any] | None = None) -> int:
+    """Input H and W must be multiples of this (px) for the architecture with these arch_args.
+
+    Write it as the model card's ``stride``. Models that resize their logits back to the input
+    size (torchvision FCN, DeepLabV3, LR-ASPP, Mask R-CNN) take any size and answer 1; our UNet
+    and smp models answer their encoder's downsampling (e.g. 16 for ``unet`` depth 4, 32 for
+    ``unet_smp`` with 5 levels). A plugin answers its factory's int ``stride`` attribute, or 1.
+
+    Raises:
+        ModelCardError: unknown architecture, or arch_args it does not take.
+    """
+    arch_args = dict(arch_args or {})
+    if is_plugin_reference(architecture):
+        return plugin_stride(architecture)
+    entry = _entry(architecture)
     try:
-        return builder(in_channels, num_classes, **arch_args)
+        stride = entry.stride(arch_args)
     except TypeError as exc:
         raise ModelCardError(f"architecture {architecture!r} rejected arch_args {arch_args}: {exc}") from None
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+        raise ModelCardError(
+            f"architecture {architecture!r}: arch_args {arch_args} give stride {stride!r}, not an int >= 1"
+        )
+    return stride
+
+
+def build_model(
+    architecture: str, *, in_channels: int, num_classes: int, arch_args: Mapping[str, Any]
+) -> torch.nn.Module:
+    """Build an architecture with random init (weights are loaded separately).
+
+    Args:
+        architecture: a registered name (:func:`architectures`) or a plugin
+            ``"package.module:callable"``.
+        in_channels: input bands C.
+        num_classes: output classes K (for ``maskrcnn``: including background).
+        arch_args: the builder's keyword options (the card's ``arch_args``).
+
+    Returns:
+        The module, in training mode, on CPU, float32.
+
+    Raises:
+        ModelCardError: unknown architecture, a plugin that cannot be loaded, or arguments the
+            builder rejects (unknown names, bad values).
+    """
+    arch_args = dict(arch_args)
+    try:
+        if is_plugin_reference(architecture):
+            return build_plugin(architecture, in_channels=in_channels, num_classes=num_classes, arch_args=arch_args)
+        builder = _entry(architecture).build
+        return builder(in_channels, num_classes, **arch_args)
+    except (TypeError, ValueError) as exc:
+        raise ModelCardError(
+            f"architecture {architecture!r} rejected arch_args {arch_args} "
+            f"(in_channels={in_channels}, num_classes={num_classes}): {exc}"
+        ) from None
