@@ -61,6 +61,7 @@ class ResolvedJob:
     spec: JobSpec
     root: Path
     checkpoint: Checkpoint
+    ensemble: tuple[tuple[Checkpoint, float], ...]
     chunk_size: int
     halo: int
     predictor_options: PredictorOptions
@@ -76,6 +77,11 @@ class ResolvedJob:
             "format": OUTPUT_FORMAT_VERSION,
             "model_sha256": self.card.weights_sha256,
             "model_name": self.card.name,
+            "model_weight": self.spec.model.weight,
+            "ensemble": [[c.card.weights_sha256, w] for c, w in self.ensemble],
+            "tta": list(o.tta),
+            "scales": list(o.scales),
+            "write_probabilities": self.spec.output.write_probabilities,
             "bands": list(self.spec.bands) if self.spec.bands else None,
             "chunk_size": self.chunk_size,
             "halo": self.halo,
@@ -153,6 +159,16 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
             f"job bands {list(spec.bands)} give {len(spec.bands)} channels, model {card.name!r} "
             f"({card_path}) expects {card.in_channels}"
         )
+    ensemble = []
+    for member in spec.model.ensemble:
+        extra = load_checkpoint(resolve_card_path(member.card, base_dir=base_dir))
+        if extra.card.class_names != card.class_names or extra.card.in_channels != card.in_channels:
+            raise ModelCardError(
+                f"{extra.card_path}: ensemble member has classes {list(extra.card.class_names)} and "
+                f"{extra.card.in_channels} bands; {card_path} has {list(card.class_names)} and "
+                f"{card.in_channels} (ensemble members must agree)"
+            )
+        ensemble.append((extra, member.weight))
     tiling = spec.tiling
     tile_size = tiling.tile_size if tiling.tile_size is not None else card.tile_size
     options = PredictorOptions(
@@ -163,6 +179,8 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
         tile_overlap=tiling.tile_overlap,
         blend=tiling.blend,
         torch_threads=spec.resources.torch_threads or max(1, int(spec.resources.cpus_per_actor)),
+        tta=spec.inference.tta,
+        scales=spec.inference.scales,
     )
     root = Path(spec.output.root).expanduser()
     if not root.is_absolute():
@@ -171,6 +189,7 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
         spec=spec,
         root=root.resolve(),
         checkpoint=checkpoint,
+        ensemble=tuple(ensemble),
         chunk_size=tiling.chunk_size,
         halo=tiling.halo if tiling.halo is not None else card.halo,
         predictor_options=options,
@@ -311,7 +330,9 @@ def write_stage(row: dict[str, Any], *, scenes: dict[int, SceneContext]) -> dict
             labels = np.full(window.core_shape, layout.NODATA_CLASS, dtype=np.uint8)
         else:
             labels = np.asarray(row["labels"], dtype=np.uint8).reshape(window.core_shape)
-            write_chunk(Path(ctx.zarr_path), window.core, labels)
+            probs = row.get("probabilities")
+            write_chunk(Path(ctx.zarr_path), window.core, labels,
+                        probabilities=None if probs is None or np.size(probs) == 0 else np.asarray(probs))
         t1 = time.perf_counter()
         parts = chunk_regions(
             labels,
@@ -399,10 +420,13 @@ def _prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info:
             transform=info.transform,
             crs_wkt=info.crs_wkt,
             class_names=job.card.class_names,
+            with_probabilities=spec.output.write_probabilities,
             provenance={
                 layout.KEY_FINGERPRINT: fingerprint,
                 layout.KEY_MODEL: {"name": job.card.name, "architecture": job.card.architecture,
-                                   "sha256": job.card.weights_sha256},
+                                   "sha256": job.card.weights_sha256,
+                                   "ensemble": [{"name": c.card.name, "sha256": c.card.weights_sha256, "weight": w}
+                                                for c, w in job.ensemble]},
                 layout.KEY_HALO: job.halo,
                 layout.KEY_SOURCE: os.path.basename(info.path),
                 layout.KEY_INPUT_SHA256: sha,
@@ -579,7 +603,13 @@ def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, Scen
         .map(read_stage, fn_kwargs=scenes_ref, num_cpus=0.5)
         .map_batches(
             PredictorActor,
-            fn_constructor_kwargs={"card_path": str(job.checkpoint.card_path), "options": job.predictor_options},
+            fn_constructor_kwargs={
+                "card_path": str(job.checkpoint.card_path),
+                "options": job.predictor_options,
+                "weight": job.spec.model.weight,
+                "ensemble": tuple((str(c.card_path), w) for c, w in job.ensemble),
+                "with_probabilities": job.spec.output.write_probabilities,
+            },
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=res.actors),

@@ -18,13 +18,29 @@ from schemas.model_card import format_validation_errors
 JOB_SPEC_VERSION = 1
 BUILTIN_PREFIX = "builtin:"
 
+# Test-time augmentations: exact dihedral transforms of the square, and named sets of them.
+TTA_TRANSFORMS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose")
+TTA_PRESETS: dict[str, tuple[str, ...]] = {
+    "none": ("identity",),
+    "flips": ("identity", "hflip", "vflip"),
+    "rot90": ("identity", "rot90", "rot180", "rot270"),
+    "d4": TTA_TRANSFORMS,
+}
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class EnsembleMember(_Frozen):
+    """A further checkpoint averaged with the main one."""
+
+    card: str = Field(description="Model card JSON path or 'builtin:<name>'.")
+    weight: float = Field(default=1.0, gt=0.0, description="Relative weight in the probability average.")
+
+
 class ModelSpec(_Frozen):
-    """Which checkpoint to run."""
+    """Which checkpoint(s) to run."""
 
     card: str = Field(
         default="builtin:unet-demo",
@@ -36,6 +52,12 @@ class ModelSpec(_Frozen):
         default=None,
         description="Optional cross-check: must equal the card's architecture if given.",
         examples=["unet"],
+    )
+    weight: float = Field(default=1.0, gt=0.0, description="Weight of `card` when `ensemble` is set.")
+    ensemble: tuple[EnsembleMember, ...] = Field(
+        default=(),
+        description="Further checkpoints whose probabilities are averaged with `card`'s "
+        "(same classes and band count; each uses its own normalisation and stride).",
     )
 
 
@@ -88,6 +110,34 @@ class InferenceSpec(_Frozen):
         description="Autocast precision on GPU ('auto': bf16 where supported, else fp16). "
         "CPU always runs fp32.",
     )
+    tta: tuple[str, ...] = Field(
+        default=(),
+        description="Test-time augmentations averaged in probability space: hflip, vflip, rot90, "
+        "rot180, rot270, transpose, antitranspose, or presets flips, rot90, d4; the un-augmented "
+        "view is always included. () = none.",
+        examples=[["flips"], ["d4"], ["hflip", "rot90"]],
+    )
+    scales: tuple[float, ...] = Field(
+        default=(1.0,), min_length=1,
+        description="Multi-scale inference: input scale factors (e.g. [0.5, 1, 1.5]); "
+        "probabilities are resampled back and averaged.",
+    )
+
+    @field_validator("tta")
+    @classmethod
+    def _known_tta(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [v for v in value if v not in TTA_TRANSFORMS and v not in TTA_PRESETS]
+        if unknown:
+            raise ValueError(f"unknown augmentations {unknown}; known: {list(TTA_TRANSFORMS)} "
+                             f"or presets {list(TTA_PRESETS)}")
+        return value
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not (0.05 <= v <= 8.0) for v in value):
+            raise ValueError(f"scales must be within [0.05, 8], got {list(value)}")
+        return value
 
 
 class OutputSpec(_Frozen):
@@ -95,6 +145,10 @@ class OutputSpec(_Frozen):
 
     root: str = Field(description="Output root folder: <root>/<scene>.zarr and <root>/tables/.",
                       examples=["out/landcover-2026"])
+    write_probabilities: bool = Field(
+        default=False,
+        description="Also write a float16 `probabilities` array (class, y, x); K times the size of `classes`.",
+    )
     overwrite: bool = Field(
         default=False,
         description="Replace outputs written under a different job fingerprint "

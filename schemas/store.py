@@ -2,6 +2,7 @@
 
 Layout (2D):
   classes       (y, x) uint8, fill 255 = nodata / not predicted; chunks = job chunk_size.
+  probabilities (class, y, x) float16, optional (output.write_probabilities); NaN fill.
   x, y          1-D float64 pixel-centre coordinates in the scene CRS.
   spatial_ref   0-d int32 CF grid-mapping variable: crs_wkt, spatial_ref, GeoTransform.
 
@@ -12,6 +13,9 @@ that xarray + rioxarray understand, and the tessera provenance under the TESSERA
 from __future__ import annotations
 
 CLASSES = "classes"
+PROBABILITIES = "probabilities"  # optional (class, y, x) float16, NaN = nodata / not predicted
+PROBABILITIES_DTYPE = "float16"
+CLASS_DIM = "class"
 X = "x"
 Y = "y"
 SPATIAL_REF = "spatial_ref"

@@ -13,29 +13,42 @@ from pathlib import Path
 import numpy as np
 
 from workers.checkpoints import build_from_checkpoint, load_checkpoint
-from workers.predictor import Predictor, PredictorOptions
+from workers.predictor import Member, Predictor, PredictorOptions
 
 
 class PredictorActor:
     """Ray Data callable: {"pixels", "valid", "core", ...} rows -> + {"labels", "predict_s"}."""
 
-    def __init__(self, card_path: str, options: PredictorOptions):
+    def __init__(self, card_path: str, options: PredictorOptions, *, weight: float = 1.0,
+                 ensemble: tuple[tuple[str, float], ...] = (), with_probabilities: bool = False):
         ckpt = load_checkpoint(Path(card_path))
-        self.predictor = Predictor(build_from_checkpoint(ckpt), ckpt.card, options=options)
+        members = []
+        for member_path, member_weight in ensemble:
+            extra = load_checkpoint(Path(member_path))
+            members.append(Member(build_from_checkpoint(extra), extra.card, member_weight))
+        self.predictor = Predictor(build_from_checkpoint(ckpt), ckpt.card, options=options, weight=weight,
+                                   extra_members=tuple(members))
+        self.with_probabilities = with_probabilities
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["error"])
-        labels, seconds = [], np.zeros(n, dtype=np.float64)
+        labels, probs, seconds = [], [], np.zeros(n, dtype=np.float64)
         for i in range(n):
             if batch["error"][i] or batch["skip"][i]:
                 labels.append(np.zeros((0, 0), dtype=np.uint8))
+                probs.append(np.zeros((0, 0, 0), dtype=np.float16))
                 continue
             t0 = time.perf_counter()
             core = tuple(slice(int(a), int(b)) for a, b in batch["core_in_window"][i])
-            labels.append(self.predictor.predict_labels(batch["pixels"][i], batch["valid"][i], core=core))
+            lab, prob = self.predictor.predict_core(batch["pixels"][i], batch["valid"][i], core=core,
+                                                    with_probabilities=self.with_probabilities)
+            labels.append(lab)
+            probs.append(prob if prob is not None else np.zeros((0, 0, 0), dtype=np.float16))
             seconds[i] = time.perf_counter() - t0
         out = {k: v for k, v in batch.items() if k not in ("pixels", "valid")}
         out["labels"] = _object_column(labels)
+        if self.with_probabilities:
+            out["probabilities"] = _object_column(probs)
         out["predict_s"] = seconds
         return out
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from schemas.model_card import ModelCard
 from schemas.store import NODATA_CLASS
 from workers.tiles import BlendAccumulator, blend_weights, plan_tiles
+from workers.tta import augment, expand_tta, resample, scaled_size
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class PredictorOptions:
         tile_overlap: fraction of the tile side shared by neighbouring tiles, in [0, 1).
         blend: "gaussian" or "constant".
         torch_threads: intra-op threads on CPU (None: leave torch's setting).
+        tta: test-time augmentations (names or presets of `workers.tta`); probabilities of
+            every augmented view are mapped back and averaged. () = none.
+        scales: input scale factors; probabilities are resampled back to the tile and averaged.
     """
 
     device: str = "auto"
@@ -41,6 +45,17 @@ class PredictorOptions:
     tile_overlap: float = 0.25
     blend: str = "gaussian"
     torch_threads: int | None = None
+    tta: tuple[str, ...] = ()
+    scales: tuple[float, ...] = (1.0,)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of an ensemble: the module, its card, and its weight in the average."""
+
+    model: torch.nn.Module
+    card: ModelCard
+    weight: float = 1.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -60,29 +75,52 @@ def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype 
 
 
 class Predictor:
-    """Segments halo windows with one model.
+    """Segments halo windows with one model or a weighted ensemble.
 
     Args:
         model: maps (N, C, h, w) float32 normalised input to (N, K, h, w) logits.
         card: the model card (bands and normalisation, classes, stride).
         options: runtime options.
+        extra_members: further ensemble members; every member's probabilities (after its own
+            normalisation, TTA and scales) are averaged with the members' weights.
+
+    Raises:
+        ValueError: ensemble members disagree on classes or input bands.
     """
 
-    def __init__(self, model: torch.nn.Module, card: ModelCard, *, options: PredictorOptions = PredictorOptions()):
+    def __init__(self, model: torch.nn.Module, card: ModelCard, *, options: PredictorOptions = PredictorOptions(),
+                 weight: float = 1.0, extra_members: tuple[Member, ...] = ()):
         self.card = card
         self.options = options
         self.device = resolve_device(options.device)
         if options.torch_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(options.torch_threads)
         self.autocast_dtype = resolve_autocast_dtype(options.precision, self.device)
-        self.model = model.eval().to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        mean = torch.tensor([b.mean for b in card.bands], dtype=torch.float32)
-        std = torch.tensor([b.std for b in card.bands], dtype=torch.float32)
-        self._mean = mean.view(-1, 1, 1).to(self.device)
-        self._inv_std = (1.0 / std).view(-1, 1, 1).to(self.device)
+        self.tta = expand_tta(options.tta)
+        if not options.scales or any(s <= 0 for s in options.scales):
+            raise ValueError(f"scales must be positive factors, got {options.scales}")
+        self._members = [self._prepare(m) for m in (Member(model, card, weight), *extra_members)]
+        total = sum(m.weight for m in (Member(model, card, weight), *extra_members))
+        if total <= 0:
+            raise ValueError("ensemble weights must sum to a positive number")
+        self._member_weights = [m.weight / total for m in (Member(model, card, weight), *extra_members)]
         self._weights: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def _prepare(self, member: Member) -> _PreparedMember:
+        card = member.card
+        if card.class_names != self.card.class_names:
+            raise ValueError(f"ensemble member {card.name!r} has classes {card.class_names}, "
+                             f"expected {self.card.class_names}")
+        if card.in_channels != self.card.in_channels:
+            raise ValueError(f"ensemble member {card.name!r} takes {card.in_channels} bands, "
+                             f"expected {self.card.in_channels}")
+        model = member.model.eval().to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        mean = torch.tensor([b.mean for b in card.bands], dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor([b.std for b in card.bands], dtype=torch.float32).view(1, -1, 1, 1)
+        return _PreparedMember(model=model, stride=card.stride, mean=mean.to(self.device),
+                               inv_std=(1.0 / std).to(self.device))
 
     @property
     def num_classes(self) -> int:
@@ -96,22 +134,15 @@ class Predictor:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
 
-    def _normalise(self, pixels: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """(C, H, W) raw -> float32 (x - mean) / std; invalid pixels set to 0 (the band mean)."""
-        x = (pixels.to(torch.float32) - self._mean) * self._inv_std
-        if valid is not None:
-            x = x * valid.unsqueeze(0)
-        return x
-
     def _tile_weights(self, tile_shape: tuple[int, ...]) -> torch.Tensor:
         if tile_shape not in self._weights:
             w = blend_weights(tile_shape, mode=self.options.blend)
             self._weights[tile_shape] = torch.from_numpy(np.array(w)).to(self.device)
         return self._weights[tile_shape]
 
-    def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        """(N, C, h, w) -> (N, K, h, w) float32 probabilities; pads h, w up to the model stride."""
-        stride = self.card.stride
+    def _forward(self, member: _PreparedMember, tiles: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) normalised -> (N, K, h, w) float32 probabilities; pads h, w to the stride."""
+        stride = member.stride
         h, w = tiles.shape[-2:]
         ph, pw = (-h) % stride, (-w) % stride
         if ph or pw:
@@ -124,8 +155,32 @@ class Predictor:
             else contextlib.nullcontext()
         )
         with autocast:
-            logits = self.model(tiles)
+            logits = member.model(tiles)
         return torch.softmax(logits[..., :h, :w].float(), dim=1)
+
+    def _member_probabilities(self, member: _PreparedMember, tiles: torch.Tensor) -> torch.Tensor:
+        """Average over scales and TTA views of one member's probabilities, at the tile size."""
+        size = tuple(tiles.shape[-2:])
+        total: torch.Tensor | None = None
+        for scale in self.options.scales:
+            scaled = resample(tiles, scaled_size(size, scale)) if scale != 1.0 else tiles
+            for name in self.tta:
+                forward, inverse = augment(name)
+                probs = inverse(self._forward(member, forward(scaled)))
+                probs = resample(probs, size) if scale != 1.0 else probs
+                total = probs if total is None else total + probs
+        return total / (len(self.options.scales) * len(self.tta))
+
+    def _tile_probabilities(self, raw: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """(N, C, h, w) raw float32 tiles -> (N, K, h, w) ensemble-averaged probabilities."""
+        total: torch.Tensor | None = None
+        for member, weight in zip(self._members, self._member_weights):
+            x = (raw - member.mean) * member.inv_std
+            if valid is not None:  # nodata -> 0, i.e. the band mean after normalisation
+                x = x * valid
+            probs = self._member_probabilities(member, x) * weight
+            total = probs if total is None else total + probs
+        return total
 
     @torch.inference_mode()
     def predict_probabilities(self, pixels: np.ndarray, valid: np.ndarray | None = None) -> torch.Tensor:
@@ -143,40 +198,58 @@ class Predictor:
                 f"window must be (C={self.card.in_channels}, H, W), got shape {pixels.shape}"
             )
         window_shape = tuple(pixels.shape[1:])
-        x = self._normalise(
-            self._to_device(pixels), None if valid is None else self._to_device(valid)
-        )
+        x = self._to_device(pixels).to(torch.float32)
+        v = None if valid is None else self._to_device(valid).to(torch.float32).unsqueeze(0)
         tile_shape, offsets = plan_tiles(window_shape, self.options.tile_size, self.options.tile_overlap)
         weights = self._tile_weights(tile_shape)
         acc = BlendAccumulator(window_shape, self.num_classes, device=self.device)
         bs = self.options.batch_size
         for start in range(0, len(offsets), bs):
             batch_offsets = offsets[start : start + bs]
-            tiles = torch.stack(
-                [x[:, r : r + tile_shape[0], c : c + tile_shape[1]] for r, c in batch_offsets]
-            )
-            probs = self._forward(tiles)
-            for offset, p in zip(batch_offsets, probs):
-                acc.add(offset, p, weights)
+            windows = [(slice(r, r + tile_shape[0]), slice(c, c + tile_shape[1])) for r, c in batch_offsets]
+            tiles = torch.stack([x[(slice(None), *wnd)] for wnd in windows])
+            tile_valid = None if v is None else torch.stack([v[(slice(None), *wnd)] for wnd in windows])
+            acc.add_batch(batch_offsets, self._tile_probabilities(tiles, tile_valid), weights)
         return acc.finalize()
 
-    def predict_labels(
-        self, pixels: np.ndarray, valid: np.ndarray | None = None, *, core: tuple[slice, ...] | None = None
-    ) -> np.ndarray:
-        """Class labels of a window's core.
+    def predict_core(
+        self, pixels: np.ndarray, valid: np.ndarray | None = None, *, core: tuple[slice, ...] | None = None,
+        with_probabilities: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class labels (and optionally probabilities) of a window's core.
 
         Args:
             pixels: (C, H, W) raw band values.
             valid: (H, W) bool or None.
             core: slices of the core inside the window (default: the whole window).
+            with_probabilities: also return (K, h, w) float16 probabilities.
 
         Returns:
-            (h, w) uint8 class ids; NODATA_CLASS (255) where `valid` is False.
+            (labels, probs): labels (h, w) uint8 class ids, NODATA_CLASS (255) where `valid` is
+            False; probs (K, h, w) float16 (NaN at nodata) or None.
         """
         probs = self.predict_probabilities(pixels, valid)
         core = core or (slice(None), slice(None))
-        labels = torch.argmax(probs[(slice(None), *core)], dim=0).to(torch.uint8)
+        core_probs = probs[(slice(None), *core)]
+        labels = torch.argmax(core_probs, dim=0).to(torch.uint8)
         if valid is not None:
             core_valid = self._to_device(np.ascontiguousarray(valid[core]))
             labels = torch.where(core_valid, labels, torch.full_like(labels, NODATA_CLASS))
-        return labels.cpu().numpy()
+            if with_probabilities:
+                core_probs = torch.where(core_valid, core_probs, torch.full_like(core_probs, float("nan")))
+        out_probs = core_probs.to(torch.float16).cpu().numpy() if with_probabilities else None
+        return labels.cpu().numpy(), out_probs
+
+    def predict_labels(
+        self, pixels: np.ndarray, valid: np.ndarray | None = None, *, core: tuple[slice, ...] | None = None
+    ) -> np.ndarray:
+        """(h, w) uint8 class labels of a window's core (see `predict_core`)."""
+        return self.predict_core(pixels, valid, core=core)[0]
+
+
+@dataclass(frozen=True)
+class _PreparedMember:
+    model: torch.nn.Module
+    stride: int
+    mean: torch.Tensor
+    inv_std: torch.Tensor

@@ -41,6 +41,7 @@ def create_scene_store(
     crs_wkt: str | None,
     class_names: tuple[str, ...],
     provenance: dict[str, Any],
+    with_probabilities: bool = False,
 ) -> None:
     """Create an empty 2D scene store (status 'partial'); arrays are filled chunk by chunk.
 
@@ -52,6 +53,7 @@ def create_scene_store(
         crs_wkt: WKT of the CRS, or None.
         class_names: class names, index == class id.
         provenance: fingerprint, model, source... (stored under attrs['tessera']).
+        with_probabilities: also create `probabilities` (class, y, x) float16, NaN fill.
     """
     a, b, c, d, e, f = transform
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
@@ -80,6 +82,17 @@ def create_scene_store(
             "coordinates": layout.SPATIAL_REF,  # CF: makes spatial_ref a coordinate in xarray
         },
     )
+    if with_probabilities:
+        group.create_array(
+            layout.PROBABILITIES,
+            shape=(len(class_names), *shape),
+            chunks=(len(class_names), *chunk_shape),
+            dtype=layout.PROBABILITIES_DTYPE,
+            fill_value=float("nan"),
+            dimension_names=(layout.CLASS_DIM, *layout.DIMENSIONS_2D),
+            attributes={"grid_mapping": layout.SPATIAL_REF, "long_name": "class probability",
+                        "class_names": list(class_names), "coordinates": layout.SPATIAL_REF},
+        )
     rows, cols = shape
     # Pixel-centre coordinates; exact for north-up grids (b == d == 0). Rotated grids keep the
     # GeoTransform below, which rioxarray prefers over the coordinate arrays.
@@ -95,10 +108,15 @@ def create_scene_store(
     group.create_array(layout.SPATIAL_REF, data=np.array(0, dtype=np.int32), attributes=ref_attrs)
 
 
-def write_chunk(path: Path, core: tuple[slice, ...], labels: np.ndarray) -> None:
-    """Write one output chunk of `classes`; core is aligned with the Zarr chunks, so no races."""
-    array = zarr.open_array(str(path), path=layout.CLASSES, mode="r+")
-    array[core] = labels
+def write_chunk(path: Path, core: tuple[slice, ...], labels: np.ndarray, *,
+                probabilities: np.ndarray | None = None) -> None:
+    """Write one output chunk of `classes` (and `probabilities` (K, h, w) float16 if given).
+
+    `core` is aligned with the Zarr chunks, so each chunk has exactly one writer: no races.
+    """
+    zarr.open_array(str(path), path=layout.CLASSES, mode="r+")[core] = labels
+    if probabilities is not None:
+        zarr.open_array(str(path), path=layout.PROBABILITIES, mode="r+")[(slice(None), *core)] = probabilities
 
 
 def mark_complete(path: Path, extra: dict[str, Any] | None = None) -> None:

@@ -221,3 +221,43 @@ def test_resolved_spec_saved_beside_outputs(oracle_run):
     _, _, root, _ = oracle_run
     saved = json.loads((root / "job.resolved.json").read_text())
     assert saved["resolved"]["halo"] == 8 and saved["resolved"]["chunk_size"] == 64
+
+
+def test_probabilities_ensemble_and_tta_through_the_job(tmp_path):
+    data = smooth_scene((100, 90), seed=9, nodata_border=10)
+    scene = write_geotiff(tmp_path / "p.tif", data)
+    card = oracle_checkpoint(tmp_path / "m")
+    twin = oracle_checkpoint(tmp_path / "m2", name="oracle-twin")
+    root = tmp_path / "out"
+    spec = JobSpec.model_validate({
+        "inputs": [str(scene)],
+        "model": {"card": str(card), "ensemble": [{"card": str(twin), "weight": 2.0}]},
+        "tiling": {"chunk_size": 64, "halo": 8, "tile_size": 32},
+        "inference": {"tta": ["flips"]},
+        "resources": {"torch_threads": 1},
+        "output": {"root": str(root), "write_probabilities": True},
+    })
+    result = run_job(spec, base_dir=tmp_path)
+    assert result.scenes[0].status == "complete", result.scenes[0].error
+    classes = _classes(root, "p")
+    # An ensemble of two identical pointwise oracles with flip TTA is still the oracle.
+    np.testing.assert_array_equal(classes, _whole_image_oracle(data, radius=0))
+    probs = zarr.open_array(str(root / "p.zarr"), path=layout.PROBABILITIES, mode="r")[:]
+    assert probs.shape == (4, 100, 90) and probs.dtype == np.float16
+    valid = classes != 255
+    np.testing.assert_array_equal(probs[:, valid].astype(np.float32).argmax(axis=0), classes[valid])
+    assert np.isnan(probs[:, ~valid]).all()
+    attrs = zarr.open_group(str(root / "p.zarr"), mode="r").attrs[layout.TESSERA_ATTR]
+    assert attrs[layout.KEY_MODEL]["ensemble"][0]["name"] == "oracle-twin"
+
+
+def test_mismatched_ensemble_fails_before_any_work(tmp_path):
+    scene = write_geotiff(tmp_path / "e.tif", smooth_scene((32, 32), seed=10))
+    other = oracle_checkpoint(tmp_path / "m3", num_classes=3, name="three")
+    spec = JobSpec.model_validate({
+        "inputs": [str(scene)],
+        "model": {"card": str(oracle_checkpoint(tmp_path / "m")), "ensemble": [{"card": str(other)}]},
+        "output": {"root": str(tmp_path / "out")},
+    })
+    with pytest.raises(ModelCardError, match="ensemble members must agree"):
+        run_job(spec, base_dir=tmp_path)

@@ -1,0 +1,131 @@
+"""The plain predictor (no Ray): tiling + blending, TTA, multi-scale, ensembles, nodata."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from schemas.model_card import ModelCard
+from tests.helpers import smooth_scene
+from workers.models.oracles import ThresholdOracle
+from workers.predictor import Member, Predictor, PredictorOptions
+
+
+def _card(num_classes=4, bands=4, stride=1) -> ModelCard:
+    return ModelCard.model_validate({
+        "name": "t", "architecture": "oracle_threshold", "in_channels": bands,
+        "classes": [{"id": i, "name": f"c{i}"} for i in range(num_classes)],
+        "bands": [{"name": f"b{i}", "mean": 10000.0, "std": 3000.0} for i in range(bands)],
+        "tile_size": 32, "halo": 4, "stride": stride, "weights": "w.safetensors", "weights_sha256": "0" * 64,
+    })
+
+
+class AsymmetricConv(torch.nn.Module):
+    """A fixed, not flip-equivariant model: logits from a horizontal-gradient conv."""
+
+    def __init__(self, bands=4, classes=4):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(bands, classes, 3, padding=1, padding_mode="replicate")
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g))
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+OPTS = dict(device="cpu", tile_size=32, tile_overlap=0.25, batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def window():
+    return smooth_scene((70, 90), seed=3)
+
+
+def test_tiled_equals_one_pass_for_a_pointwise_model(window):
+    oracle = ThresholdOracle(4, 4)
+    tiled = Predictor(oracle, _card(), options=PredictorOptions(**OPTS)).predict_labels(window)
+    whole = Predictor(oracle, _card(), options=PredictorOptions(**OPTS | {"tile_size": 4096})).predict_labels(window)
+    np.testing.assert_array_equal(tiled, whole)
+
+
+def test_flip_tta_of_an_equivariant_oracle_equals_the_oracle(window):
+    oracle = ThresholdOracle(4, 4)
+    plain = Predictor(oracle, _card(), options=PredictorOptions(**OPTS)).predict_probabilities(window)
+    tta = Predictor(oracle, _card(), options=PredictorOptions(**OPTS | {"tta": ("d4",)})).predict_probabilities(window)
+    torch.testing.assert_close(tta, plain, rtol=0, atol=1e-6)
+
+
+def test_tta_averages_the_inverse_mapped_views(window):
+    model = AsymmetricConv().eval()
+    opts = OPTS | {"tile_size": 4096}  # one tile: the expected value is easy to write down
+    got = Predictor(model, _card(), options=PredictorOptions(**opts | {"tta": ("hflip",)})).predict_probabilities(window)
+    plain = Predictor(model, _card(), options=PredictorOptions(**opts)).predict_probabilities(window)
+    x = (torch.from_numpy(window.astype(np.float32))[None] - 10000.0) * (1.0 / torch.tensor(3000.0))
+    with torch.inference_mode():
+        flipped = torch.softmax(model(x.flip(-1)), dim=1).flip(-1)[0]
+    torch.testing.assert_close(got, (plain + flipped) / 2, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, plain, atol=1e-3)  # the augmentation really changed something
+
+
+def test_ensemble_of_one_and_of_identical_members_equal_the_single_model(window):
+    model = AsymmetricConv().eval()
+    single = Predictor(model, _card(), options=PredictorOptions(**OPTS)).predict_probabilities(window)
+    doubled = Predictor(model, _card(), options=PredictorOptions(**OPTS), weight=2.0,
+                        extra_members=(Member(model, _card(), 3.0),)).predict_probabilities(window)
+    torch.testing.assert_close(doubled, single, rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_is_the_weighted_probability_average(window):
+    a, b = AsymmetricConv().eval(), ThresholdOracle(4, 4, sharpness=2.0)
+    opts = PredictorOptions(**OPTS)
+    pa = Predictor(a, _card(), options=opts).predict_probabilities(window)
+    pb = Predictor(b, _card(), options=opts).predict_probabilities(window)
+    pab = Predictor(a, _card(), options=opts, weight=1.0,
+                    extra_members=(Member(b, _card(), 3.0),)).predict_probabilities(window)
+    torch.testing.assert_close(pab, (pa + 3 * pb) / 4, rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_members_must_agree():
+    with pytest.raises(ValueError, match="has classes"):
+        Predictor(ThresholdOracle(4, 4), _card(), options=PredictorOptions(**OPTS),
+                  extra_members=(Member(ThresholdOracle(4, 3), _card(num_classes=3)),))
+
+
+def test_multiscale_identity_scale_is_a_no_op_and_other_scales_resample_back(window):
+    model = AsymmetricConv().eval()
+    plain = Predictor(model, _card(), options=PredictorOptions(**OPTS)).predict_probabilities(window)
+    same = Predictor(model, _card(), options=PredictorOptions(**OPTS | {"scales": (1.0,)})).predict_probabilities(window)
+    torch.testing.assert_close(same, plain, rtol=0, atol=0)
+    multi = Predictor(model, _card(), options=PredictorOptions(**OPTS | {"scales": (0.5, 1.0, 1.5)}))
+    probs = multi.predict_probabilities(window)
+    assert probs.shape == plain.shape
+    torch.testing.assert_close(probs.sum(dim=0), torch.ones(probs.shape[1:]), rtol=0, atol=1e-5)
+    # A pointwise oracle is scale-invariant away from class borders: most labels agree.
+    oracle = ThresholdOracle(4, 4)
+    base = Predictor(oracle, _card(), options=PredictorOptions(**OPTS)).predict_labels(window)
+    scaled = Predictor(oracle, _card(), options=PredictorOptions(**OPTS | {"scales": (0.5, 1.5)})).predict_labels(window)
+    assert (base == scaled).mean() > 0.9
+
+
+def test_nodata_pixels_are_255_and_nan_probabilities(window):
+    valid = np.ones(window.shape[1:], dtype=bool)
+    valid[:10] = False
+    labels, probs = Predictor(ThresholdOracle(4, 4), _card(), options=PredictorOptions(**OPTS)).predict_core(
+        window, valid, with_probabilities=True)
+    assert (labels[:10] == 255).all() and (labels[10:] < 4).all()
+    assert probs.dtype == np.float16 and np.isnan(probs[:, :10]).all()
+    np.testing.assert_array_equal(probs[:, 10:].astype(np.float32).argmax(axis=0), labels[10:])
+
+
+def test_strided_models_get_padded_tiles(window):
+    class NeedsStride8(torch.nn.Module):
+        def forward(self, x):
+            if x.shape[-1] % 8 or x.shape[-2] % 8:
+                raise ValueError(f"bad size {tuple(x.shape)}")
+            return ThresholdOracle(4, 4)(x)
+
+    labels = Predictor(NeedsStride8(), _card(stride=8), options=PredictorOptions(**OPTS | {"tile_size": 30})).predict_labels(window)
+    assert labels.shape == window.shape[1:]
