@@ -178,5 +178,45 @@ def train(
     console.print(f"wrote {card}")
 
 
+@app.command()
+def bench(
+    size: Annotated[list[str] | None, typer.Option(
+        "--size", help="Scene side in px; repeat or comma-separate (4096,8192; 16k = 16384).")] = None,
+    model: Annotated[str, typer.Option(help="Model card path or builtin:<name>.")] = "builtin:unet-demo",
+    chunk_size: Annotated[int, typer.Option(help="Output chunk side in px.")] = 1024,
+    halo: Annotated[int | None, typer.Option(help="Halo in px (default: the model card's).")] = None,
+    tile_size: Annotated[int | None, typer.Option(help="Model tile side in px (default: the card's).")] = None,
+    overlap: Annotated[float, typer.Option(help="Tile overlap fraction in [0, 1).")] = 0.25,
+    batch_size: Annotated[int, typer.Option(help="Model tiles per forward pass.")] = 2,
+    actors: Annotated[int, typer.Option(help="Predictor actors.")] = 1,
+    torch_threads: Annotated[int | None, typer.Option(
+        help="torch threads per actor (default: all cores / actors).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (autocast on GPU).")] = "auto",
+    monai: Annotated[bool, typer.Option("--monai/--no-monai", help="Run the MONAI whole-scene peer.")] = True,
+    monai_max_side: Annotated[int, typer.Option(help="Skip the MONAI peer above this scene side.")] = 16384,
+    seed: Annotated[int, typer.Option(help="Synthetic scene seed.")] = 7,
+    out: Annotated[Path, typer.Option(help="Folder for scenes, job outputs and bench-*.json.")] = Path("tessera-bench"),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Benchmark the bare model vs the whole job vs MONAI on synthetic scenes; write a JSON report."""
+    from pipelines.bench import BenchConfig, parse_sizes, render_tables, run_bench
+
+    _setup_logging(verbose)
+    try:
+        config = BenchConfig(
+            sizes=parse_sizes(size or ["4096"]), model=model, chunk_size=chunk_size, halo=halo,
+            tile_size=tile_size, tile_overlap=overlap, batch_size=batch_size, actors=actors,
+            torch_threads=torch_threads, device=device, precision=precision, monai=monai,
+            monai_max_side=monai_max_side, seed=seed, out_dir=out,
+        )
+        result = run_bench(config, on_progress=lambda line: console.print(f"[dim]{line}[/]"))
+    except (TesseraError, ValueError) as exc:
+        _fail(exc)
+    for table in render_tables(result):
+        console.print(table)
+    console.print(f"[bold]results:[/] {result['json_path']} (and bench-latest.json beside it)")
+
+
 if __name__ == "__main__":
     app()

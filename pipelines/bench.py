@@ -1,0 +1,984 @@
+"""`tessera bench`: how close the whole job comes to the bare model, and to a whole-scene peer.
+
+For each synthetic scene size, one run measures:
+
+* **raw**: output px/s of the bare forward pass on tiles already on the device (same model,
+  tile, batch, precision and torch threads as the job's predictors), in a child process;
+* **end to end**: scene px / wall s of :func:`pipelines.job.run_job` (plan, read, predict,
+  blend, write, stats, merge, tables), Ray already up, peak RSS of the driver and its Ray
+  processes (and GPU memory from ``nvidia-smi`` on GPU);
+* **redundancy**: model px computed / output px, exactly from the plan (halos, tile overlap,
+  stride padding, skipped nodata chunks), so the *ideal* end-to-end/raw ratio is
+  ``1 / redundancy`` and ``efficiency = (e2e / raw) * redundancy`` is the share of the
+  model's bare speed that the pipeline delivers beyond what the plan makes it compute;
+* **breakdown**: read / predict / write / stats / merge shares of the summed stage seconds
+  (blending and cropping, the "stitch", happen inside predict);
+* **peer**: MONAI ``sliding_window_inference`` over the whole scene held in memory (same
+  model, tile, overlap, Gaussian blending, batch, device), in a child process so that its
+  peak RSS is its own, with the agreement of its labels with tessera's stored classes.
+
+The maths (:func:`redundancy_factor`, :func:`model_tile_shape`, :func:`throughput_ratios`,
+:func:`predict_model_share`, :func:`breakdown_shares`, :func:`scaling_summary`,
+:func:`monai_memory_estimate`, :func:`monai_skip_reason`, :func:`parse_sizes`) is pure; the
+rest is thin orchestration (:func:`run_bench`). Scene generation is never part of a
+measurement. See docs/benchmarks.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.tiling import plan_chunks
+from workers.tiles import plan_tiles
+
+log = logging.getLogger("tessera")
+
+#: Version of the result JSON layout.
+BENCH_FORMAT_VERSION = 1
+#: Stage timings of the `scenes` table, in the order they are reported.
+BREAKDOWN_STAGES: tuple[str, ...] = ("read", "predict", "write", "stats", "merge")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MIB = 2**20
+_ARGMAX_ROWS = 1024  # MONAI argmax in row strips: avoids a whole-scene int64 temporary
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """What to benchmark (all keyword, all with working defaults).
+
+    Attributes:
+        sizes: scene sides in px; each scene is square, sizes x sizes.
+        model: model card reference ('builtin:<name>' or a card path).
+        chunk_size: output chunk side in px.
+        halo: px of context per side (None: the card's).
+        tile_size: model tile side in px (None: the card's).
+        tile_overlap: tile overlap as a fraction of the tile side, in [0, 1).
+        batch_size: model tiles per forward pass.
+        actors: predictor actors.
+        torch_threads: torch threads per actor on CPU (None: all cores / actors, at least 1).
+        device: "auto" (cuda when available), "cpu" or "cuda".
+        precision: autocast precision on GPU: "auto", "fp32", "bf16", "fp16" (CPU runs fp32).
+        monai: run the MONAI whole-scene peer.
+        monai_max_side: skip the peer above this scene side (it holds the scene in memory).
+        seed: synthetic scene seed.
+        out_dir: folder for scenes (inputs/), job outputs (runs/) and result JSON files.
+        raw_batches: distinct input batches put on the device for the raw measurement.
+        raw_warmup: untimed passes over those batches.
+        raw_iterations: timed passes (the median pass is reported).
+        warmup_job: first run an untimed job on a one-chunk scene, so that one-time costs of a
+            fresh Ray (worker processes importing torch, rasterio, zarr) are not charged to the
+            first size; its wall time is reported as "warmup_job_s".
+    """
+
+    sizes: tuple[int, ...] = (4096,)
+    model: str = "builtin:unet-demo"
+    chunk_size: int = 1024
+    halo: int | None = None
+    tile_size: int | None = None
+    tile_overlap: float = 0.25
+    batch_size: int = 2
+    actors: int = 1
+    torch_threads: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    monai: bool = True
+    monai_max_side: int = 16384
+    seed: int = 7
+    out_dir: Path = Path("tessera-bench")
+    raw_batches: int = 2
+    raw_warmup: int = 1
+    raw_iterations: int = 5
+    warmup_job: bool = True
+
+    def __post_init__(self) -> None:
+        sizes = tuple(self.sizes)
+        if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(f"BenchConfig.sizes must be scene sides in px (ints >= 1), got {self.sizes!r}")
+        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        for name in ("chunk_size", "batch_size", "actors", "monai_max_side", "raw_batches", "raw_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BenchConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("halo", "raw_warmup", "seed"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"BenchConfig.{name} must be >= 0, got {value!r}")
+        if self.tile_size is not None and self.tile_size < 1:
+            raise ValueError(f"BenchConfig.tile_size must be >= 1 px, got {self.tile_size!r}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"BenchConfig.torch_threads must be >= 1, got {self.torch_threads!r}")
+        if not 0 <= self.tile_overlap < 1:
+            raise ValueError(f"BenchConfig.tile_overlap must be in [0, 1), got {self.tile_overlap!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"BenchConfig.device must be one of {DEVICES}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"BenchConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                for k, v in asdict(self).items()}
+
+
+# ----------------------------------------------------------------------------- pure maths
+
+
+def parse_sizes(values: Iterable[str]) -> tuple[int, ...]:
+    """Scene sides from CLI strings: repeated and/or comma separated, 'k' = 1024.
+
+    >>> parse_sizes(["4096,8k", "16k"])
+    (4096, 8192, 16384)
+
+    Raises:
+        ValueError: naming the string that is not a positive size.
+    """
+    sizes = []
+    for value in values:
+        for part in str(value).split(","):
+            text = part.strip().lower()
+            if not text:
+                continue
+            scale = 1024 if text.endswith("k") else 1
+            digits = text[:-1] if scale > 1 else text
+            if not digits.isdigit() or int(digits) * scale < 1:
+                raise ValueError(f"--size {part.strip()!r} is not a scene side in px (e.g. 4096 or 4k)")
+            sizes.append(int(digits) * scale)
+    if not sizes:
+        raise ValueError("no scene size given (e.g. --size 4096)")
+    return tuple(sizes)
+
+
+def stride_padded(shape: Sequence[int], stride: int) -> tuple[int, ...]:
+    """Each side rounded up to a multiple of the model stride (what the predictor feeds the model)."""
+    return tuple(-(-int(n) // stride) * stride for n in shape)
+
+
+def model_tile_shape(window_shape: Sequence[int], tile: int, overlap: float, *, stride: int = 1) -> tuple[int, ...]:
+    """The tile the model sees for a window: min(tile, window) per axis, padded to the stride."""
+    effective, _ = plan_tiles(tuple(window_shape), tile, overlap)
+    return stride_padded(effective, stride)
+
+
+def redundancy_factor(
+    shape: Sequence[int],
+    chunk: int,
+    halo: int,
+    tile: int,
+    overlap: float,
+    *,
+    stride: int = 1,
+    skipped: Collection[Sequence[int]] = (),
+) -> float:
+    """Model px computed per output px for a job plan.
+
+    ``redundancy = sum_w n_tiles(w) * prod(tile_w) / prod(shape)`` over the chunk windows ``w``
+    of :func:`pipelines.tiling.plan_chunks` that are not skipped, with the tiles of
+    :func:`workers.tiles.plan_tiles` (``tile_w = min(tile, window)`` per axis, rounded up to
+    the model stride as the predictor pads it). A fully convolutional model taking each whole
+    window costs ``(1 + 2h/c)^2`` (1.1289 for h=32, c=1024); 512-px tiles at 25% overlap on the
+    same 1088-px window are 3 x 3 tiles, 2.25.
+
+    Args:
+        shape: scene shape in px, (H, W) or (D, H, W).
+        chunk: output chunk side in px.
+        halo: context px per side.
+        tile: model tile side in px.
+        overlap: tile overlap fraction in [0, 1).
+        stride: model stride in px (tile sides padded up to a multiple of it).
+        skipped: chunk indices not computed (wholly nodata); they still count as output px.
+
+    Returns:
+        The redundancy factor (> 0; >= 1 unless chunks were skipped).
+    """
+    skip = {tuple(int(i) for i in index) for index in skipped}
+    per_window: dict[tuple[int, ...], int] = {}
+    model_px = 0
+    for window in plan_chunks(tuple(shape), chunk, halo):
+        if window.index in skip:
+            continue
+        ws = window.window_shape
+        if ws not in per_window:
+            effective, offsets = plan_tiles(ws, tile, overlap)
+            per_window[ws] = len(offsets) * math.prod(stride_padded(effective, stride))
+        model_px += per_window[ws]
+    return model_px / math.prod(int(n) for n in shape)
+
+
+def throughput_ratios(raw_px_s: float, e2e_px_s: float, redundancy: float) -> dict[str, float]:
+    """How the job's throughput compares with the bare model's.
+
+    Returns:
+        ratio: e2e / raw (px/s over model px/s).
+        ideal_ratio: 1 / redundancy, the ratio of a pipeline with no cost beyond the model.
+        efficiency: ratio / ideal_ratio = e2e * redundancy / raw, the share of the model's bare
+            speed the pipeline delivers on the px the plan makes it compute (1 = no overhead).
+    """
+    if raw_px_s <= 0 or e2e_px_s <= 0 or redundancy <= 0:
+        raise ValueError(
+            f"throughputs and redundancy must be > 0, got raw {raw_px_s}, e2e {e2e_px_s}, redundancy {redundancy}"
+        )
+    ratio = e2e_px_s / raw_px_s
+    return {"ratio": ratio, "ideal_ratio": 1.0 / redundancy, "efficiency": ratio * redundancy}
+
+
+def predict_model_share(*, model_px: float, raw_px_s: float, predict_s: float) -> float | None:
+    """Share of the predictors' busy seconds that the bare forward passes account for.
+
+    ``(model_px / raw_px_s) / predict_s``: the rest of `predict` is normalisation, cutting
+    tiles, softmax, blending (the stitch), crop, argmax and host/device copies. An estimate:
+    raw is measured alone, the job's predictors share the machine with reads and writes.
+    None when nothing was predicted.
+    """
+    if raw_px_s <= 0:
+        raise ValueError(f"raw_px_s must be > 0, got {raw_px_s}")
+    return None if predict_s <= 0 else (model_px / raw_px_s) / predict_s
+
+
+def breakdown_shares(seconds: Mapping[str, float]) -> dict[str, float]:
+    """Each stage's share of the summed stage seconds (same keys, same order; sums to 1).
+
+    Stage seconds are summed over chunks that ran in parallel, so they are busy seconds, not
+    wall seconds: shares say where the work goes, not how long the job took.
+
+    Raises:
+        ValueError: a negative or non-finite time (named).
+    """
+    for stage, value in seconds.items():
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"stage {stage!r} has time {value!r} s; times must be finite and >= 0")
+    total = sum(seconds.values())
+    if total == 0:
+        return {stage: 0.0 for stage in seconds}
+    return {stage: value / total for stage, value in seconds.items()}
+
+
+def scaling_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, float | None]]:
+    """Per size, time per Mpx and peak memory relative to the smallest size.
+
+    Args:
+        rows: per size, with "size", "time_per_mpx_s" and "tessera_total_peak_mib".
+
+    Returns:
+        One dict per row (same order): "time_per_mpx_vs_smallest" (1.0 = time linear in px)
+        and "memory_vs_smallest" (1.0 = memory flat).
+    """
+    if not rows:
+        return []
+    smallest = min(rows, key=lambda r: r["size"])
+    t0, m0 = smallest["time_per_mpx_s"], smallest["tessera_total_peak_mib"]
+    return [
+        {
+            "time_per_mpx_vs_smallest": r["time_per_mpx_s"] / t0 if t0 else None,
+            "memory_vs_smallest": r["tessera_total_peak_mib"] / m0 if m0 else None,
+        }
+        for r in rows
+    ]
+
+
+def monai_memory_estimate(shape: Sequence[int], *, channels: int, classes: int, input_itemsize: int) -> int:
+    """Rough peak bytes of the whole-scene peer: its input and output held at once.
+
+    max(read: raw + float32 copy, inference: float32 input + float32 K-class output + count map)
+    plus 1 GiB for the interpreter, libraries and model.
+    """
+    px = math.prod(int(n) for n in shape)
+    read = px * channels * (input_itemsize + 4)
+    infer = px * (4 * channels + 4 * classes + 4)
+    return max(read, infer) + 2**30
+
+
+def _mib(n_bytes: float | None) -> float | None:
+    return None if n_bytes is None else n_bytes / MIB
+
+
+def _safe_div(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+# ----------------------------------------------------------------------------- scenes
+
+
+def ensure_bench_scene(inputs_dir: Path, *, size: int, seed: int) -> tuple[Path, float]:
+    """The synthetic size x size scene (written once; reused when size and seed match).
+
+    Returns:
+        (path, seconds spent generating: 0.0 when reused).
+    """
+    from pipelines.synthetic import SceneSpec, write_scene
+
+    inputs_dir.mkdir(parents=True, exist_ok=True)
+    image = inputs_dir / f"bench-{size}-seed{seed}.tif"
+    stamp = image.with_suffix(".json")
+    wanted = {"size": size, "seed": seed}
+    if image.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return image, 0.0
+    t0 = time.perf_counter()
+    write_scene(SceneSpec(height=size, width=size, seed=seed), image)
+    stamp.write_text(json.dumps(wanted))
+    return image, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- GPU memory
+
+
+class GpuMemorySampler:
+    """Peak of `nvidia-smi --query-gpu=memory.used` (MiB, summed over GPUs) in a daemon thread.
+
+    GPU memory of the job lives in Ray actors, where the driver cannot ask torch; nvidia-smi
+    sees every process. `peak_mib`/`baseline_mib` are None when disabled or unavailable.
+    """
+
+    def __init__(self, *, enabled: bool, interval_s: float = 0.5):
+        self.enabled = enabled and shutil.which("nvidia-smi") is not None
+        self.interval_s = interval_s
+        self.baseline_mib: float | None = None
+        self.peak_mib: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tessera-gpu-memory", daemon=True)
+
+    @staticmethod
+    def _query() -> float | None:
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=10, check=True,
+            ).stdout
+            return float(sum(float(line) for line in out.split() if line.strip()))
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
+
+    def _sample(self) -> None:
+        used = self._query()
+        if used is not None:
+            self.peak_mib = used if self.peak_mib is None else max(self.peak_mib, used)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> GpuMemorySampler:
+        if self.enabled:
+            self.baseline_mib = self._query()
+            self._sample()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+
+    @property
+    def increase_mib(self) -> float | None:
+        """Peak minus the use before the job started (what the job added)."""
+        if self.peak_mib is None or self.baseline_mib is None:
+            return None
+        return self.peak_mib - self.baseline_mib
+
+
+# ----------------------------------------------------------------------------- child processes
+
+
+_CHILD_FUNCTIONS = ("measure_raw", "run_monai_peer")
+
+
+def _in_child(name: str, **kwargs: Any) -> dict[str, Any]:
+    """Run one of this module's measurement functions in a fresh Python process.
+
+    A fresh interpreter (not a fork of the driver, which holds Ray's threads) gives the
+    measurement its own memory peak and torch threads, and needs no `__main__` guard in the
+    caller's script. Arguments and the result travel as JSON files.
+
+    Raises:
+        RuntimeError: the child failed; the message ends with its stderr.
+    """
+    import tempfile
+
+    if name not in _CHILD_FUNCTIONS:
+        raise ValueError(f"unknown child function {name!r}; known: {_CHILD_FUNCTIONS}")
+    repo_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
+    with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmp:
+        args, out = Path(tmp) / "args.json", Path(tmp) / "result.json"
+        args.write_text(json.dumps({"name": name, "kwargs": kwargs}))
+        proc = subprocess.run(
+            [sys.executable, "-c", "import sys; from pipelines.bench import _child_main; _child_main(*sys.argv[1:])",
+             str(args), str(out)],
+            env=env, capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"benchmark child {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def _child_main(args_path: str, out_path: str) -> None:
+    """Entry point of a measurement child: read arguments, run, write the result."""
+    request = json.loads(Path(args_path).read_text())
+    if request["name"] not in _CHILD_FUNCTIONS:
+        raise ValueError(f"unknown child function {request['name']!r}")
+    result = globals()[request["name"]](**request["kwargs"])
+    Path(out_path).write_text(json.dumps(result))
+
+
+def measure_raw(
+    *, card_path: str, tile_shape: Sequence[int], batch_size: int, device: str, precision: str,
+    threads: int, batches: int, warmup: int, iterations: int, seed: int,
+) -> dict[str, Any]:
+    """Bare forward passes on random normalised tiles already on the device (run in a child).
+
+    Returns:
+        px_s (output px/s of the median pass), pass_s (all timed pass seconds), device_name,
+        gpu_peak_bytes (torch.cuda.max_memory_allocated, None on CPU), threads.
+    """
+    import contextlib
+
+    import torch
+
+    from workers.checkpoints import build_from_checkpoint, load_checkpoint
+    from workers.predictor import resolve_autocast_dtype, resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        torch.set_num_threads(threads)
+    ckpt = load_checkpoint(Path(card_path))
+    model = build_from_checkpoint(ckpt).eval().to(dev)
+    memory_format = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    dtype = resolve_autocast_dtype(precision, dev)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = [
+        torch.randn((batch_size, ckpt.card.in_channels, *tile_shape), generator=generator)
+        .to(dev).contiguous(memory_format=memory_format)
+        for _ in range(batches)
+    ]
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def one_pass() -> None:
+        autocast = torch.autocast(device_type=dev.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            for x in inputs:
+                model(x)
+        sync()
+
+    for _ in range(warmup):
+        one_pass()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    seconds = []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        one_pass()
+        seconds.append(time.perf_counter() - t0)
+    px_per_pass = batches * batch_size * math.prod(tile_shape)
+    return {
+        "px_s": px_per_pass / float(np.median(seconds)),
+        "pass_s": seconds,
+        "px_per_pass": px_per_pass,
+        "threads": torch.get_num_threads(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+    }
+
+
+def run_monai_peer(
+    *, card_path: str, scene_path: str, tile_size: int, overlap: float, batch_size: int, device: str,
+    precision: str, threads: int, zarr_path: str,
+) -> dict[str, Any]:
+    """MONAI sliding_window_inference over the whole scene in memory (run in a child).
+
+    Normalised as the predictor does ((x - mean) / std per band, nodata pixels -> 0), the model
+    wrapped to pad tiles to its stride and return softmax probabilities (what tessera blends),
+    Gaussian blending (sigma 0.125), the model and the blending on `device`. Only the inference
+    call and the argmax are timed. Peak RSS is this process's own (ru_maxrss).
+
+    Returns:
+        seconds, px_s, peak_rss_bytes, gpu_peak_bytes (None on CPU), agreement (share of pixels
+        valid in tessera's stored classes where both label the same), valid_pixels.
+    """
+    import contextlib
+    import resource
+
+    import rasterio
+    import torch
+    import torch.nn.functional as F
+    import zarr
+    from monai.inferers import sliding_window_inference
+
+    from pipelines.readers.geotiff import valid_mask
+    from schemas import store as layout
+    from workers.checkpoints import build_from_checkpoint, load_checkpoint
+    from workers.predictor import resolve_autocast_dtype, resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        torch.set_num_threads(threads)
+    ckpt = load_checkpoint(Path(card_path))
+    card = ckpt.card
+    model = build_from_checkpoint(ckpt).eval().to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    dtype = resolve_autocast_dtype(precision, dev)
+    stride = card.stride
+
+    t_read = time.perf_counter()
+    with rasterio.open(scene_path) as ds:
+        # The peer's whole point: the whole scene in one array (tessera never does this).
+        pixels = ds.read()
+        nodata = ds.nodata
+    valid = valid_mask(pixels, nodata)
+    x = np.empty(pixels.shape, np.float32)
+    for b, band in enumerate(card.bands):
+        np.subtract(pixels[b], np.float32(band.mean), out=x[b], dtype=np.float32)
+        x[b] *= np.float32(1.0 / band.std)
+        x[b] *= valid
+    del pixels
+    inputs = torch.from_numpy(x).unsqueeze(0)
+    read_s = time.perf_counter() - t_read
+
+    def predictor(tiles: torch.Tensor) -> torch.Tensor:
+        h, w = tiles.shape[-2:]
+        ph, pw = (-h) % stride, (-w) % stride
+        if ph or pw:
+            tiles = F.pad(tiles, (0, pw, 0, ph), mode="replicate")
+        if dev.type == "cuda":
+            tiles = tiles.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(device_type=dev.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with autocast:
+            logits = model(tiles)
+        return torch.softmax(logits[..., :h, :w].float(), dim=1)
+
+    height, width = inputs.shape[-2:]
+    labels = np.empty((height, width), np.uint8)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        probs = sliding_window_inference(
+            inputs, roi_size=(tile_size, tile_size), sw_batch_size=batch_size, predictor=predictor,
+            overlap=overlap, mode="gaussian", sigma_scale=0.125, sw_device=dev, device=dev,
+        )
+        del inputs
+        for r in range(0, height, _ARGMAX_ROWS):
+            strip = torch.argmax(probs[0, :, r : r + _ARGMAX_ROWS], dim=0)
+            labels[r : r + _ARGMAX_ROWS] = strip.to(torch.uint8).cpu().numpy()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
+    gpu_peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    del probs, x
+
+    stored = zarr.open_array(zarr_path, path=layout.CLASSES, mode="r")
+    ch, cw = stored.chunks
+    same = n_valid = 0
+    for r in range(0, height, ch):
+        for c in range(0, width, cw):
+            ours = stored[r : r + ch, c : c + cw]
+            mask = ours != layout.NODATA_CLASS
+            n_valid += int(mask.sum())
+            same += int((ours[mask] == labels[r : r + ch, c : c + cw][mask]).sum())
+    return {
+        "seconds": seconds,
+        "read_s": read_s,
+        "px_s": height * width / seconds,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
+        "gpu_peak_bytes": gpu_peak,
+        "agreement": same / n_valid if n_valid else None,
+        "valid_pixels": n_valid,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def monai_skip_reason(
+    side: int, *, enabled: bool, max_side: int, estimate_bytes: int, available_bytes: int
+) -> str | None:
+    """Why the whole-scene peer is not run for a scene side, or None to run it."""
+    if not enabled:
+        return "disabled (--no-monai)"
+    if side > max_side:
+        return (f"scene side {side} > monai_max_side {max_side}: the whole-scene peer would hold "
+                f"~{estimate_bytes / 2**30:.1f} GiB")
+    if estimate_bytes > 0.9 * available_bytes:
+        return (f"the whole-scene peer would hold ~{estimate_bytes / 2**30:.1f} GiB, "
+                f"only {available_bytes / 2**30:.1f} GiB available")
+    return None
+
+
+def machine_facts(device: str) -> dict[str, Any]:
+    """Versions and sizes of this machine (no CUDA context is created here)."""
+    import psutil
+    import ray
+    import torch
+
+    try:
+        import monai
+
+        monai_version = monai.__version__
+    except ImportError:
+        monai_version = None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu": _cpu_name(),
+        "memory_gib": psutil.virtual_memory().total / 2**30,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "monai": monai_version,
+        "device": device,
+    }
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """The config with the card's defaults and this machine's device and threads filled in."""
+
+    config: BenchConfig
+    out_dir: Path
+    card_path: Path
+    card: Any  # schemas.model_card.ModelCard
+    device: str  # "cpu" or "cuda"
+    halo: int
+    tile: int
+    threads_per_actor: int
+    model_threads: int  # the bare model and the peer get the threads all predictors share
+    gpus_per_actor: float
+
+    @classmethod
+    def from_config(cls, config: BenchConfig) -> _Resolved:
+        from workers.checkpoints import load_checkpoint, resolve_card_path
+        from workers.predictor import resolve_device
+
+        card_path = resolve_card_path(config.model, base_dir=Path.cwd()).resolve()
+        card = load_checkpoint(card_path).card
+        device = resolve_device(config.device).type
+        cpus = os.cpu_count() or 1
+        threads = config.torch_threads or max(1, cpus // config.actors)
+        gpus_per_actor = 0.0
+        if device == "cuda":
+            import torch
+
+            gpus_per_actor = min(1.0, max(torch.cuda.device_count(), 1) / config.actors)
+        return cls(
+            config=config, out_dir=config.out_dir.expanduser().resolve(), card_path=card_path, card=card,
+            device=device, halo=config.halo if config.halo is not None else card.halo,
+            tile=config.tile_size or card.tile_size, threads_per_actor=threads,
+            model_threads=min(cpus, threads * config.actors), gpus_per_actor=gpus_per_actor,
+        )
+
+    def job_spec(self, scene: Path, root: Path) -> Any:
+        """The JobSpec of one benchmark job (same model, tiling and resources for every size)."""
+        from schemas.job import JobSpec
+
+        c = self.config
+        return JobSpec.model_validate({
+            "name": "tessera-bench",
+            "inputs": [str(scene)],
+            "model": {"card": str(self.card_path)},
+            "tiling": {"chunk_size": c.chunk_size, "halo": self.halo, "tile_size": self.tile,
+                       "tile_overlap": c.tile_overlap, "blend": "gaussian"},
+            "resources": {"actors": c.actors, "num_gpus_per_actor": self.gpus_per_actor,
+                          "batch_size": c.batch_size, "torch_threads": self.threads_per_actor},
+            "inference": {"precision": c.precision},
+            "output": {"root": str(root), "overwrite": True},
+        })
+
+    def header(self) -> dict[str, Any]:
+        card = self.card
+        return {
+            "format": BENCH_FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": self.config.to_json(),
+            "resolved": {"card_path": str(self.card_path), "halo": self.halo, "tile_size": self.tile,
+                         "torch_threads_per_actor": self.threads_per_actor, "model_threads": self.model_threads,
+                         "num_gpus_per_actor": self.gpus_per_actor, "device": self.device},
+            "model": {"name": card.name, "architecture": card.architecture, "in_channels": card.in_channels,
+                      "num_classes": card.num_classes, "stride": card.stride, "tile_size": card.tile_size,
+                      "halo": card.halo, "weights_sha256": card.weights_sha256},
+            "machine": machine_facts(self.device),
+            "notes": [
+                "stitch (Gaussian blending and crop to the chunk core) runs inside predict",
+                "stage seconds are summed over chunks that ran in parallel: shares, not wall time",
+                "tessera_total_peak_mib counts shared pages (Ray's object store) once per process: an upper bound",
+            ],
+        }
+
+
+def _read_skipped(root: Path, scene: str) -> list[tuple[int, ...]]:
+    """Chunk indices the job skipped as wholly nodata, from its `chunks` table."""
+    import pyarrow.parquet as pq
+
+    from pipelines.writers.tables import table_path
+    from schemas.tables import CHUNK_SKIPPED_NODATA
+
+    rows = pq.read_table(table_path(root, "chunks", scene), columns=["chunk_index", "status"]).to_pylist()
+    return [tuple(r["chunk_index"]) for r in rows if r["status"] == CHUNK_SKIPPED_NODATA]
+
+
+def _warm_ray() -> None:
+    """Ray up and able to run a task before any timing (a job on a fresh Ray pays worker start)."""
+    import ray
+
+    from pipelines.job import ensure_ray
+
+    ensure_ray()
+    ray.get(ray.remote(num_cpus=0)(lambda: None).remote())
+
+
+def _run_job(spec: Any, base_dir: Path) -> Any:
+    """Run a one-scene job and return the scene's outcome (a pipelines.job.SceneOutcome).
+
+    Raises:
+        RuntimeError: the scene failed (its error quoted).
+    """
+    from pipelines.job import run_job
+    from schemas.tables import STATUS_COMPLETE
+
+    outcome = run_job(spec, base_dir=base_dir).scenes[0]
+    if outcome.status != STATUS_COMPLETE or outcome.row is None:
+        raise RuntimeError(f"benchmark job failed on {outcome.source}: {outcome.error}")
+    return outcome
+
+
+def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict[str, Any]],
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """Measure one scene size: the job (timed, memory sampled), raw (once per tile shape), the peer."""
+    import psutil
+
+    from pipelines.monitor import MemorySampler
+
+    c, card = r.config, r.card
+    scene, generate_s = ensure_bench_scene(r.out_dir / "inputs", size=size, seed=c.seed)
+    if generate_s:
+        say(f"{size}^2: generated {scene.name} in {generate_s:.1f} s (not timed)")
+    root = r.out_dir / "runs" / str(size)
+    shutil.rmtree(root, ignore_errors=True)  # earlier outputs: the job must really run
+    spec = r.job_spec(scene, root)
+    say(f"{size}^2: end-to-end job ({c.actors} actor(s), {r.device}, chunk {c.chunk_size}, halo {r.halo}, "
+        f"tile {r.tile}, overlap {c.tile_overlap}, batch {c.batch_size})")
+    with MemorySampler() as memory, GpuMemorySampler(enabled=r.device == "cuda") as gpu:
+        t0 = time.perf_counter()
+        outcome = _run_job(spec, r.out_dir)
+        wall_s = time.perf_counter() - t0
+
+    shape = (size, size)
+    skipped = _read_skipped(root, outcome.name)
+    redundancy = redundancy_factor(shape, c.chunk_size, r.halo, r.tile, c.tile_overlap,
+                                   stride=card.stride, skipped=skipped)
+    window_shape = plan_chunks(shape, c.chunk_size, r.halo)[0].window_shape
+    tile_shape = model_tile_shape(window_shape, r.tile, c.tile_overlap, stride=card.stride)
+    if tile_shape not in raw_by_tile:
+        say(f"{size}^2: bare model on {c.raw_batches} x {c.batch_size} tiles of {tile_shape}"
+            + (f" ({r.model_threads} torch threads)" if r.device == "cpu" else ""))
+        raw_by_tile[tile_shape] = _in_child(
+            "measure_raw", card_path=str(r.card_path), tile_shape=tile_shape, batch_size=c.batch_size,
+            device=r.device, precision=c.precision, threads=r.model_threads, batches=c.raw_batches,
+            warmup=c.raw_warmup, iterations=c.raw_iterations, seed=c.seed,
+        )
+    raw = raw_by_tile[tile_shape]
+
+    estimate = monai_memory_estimate(shape, channels=card.in_channels, classes=card.num_classes, input_itemsize=2)
+    monai_skipped = monai_skip_reason(size, enabled=c.monai, max_side=c.monai_max_side, estimate_bytes=estimate,
+                                      available_bytes=psutil.virtual_memory().available)
+    peer: dict[str, Any] = {}
+    if monai_skipped:
+        say(f"{size}^2: MONAI peer skipped: {monai_skipped}")
+    else:
+        say(f"{size}^2: MONAI sliding_window_inference over the whole scene (separate process)")
+        peer = _in_child(
+            "run_monai_peer", card_path=str(r.card_path), scene_path=str(scene), tile_size=r.tile,
+            overlap=c.tile_overlap, batch_size=c.batch_size, device=r.device, precision=c.precision,
+            threads=r.model_threads, zarr_path=str(outcome.context.zarr_path),
+        )
+
+    seconds = {stage: float(outcome.row[f"{stage}_s"]) for stage in BREAKDOWN_STAGES}
+    e2e_px_s = size * size / wall_s
+    peaks = memory.peaks
+    tessera_total, monai_rss = _mib(peaks.total_rss), _mib(peer.get("peak_rss_bytes"))
+    row = {
+        "size": size,
+        "scene_px": size * size,
+        "scene": str(scene),
+        "n_chunks": outcome.n_chunks,
+        "n_chunks_skipped": len(skipped),
+        "window_shape": list(window_shape),
+        "tile_shape": list(tile_shape),
+        "redundancy": redundancy,
+        "raw_px_s": raw["px_s"],
+        "e2e_px_s": e2e_px_s,
+        **throughput_ratios(raw["px_s"], e2e_px_s, redundancy),
+        "wall_s": wall_s,
+        "time_per_mpx_s": wall_s / (size * size / 1e6),
+        "predictor_busy": seconds["predict"] / (wall_s * c.actors),
+        "predict_model_share": predict_model_share(model_px=redundancy * size * size, raw_px_s=raw["px_s"],
+                                                   predict_s=seconds["predict"]),
+        "breakdown": breakdown_shares(seconds),
+        "breakdown_s": seconds,
+        "tessera_driver_peak_mib": _mib(peaks.driver_rss),
+        "tessera_worker_peak_mib": _mib(peaks.max_child_rss) if peaks.max_child_rss else None,
+        "tessera_total_peak_mib": tessera_total,
+        "tessera_gpu_peak_mib": gpu.increase_mib,
+        "raw_gpu_peak_mib": _mib(raw["gpu_peak_bytes"]),
+        "monai_px_s": peer.get("px_s"),
+        "monai_s": peer.get("seconds"),
+        "monai_read_s": peer.get("read_s"),
+        "monai_peak_rss_mib": monai_rss,
+        "monai_gpu_peak_mib": _mib(peer.get("gpu_peak_bytes")),
+        "monai_agreement": peer.get("agreement"),
+        "monai_estimate_mib": _mib(estimate),
+        "monai_skipped": monai_skipped,
+        "tessera_vs_monai": _safe_div(e2e_px_s, peer.get("px_s")),
+        "memory_vs_monai": _safe_div(tessera_total, monai_rss),
+    }
+    say(f"{size}^2: e2e {e2e_px_s / 1e6:.3f} Mpx/s, raw {raw['px_s'] / 1e6:.3f} Mpx/s, "
+        f"redundancy {redundancy:.3f}, wall {wall_s:.1f} s")
+    return row
+
+
+def run_bench(config: BenchConfig, *, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark for every size; write out_dir/bench-<UTC time>.json and bench-latest.json.
+
+    Uses the connected Ray, or starts a local one (memory figures of Ray workers need a local
+    Ray started by this process: they are sampled as its descendants).
+
+    Args:
+        config: what to measure.
+        on_progress: called with a short line before each step (for a CLI); default: log INFO.
+
+    Returns:
+        The result dict written to the JSON file (its path under "json_path"): "config",
+        "resolved", "model", "machine", "raw" (per tile shape), "sizes" (one row per size).
+
+    Raises:
+        ModelCardError: the model card cannot be loaded.
+        RuntimeError: a job or a measurement child failed (its error quoted).
+    """
+    say = on_progress or (lambda line: log.info("%s", line))
+    r = _Resolved.from_config(config)
+    r.out_dir.mkdir(parents=True, exist_ok=True)
+    result = r.header()
+    say("Ray: starting / connecting (not timed)")
+    _warm_ray()
+    if config.warmup_job:
+        side = min(config.chunk_size, min(config.sizes))
+        scene, _ = ensure_bench_scene(r.out_dir / "inputs", size=side, seed=config.seed)
+        say(f"warm-up job on a {side}^2 scene (not timed into any size)")
+        root = r.out_dir / "runs" / "warmup"
+        shutil.rmtree(root, ignore_errors=True)
+        t0 = time.perf_counter()
+        _run_job(r.job_spec(scene, root), r.out_dir)
+        result["warmup_job_s"] = time.perf_counter() - t0
+    raw_by_tile: dict[tuple[int, ...], dict[str, Any]] = {}
+    rows = [_bench_size(r, size, raw_by_tile, say) for size in config.sizes]
+    for row, scaling in zip(rows, scaling_summary(rows)):
+        row.update(scaling)
+    result["machine"]["device_name"] = next(iter(raw_by_tile.values()))["device_name"]
+    result["raw"] = [{"tile_shape": list(shape), **{k: v for k, v in raw.items() if k != "device_name"}}
+                     for shape, raw in raw_by_tile.items()]
+    result["sizes"] = rows
+    result["json_path"] = str(write_results(result, r.out_dir))
+    return result
+
+
+def write_results(result: Mapping[str, Any], out_dir: Path) -> Path:
+    """Write out_dir/bench-<UTC time>.json and a copy as bench-latest.json; return the former."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = out_dir / f"bench-{stamp}.json"
+    text = json.dumps({**result, "json_path": str(path)}, indent=2, default=str)
+    path.write_text(text)
+    (out_dir / "bench-latest.json").write_text(text)
+    return path
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, spec: str = ".3f", scale: float = 1.0, suffix: str = "") -> str:
+    return "-" if value is None else f"{value / scale:{spec}}{suffix}"
+
+
+def render_tables(result: Mapping[str, Any]) -> list[Any]:
+    """Rich tables of a result: throughput, memory, the MONAI peer, and the stage breakdown."""
+    from rich.table import Table
+
+    def table(title: str, *columns: str) -> Table:
+        t = Table(title=title, title_justify="left")
+        for col in columns:
+            t.add_column(col, justify="right")
+        return t
+
+    rows = result["sizes"]
+    resolved = result["resolved"]
+    speed = table(
+        f"throughput: {result['model']['name']} on {resolved['device']} "
+        f"({result['machine'].get('device_name', '')}), tile {resolved['tile_size']}, halo {resolved['halo']}",
+        "size", "wall s", "e2e Mpx/s", "raw Mpx/s", "e2e/raw", "ideal", "effic.", "redund.", "s/Mpx", "x smallest",
+    )
+    memory = table("peak memory, MiB", "size", "driver", "largest worker", "all processes", "x smallest", "GPU")
+    peer = table("MONAI sliding_window_inference, whole scene in memory",
+                 "size", "Mpx/s", "tessera / MONAI", "RSS MiB", "GPU MiB", "memory tessera / MONAI", "agreement")
+    stages = table("where the job's busy seconds go (stitch runs inside predict)",
+                   "size", *BREAKDOWN_STAGES, "predictor busy", "model share of predict")
+    skipped: list[str] = []
+    for r in rows:
+        size = f"{r['size']}²"
+        speed.add_row(
+            size, _fmt(r["wall_s"], ".1f"), _fmt(r["e2e_px_s"], ".3f", 1e6), _fmt(r["raw_px_s"], ".3f", 1e6),
+            _fmt(r["ratio"], ".3g"), _fmt(r["ideal_ratio"]), _fmt(r["efficiency"], ".3g"), _fmt(r["redundancy"]),
+            _fmt(r["time_per_mpx_s"], ".2f"), _fmt(r["time_per_mpx_vs_smallest"], ".2f"),
+        )
+        memory.add_row(
+            size, _fmt(r["tessera_driver_peak_mib"], ".0f"), _fmt(r["tessera_worker_peak_mib"], ".0f"),
+            _fmt(r["tessera_total_peak_mib"], ".0f"), _fmt(r["memory_vs_smallest"], ".2f"),
+            _fmt(r["tessera_gpu_peak_mib"], ".0f"),
+        )
+        if r["monai_skipped"] is None:
+            peer.add_row(
+                size, _fmt(r["monai_px_s"], ".3f", 1e6), _fmt(r["tessera_vs_monai"], ".2f"),
+                _fmt(r["monai_peak_rss_mib"], ".0f"), _fmt(r["monai_gpu_peak_mib"], ".0f"),
+                _fmt(r["memory_vs_monai"], ".2f"), _fmt(r["monai_agreement"], ".4f"),
+            )
+        else:
+            peer.add_row(size, "skipped", *(["-"] * 5))
+            skipped.append(f"{size}: {r['monai_skipped']}")
+        stages.add_row(size, *(_fmt(r["breakdown"][s], ".1%") for s in BREAKDOWN_STAGES),
+                       _fmt(r["predictor_busy"], ".1%"), _fmt(r["predict_model_share"], ".1%"))
+    if skipped:
+        peer.caption = "\n".join(skipped)
+        peer.caption_justify = "left"
+    return [speed, memory, peer, stages]

@@ -1,0 +1,187 @@
+"""`tessera bench`: the maths by hand, and one fast smoke run through real Ray and MONAI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pipelines.bench import (
+    BenchConfig,
+    breakdown_shares,
+    model_tile_shape,
+    monai_memory_estimate,
+    monai_skip_reason,
+    parse_sizes,
+    predict_model_share,
+    redundancy_factor,
+    render_tables,
+    run_bench,
+    scaling_summary,
+    stride_padded,
+    throughput_ratios,
+)
+from workers.checkpoints import BUILTIN_DIR
+
+# ----------------------------------------------------------------------------- redundancy
+
+
+def test_redundancy_whole_window_in_one_tile_is_the_halo_cost():
+    # chunk 1024, halo 32, tile >= window: each 1088^2 window is one tile -> (1 + 2*32/1024)^2
+    r = redundancy_factor((4096, 4096), 1024, 32, 2048, 0.25)
+    assert r == (1 + 2 * 32 / 1024) ** 2 == 1.12890625
+
+
+def test_redundancy_512_tiles_at_quarter_overlap():
+    # 1088 window, 512 tiles, step 384: 3 per axis -> 9 * 512^2 / 1024^2
+    assert redundancy_factor((2048, 2048), 1024, 32, 512, 0.25) == 9 * 512**2 / 1024**2 == 2.25
+
+
+def test_redundancy_no_halo_no_overlap_tiles_dividing_the_chunk_is_one():
+    assert redundancy_factor((512, 512), 128, 0, 64, 0.0) == 1.0
+
+
+def test_redundancy_counts_edge_windows_and_stride_padding():
+    # 100 x 100 scene, chunk 64, halo 4: cores 64 and 36 per axis -> windows 72 and 44 per axis.
+    # Tile 80 covers every window in one tile: (72 + 44)^2 model px. Stride 16 pads 72 -> 80, 44 -> 48.
+    assert redundancy_factor((100, 100), 64, 4, 80, 0.25) == (72 + 44) ** 2 / 100**2
+    assert redundancy_factor((100, 100), 64, 4, 80, 0.25, stride=16) == (80 + 48) ** 2 / 100**2
+
+
+def test_redundancy_skipped_chunks_compute_nothing_but_still_count_as_output():
+    full = redundancy_factor((256, 256), 128, 16, 64, 0.25)
+    assert full == 2.25
+    assert redundancy_factor((256, 256), 128, 16, 64, 0.25, skipped=[(0, 0), [1, 1]]) == full / 2
+
+
+def test_redundancy_is_n_dimensional():
+    # 3D: chunk 32, halo 4 -> window 40^3 in one tile
+    assert redundancy_factor((64, 64, 64), 32, 4, 64, 0.5) == pytest.approx((40 / 32) ** 3)
+
+
+def test_model_tile_shape_and_stride_padding():
+    assert model_tile_shape((1088, 1088), 512, 0.25) == (512, 512)
+    assert model_tile_shape((1088, 1088), 4096, 0.25) == (1088, 1088)
+    assert model_tile_shape((72, 72), 80, 0.25, stride=16) == (80, 80)
+    assert stride_padded((1, 16, 17), 16) == (16, 16, 32)
+
+
+# ----------------------------------------------------------------------------- ratios and shares
+
+
+def test_throughput_ratios():
+    got = throughput_ratios(raw_px_s=4e6, e2e_px_s=1e6, redundancy=2.0)
+    assert got == {"ratio": 0.25, "ideal_ratio": 0.5, "efficiency": 0.5}
+    # a pipeline with no overhead reaches the ideal ratio: efficiency 1
+    assert throughput_ratios(3e6, 3e6 / 1.12890625, 1.12890625)["efficiency"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        throughput_ratios(0.0, 1.0, 1.0)
+
+
+def test_predict_model_share():
+    # 2.25 x 1 Mpx of model work at 4.5 Mpx/s is 0.5 s of forward passes in 2 s of predict
+    assert predict_model_share(model_px=2.25e6, raw_px_s=4.5e6, predict_s=2.0) == 0.25
+    assert predict_model_share(model_px=1e6, raw_px_s=1e6, predict_s=0.0) is None
+
+
+def test_breakdown_shares():
+    shares = breakdown_shares({"read": 1.0, "predict": 6.0, "write": 2.0, "stats": 0.5, "merge": 0.5})
+    assert shares == {"read": 0.1, "predict": 0.6, "write": 0.2, "stats": 0.05, "merge": 0.05}
+    assert list(shares) == ["read", "predict", "write", "stats", "merge"]
+    assert math.isclose(sum(shares.values()), 1.0)
+    assert breakdown_shares({"read": 0.0, "predict": 0.0}) == {"read": 0.0, "predict": 0.0}
+    with pytest.raises(ValueError, match="'write'"):
+        breakdown_shares({"read": 1.0, "write": -1.0})
+
+
+def test_scaling_summary_relative_to_the_smallest_size():
+    rows = [
+        {"size": 8192, "time_per_mpx_s": 2.2, "tessera_total_peak_mib": 1100.0},
+        {"size": 4096, "time_per_mpx_s": 2.0, "tessera_total_peak_mib": 1000.0},
+    ]
+    got = scaling_summary(rows)
+    assert got[0] == {"time_per_mpx_vs_smallest": pytest.approx(1.1), "memory_vs_smallest": pytest.approx(1.1)}
+    assert got[1] == {"time_per_mpx_vs_smallest": 1.0, "memory_vs_smallest": 1.0}
+    assert scaling_summary([]) == []
+
+
+def test_monai_memory_estimate_grows_with_the_scene():
+    small = monai_memory_estimate((4096, 4096), channels=4, classes=5, input_itemsize=2)
+    big = monai_memory_estimate((16384, 16384), channels=4, classes=5, input_itemsize=2)
+    # 16k^2 * (4*4 + 5*4 + 4) bytes = 10 GiB (+ 1 GiB fixed)
+    assert big == 16384**2 * 40 + 2**30
+    assert big - 2**30 == 16 * (small - 2**30)
+
+
+def test_monai_skip_reason():
+    ok = dict(enabled=True, max_side=16384, estimate_bytes=2**30, available_bytes=8 * 2**30)
+    assert monai_skip_reason(4096, **ok) is None
+    assert "disabled" in monai_skip_reason(4096, **(ok | {"enabled": False}))
+    assert "32768 > monai_max_side 16384" in monai_skip_reason(32768, **ok)
+    assert "only 1.0 GiB available" in monai_skip_reason(4096, **(ok | {"available_bytes": 2**30}))
+
+
+def test_parse_sizes():
+    assert parse_sizes(["4096", "8192,16k"]) == (4096, 8192, 16384)
+    assert parse_sizes(["32K"]) == (32768,)
+    with pytest.raises(ValueError, match="'4x'"):
+        parse_sizes(["4x"])
+    with pytest.raises(ValueError, match="no scene size"):
+        parse_sizes([" , "])
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="sizes"):
+        BenchConfig(sizes=())
+    with pytest.raises(ValueError, match="tile_overlap"):
+        BenchConfig(tile_overlap=1.0)
+    with pytest.raises(ValueError, match="device"):
+        BenchConfig(device="tpu")
+    assert BenchConfig(sizes=[256]).sizes == (256,)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- smoke run
+
+
+def _card(kind: str, tmp_path: Path) -> str:
+    if kind == "oracle":
+        from tests.helpers import oracle_checkpoint
+
+        # mean/std near the synthetic scene's reflectances, so the oracle finds several classes
+        return str(oracle_checkpoint(tmp_path / "models", mean=1500.0, std=800.0, tile_size=64, halo=16))
+    if not (BUILTIN_DIR / "unet-demo.json").is_file():
+        pytest.skip("bundled weights workers/weights/unet-demo.json not present yet")
+    return "builtin:unet-demo"
+
+
+@pytest.mark.parametrize("card", ["oracle", "bundled"])
+def test_bench_smoke_run(card, tmp_path, ray_local):
+    config = BenchConfig(
+        sizes=(256,), model=_card(card, tmp_path), chunk_size=128, halo=16, tile_size=64, batch_size=2,
+        torch_threads=1, monai=True, out_dir=tmp_path / "bench", raw_batches=2, raw_warmup=1, raw_iterations=3,
+    )
+    result = run_bench(config)
+
+    path = Path(result["json_path"])
+    assert path.is_file() and (tmp_path / "bench" / "bench-latest.json").is_file()
+    on_disk = json.loads(path.read_text())
+    assert on_disk["sizes"] == json.loads(json.dumps(result["sizes"]))
+    (row,) = on_disk["sizes"]
+    assert row["size"] == 256 and row["scene_px"] == 256**2
+    assert row["raw_px_s"] > 0 and row["e2e_px_s"] > 0 and row["monai_px_s"] > 0
+    assert row["redundancy"] > 1
+    assert 0 < row["ratio"]
+    assert row["ideal_ratio"] == pytest.approx(1 / row["redundancy"])
+    assert row["monai_skipped"] is None
+    assert row["monai_agreement"] > 0.9
+    assert row["tessera_total_peak_mib"] > 0 and row["monai_peak_rss_mib"] > 0
+    assert math.isclose(sum(row["breakdown"].values()), 1.0)
+    assert row["breakdown"]["predict"] > 0
+    assert row["predict_model_share"] > 0 and 0 < row["predictor_busy"] < 1
+    assert on_disk["machine"]["cpu_count"] >= 1 and on_disk["machine"]["torch"]
+    if card == "oracle":
+        # pointwise oracle, one-hot probabilities: tiling and blending cannot change a label
+        assert row["monai_agreement"] == 1.0
+    assert len(render_tables(result)) == 4
