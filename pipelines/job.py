@@ -46,6 +46,7 @@ from schemas.model_card import ModelCard
 from schemas.tables import CHUNK_SKIPPED_NODATA, CHUNK_WRITTEN, STATUS_COMPLETE, STATUS_FAILED
 from workers.checkpoints import Checkpoint, file_sha256, load_checkpoint, resolve_card_path
 from workers.predictor import PredictorOptions
+from workers.registry import model_kind
 
 log = logging.getLogger("tessera")
 
@@ -149,6 +150,11 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
     card_path = resolve_card_path(spec.model.card, base_dir=base_dir)
     checkpoint = load_checkpoint(card_path)
     card = checkpoint.card
+    if model_kind(card.architecture) != "semantic":
+        raise ModelCardError(
+            f"{card_path}: {card.architecture!r} is an instance model; this pipeline runs semantic "
+            "segmentation models only (instance stitching is not built yet)"
+        )
     if spec.model.architecture is not None and spec.model.architecture != card.architecture:
         raise ModelCardError(
             f"{card_path}: job asks for architecture {spec.model.architecture!r} "
