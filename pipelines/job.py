@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ class ResolvedJob:
     chunk_size: int
     halo: int
     predictor_options: PredictorOptions
+    num_gpus_per_actor: float = 0.0
 
     @property
     def card(self) -> ModelCard:
@@ -90,6 +91,8 @@ class ResolvedJob:
             "tile_overlap": o.tile_overlap,
             "blend": o.blend,
             "precision": o.precision,
+            # GPU autocast changes output bytes: CPU and GPU results never share a fingerprint.
+            "device_type": "cuda" if o.device.startswith("cuda") else "cpu",
         }
 
 
@@ -178,7 +181,7 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
     tiling = spec.tiling
     tile_size = tiling.tile_size if tiling.tile_size is not None else card.tile_size
     options = PredictorOptions(
-        device="cuda" if spec.resources.num_gpus_per_actor > 0 else "cpu",
+        device="cuda" if (spec.resources.num_gpus_per_actor or 0) > 0 else "cpu",
         precision=spec.inference.precision,
         batch_size=spec.resources.batch_size,
         tile_size=tile_size,
@@ -199,7 +202,16 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
         chunk_size=tiling.chunk_size,
         halo=tiling.halo if tiling.halo is not None else card.halo,
         predictor_options=options,
+        num_gpus_per_actor=spec.resources.num_gpus_per_actor or 0.0,
     )
+
+
+def place_on_cluster(job: ResolvedJob, cluster_gpus: float) -> ResolvedJob:
+    """Fill the GPU default from the cluster: 1 GPU per actor when it has GPUs, else CPU."""
+    if job.spec.resources.num_gpus_per_actor is not None or cluster_gpus <= 0:
+        return job
+    return replace(job, num_gpus_per_actor=1.0,
+                   predictor_options=replace(job.predictor_options, device="cuda"))
 
 
 def expand_inputs(patterns: tuple[str, ...], *, base_dir: Path) -> tuple[list[str], list[str]]:
@@ -458,7 +470,8 @@ def _open_and_hash(path: str) -> tuple[SceneInfo | None, str | None, str | None]
 def _finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_start: float) -> None:
     """Merge partial stats, write the scene's tables, and mark its store complete."""
     ctx = outcome.context
-    assert ctx is not None  # only scenes with a context reach here
+    if ctx is None:
+        raise OutputError(f"scene {outcome.name}: cannot finish a scene that was never prepared")
     t0 = time.perf_counter()
     work_dir = Path(ctx.work_dir)
     windows = plan_chunks(ctx.info.shape, job.chunk_size, job.halo)
@@ -551,9 +564,10 @@ def run_job(
         name = scene_name(pattern)
         outcomes.append(SceneOutcome(name=name, source=pattern, status=STATUS_FAILED,
                                      error=f"{pattern}: no such file (or the pattern matched nothing)"))
-    _save_resolved_spec(job)
 
     ensure_ray(ray_address)
+    job = place_on_cluster(job, ray.cluster_resources().get("GPU", 0.0))
+    _save_resolved_spec(job)
     open_task = ray.remote(num_cpus=0.5)(_open_and_hash)
     pending = [o for o in outcomes if o.status != STATUS_FAILED]
     opened = ray.get([open_task.remote(o.source) for o in pending])
@@ -620,7 +634,7 @@ def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, Scen
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=res.actors),
             num_cpus=res.cpus_per_actor,
-            num_gpus=res.num_gpus_per_actor,
+            num_gpus=job.num_gpus_per_actor,
         )
         .map(write_stage, fn_kwargs=scenes_ref, num_cpus=0.5)
     )

@@ -90,8 +90,9 @@ class ResourcesSpec(_Frozen):
     """Ray resources of the predictor actors."""
 
     actors: int = Field(default=1, ge=1, le=1024, description="Number of predictor actors.")
-    num_gpus_per_actor: float = Field(
-        default=0.0, ge=0.0, le=8.0, description="GPUs per actor (0 = run on CPU)."
+    num_gpus_per_actor: float | None = Field(
+        default=None, ge=0.0, le=8.0,
+        description="GPUs per actor; 0 runs on CPU. Default: 1 when the Ray cluster has GPUs, else 0.",
     )
     cpus_per_actor: float = Field(default=1.0, gt=0.0, le=256.0, description="CPUs reserved per actor.")
     batch_size: int = Field(default=2, ge=1, le=1024, description="Model tiles per forward pass.")

@@ -17,7 +17,7 @@ def test_minimal_spec_gets_working_defaults():
     spec = parse_job_spec("inputs: [a.tif]\noutput: {root: out}\n", source="job.yaml")
     assert spec.model.card == "builtin:unet-demo"
     assert spec.tiling.chunk_size == 1024 and spec.tiling.halo is None and spec.tiling.blend == "gaussian"
-    assert spec.resources.actors == 1 and spec.resources.num_gpus_per_actor == 0
+    assert spec.resources.actors == 1 and spec.resources.num_gpus_per_actor is None  # auto
 
 
 @pytest.mark.parametrize(
@@ -114,3 +114,21 @@ def test_documented_example_spec_is_valid():
 
     spec = load_job_spec(Path(__file__).resolve().parents[1] / "docs" / "jobspec.example.yaml")
     assert spec.tiling.chunk_size == 1024 and spec.output.root == "out/landcover-2026"
+
+
+def test_gpu_default_follows_the_cluster(tmp_path):
+    from pipelines.job import place_on_cluster, resolve_job
+    from tests.helpers import oracle_checkpoint
+
+    card = oracle_checkpoint(tmp_path)
+    auto = resolve_job(JobSpec.model_validate({"inputs": ["a.tif"], "model": {"card": str(card)},
+                                               "output": {"root": "o"}}), base_dir=tmp_path)
+    assert auto.predictor_options.device == "cpu" and auto.num_gpus_per_actor == 0
+    on_gpus = place_on_cluster(auto, cluster_gpus=4)
+    assert on_gpus.predictor_options.device == "cuda" and on_gpus.num_gpus_per_actor == 1
+    assert on_gpus.parameters()["device_type"] == "cuda" != auto.parameters()["device_type"]
+    assert place_on_cluster(auto, cluster_gpus=0) is auto
+    pinned = resolve_job(JobSpec.model_validate({"inputs": ["a.tif"], "model": {"card": str(card)},
+                                                 "resources": {"num_gpus_per_actor": 0},
+                                                 "output": {"root": "o"}}), base_dir=tmp_path)
+    assert place_on_cluster(pinned, cluster_gpus=4).predictor_options.device == "cpu"
