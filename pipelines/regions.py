@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import operator
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from schemas.checks import as_int
 from scipy import sparse
 from scipy.sparse import csgraph
 from skimage import measure
@@ -66,19 +67,10 @@ _CHUNK_REGION_ARRAYS: dict[str, np.dtype] = {
 _CHUNK_EDGE_ARRAYS = ("edge_top", "edge_bottom", "edge_left", "edge_right")
 
 
-def _as_int(value: object, what: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"{what} must be an integer, got {value!r}") from None
-
-
 def _as_pair(value: object, what: str, *, minimum: int) -> tuple[int, int]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence | np.ndarray):
         raise ValueError(f"{what} must be a pair of integers, got {value!r}")
-    pair = tuple(_as_int(v, f"{what} entry") for v in value)
+    pair = tuple(as_int(v, f"{what} entry") for v in value)
     if len(pair) != 2 or min(pair) < minimum:
         raise ValueError(f"{what} must be a pair of integers >= {minimum}, got {value!r}")
     return pair  # type: ignore[return-value]
@@ -301,9 +293,9 @@ def region_id_offset(chunk_index: Sequence[int], grid_shape: Sequence[int], chun
     Raises:
         ValueError: On mismatched axes, an index off the grid, or ids that would overflow int64.
     """
-    index = tuple(_as_int(v, "chunk_index entry") for v in chunk_index)
-    grid = tuple(_as_int(v, "grid_shape entry") for v in grid_shape)
-    chunk = tuple(_as_int(v, "chunk_shape entry") for v in chunk_shape)
+    index = tuple(as_int(v, "chunk_index entry") for v in chunk_index)
+    grid = tuple(as_int(v, "grid_shape entry") for v in grid_shape)
+    chunk = tuple(as_int(v, "chunk_shape entry") for v in chunk_shape)
     if not (len(index) == len(grid) == len(chunk)) or not index:
         raise ValueError(f"chunk_index {index}, grid_shape {grid} and chunk_shape {chunk} must have the same axes")
     if min(grid) < 1 or min(chunk) < 1:
@@ -326,7 +318,7 @@ def _check_classes(classes: object, nodata: object) -> tuple[np.ndarray, int]:
         else:
             desc = type(classes).__name__
         raise ValueError(f"classes must be a non-empty 2-D uint8 array (H, W), got {desc}")
-    value = _as_int(nodata, "nodata")
+    value = as_int(nodata, "nodata")
     if not 0 <= value <= 255:
         raise ValueError(f"nodata must be a uint8 value 0..255, got {nodata!r}")
     return classes, value
@@ -351,7 +343,7 @@ def label_chunk(classes: np.ndarray, *, id_offset: int, nodata: int = 255) -> np
         ValueError: On a bad array, nodata value or offset.
     """
     classes, nodata = _check_classes(classes, nodata)
-    offset = _as_int(id_offset, "id_offset")
+    offset = as_int(id_offset, "id_offset")
     if offset < 0 or offset + classes.size > _INT64_MAX:
         raise ValueError(f"id_offset must be >= 0 and leave room for {classes.size} ids in int64, got {id_offset!r}")
     local = measure.label(classes, background=nodata, connectivity=2).astype(np.int64, copy=False)
@@ -391,7 +383,7 @@ def chunk_regions(
         ValueError: On bad arguments, or ``labels`` that do not fit ``classes`` and ``id_offset``.
     """
     classes, nodata = _check_classes(classes, nodata)
-    offset = _as_int(id_offset, "id_offset")
+    offset = as_int(id_offset, "id_offset")
     h, w = classes.shape
     if labels is None:
         labels = label_chunk(classes, id_offset=offset, nodata=nodata)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from schemas.checks import as_int, as_int_tuple
+
 __all__ = [
     "PAD_MODES",
     "ChunkWindow",
@@ -38,31 +40,14 @@ __all__ = [
 PAD_MODES = ("reflect", "symmetric", "edge", "constant")
 
 
-def _as_int(value: object, what: str) -> int:
-    """Return ``value`` as a Python int, refusing bools, floats and strings."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"{what} must be an integer, got {value!r}") from None
-
-
-def _as_int_tuple(values: object, what: str) -> tuple[int, ...]:
-    """Return a sequence of integers as a tuple of Python ints."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | np.ndarray):
-        raise ValueError(f"{what} must be a sequence of integers, got {values!r}")
-    return tuple(_as_int(v, f"{what} entry") for v in values)
-
-
 def _per_axis(value: int | Sequence[int], ndim: int, what: str) -> tuple[int, ...]:
     """Broadcast an int to ``ndim`` axes, or check a sequence has ``ndim`` entries."""
     if isinstance(value, Sequence | np.ndarray) and not isinstance(value, (str, bytes)):
-        values = _as_int_tuple(value, what)
+        values = as_int_tuple(value, what)
         if len(values) != ndim:
             raise ValueError(f"{what} {tuple(values)} has {len(values)} axes but the scene has {ndim}")
         return values
-    return (_as_int(value, what),) * ndim
+    return (as_int(value, what),) * ndim
 
 
 def _check_slice(s: object, what: str) -> slice:
@@ -103,7 +88,7 @@ class ChunkWindow:
     pad: tuple[tuple[int, int], ...]
 
     def __post_init__(self) -> None:
-        index = _as_int_tuple(self.index, "ChunkWindow.index")
+        index = as_int_tuple(self.index, "ChunkWindow.index")
         if not isinstance(self.core, Sequence) or not isinstance(self.read, Sequence):
             raise ValueError(f"ChunkWindow core and read must be tuples of slices, got {self.core!r}, {self.read!r}")
         if not isinstance(self.pad, Sequence):
@@ -120,7 +105,7 @@ class ChunkWindow:
         read = tuple(_check_slice(s, f"ChunkWindow.read[{a}]") for a, s in enumerate(self.read))
         pad = []
         for a, p in enumerate(self.pad):
-            pair = _as_int_tuple(p, f"ChunkWindow.pad[{a}]")
+            pair = as_int_tuple(p, f"ChunkWindow.pad[{a}]")
             if len(pair) != 2 or min(pair) < 0:
                 raise ValueError(f"ChunkWindow.pad[{a}] must be a (before, after) pair >= 0, got {p!r}")
             pad.append(pair)
@@ -210,7 +195,7 @@ class ChunkWindow:
 
 
 def _check_shape_chunk(shape: Sequence[int], chunk: int | Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    dims = _as_int_tuple(shape, "scene shape")
+    dims = as_int_tuple(shape, "scene shape")
     if not dims or min(dims) <= 0:
         raise ValueError(f"scene shape must have at least one axis, all > 0, got {tuple(dims)}")
     sizes = _per_axis(chunk, len(dims), "chunk")

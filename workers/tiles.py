@@ -15,11 +15,12 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import operator
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from schemas.checks import as_int, as_int_tuple
 
 __all__ = ["BLEND_MODES", "GAUSSIAN_FLOOR", "BlendAccumulator", "blend_weights", "plan_tiles"]
 
@@ -30,19 +31,8 @@ BLEND_MODES = ("gaussian", "constant")
 GAUSSIAN_FLOOR = 1e-3
 
 
-def _as_int(value: object, what: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"{what} must be an integer, got {value!r}") from None
-
-
 def _as_shape(values: object, what: str) -> tuple[int, ...]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | np.ndarray | torch.Size):
-        raise ValueError(f"{what} must be a sequence of integers, got {values!r}")
-    shape = tuple(_as_int(v, f"{what} entry") for v in values)
+    shape = as_int_tuple(values, what, sequence_types=(torch.Size,))
     if not shape or min(shape) <= 0:
         raise ValueError(f"{what} must have at least one axis, all > 0, got {shape}")
     return shape
@@ -81,7 +71,7 @@ def plan_tiles(
         if len(tiles) != len(window):
             raise ValueError(f"tile {tiles} has {len(tiles)} axes but window_shape {window} has {len(window)}")
     else:
-        tiles = (_as_int(tile, "tile"),) * len(window)
+        tiles = (as_int(tile, "tile"),) * len(window)
         if tiles[0] <= 0:
             raise ValueError(f"tile must be > 0, got {tile!r}")
     if isinstance(overlap, bool) or not isinstance(overlap, int | float) or not 0 <= overlap < 1:
@@ -176,7 +166,7 @@ class BlendAccumulator:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self._window = _as_shape(window_shape, "window_shape")
-        self._channels = _as_int(n_channels, "n_channels")
+        self._channels = as_int(n_channels, "n_channels")
         if self._channels <= 0:
             raise ValueError(f"n_channels must be > 0, got {n_channels!r}")
         if dtype not in (torch.float32, torch.float64):
@@ -235,7 +225,7 @@ class BlendAccumulator:
     def _region(self, offset: Sequence[int], tile: tuple[int, ...]) -> tuple[slice, ...]:
         if isinstance(offset, (str, bytes)) or not isinstance(offset, Sequence | np.ndarray):
             raise ValueError(f"offset must be a sequence of {len(self._window)} integers, got {offset!r}")
-        start = tuple(_as_int(o, "offset entry") for o in offset)
+        start = tuple(as_int(o, "offset entry") for o in offset)
         if len(start) != len(self._window):
             raise ValueError(
                 f"offset {start} has {len(start)} axes but the window {self._window} has {len(self._window)}"
