@@ -28,6 +28,9 @@ def _setup_logging(verbose: bool) -> None:
         format="%(message)s",
         handlers=[RichHandler(console=err_console, show_path=False)],
     )
+    if not verbose:  # Ray Data announces every dataset execution at INFO
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
 def _fail(exc: Exception) -> None:
@@ -216,6 +219,43 @@ def bench(
     for table in render_tables(result):
         console.print(table)
     console.print(f"[bold]results:[/] {result['json_path']} (and bench-latest.json beside it)")
+
+
+@app.command()
+def seams(
+    out: Annotated[Path, typer.Option(help="Folder for cached checkpoints, label maps and seams.json.")] = Path(
+        "out/seams"),
+    scene_size: Annotated[int, typer.Option(help="Side of the measured synthetic scene in px.")] = 1024,
+    chunk_size: Annotated[int, typer.Option(help="Chunk (core) side of the tiled path in px.")] = 256,
+    halo: Annotated[int, typer.Option(help="Halo of the tiled path, px per side.")] = 32,
+    tile_size: Annotated[int | None, typer.Option(
+        help="Model tile side of the tiled path (default: the card's).")] = None,
+    steps: Annotated[int, typer.Option(help="Most optimiser steps per trained architecture.")] = 300,
+    train_budget: Annotated[float, typer.Option(help="Training seconds aimed at per architecture.")] = 60.0,
+    time_budget: Annotated[float | None, typer.Option(
+        help="Skip the remaining architectures after this many seconds (default: no limit).")] = None,
+    arch: Annotated[list[str] | None, typer.Option(
+        "--arch", help="Architecture to measure, repeatable: 'name' or 'name,key=value,...' "
+        "(registry name, plugin, builtin:<name> or card path). Default: the standard set.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Measure the seam effect: tiled vs whole-scene agreement and mIoU per architecture."""
+    from pipelines.seams import DEFAULT_ARCHITECTURES, measure_seams, parse_arch, render_table, write_report
+
+    _setup_logging(verbose)
+    try:
+        architectures = [parse_arch(a) for a in arch] if arch else list(DEFAULT_ARCHITECTURES)
+        rows = measure_seams(architectures, out_dir=out, scene_size=scene_size, chunk_size=chunk_size, halo=halo,
+                             tile_size=tile_size, steps=steps, train_budget_s=train_budget,
+                             time_budget_s=time_budget, on_progress=lambda line: console.print(f"[dim]{line}[/]"))
+    except (TesseraError, ValueError) as exc:
+        _fail(exc)
+    settings = {"scene_size": scene_size, "chunk_size": chunk_size, "halo": halo, "tile_size": tile_size,
+                "steps": steps, "train_budget_s": train_budget, "time_budget_s": time_budget}
+    path = write_report(rows, out, settings=settings)
+    console.print(render_table(rows, title=f"seams: {scene_size}² scene, chunk {chunk_size}, halo {halo}, "
+                                           f"tile {tile_size or 'card'}; agreement = tiled == whole"))
+    console.print(f"[bold]results:[/] {path}")
 
 
 if __name__ == "__main__":

@@ -391,7 +391,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": True,
+        "logging_level": logging.getLogger("tessera").getEffectiveLevel(),
+    }
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -201,6 +201,8 @@ class Predictor:
         x = self._to_device(pixels).to(torch.float32)
         v = None if valid is None else self._to_device(valid).to(torch.float32).unsqueeze(0)
         tile_shape, offsets = plan_tiles(window_shape, self.options.tile_size, self.options.tile_overlap)
+        if len(offsets) == 1:  # the model takes the whole window: nothing to blend
+            return self._tile_probabilities(x.unsqueeze(0), None if v is None else v.unsqueeze(0))[0]
         weights = self._tile_weights(tile_shape)
         acc = BlendAccumulator(window_shape, self.num_classes, device=self.device)
         bs = self.options.batch_size
