@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,26 +24,33 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipelines.georef import crs_linear_unit, regions_table
-from pipelines.readers.geotiff import SceneInfo, open_scene, read_window, scene_name
-from pipelines.regions import ChunkRegions, chunk_regions, merge_regions, region_id_offset
-from pipelines.tiling import ChunkWindow, chunk_grid_shape, plan_chunks
+from pipelines.stages import (
+    SceneContext,
+    atomic_write_text,
+    chunk_key,
+    done_chunk_keys,
+    open_and_hash,
+    plan_row,
+    read_stage,
+    write_stage,
+)
+from pipelines.readers.geotiff import SceneInfo, scene_name
+from pipelines.regions import ChunkRegions, merge_regions
+from pipelines.tiling import chunk_grid_shape, plan_chunks
 from pipelines.writers.tables import write_table
 from pipelines.writers.zarr_masks import (
     create_scene_store,
     mark_complete,
     read_store_state,
     remove_store,
-    write_chunk,
 )
 from schemas import store as layout
 from schemas.errors import InputError, ModelCardError, OutputError, TesseraError
 from schemas.job import JobSpec
 from schemas.model_card import ModelCard
-from schemas.tables import CHUNK_SKIPPED_NODATA, CHUNK_WRITTEN, STATUS_COMPLETE, STATUS_FAILED
-from workers.checkpoints import Checkpoint, file_sha256, load_checkpoint, resolve_card_path
+from schemas.tables import CHUNK_SKIPPED_NODATA, STATUS_COMPLETE, STATUS_FAILED
+from workers.checkpoints import Checkpoint, load_checkpoint, resolve_card_path
 from workers.predictor import PredictorOptions
 from workers.registry import model_kind
 
@@ -94,21 +100,6 @@ class ResolvedJob:
             # GPU autocast changes output bytes: CPU and GPU results never share a fingerprint.
             "device_type": "cuda" if o.device.startswith("cuda") else "cpu",
         }
-
-
-@dataclass(frozen=True)
-class SceneContext:
-    """What the read and write stages need to know about one scene (small, picklable)."""
-
-    scene_id: int
-    name: str
-    info: SceneInfo
-    bands: tuple[int, ...] | None
-    zarr_path: str
-    work_dir: str
-    fingerprint: str
-    grid_shape: tuple[int, ...]
-    chunk_shape: tuple[int, ...]
 
 
 @dataclass
@@ -269,119 +260,6 @@ def check_scene_fits_model(info: SceneInfo, *, bands: tuple[int, ...] | None, ca
                     "GeoTransform is exact", info.path)
 
 
-# ----------------------------------------------------------------------------- markers
-
-
-def chunk_key(index: tuple[int, ...]) -> str:
-    return "c" + "_".join(str(i) for i in index)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def done_chunk_keys(work_dir: Path) -> set[str]:
-    """Keys of chunks whose manifest marker exists (the marker is written last)."""
-    if not work_dir.is_dir():
-        return set()
-    return {p.stem for p in work_dir.glob("c*.json")}
-
-
-# ----------------------------------------------------------------------------- stages
-
-
-def _window_from_row(row: dict[str, Any]) -> ChunkWindow:
-    index = tuple(int(i) for i in row["index"])
-    core = tuple(slice(int(a), int(b)) for a, b in row["core"])
-    read = tuple(slice(int(a), int(b)) for a, b in row["read"])
-    pad = tuple((int(a), int(b)) for a, b in row["pad"])
-    return ChunkWindow(index=index, core=core, read=read, pad=pad)
-
-
-def _plan_row(scene_id: int, w: ChunkWindow) -> dict[str, Any]:
-    return {
-        "scene_id": scene_id,
-        "index": np.asarray(w.index, dtype=np.int64),
-        "core": np.asarray([(s.start, s.stop) for s in w.core], dtype=np.int64),
-        "read": np.asarray([(s.start, s.stop) for s in w.read], dtype=np.int64),
-        "pad": np.asarray(w.pad, dtype=np.int64),
-    }
-
-
-def read_stage(row: dict[str, Any], *, scenes: dict[int, SceneContext]) -> dict[str, Any]:
-    """Ray Data map: a chunk plan row -> + pixels (C, H, W), valid (H, W), skip, error, read_s."""
-    ctx = scenes[int(row["scene_id"])]
-    window = _window_from_row(row)
-    t0 = time.perf_counter()
-    out = dict(row)
-    out["core_in_window"] = np.asarray([(s.start, s.stop) for s in window.core_in_window], dtype=np.int64)
-    try:
-        pixels, valid = read_window(ctx.info, window, bands=ctx.bands)
-    except InputError as exc:
-        out.update(pixels=np.zeros((0, 0, 0), np.uint8), valid=np.zeros((0, 0), bool),
-                   skip=False, error=str(exc), read_s=time.perf_counter() - t0)
-        return out
-    skip = not bool(valid[window.core_in_window].any())
-    if skip:  # wholly nodata: nothing to predict or send on
-        pixels, valid = np.zeros((0, 0, 0), pixels.dtype), np.zeros((0, 0), bool)
-    out.update(pixels=pixels, valid=valid, skip=skip, error="", read_s=time.perf_counter() - t0)
-    return out
-
-
-def write_stage(row: dict[str, Any], *, scenes: dict[int, SceneContext]) -> dict[str, Any]:
-    """Ray Data map: write the chunk once, its partial stats, then its manifest marker.
-
-    Returns a small record (no pixels) for the driver.
-    """
-    ctx = scenes[int(row["scene_id"])]
-    window = _window_from_row(row)
-    key = chunk_key(window.index)
-    record = {"scene_id": ctx.scene_id, "key": key, "error": str(row["error"])}
-    if record["error"]:
-        return record
-    try:
-        t0 = time.perf_counter()
-        if row["skip"]:
-            labels = np.full(window.core_shape, layout.NODATA_CLASS, dtype=np.uint8)
-        else:
-            labels = np.asarray(row["labels"], dtype=np.uint8).reshape(window.core_shape)
-            probs = row.get("probabilities")
-            write_chunk(Path(ctx.zarr_path), window.core, labels,
-                        probabilities=None if probs is None or np.size(probs) == 0 else np.asarray(probs))
-        t1 = time.perf_counter()
-        parts = chunk_regions(
-            labels,
-            chunk_index=window.index,
-            origin=tuple(s.start for s in window.core),
-            id_offset=region_id_offset(window.index, ctx.grid_shape, ctx.chunk_shape),
-            nodata=layout.NODATA_CLASS,
-        )
-        work = Path(ctx.work_dir)
-        parts.to_npz(work / f"{key}.npz")
-        t2 = time.perf_counter()
-        manifest_row = {
-            "scene": ctx.name,
-            "chunk_index": [int(i) for i in window.index],
-            "origin": [int(s.start) for s in window.core],
-            "shape": [int(n) for n in window.core_shape],
-            "status": CHUNK_SKIPPED_NODATA if row["skip"] else CHUNK_WRITTEN,
-            "valid_pixels": int((labels != layout.NODATA_CLASS).sum()),
-            "n_regions_partial": int(len(parts.ids)),
-            "read_s": float(row["read_s"]),
-            "predict_s": float(row["predict_s"]),
-            "write_s": t1 - t0,
-            "stats_s": t2 - t1,
-            "fingerprint": ctx.fingerprint,
-        }
-        _atomic_write_text(work / f"{key}.json", json.dumps(manifest_row))
-    except (OSError, ValueError) as exc:
-        record["error"] = f"{ctx.info.path}: writing chunk {list(window.index)} failed: {exc}"
-    return record
-
-
 # ----------------------------------------------------------------------------- driver
 
 
@@ -458,17 +336,6 @@ def _prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info:
     done = done_chunk_keys(work_dir)
     outcome.n_todo = sum(1 for w in windows if chunk_key(w.index) not in done)
     outcome.status = "running"
-
-
-def _open_and_hash(path: str) -> tuple[SceneInfo | None, str | None, str | None]:
-    """(info, sha256, error) of one input; errors are returned, not raised (one scene fails alone)."""
-    try:
-        info = open_scene(path)
-        return info, file_sha256(Path(path)), None
-    except InputError as exc:
-        return None, None, str(exc)
-    except OSError as exc:
-        return None, None, f"{path}: {exc}"
 
 
 def _finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_start: float) -> None:
@@ -572,7 +439,7 @@ def run_job(
     ensure_ray(ray_address)
     job = place_on_cluster(job, ray.cluster_resources().get("GPU", 0.0))
     _save_resolved_spec(job)
-    open_task = ray.remote(num_cpus=0.5)(_open_and_hash)
+    open_task = ray.remote(num_cpus=0.5)(open_and_hash)
     pending = [o for o in outcomes if o.status != STATUS_FAILED]
     opened = ray.get([open_task.remote(o.source) for o in pending])
     scenes: dict[int, SceneContext] = {}
@@ -594,7 +461,7 @@ def run_job(
         done = done_chunk_keys(Path(ctx.work_dir))
         for w in plan_chunks(ctx.info.shape, job.chunk_size, job.halo):
             if chunk_key(w.index) not in done:
-                rows.append(_plan_row(scene_id, w))
+                rows.append(plan_row(scene_id, w))
     if rows:
         _stream(job, rows, scenes, by_id, on_chunk)
 
@@ -658,4 +525,4 @@ def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, Scen
 def _save_resolved_spec(job: ResolvedJob) -> None:
     """Save the resolved spec beside the outputs (what ran, with defaults filled in)."""
     resolved = job.spec.model_dump(mode="json") | {"resolved": job.parameters()}
-    _atomic_write_text(job.root / "job.resolved.json", json.dumps(resolved, indent=2, sort_keys=True))
+    atomic_write_text(job.root / "job.resolved.json", json.dumps(resolved, indent=2, sort_keys=True))

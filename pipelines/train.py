@@ -1,4 +1,4 @@
-"""Train the demo U-Net on synthetic scenes, on the fly, and write its weights and card.
+"""Train segmentation models on synthetic scenes, on the fly, and write their weights and card.
 
 Training windows are rendered from :mod:`pipelines.synthetic` over several scene seeds into a
 small pool that is partly re-rendered every step; random crops of the pool, flipped and
@@ -6,19 +6,27 @@ rotated, make the batches. Validation uses windows of a scene seed never seen in
 Inputs are normalised per band, ``x_norm = (x - mean) / std``, with mean and std of the valid
 pixels of the first pool; both are written into the card.
 
-Run ``python -m pipelines.train --out workers/weights`` to (re)build the shipped demo model.
+Two entry points share that loop and its loss:
+
+* :func:`train_demo_model`: the bundled demo U-Net (``unet-demo``). Run
+  ``python -m pipelines.train --out workers/weights`` to (re)build the shipped model.
+* :func:`train_model`: any semantic architecture of :mod:`workers.registry` (or a plugin),
+  written through :func:`workers.checkpoints.save_checkpoint`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +34,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from pipelines.synthetic import BAND_NAMES, CLASS_NAMES, NODATA_CLASS, SceneSpec, render_window
+from workers.checkpoints import save_checkpoint
 from workers.models.unet import UNet
+from workers.registry import build_model, model_kind, native_stride
 
 logger = logging.getLogger(__name__)
 
@@ -129,27 +139,190 @@ def train_demo_model(
         raise ValueError(f"steps must be >= 1, got {steps}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _torch_threads(settings.torch_threads):
+        return _train_demo(out_dir, seed=seed, steps=steps, settings=settings)
+
+
+def train_model(
+    architecture: str,
+    arch_args: Mapping[str, Any],
+    out_dir: Path,
+    *,
+    name: str,
+    seed: int = 0,
+    steps: int,
+    settings: TrainSettings | None = None,
+) -> Path:
+    """Train any semantic architecture on the synthetic generator; write its weights and card.
+
+    Same data pipeline, normalisation, loss and optimiser as :func:`train_demo_model`; the model
+    is ``build_model(architecture, in_channels=4, num_classes=5, arch_args=arch_args)`` with
+    random init. Sizes the model cannot take are rounded up to its native stride ``s``
+    (:func:`workers.registry.native_stride`): crops ``ceil(patch_px / s) * s``, validation windows
+    ``ceil(val_window_px / s) * s``, pool windows at least one crop. The UNet-only fields of
+    ``settings`` (``base_channels``, ``depth``, ``upsample``) are ignored. Written through
+    :func:`workers.checkpoints.save_checkpoint` (float32 safetensors): card ``stride = s``,
+    ``tile_size`` 512 rounded up to a multiple of ``s``, ``halo`` 32, and a ``training`` record as
+    the demo's (``cpu_forward_*`` only when ``settings.benchmark_batches > 0``).
+
+    Args:
+        architecture: a semantic registry name or a plugin ``"package.module:callable"``.
+        arch_args: the builder's keyword options (written to the card).
+        out_dir: folder for ``<name>.safetensors`` and ``<name>.json`` (created if missing).
+        name: model id and file stem.
+        seed: seeds torch (init, dropout) and the numpy generator that places windows and crops.
+        steps: optimiser steps (batches), >= 1.
+        settings: data and optimiser settings (default :class:`TrainSettings`).
+            ``batch_size`` must be >= 2: BatchNorm on the 1x1 pooled maps of PSPNet and the
+            DeepLab image-pooling branch cannot train on one crop.
+
+    Returns:
+        Path of the written card (``out_dir / f"{name}.json"``).
+
+    Raises:
+        ModelCardError: unknown architecture or arch_args it rejects.
+        ValueError: an instance architecture, steps < 1, batch_size < 2, or a rounded crop
+            larger than ``settings.scene_px``.
+    """
+    settings = settings or TrainSettings()
+    arch_args = dict(arch_args)
+    if model_kind(architecture) != "semantic":
+        raise ValueError(f"train_model trains semantic models; {architecture!r} is {model_kind(architecture)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if settings.batch_size < 2:
+        raise ValueError(
+            f"train_model needs batch_size >= 2, got {settings.batch_size}: BatchNorm on 1x1 pooled maps "
+            "(PSPNet, DeepLab image pooling) cannot train on a single crop"
+        )
+    stride = native_stride(architecture, arch_args)
+    patch_px = _round_up(settings.patch_px, stride)
+    pool_window_px = max(settings.pool_window_px, patch_px)
+    val_window_px = _round_up(settings.val_window_px, stride)
+    if max(pool_window_px, val_window_px) > settings.scene_px:
+        raise ValueError(
+            f"{architecture!r} (stride {stride}): crops of {patch_px} px and validation windows of "
+            f"{val_window_px} px must fit in scene_px {settings.scene_px}"
+        )
+    out_dir = Path(out_dir)
+
+    def build() -> torch.nn.Module:
+        return build_model(architecture, in_channels=len(BAND_NAMES), num_classes=len(CLASS_NAMES), arch_args=arch_args)
+
+    with _torch_threads(settings.torch_threads):
+        started = time.perf_counter()
+        model, mean, std = _fit(
+            build, seed=seed, steps=steps, settings=settings, patch_px=patch_px, pool_window_px=pool_window_px
+        )
+        train_seconds = time.perf_counter() - started
+        iou, miou = _validated_iou(model, mean, std, settings, window_px=val_window_px)
+        forward_mpx_s = (
+            measure_forward_throughput(
+                model, in_channels=len(BAND_NAMES), batches=settings.benchmark_batches,
+                tile_px=_round_up(TILE_SIZE_PX, stride),
+            )
+            if settings.benchmark_batches > 0
+            else None
+        )
+        training = _training_record(
+            settings, seed=seed, steps=steps, iou=iou, miou=miou, started=started, train_seconds=train_seconds,
+            forward_mpx_s=forward_mpx_s, dtype="float32", patch_px=patch_px, val_window_px=val_window_px,
+        )
+        training["parameters"] = sum(p.numel() for p in model.parameters())
+        card_fields = {
+            "version": CARD_VERSION,
+            "architecture": architecture,
+            "arch_args": arch_args,
+            "in_channels": len(BAND_NAMES),
+            "classes": _classes(),
+            "bands": _bands(mean, std),
+            "tile_size": _round_up(TILE_SIZE_PX, stride),
+            "halo": HALO_PX,
+            "stride": stride,
+            "training": training,
+        }
+        card_path = save_checkpoint(model, card_fields, out_dir, name=name)
+    logger.info("wrote %s (val mIoU %.4f, %d steps, %.0f s)", card_path, miou, steps, training["seconds"])
+    return card_path
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads, then restore the previous count."""
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(threads)
     try:
-        return _train(out_dir, seed=seed, steps=steps, settings=settings)
+        yield
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(out_dir: Path, *, seed: int, steps: int, settings: TrainSettings) -> Path:
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _train_demo(out_dir: Path, *, seed: int, steps: int, settings: TrainSettings) -> Path:
     started = time.perf_counter()
-    model, mean, std = _fit(seed=seed, steps=steps, settings=settings)
+
+    def build() -> UNet:
+        return UNet(
+            len(BAND_NAMES),
+            len(CLASS_NAMES),
+            base_channels=settings.base_channels,
+            depth=settings.depth,
+            upsample=settings.upsample,
+        )
+
+    model, mean, std = _fit(
+        build, seed=seed, steps=steps, settings=settings,
+        patch_px=settings.patch_px, pool_window_px=settings.pool_window_px,
+    )
     train_seconds = time.perf_counter() - started
 
-    iou = _validate(model, mean, std, settings)
-    miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
-    logger.info("validation mIoU %.4f, per class %s", miou, dict(zip(CLASS_NAMES, np.round(iou, 4))))
+    iou, miou = _validated_iou(model, mean, std, settings, window_px=settings.val_window_px)
     forward_mpx_s = measure_forward_throughput(model, in_channels=len(BAND_NAMES), batches=settings.benchmark_batches)
 
     weights_path = out_dir / f"{MODEL_NAME}.safetensors"
     dtype = _save_weights(model, weights_path)
-    training = {
+    training = _training_record(
+        settings, seed=seed, steps=steps, iou=iou, miou=miou, started=started, train_seconds=train_seconds,
+        forward_mpx_s=forward_mpx_s, dtype=dtype, patch_px=settings.patch_px, val_window_px=settings.val_window_px,
+    )
+    # The demo card keeps its own writer (json.dumps + newline; safetensors metadata
+    # {"format": "pt"}, fp16 above 5 MB): save_checkpoint would change the shipped files' bytes.
+    card = _card(settings, mean=mean, std=std, weights_path=weights_path, training=training)
+    card_path = out_dir / f"{MODEL_NAME}.json"
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    logger.info("wrote %s (%d bytes, %s) and %s", weights_path, weights_path.stat().st_size, dtype, card_path)
+    return card_path
+
+
+def _validated_iou(
+    model: torch.nn.Module, mean: np.ndarray, std: np.ndarray, settings: TrainSettings, *, window_px: int
+) -> tuple[np.ndarray, float]:
+    """Validation IoU per class ``(K,)`` and its mean over present classes (0.0 if none)."""
+    iou = _validate(model, mean, std, settings, window_px=window_px)
+    miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+    logger.info("validation mIoU %.4f, per class %s", miou, dict(zip(CLASS_NAMES, np.round(iou, 4))))
+    return iou, miou
+
+
+def _training_record(
+    settings: TrainSettings,
+    *,
+    seed: int,
+    steps: int,
+    iou: np.ndarray,
+    miou: float,
+    started: float,
+    train_seconds: float,
+    forward_mpx_s: float | None,
+    dtype: str,
+    patch_px: int,
+    val_window_px: int,
+) -> dict[str, Any]:
+    """The card's ``training`` provenance (key order is part of the demo card's bytes)."""
+    training: dict[str, Any] = {
         "seed": seed,
         "steps": steps,
         "loss": (
@@ -162,36 +335,47 @@ def _train(out_dir: Path, *, seed: int, steps: int, settings: TrainSettings) -> 
         },
         "seconds": round(time.perf_counter() - started, 1),
         "train_seconds": round(train_seconds, 1),
-        "cpu_forward_mpx_s": round(forward_mpx_s, 3),
-        "cpu_forward_benchmark": (
+    }
+    if forward_mpx_s is not None:
+        training["cpu_forward_mpx_s"] = round(forward_mpx_s, 3)
+        training["cpu_forward_benchmark"] = (
             f"eval, batch 2 x {len(BAND_NAMES)} x {TILE_SIZE_PX} x {TILE_SIZE_PX} float32, "
             f"{settings.torch_threads} torch threads, fastest of {settings.benchmark_batches} passes"
-        ),
+        )
+    training.update({
         "dtype": dtype,
         "generator": "pipelines.synthetic",
         "batch_size": settings.batch_size,
-        "patch_px": settings.patch_px,
+        "patch_px": patch_px,
         "learning_rate": settings.learning_rate,
         "train_scene_seeds": list(settings.train_scene_seeds),
         "val_scene_seed": settings.val_scene_seed,
-        "val_pixels": settings.val_windows * settings.val_window_px**2,
+        "val_pixels": settings.val_windows * val_window_px**2,
         "torch_threads": settings.torch_threads,
         "torch": torch.__version__,
-    }
-    card = _card(settings, mean=mean, std=std, weights_path=weights_path, training=training)
-    card_path = out_dir / f"{MODEL_NAME}.json"
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
-    logger.info("wrote %s (%d bytes, %s) and %s", weights_path, weights_path.stat().st_size, dtype, card_path)
-    return card_path
+    })
+    return training
 
 
-def _fit(*, seed: int, steps: int, settings: TrainSettings) -> tuple[UNet, np.ndarray, np.ndarray]:
-    """Train a U-Net from scratch; returns it in eval mode with the band mean and std ``(C,)`` float64."""
+def _fit(
+    build: Callable[[], torch.nn.Module],
+    *,
+    seed: int,
+    steps: int,
+    settings: TrainSettings,
+    patch_px: int,
+    pool_window_px: int,
+) -> tuple[torch.nn.Module, np.ndarray, np.ndarray]:
+    """Train ``build()`` from scratch; returns it in eval mode with the band mean and std ``(C,)`` float64.
+
+    ``build`` is called after the data pool is drawn, right after ``torch.manual_seed(seed)``
+    (the pool uses only numpy), so the model's random init depends on ``seed`` alone.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     num_classes = len(CLASS_NAMES)
 
-    pool_x, pool_y = zip(*(_draw_window(rng, settings, settings.pool_window_px) for _ in range(settings.pool_windows)))
+    pool_x, pool_y = zip(*(_draw_window(rng, settings, pool_window_px) for _ in range(settings.pool_windows)))
     pool_x, pool_y = list(pool_x), list(pool_y)
     # Rounded so that the card's numbers are exactly what the model was trained with.
     mean, std = (np.round(v, 4) for v in band_statistics(pool_x, pool_y))
@@ -201,13 +385,7 @@ def _fit(*, seed: int, steps: int, settings: TrainSettings) -> tuple[UNet, np.nd
         "band mean %s std %s; class pixel shares %s", mean.round(1), std.round(1), (counts / counts.sum()).round(3)
     )
 
-    model = UNet(
-        len(BAND_NAMES),
-        num_classes,
-        base_channels=settings.base_channels,
-        depth=settings.depth,
-        upsample=settings.upsample,
-    )
+    model = build()
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=settings.learning_rate, total_steps=steps, pct_start=0.1
@@ -217,8 +395,8 @@ def _fit(*, seed: int, steps: int, settings: TrainSettings) -> tuple[UNet, np.nd
     for step in range(steps):
         for _ in range(settings.pool_refresh):
             k = int(rng.integers(len(pool_x)))
-            pool_x[k], pool_y[k] = _draw_window(rng, settings, settings.pool_window_px)
-        x, y = _sample_batch(rng, pool_x, pool_y, settings)
+            pool_x[k], pool_y[k] = _draw_window(rng, settings, pool_window_px)
+        x, y = _sample_batch(rng, pool_x, pool_y, settings, patch_px=patch_px)
         logits = model(normalise(torch.from_numpy(x), mean, std))
         loss = segmentation_loss(
             logits, torch.from_numpy(y), class_weights=class_weights, boundary_weight=settings.boundary_weight
@@ -242,10 +420,8 @@ def _card(
         "architecture": "unet",
         "arch_args": {"base_channels": settings.base_channels, "depth": settings.depth, "upsample": settings.upsample},
         "in_channels": len(BAND_NAMES),
-        "classes": [
-            {"id": i, "name": name, "color": color} for i, (name, color) in enumerate(zip(CLASS_NAMES, CLASS_COLORS))
-        ],
-        "bands": [{"name": name, "mean": float(m), "std": float(s)} for name, m, s in zip(BAND_NAMES, mean, std)],
+        "classes": _classes(),
+        "bands": _bands(mean, std),
         "tile_size": TILE_SIZE_PX,
         "halo": HALO_PX,
         "stride": 2**settings.depth,
@@ -253,6 +429,16 @@ def _card(
         "weights_sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
         "training": training,
     }
+
+
+def _classes() -> list[dict[str, Any]]:
+    """The card's ``classes``: ids, :data:`CLASS_NAMES` and :data:`CLASS_COLORS`."""
+    return [{"id": i, "name": name, "color": color} for i, (name, color) in enumerate(zip(CLASS_NAMES, CLASS_COLORS))]
+
+
+def _bands(mean: np.ndarray, std: np.ndarray) -> list[dict[str, Any]]:
+    """The card's ``bands``: :data:`BAND_NAMES` with their normalisation (raw units)."""
+    return [{"name": name, "mean": float(m), "std": float(s)} for name, m, s in zip(BAND_NAMES, mean, std)]
 
 
 def normalise(x: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
@@ -379,10 +565,15 @@ def _render_random(rng: np.random.Generator, spec: SceneSpec, size: int) -> tupl
 
 
 def _sample_batch(
-    rng: np.random.Generator, pool_x: list[np.ndarray], pool_y: list[np.ndarray], settings: TrainSettings
+    rng: np.random.Generator,
+    pool_x: list[np.ndarray],
+    pool_y: list[np.ndarray],
+    settings: TrainSettings,
+    *,
+    patch_px: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random crops with random flips and quarter turns: ``(B, C, P, P)`` float32, ``(B, P, P)`` int64."""
-    p = settings.patch_px
+    p = patch_px
     xs, ys = [], []
     for _ in range(settings.batch_size):
         k = int(rng.integers(len(pool_x)))
@@ -407,15 +598,20 @@ def _class_weights(counts: np.ndarray) -> np.ndarray:
     return (weights / weights.mean()).astype(np.float32)
 
 
-def _validate(model: torch.nn.Module, mean: np.ndarray, std: np.ndarray, settings: TrainSettings) -> np.ndarray:
-    """IoU per class ``(K,)`` float64 on held-out windows (valid pixels only); NaN if a class is absent."""
+def _validate(
+    model: torch.nn.Module, mean: np.ndarray, std: np.ndarray, settings: TrainSettings, *, window_px: int
+) -> np.ndarray:
+    """IoU per class ``(K,)`` float64 on held-out ``window_px`` windows (valid pixels only).
+
+    NaN for a class absent from both truth and prediction.
+    """
     rng = np.random.default_rng(settings.val_scene_seed)
     spec = SceneSpec(settings.scene_px, settings.scene_px, settings.val_scene_seed)
     num_classes = len(CLASS_NAMES)
     confusion = np.zeros((num_classes, num_classes), np.int64)
     drawn = 0
     while drawn < settings.val_windows:
-        image, label = _render_random(rng, spec, settings.val_window_px)
+        image, label = _render_random(rng, spec, window_px)
         if (label != NODATA_CLASS).mean() < settings.min_valid_fraction:
             continue
         drawn += 1

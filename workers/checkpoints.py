@@ -6,7 +6,6 @@ Loading never executes pickled code: weights are safetensors (or, for `.pt` file
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from schemas.errors import ModelCardError
 from schemas.job import BUILTIN_PREFIX
 from schemas.model_card import ModelCard, parse_model_card
+from workers.hashing import file_sha256
 from workers.registry import build_model
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "weights"
@@ -95,15 +95,6 @@ def build_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
     except RuntimeError as exc:
         raise ModelCardError(f"{ckpt.weights_path}: weights do not fit architecture {card.architecture!r}: {exc}") from None
     return model.eval()
-
-
-def file_sha256(path: Path, *, block: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while data := fh.read(block):
-            digest.update(data)
-    return digest.hexdigest()
 
 
 def save_checkpoint(model: torch.nn.Module, card_fields: dict, out_dir: Path, *, name: str) -> Path:
