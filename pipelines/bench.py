@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.tiling import plan_chunks
+from schemas.job import default_batch_size
 from workers.tiles import plan_tiles
 
 log = logging.getLogger("tessera")
@@ -73,7 +74,7 @@ class BenchConfig:
         halo: px of context per side (None: the card's).
         tile_size: model tile side in px (None: the card's).
         tile_overlap: tile overlap as a fraction of the tile side, in [0, 1).
-        batch_size: model tiles per forward pass.
+        batch_size: model tiles per forward pass (None: the job's default for the device).
         actors: predictor actors.
         torch_threads: torch threads per actor on CPU (None: all cores / actors, at least 1).
         device: "auto" (cuda when available), "cpu" or "cuda".
@@ -96,7 +97,7 @@ class BenchConfig:
     halo: int | None = None
     tile_size: int | None = None
     tile_overlap: float = 0.25
-    batch_size: int = 2
+    batch_size: int | None = None
     actors: int = 1
     torch_threads: int | None = None
     device: str = "auto"
@@ -116,7 +117,9 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.sizes must be scene sides in px (ints >= 1), got {self.sizes!r}")
         object.__setattr__(self, "sizes", sizes)
         object.__setattr__(self, "out_dir", Path(self.out_dir))
-        for name in ("chunk_size", "batch_size", "actors", "monai_max_side", "raw_batches", "raw_iterations"):
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"BenchConfig.batch_size must be >= 1, got {self.batch_size!r}")
+        for name in ("chunk_size", "actors", "monai_max_side", "raw_batches", "raw_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BenchConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("halo", "raw_warmup", "seed"):
@@ -678,6 +681,7 @@ class _Resolved:
     threads_per_actor: int
     model_threads: int  # the bare model and the peer get the threads all predictors share
     gpus_per_actor: float
+    batch: int  # tiles per forward pass (the job's default for the device unless set)
 
     @classmethod
     def from_config(cls, config: BenchConfig) -> _Resolved:
@@ -699,6 +703,7 @@ class _Resolved:
             device=device, halo=config.halo if config.halo is not None else card.halo,
             tile=config.tile_size or card.tile_size, threads_per_actor=threads,
             model_threads=min(cpus, threads * config.actors), gpus_per_actor=gpus_per_actor,
+            batch=config.batch_size or default_batch_size(device),
         )
 
     def job_spec(self, scene: Path, root: Path) -> Any:
@@ -713,7 +718,7 @@ class _Resolved:
             "tiling": {"chunk_size": c.chunk_size, "halo": self.halo, "tile_size": self.tile,
                        "tile_overlap": c.tile_overlap, "blend": "gaussian"},
             "resources": {"actors": c.actors, "num_gpus_per_actor": self.gpus_per_actor,
-                          "batch_size": c.batch_size, "torch_threads": self.threads_per_actor},
+                          "batch_size": self.batch, "torch_threads": self.threads_per_actor},
             "inference": {"precision": c.precision},
             "output": {"root": str(root), "overwrite": True},
         })
@@ -790,7 +795,7 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
     shutil.rmtree(root, ignore_errors=True)  # earlier outputs: the job must really run
     spec = r.job_spec(scene, root)
     say(f"{size}^2: end-to-end job ({c.actors} actor(s), {r.device}, chunk {c.chunk_size}, halo {r.halo}, "
-        f"tile {r.tile}, overlap {c.tile_overlap}, batch {c.batch_size})")
+        f"tile {r.tile}, overlap {c.tile_overlap}, batch {r.batch})")
     with MemorySampler() as memory, GpuMemorySampler(enabled=r.device == "cuda") as gpu:
         t0 = time.perf_counter()
         outcome = _run_job(spec, r.out_dir)
@@ -803,10 +808,10 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
     window_shape = plan_chunks(shape, c.chunk_size, r.halo)[0].window_shape
     tile_shape = model_tile_shape(window_shape, r.tile, c.tile_overlap, stride=card.stride)
     if tile_shape not in raw_by_tile:
-        say(f"{size}^2: bare model on {c.raw_batches} x {c.batch_size} tiles of {tile_shape}"
+        say(f"{size}^2: bare model on {c.raw_batches} x {r.batch} tiles of {tile_shape}"
             + (f" ({r.model_threads} torch threads)" if r.device == "cpu" else ""))
         raw_by_tile[tile_shape] = _in_child(
-            "measure_raw", card_path=str(r.card_path), tile_shape=tile_shape, batch_size=c.batch_size,
+            "measure_raw", card_path=str(r.card_path), tile_shape=tile_shape, batch_size=r.batch,
             device=r.device, precision=c.precision, threads=r.model_threads, batches=c.raw_batches,
             warmup=c.raw_warmup, iterations=c.raw_iterations, seed=c.seed,
         )
@@ -822,7 +827,7 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
         say(f"{size}^2: MONAI sliding_window_inference over the whole scene (separate process)")
         peer = _in_child(
             "run_monai_peer", card_path=str(r.card_path), scene_path=str(scene), tile_size=r.tile,
-            overlap=c.tile_overlap, batch_size=c.batch_size, device=r.device, precision=c.precision,
+            overlap=c.tile_overlap, batch_size=r.batch, device=r.device, precision=c.precision,
             threads=r.model_threads, zarr_path=str(outcome.context.zarr_path),
         )
 

@@ -190,7 +190,7 @@ def bench(
     halo: Annotated[int | None, typer.Option(help="Halo in px (default: the model card's).")] = None,
     tile_size: Annotated[int | None, typer.Option(help="Model tile side in px (default: the card's).")] = None,
     overlap: Annotated[float, typer.Option(help="Tile overlap fraction in [0, 1).")] = 0.25,
-    batch_size: Annotated[int, typer.Option(help="Model tiles per forward pass.")] = 2,
+    batch_size: Annotated[int | None, typer.Option(help="Model tiles per forward pass (default: 1 on CPU, 8 on GPU).")] = None,
     actors: Annotated[int, typer.Option(help="Predictor actors.")] = 1,
     torch_threads: Annotated[int | None, typer.Option(
         help="torch threads per actor (default: all cores / actors).")] = None,

@@ -47,7 +47,7 @@ from pipelines.writers.zarr_masks import (
 )
 from schemas import store as layout
 from schemas.errors import InputError, ModelCardError, OutputError, TesseraError
-from schemas.job import JobSpec
+from schemas.job import JobSpec, default_batch_size
 from schemas.model_card import ModelCard
 from schemas.tables import CHUNK_SKIPPED_NODATA, STATUS_COMPLETE, STATUS_FAILED
 from workers.checkpoints import Checkpoint, load_checkpoint, resolve_card_path
@@ -174,7 +174,8 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
     options = PredictorOptions(
         device="cuda" if (spec.resources.num_gpus_per_actor or 0) > 0 else "cpu",
         precision=spec.inference.precision,
-        batch_size=spec.resources.batch_size,
+        batch_size=spec.resources.batch_size or default_batch_size(
+            "cuda" if (spec.resources.num_gpus_per_actor or 0) > 0 else "cpu"),
         tile_size=tile_size,
         tile_overlap=tiling.tile_overlap,
         blend=tiling.blend,
@@ -201,8 +202,9 @@ def place_on_cluster(job: ResolvedJob, cluster_gpus: float) -> ResolvedJob:
     """Fill the GPU default from the cluster: 1 GPU per actor when it has GPUs, else CPU."""
     if job.spec.resources.num_gpus_per_actor is not None or cluster_gpus <= 0:
         return job
+    batch = job.spec.resources.batch_size or default_batch_size("cuda")
     return replace(job, num_gpus_per_actor=1.0,
-                   predictor_options=replace(job.predictor_options, device="cuda"))
+                   predictor_options=replace(job.predictor_options, device="cuda", batch_size=batch))
 
 
 def expand_inputs(patterns: tuple[str, ...], *, base_dir: Path) -> tuple[list[str], list[str]]:

@@ -132,3 +132,14 @@ def test_gpu_default_follows_the_cluster(tmp_path):
                                                  "resources": {"num_gpus_per_actor": 0},
                                                  "output": {"root": "o"}}), base_dir=tmp_path)
     assert place_on_cluster(pinned, cluster_gpus=4).predictor_options.device == "cpu"
+
+
+def test_batch_default_follows_the_device(tmp_path):
+    from pipelines.job import place_on_cluster, resolve_job
+    from tests.helpers import oracle_checkpoint
+
+    spec = JobSpec.model_validate({"inputs": ["a.tif"], "model": {"card": str(oracle_checkpoint(tmp_path))},
+                                   "output": {"root": "o"}})
+    cpu = resolve_job(spec, base_dir=tmp_path)
+    assert cpu.predictor_options.batch_size == 1
+    assert place_on_cluster(cpu, cluster_gpus=1).predictor_options.batch_size == 8
