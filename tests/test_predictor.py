@@ -129,3 +129,13 @@ def test_strided_models_get_padded_tiles(window):
 
     labels = Predictor(NeedsStride8(), _card(stride=8), options=PredictorOptions(**OPTS | {"tile_size": 30})).predict_labels(window)
     assert labels.shape == window.shape[1:]
+
+
+def test_argmax_classes_matches_torch_argmax_including_ties():
+    from workers.predictor import argmax_classes
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand((5, 40, 60), generator=g)
+    probs[:, :5] = 0.5  # ties: the first class wins, as in torch.argmax
+    view = probs[:, 3:33, 7:50]
+    torch.testing.assert_close(argmax_classes(view), torch.argmax(view, dim=0).to(torch.uint8), rtol=0, atol=0)

