@@ -230,8 +230,8 @@ def seams(
     halo: Annotated[int, typer.Option(help="Halo of the tiled path, px per side.")] = 32,
     tile_size: Annotated[int | None, typer.Option(
         help="Model tile side of the tiled path (default: the card's).")] = None,
-    steps: Annotated[int, typer.Option(help="Most optimiser steps per trained architecture.")] = 300,
-    train_budget: Annotated[float, typer.Option(help="Training seconds aimed at per architecture.")] = 60.0,
+    steps: Annotated[int, typer.Option(help="Most optimiser steps per trained architecture.")] = 3000,
+    train_budget: Annotated[float, typer.Option(help="Training seconds aimed at per architecture.")] = 110.0,
     time_budget: Annotated[float | None, typer.Option(
         help="Skip the remaining architectures after this many seconds (default: no limit).")] = None,
     arch: Annotated[list[str] | None, typer.Option(

@@ -74,6 +74,11 @@ class TrainSettings:
         min_valid_fraction: windows with fewer valid (non-nodata) pixels are redrawn.
         torch_threads: CPU threads for torch.
         benchmark_batches: timed forward passes (batch 2 of 512 x 512); the card reports the fastest.
+        bn_recalibration_batches: after the last step, re-estimate BatchNorm running statistics
+            as a plain average over this many training batches (train-mode forwards, no
+            gradients; :func:`torch.optim.swa_utils.update_bn`). 0 keeps the running averages.
+            Short runs need it where BatchNorm momentum is slow (torchvision MobileNetV3: 0.01),
+            or the eval-mode model lags its weights.
     """
 
     base_channels: int = 8
@@ -95,6 +100,7 @@ class TrainSettings:
     min_valid_fraction: float = 0.3
     torch_threads: int = 2
     benchmark_batches: int = 5
+    bn_recalibration_batches: int = 0
 
     def __post_init__(self) -> None:
         stride = 2**self.depth
@@ -114,6 +120,8 @@ class TrainSettings:
             raise ValueError("train_scene_seeds is empty; give at least one scene seed")
         if not 1 <= self.pool_refresh <= self.pool_windows:
             raise ValueError(f"pool_refresh must be in [1, pool_windows={self.pool_windows}], got {self.pool_refresh}")
+        if self.bn_recalibration_batches < 0:
+            raise ValueError(f"bn_recalibration_batches must be >= 0, got {self.bn_recalibration_batches}")
 
 
 def train_demo_model(
@@ -354,6 +362,8 @@ def _training_record(
         "torch_threads": settings.torch_threads,
         "torch": torch.__version__,
     })
+    if settings.bn_recalibration_batches:
+        training["bn_recalibration_batches"] = settings.bn_recalibration_batches
     return training
 
 
@@ -407,6 +417,12 @@ def _fit(
         schedule.step()
         if step % 50 == 0 or step == steps - 1:
             logger.info("step %d/%d loss %.4f (%.0f s)", step + 1, steps, loss.item(), time.perf_counter() - started)
+    if settings.bn_recalibration_batches:
+        batches = [
+            normalise(torch.from_numpy(_sample_batch(rng, pool_x, pool_y, settings, patch_px=patch_px)[0]), mean, std)
+            for _ in range(settings.bn_recalibration_batches)
+        ]
+        torch.optim.swa_utils.update_bn(batches, model)
     return model.eval(), mean, std
 
 
