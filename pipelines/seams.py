@@ -542,7 +542,8 @@ def measure_seams(
             np.savez_compressed(out_dir / f"{card_path.stem}.labels.npz", whole=figures.pop("_whole"),
                                 tiled=figures.pop("_tiled"), truth=truth)
             row.update(info, card=str(card_path), **figures, seconds=time.perf_counter() - t0)
-            say(f"{label}: agreement {row['agreement']:.4%} (seam {row['agreement_seam']:.4%}), "
+            say(f"{label}: agreement {_format(row['agreement'], 'pct')} "
+                f"(seam {_format(row['agreement_seam'], 'pct')}), "
                 f"mIoU whole {row['miou_whole']:.3f} tiled {row['miou_tiled']:.3f}, {row['seconds']:.0f} s")
             rows.append(row)
     finally:

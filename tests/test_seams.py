@@ -119,6 +119,14 @@ def test_pointwise_oracle_agrees_everywhere(tmp_path) -> None:
     np.testing.assert_array_equal(labels["whole"], labels["tiled"])
 
 
+def test_one_chunk_has_no_seam_zone(tmp_path) -> None:
+    settings = {**TINY_SCENE, "chunk_size": 96, "halo": 8, "tile_size": 64}  # one window, 2 x 2 tiles
+    (row,) = measure_seams([("oracle_threshold", {})], out_dir=tmp_path, **settings)
+    assert row["agreement_seam"] is None and row["seam_share"] == 0.0
+    assert row["agreement"] == row["agreement_edge"] == row["agreement_interior"] == 1.0
+    assert row["tile_size"] == 64
+
+
 def test_global_pooling_model_shows_seams(tmp_path) -> None:
     rows = measure_seams(
         [("tests.test_seams:GlobalContextNet", {}), ("maskrcnn", {})], out_dir=tmp_path, **TINY_SCENE
