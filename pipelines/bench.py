@@ -46,6 +46,7 @@ import numpy as np
 
 from pipelines.tiling import plan_chunks
 from schemas.job import default_batch_size
+from workers.runtime import with_hugepage_tunable
 from workers.tiles import plan_tiles
 
 log = logging.getLogger("tessera")
@@ -86,6 +87,8 @@ class BenchConfig:
         raw_batches: distinct input batches put on the device for the raw measurement.
         raw_warmup: untimed passes over those batches.
         raw_iterations: timed passes (the median pass is reported).
+        malloc_hugepages: the job's resources.malloc_hugepages; the bare-model and peer children
+            get the same allocator setting.
         warmup_job: first run an untimed job on a one-chunk scene, so that one-time costs of a
             fresh Ray (worker processes importing torch, rasterio, zarr) are not charged to the
             first size; its wall time is reported as "warmup_job_s".
@@ -110,6 +113,7 @@ class BenchConfig:
     raw_warmup: int = 1
     raw_iterations: int = 5
     warmup_job: bool = True
+    malloc_hugepages: bool = True
 
     def __post_init__(self) -> None:
         sizes = tuple(self.sizes)
@@ -243,17 +247,18 @@ def throughput_ratios(raw_px_s: float, e2e_px_s: float, redundancy: float) -> di
     return {"ratio": ratio, "ideal_ratio": 1.0 / redundancy, "efficiency": ratio * redundancy}
 
 
-def predict_model_share(*, model_px: float, raw_px_s: float, predict_s: float) -> float | None:
+def predict_model_share(*, model_px: float, raw_px_s: float, predict_s: float, actors: int = 1) -> float | None:
     """Share of the predictors' busy seconds that the bare forward passes account for.
 
-    ``(model_px / raw_px_s) / predict_s``: the rest of `predict` is normalisation, cutting
+    ``actors x (model_px / raw_px_s) / predict_s`` (raw_px_s is all actors' processes together,
+    predict_s is summed over the actors): the rest of `predict` is normalisation, cutting
     tiles, softmax, blending (the stitch), crop, argmax and host/device copies. An estimate:
     raw is measured alone, the job's predictors share the machine with reads and writes.
     None when nothing was predicted.
     """
     if raw_px_s <= 0:
         raise ValueError(f"raw_px_s must be > 0, got {raw_px_s}")
-    return None if predict_s <= 0 else (model_px / raw_px_s) / predict_s
+    return None if predict_s <= 0 else actors * (model_px / raw_px_s) / predict_s
 
 
 def breakdown_shares(seconds: Mapping[str, float]) -> dict[str, float]:
@@ -278,7 +283,8 @@ def scaling_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, float |
     """Per size, time per Mpx and peak memory relative to the smallest size.
 
     Args:
-        rows: per size, with "size", "time_per_mpx_s" and "tessera_total_peak_mib".
+        rows: per size, with "size", "time_per_mpx_s" and "tessera_job_pss_peak_mib" (the
+            driver's and Ray workers' summed PSS).
 
     Returns:
         One dict per row (same order): "time_per_mpx_vs_smallest" (1.0 = time linear in px)
@@ -287,11 +293,11 @@ def scaling_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, float |
     if not rows:
         return []
     smallest = min(rows, key=lambda r: r["size"])
-    t0, m0 = smallest["time_per_mpx_s"], smallest["tessera_total_peak_mib"]
+    t0, m0 = smallest["time_per_mpx_s"], smallest["tessera_job_pss_peak_mib"]
     return [
         {
             "time_per_mpx_vs_smallest": r["time_per_mpx_s"] / t0 if t0 else None,
-            "memory_vs_smallest": r["tessera_total_peak_mib"] / m0 if m0 else None,
+            "memory_vs_smallest": r["tessera_job_pss_peak_mib"] / m0 if m0 else None,
         }
         for r in rows
     ]
@@ -405,12 +411,14 @@ class GpuMemorySampler:
 _CHILD_FUNCTIONS = ("measure_raw", "run_monai_peer")
 
 
-def _in_child(name: str, **kwargs: Any) -> dict[str, Any]:
+def _in_child(name: str, *, hugepages: bool = False, **kwargs: Any) -> dict[str, Any]:
     """Run one of this module's measurement functions in a fresh Python process.
 
     A fresh interpreter (not a fork of the driver, which holds Ray's threads) gives the
     measurement its own memory peak and torch threads, and needs no `__main__` guard in the
-    caller's script. Arguments and the result travel as JSON files.
+    caller's script. Arguments and the result travel as JSON files. With `hugepages` the child
+    starts with the malloc tunable the job gives its predictor actors (workers.runtime), so the
+    bare model and the peer run under the same allocator as the job's model.
 
     Raises:
         RuntimeError: the child failed; the message ends with its stderr.
@@ -422,6 +430,8 @@ def _in_child(name: str, **kwargs: Any) -> dict[str, Any]:
     repo_root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
+    if hugepages:
+        env.update(with_hugepage_tunable(env))
     with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmp:
         args, out = Path(tmp) / "args.json", Path(tmp) / "result.json"
         args.write_text(json.dumps({"name": name, "kwargs": kwargs}))
@@ -447,8 +457,12 @@ def _child_main(args_path: str, out_path: str) -> None:
 def measure_raw(
     *, card_path: str, tile_shape: Sequence[int], batch_size: int, device: str, precision: str,
     threads: int, batches: int, warmup: int, iterations: int, seed: int,
+    barrier_dir: str | None = None, parties: int = 1,
 ) -> dict[str, Any]:
     """Bare forward passes on random normalised tiles already on the device (run in a child).
+
+    With `barrier_dir`, `parties` such children run side by side (one per predictor actor):
+    each waits after its warm-up until all are warm, so their timed passes overlap.
 
     Returns:
         px_s (output px/s of the median pass), pass_s (all timed pass seconds), device_name,
@@ -489,6 +503,11 @@ def measure_raw(
 
     for _ in range(warmup):
         one_pass()
+    if barrier_dir is not None:
+        Path(barrier_dir, f"ready-{os.getpid()}").touch()
+        deadline = time.monotonic() + 600
+        while len(list(Path(barrier_dir).glob("ready-*"))) < parties and time.monotonic() < deadline:
+            time.sleep(0.05)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     seconds = []
@@ -706,6 +725,12 @@ class _Resolved:
             batch=config.batch_size or default_batch_size(device),
         )
 
+    @property
+    def cpus_per_actor(self) -> float:
+        """1 CPU per actor, less when the actors would leave no CPU for the read/write tasks."""
+        cpus = os.cpu_count() or 1
+        return min(1.0, max(0.25, (cpus - 1) / self.config.actors))
+
     def job_spec(self, scene: Path, root: Path) -> Any:
         """The JobSpec of one benchmark job (same model, tiling and resources for every size)."""
         from schemas.job import JobSpec
@@ -718,7 +743,9 @@ class _Resolved:
             "tiling": {"chunk_size": c.chunk_size, "halo": self.halo, "tile_size": self.tile,
                        "tile_overlap": c.tile_overlap, "blend": "gaussian"},
             "resources": {"actors": c.actors, "num_gpus_per_actor": self.gpus_per_actor,
-                          "batch_size": self.batch, "torch_threads": self.threads_per_actor},
+                          "cpus_per_actor": self.cpus_per_actor,
+                          "batch_size": self.batch, "torch_threads": self.threads_per_actor,
+                          "malloc_hugepages": c.malloc_hugepages},
             "inference": {"precision": c.precision},
             "output": {"root": str(root), "overwrite": True},
         })
@@ -740,6 +767,8 @@ class _Resolved:
                 "stitch (Gaussian blending and crop to the chunk core) runs inside predict",
                 "stage seconds are summed over chunks that ran in parallel: shares, not wall time",
                 "tessera_total_peak_mib counts shared pages (Ray's object store) once per process: an upper bound",
+                "tessera_job_pss_peak_mib: summed PSS of the driver and the Ray worker processes (Ray's "
+                "daemons apart, in tessera_system_pss_peak_mib); compared with the peer's RSS",
             ],
         }
 
@@ -780,6 +809,34 @@ def _run_job(spec: Any, base_dir: Path) -> Any:
     return outcome
 
 
+def _measure_raw_actors(r: _Resolved, tile_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The bare model as the job runs it: one process per predictor actor, side by side, each
+    with the actor's torch threads; px_s is their sum (the model's limit on this machine in the
+    job's configuration)."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = r.config
+    with tempfile.TemporaryDirectory(prefix="tessera-raw-") as barrier, ThreadPoolExecutor(c.actors) as pool:
+        kwargs = dict(card_path=str(r.card_path), tile_shape=tile_shape, batch_size=r.batch, device=r.device,
+                      precision=c.precision, threads=r.threads_per_actor, batches=c.raw_batches,
+                      warmup=c.raw_warmup, iterations=c.raw_iterations, seed=c.seed,
+                      barrier_dir=barrier if c.actors > 1 else None, parties=c.actors)
+        runs = list(pool.map(lambda _: _in_child("measure_raw", hugepages=c.malloc_hugepages, **kwargs),
+                             range(c.actors)))
+    gpu = [run["gpu_peak_bytes"] for run in runs if run["gpu_peak_bytes"] is not None]
+    return {
+        "px_s": sum(run["px_s"] for run in runs),
+        "px_s_per_process": [run["px_s"] for run in runs],
+        "processes": c.actors,
+        "pass_s": runs[0]["pass_s"],
+        "px_per_pass": runs[0]["px_per_pass"],
+        "threads": runs[0]["threads"],
+        "device_name": runs[0]["device_name"],
+        "gpu_peak_bytes": max(gpu) if gpu else None,
+    }
+
+
 def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict[str, Any]],
                 say: Callable[[str], None]) -> dict[str, Any]:
     """Measure one scene size: the job (timed, memory sampled), raw (once per tile shape), the peer."""
@@ -809,12 +866,8 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
     tile_shape = model_tile_shape(window_shape, r.tile, c.tile_overlap, stride=card.stride)
     if tile_shape not in raw_by_tile:
         say(f"{size}^2: bare model on {c.raw_batches} x {r.batch} tiles of {tile_shape}"
-            + (f" ({r.model_threads} torch threads)" if r.device == "cpu" else ""))
-        raw_by_tile[tile_shape] = _in_child(
-            "measure_raw", card_path=str(r.card_path), tile_shape=tile_shape, batch_size=r.batch,
-            device=r.device, precision=c.precision, threads=r.model_threads, batches=c.raw_batches,
-            warmup=c.raw_warmup, iterations=c.raw_iterations, seed=c.seed,
-        )
+            + (f" ({c.actors} process(es) x {r.threads_per_actor} torch threads)" if r.device == "cpu" else ""))
+        raw_by_tile[tile_shape] = _measure_raw_actors(r, tile_shape)
     raw = raw_by_tile[tile_shape]
 
     estimate = monai_memory_estimate(shape, channels=card.in_channels, classes=card.num_classes, input_itemsize=2)
@@ -826,7 +879,7 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
     else:
         say(f"{size}^2: MONAI sliding_window_inference over the whole scene (separate process)")
         peer = _in_child(
-            "run_monai_peer", card_path=str(r.card_path), scene_path=str(scene), tile_size=r.tile,
+            "run_monai_peer", hugepages=c.malloc_hugepages, card_path=str(r.card_path), scene_path=str(scene), tile_size=r.tile,
             overlap=c.tile_overlap, batch_size=r.batch, device=r.device, precision=c.precision,
             threads=r.model_threads, zarr_path=str(outcome.context.zarr_path),
         )
@@ -835,6 +888,7 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
     e2e_px_s = size * size / wall_s
     peaks = memory.peaks
     tessera_total, monai_rss = _mib(peaks.total_rss), _mib(peer.get("peak_rss_bytes"))
+    tessera_job = _mib(peaks.job_pss)
     row = {
         "size": size,
         "scene_px": size * size,
@@ -851,12 +905,15 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
         "time_per_mpx_s": wall_s / (size * size / 1e6),
         "predictor_busy": seconds["predict"] / (wall_s * c.actors),
         "predict_model_share": predict_model_share(model_px=redundancy * size * size, raw_px_s=raw["px_s"],
-                                                   predict_s=seconds["predict"]),
+                                                   predict_s=seconds["predict"], actors=c.actors),
         "breakdown": breakdown_shares(seconds),
         "breakdown_s": seconds,
         "tessera_driver_peak_mib": _mib(peaks.driver_rss),
         "tessera_worker_peak_mib": _mib(peaks.max_child_rss) if peaks.max_child_rss else None,
         "tessera_total_peak_mib": tessera_total,
+        "tessera_job_pss_peak_mib": tessera_job,
+        "tessera_job_rss_peak_mib": _mib(peaks.job_rss),
+        "tessera_system_pss_peak_mib": _mib(peaks.system_pss),
         "tessera_gpu_peak_mib": gpu.increase_mib,
         "raw_gpu_peak_mib": _mib(raw["gpu_peak_bytes"]),
         "monai_px_s": peer.get("px_s"),
@@ -868,7 +925,7 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
         "monai_estimate_mib": _mib(estimate),
         "monai_skipped": monai_skipped,
         "tessera_vs_monai": _safe_div(e2e_px_s, peer.get("px_s")),
-        "memory_vs_monai": _safe_div(tessera_total, monai_rss),
+        "memory_vs_monai": _safe_div(tessera_job, monai_rss),
     }
     say(f"{size}^2: e2e {e2e_px_s / 1e6:.3f} Mpx/s, raw {raw['px_s'] / 1e6:.3f} Mpx/s, "
         f"redundancy {redundancy:.3f}, wall {wall_s:.1f} s")
@@ -954,7 +1011,8 @@ def render_tables(result: Mapping[str, Any]) -> list[Any]:
         f"({result['machine'].get('device_name', '')}), tile {resolved['tile_size']}, halo {resolved['halo']}",
         "size", "wall s", "e2e Mpx/s", "raw Mpx/s", "e2e/raw", "ideal", "effic.", "redund.", "s/Mpx", "x smallest",
     )
-    memory = table("peak memory, MiB", "size", "driver", "largest worker", "all processes", "x smallest", "GPU")
+    memory = table("peak memory, MiB", "size", "driver RSS", "largest worker RSS", "job PSS (driver+workers)",
+                   "Ray daemons PSS", "all RSS (upper bound)", "x smallest (job)", "GPU")
     peer = table("MONAI sliding_window_inference, whole scene in memory",
                  "size", "Mpx/s", "tessera / MONAI", "RSS MiB", "GPU MiB", "memory tessera / MONAI", "agreement")
     stages = table("where the job's busy seconds go (stitch runs inside predict)",
@@ -969,6 +1027,7 @@ def render_tables(result: Mapping[str, Any]) -> list[Any]:
         )
         memory.add_row(
             size, _fmt(r["tessera_driver_peak_mib"], ".0f"), _fmt(r["tessera_worker_peak_mib"], ".0f"),
+            _fmt(r["tessera_job_pss_peak_mib"], ".0f"), _fmt(r["tessera_system_pss_peak_mib"], ".0f"),
             _fmt(r["tessera_total_peak_mib"], ".0f"), _fmt(r["memory_vs_smallest"], ".2f"),
             _fmt(r["tessera_gpu_peak_mib"], ".0f"),
         )

@@ -37,7 +37,7 @@ from pipelines.stages import (
 )
 from pipelines.readers.geotiff import SceneInfo, scene_name
 from pipelines.regions import ChunkRegions, merge_regions
-from pipelines.tiling import chunk_grid_shape, plan_chunks
+from pipelines.tiling import chunk_grid_shape, plan_chunks, stripe_order
 from pipelines.writers.tables import write_table
 from pipelines.writers.zarr_masks import (
     create_scene_store,
@@ -53,12 +53,14 @@ from schemas.tables import CHUNK_SKIPPED_NODATA, STATUS_COMPLETE, STATUS_FAILED
 from workers.checkpoints import Checkpoint, load_checkpoint, resolve_card_path
 from workers.predictor import PredictorOptions
 from workers.registry import model_kind
+from workers.runtime import with_hugepage_tunable
 
 log = logging.getLogger("tessera")
 
 # Bump when the meaning of output bytes changes for the same inputs and parameters.
 OUTPUT_FORMAT_VERSION = 1
 WORK_DIR = "_work"
+READ_STRIPE_CHUNKS = 4  # chunks per read stripe (pipelines.tiling.stripe_order)
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,26 @@ def place_on_cluster(job: ResolvedJob, cluster_gpus: float) -> ResolvedJob:
     batch = job.spec.resources.batch_size or default_batch_size("cuda")
     return replace(job, num_gpus_per_actor=1.0,
                    predictor_options=replace(job.predictor_options, device="cuda", batch_size=batch))
+
+
+def cluster_fit_problem(job: ResolvedJob, cluster: dict[str, float]) -> str | None:
+    """Why the actor pool cannot start on `cluster` (Ray would wait forever), or None.
+
+    The actors take actors x cpus_per_actor CPUs (and GPUs) for the whole job; the read and write
+    tasks need 0.5 CPU besides.
+    """
+    res = job.spec.resources
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    need_cpu = res.actors * res.cpus_per_actor + 0.5
+    if need_cpu > cpus:
+        return (f"resources: {res.actors} actor(s) x {res.cpus_per_actor} CPU plus 0.5 CPU for the read and "
+                f"write tasks need {need_cpu:g} CPUs, the Ray cluster has {cpus:g}; lower resources.actors "
+                "or resources.cpus_per_actor")
+    need_gpu = res.actors * job.num_gpus_per_actor
+    if need_gpu > gpus:
+        return (f"resources: {res.actors} actor(s) x {job.num_gpus_per_actor:g} GPU need {need_gpu:g} GPUs, "
+                f"the Ray cluster has {gpus:g}; lower resources.actors or resources.num_gpus_per_actor")
+    return None
 
 
 def expand_inputs(patterns: tuple[str, ...], *, base_dir: Path) -> tuple[list[str], list[str]]:
@@ -439,7 +461,14 @@ def run_job(
                                      error=f"{pattern}: no such file (or the pattern matched nothing)"))
 
     ensure_ray(ray_address)
-    job = place_on_cluster(job, ray.cluster_resources().get("GPU", 0.0))
+    cluster = ray.cluster_resources()
+    job = place_on_cluster(job, cluster.get("GPU", 0.0))
+    problem = cluster_fit_problem(job, cluster)
+    if problem:
+        if ray_address or os.environ.get("RAY_ADDRESS"):
+            log.warning("%s (waiting for the cluster to grow)", problem)
+        else:
+            raise JobSpecError(problem)
     _save_resolved_spec(job)
     open_task = ray.remote(num_cpus=0.5)(open_and_hash)
     pending = [o for o in outcomes if o.status != STATUS_FAILED]
@@ -461,7 +490,7 @@ def run_job(
     rows = []
     for scene_id, ctx in scenes.items():
         done = done_chunk_keys(Path(ctx.work_dir))
-        for w in plan_chunks(ctx.info.shape, job.chunk_size, job.halo):
+        for w in stripe_order(plan_chunks(ctx.info.shape, job.chunk_size, job.halo), READ_STRIPE_CHUNKS):
             if chunk_key(w.index) not in done:
                 rows.append(plan_row(scene_id, w))
     if rows:
@@ -493,7 +522,7 @@ def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, Scen
     scenes_ref = {"scenes": scenes}
     ds = (
         ray.data.from_items(rows, override_num_blocks=len(rows))
-        .map(read_stage, fn_kwargs=scenes_ref, num_cpus=0.5)
+        .map(read_stage, fn_kwargs=scenes_ref, num_cpus=0.5, concurrency=_read_concurrency(job))
         .map_batches(
             PredictorActor,
             fn_constructor_kwargs={
@@ -508,6 +537,7 @@ def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, Scen
             compute=ray.data.ActorPoolStrategy(size=res.actors),
             num_cpus=res.cpus_per_actor,
             num_gpus=job.num_gpus_per_actor,
+            **_actor_remote_args(res),
         )
         .map(write_stage, fn_kwargs=scenes_ref, num_cpus=0.5)
     )
@@ -522,6 +552,25 @@ def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, Scen
                 log.error("scene %s failed: %s", outcome.name, record["error"])
             outcome.status = STATUS_FAILED
             outcome.error = outcome.error or str(record["error"])
+
+
+def _read_concurrency(job: ResolvedJob) -> int:
+    """Concurrent read tasks: resources.read_tasks, else 1 per CPU actor and 2 per GPU actor.
+
+    Few readers keep consecutive windows (which share input blocks) in the same process and its
+    block cache; a read costs a fraction of a CPU forward pass, so one reader feeds one CPU actor.
+    """
+    res = job.spec.resources
+    if res.read_tasks is not None:
+        return res.read_tasks
+    return res.actors * (2 if job.num_gpus_per_actor > 0 else 1)
+
+
+def _actor_remote_args(res: Any) -> dict[str, Any]:
+    """Extra Ray options of the predictor actors: their process environment."""
+    if not res.malloc_hugepages:
+        return {}
+    return {"runtime_env": {"env_vars": with_hugepage_tunable()}}
 
 
 def _save_resolved_spec(job: ResolvedJob) -> None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import psutil
 
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
 
 @dataclass(frozen=True)
 class MemoryPeaks:
@@ -16,17 +18,45 @@ class MemoryPeaks:
         driver_rss: peak RSS of this process.
         max_child_rss: peak RSS of any single descendant process (e.g. one Ray worker).
         total_rss: peak of the summed RSS of this process and all descendants. Shared pages
-            (Ray's object store is shared memory) count once per process that maps them, so this
+            (libraries, Ray's object store) count once per process that maps them, so this
             overstates real use; it is an upper bound.
+        job_pss: peak of the summed PSS (proportional set size: each shared page split among
+            the processes that map it) of this process and the Ray worker processes (tasks and
+            actors: `ray::...` titles, Ray Data's own actors included, agents excluded).
+        system_pss: peak of the summed PSS of the other descendants: Ray's fixed daemons
+            (GCS, raylet, dashboard, agents, log monitor), which do not grow with the job.
+        job_rss: peak of the summed RSS of the processes counted in job_pss.
     """
 
     driver_rss: int
     max_child_rss: int
     total_rss: int
+    job_pss: int = 0
+    system_pss: int = 0
+    job_rss: int = 0
+
+
+def is_ray_worker(process: psutil.Process) -> bool:
+    """A Ray worker process (task or actor; its title is `ray::<what it runs>`), not an agent."""
+    try:
+        cmdline = process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    title = cmdline[0] if cmdline else ""
+    return title.startswith("ray::") and not title.startswith(RAY_AGENTS)
+
+
+def _rss_pss(process: psutil.Process) -> tuple[int, int]:
+    try:
+        info = process.memory_full_info()
+        return info.rss, getattr(info, "pss", info.rss)
+    except psutil.AccessDenied:
+        rss = process.memory_info().rss
+        return rss, rss
 
 
 class MemorySampler:
-    """Samples RSS of this process tree every `interval_s` in a daemon thread.
+    """Samples RSS and PSS of this process tree every `interval_s` in a daemon thread.
 
     Use as a context manager; `peaks` is valid after exit.
     """
@@ -35,23 +65,32 @@ class MemorySampler:
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tessera-memory", daemon=True)
-        self._driver = self._child = self._total = 0
+        self._driver = self._child = self._total = self._job_pss = self._system_pss = self._job_rss = 0
         self.peaks: MemoryPeaks | None = None
 
     def _sample(self) -> None:
         me = psutil.Process()
-        driver = me.memory_info().rss
+        driver, driver_pss = _rss_pss(me)
         total, child_max = driver, 0
+        job_pss, job_rss, system_pss = driver_pss, driver, 0
         for child in me.children(recursive=True):
             try:
-                rss = child.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                rss, pss = _rss_pss(child)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 continue
             total += rss
             child_max = max(child_max, rss)
+            if is_ray_worker(child):
+                job_pss += pss
+                job_rss += rss
+            else:
+                system_pss += pss
         self._driver = max(self._driver, driver)
         self._child = max(self._child, child_max)
         self._total = max(self._total, total)
+        self._job_pss = max(self._job_pss, job_pss)
+        self._job_rss = max(self._job_rss, job_rss)
+        self._system_pss = max(self._system_pss, system_pss)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -66,4 +105,5 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
         self._sample()
-        self.peaks = MemoryPeaks(self._driver, self._child, self._total)
+        self.peaks = MemoryPeaks(self._driver, self._child, self._total, self._job_pss, self._system_pss,
+                                 self._job_rss)

@@ -19,6 +19,8 @@ Coordinates are pixel indices in the scene, ``(row, col)``, inclusive bounds. 2D
 
 from __future__ import annotations
 
+import functools
+
 import contextlib
 import dataclasses
 import math
@@ -386,8 +388,70 @@ def chunk_regions(
     offset = as_int(id_offset, "id_offset")
     h, w = classes.shape
     if labels is None:
-        labels = label_chunk(classes, id_offset=offset, nodata=nodata)
-    elif not isinstance(labels, np.ndarray) or labels.dtype != np.int64 or labels.shape != classes.shape:
+        if offset < 0 or offset + classes.size > _INT64_MAX:
+            raise ValueError(f"id_offset must be >= 0 and leave room for {classes.size} ids in int64, got {id_offset!r}")
+        local = measure.label(classes, background=nodata, connectivity=2)  # 1..N in raster order
+    else:
+        local = _local_labels(classes, labels, offset, nodata)
+    flat = local.ravel()
+    n = int(flat.max()) if flat.size else 0
+    counts = np.bincount(flat, minlength=n + 1)
+    present = np.flatnonzero(counts[1:]) + 1  # local labels in use (all of 1..n from label_chunk)
+    position, cols = _grid_indices(h, w)
+    row0, col0 = _as_pair(origin, "origin", minimum=0)
+    count = counts[present].astype(np.int64)
+    # sum(col) and sum(position) per label; position = row * w + col gives sum(row) exactly
+    # (integers below 2**53 in float64).
+    sum_pos = np.bincount(flat, weights=position, minlength=n + 1)[present]
+    sum_c = np.bincount(flat, weights=cols, minlength=n + 1)[present]
+    sum_row = (sum_pos - sum_c) / w + count * float(row0)
+    sum_col = sum_c + count * float(col0)
+    # First and last pixel of each label in raster (C) order give its first pixel and its row
+    # range; the minimum and maximum column give its column range.
+    first, last = np.full(n + 1, h * w, dtype=np.int64), np.full(n + 1, -1, dtype=np.int64)
+    np.minimum.at(first, flat, position)
+    np.maximum.at(last, flat, position)
+    min_c, max_c = np.full(n + 1, w, dtype=np.int64), np.full(n + 1, -1, dtype=np.int64)
+    np.minimum.at(min_c, flat, cols)
+    np.maximum.at(max_c, flat, cols)
+    first, last, min_c, max_c = first[present], last[present], min_c[present], max_c[present]
+    class_id = classes.ravel()[first]
+    if labels is not None:
+        cls_of = np.zeros(n + 1, dtype=np.uint8)
+        cls_of[present] = class_id
+        valid = flat > 0
+        if not np.array_equal(cls_of[flat][valid], classes.ravel()[valid]):
+            raise ValueError("labels must not join pixels of different classes")
+
+    def edge(values: np.ndarray) -> np.ndarray:
+        return np.where(values > 0, values.astype(np.int64) + offset, 0)
+
+    return ChunkRegions(
+        chunk_index=chunk_index,
+        origin=(row0, col0),
+        shape=(h, w),
+        ids=present.astype(np.int64) + offset,
+        class_id=class_id,
+        pixel_count=count,
+        sum_row=sum_row,
+        sum_col=sum_col,
+        min_row=first // w + row0,
+        min_col=min_c + col0,
+        max_row=last // w + row0,
+        max_col=max_c + col0,
+        first_row=first // w + row0,
+        first_col=first % w + col0,
+        edge_top=edge(local[0, :]),
+        edge_bottom=edge(local[-1, :]),
+        edge_left=edge(local[:, 0]),
+        edge_right=edge(local[:, -1]),
+    )
+
+
+def _local_labels(classes: np.ndarray, labels: object, offset: int, nodata: int) -> np.ndarray:
+    """Caller-supplied scene ids -> local labels 1..h*w (0 on nodata), checked against classes."""
+    h, w = classes.shape
+    if not isinstance(labels, np.ndarray) or labels.dtype != np.int64 or labels.shape != classes.shape:
         desc = f"{labels.dtype} {labels.shape}" if isinstance(labels, np.ndarray) else type(labels).__name__
         raise ValueError(f"labels must be int64 of the classes' shape {classes.shape}, got {desc}")
     valid = labels > 0
@@ -396,51 +460,18 @@ def chunk_regions(
     local = np.where(valid, labels - offset, 0)
     if valid.any() and not (1 <= local[valid].min() and local.max() <= h * w):
         raise ValueError(f"labels must lie in id_offset + 1 .. id_offset + {h * w} = {offset + 1} .. {offset + h * w}")
-    flat = local.ravel()
-    n = int(flat.max())
-    counts = np.bincount(flat, minlength=n + 1)
-    present = np.flatnonzero(counts[1:]) + 1  # local labels in use (all of 1..n from label_chunk)
-    cls_of = np.zeros(n + 1, dtype=np.uint8)
-    cls_of[flat] = classes.ravel()
-    if not np.array_equal(cls_of[flat][valid.ravel()], classes.ravel()[valid.ravel()]):
-        raise ValueError("labels must not join pixels of different classes")
-    rows = np.broadcast_to(np.arange(h, dtype=np.float64)[:, None], (h, w)).ravel()
-    cols = np.broadcast_to(np.arange(w, dtype=np.float64)[None, :], (h, w)).ravel()
-    row0, col0 = _as_pair(origin, "origin", minimum=0)
-    count = counts[present].astype(np.int64)
-    sum_row = np.bincount(flat, weights=rows, minlength=n + 1)[present] + count * float(row0)
-    sum_col = np.bincount(flat, weights=cols, minlength=n + 1)[present] + count * float(col0)
-    # First and last pixel of each label in raster (C) order give its first pixel and its row
-    # range; in column-major order they give its column range.
+    return local
+
+
+@functools.lru_cache(maxsize=4)
+def _grid_indices(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(position, col) of every pixel of an (h, w) chunk in raster order, int64, read-only.
+    Cached: every chunk of a job has one of a few shapes."""
     position = np.arange(h * w, dtype=np.int64)
-    first, last = np.full(n + 1, h * w, dtype=np.int64), np.full(n + 1, -1, dtype=np.int64)
-    np.minimum.at(first, flat, position)
-    np.maximum.at(last, flat, position)
-    flat_t = local.T.ravel()
-    first_t, last_t = np.full(n + 1, h * w, dtype=np.int64), np.full(n + 1, -1, dtype=np.int64)
-    np.minimum.at(first_t, flat_t, position)
-    np.maximum.at(last_t, flat_t, position)
-    first, last, first_t, last_t = first[present], last[present], first_t[present], last_t[present]
-    return ChunkRegions(
-        chunk_index=chunk_index,
-        origin=(row0, col0),
-        shape=(h, w),
-        ids=present.astype(np.int64) + offset,
-        class_id=cls_of[present],
-        pixel_count=count,
-        sum_row=sum_row,
-        sum_col=sum_col,
-        min_row=first // w + row0,
-        min_col=first_t // h + col0,
-        max_row=last // w + row0,
-        max_col=last_t // h + col0,
-        first_row=first // w + row0,
-        first_col=first % w + col0,
-        edge_top=labels[0, :].copy(),
-        edge_bottom=labels[-1, :].copy(),
-        edge_left=labels[:, 0].copy(),
-        edge_right=labels[:, -1].copy(),
-    )
+    cols = position % w
+    position.flags.writeable = False
+    cols.flags.writeable = False
+    return position, cols
 
 
 _MERGED_ARRAYS: dict[str, np.dtype] = {

@@ -293,6 +293,25 @@ def plan_chunks(shape: Sequence[int], chunk: int | Sequence[int], halo: int | Se
     return [_window(dims, sizes, halos, idx) for idx in itertools.product(*(range(g) for g in grid))]
 
 
+def stripe_order(windows: Sequence[ChunkWindow], stripe: int = 4) -> list[ChunkWindow]:
+    """The windows in stripes `stripe` chunks wide along the last axis, C order inside each.
+
+    Consecutive halo windows share input blocks; visiting a narrow stripe top to bottom keeps
+    the blocks still to be shared within a small, scene-size independent reader cache (a full
+    row of a wide scene would not fit), at the cost of decoding the blocks on stripe borders twice.
+
+    Args:
+        windows: from :func:`plan_chunks` (any order).
+        stripe: stripe width in chunks, >= 1.
+
+    Returns:
+        The same windows, sorted by (stripe, index).
+    """
+    if isinstance(stripe, bool) or not isinstance(stripe, int) or stripe < 1:
+        raise ValueError(f"stripe must be an int >= 1, got {stripe!r}")
+    return sorted(windows, key=lambda w: (w.index[-1] // stripe, w.index))
+
+
 def pad_window(
     array: np.ndarray, window: ChunkWindow, *, mode: str = "reflect", constant_value: float = 0
 ) -> np.ndarray:

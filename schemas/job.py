@@ -111,6 +111,18 @@ class ResourcesSpec(_Frozen):
         description="torch intra-op threads per actor on CPU. Default: the actor's CPU share, "
         "at least 1 (avoids oversubscribing cores shared with Ray tasks).",
     )
+    read_tasks: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="Concurrent window-read tasks. Default: 1 per CPU actor, 2 per GPU actor "
+        "(few readers keep windows that share input blocks in one process's block cache).",
+    )
+    malloc_hugepages: bool = Field(
+        default=True,
+        description="Start predictor processes with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so "
+        "glibc backs large blocks (activations) with transparent huge pages instead of "
+        "page-faulting them in 4 KiB at a time on every forward pass: measured 1.4x (512-px "
+        "tiles) to 2.2x (1088-px tiles) faster CPU inference. Ignored where glibc or THP lack it.",
+    )
 
 
 class InferenceSpec(_Frozen):

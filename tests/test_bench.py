@@ -98,8 +98,8 @@ def test_breakdown_shares():
 
 def test_scaling_summary_relative_to_the_smallest_size():
     rows = [
-        {"size": 8192, "time_per_mpx_s": 2.2, "tessera_total_peak_mib": 1100.0},
-        {"size": 4096, "time_per_mpx_s": 2.0, "tessera_total_peak_mib": 1000.0},
+        {"size": 8192, "time_per_mpx_s": 2.2, "tessera_job_pss_peak_mib": 1100.0},
+        {"size": 4096, "time_per_mpx_s": 2.0, "tessera_job_pss_peak_mib": 1000.0},
     ]
     got = scaling_summary(rows)
     assert got[0] == {"time_per_mpx_vs_smallest": pytest.approx(1.1), "memory_vs_smallest": pytest.approx(1.1)}
@@ -177,6 +177,7 @@ def test_bench_smoke_run(card, tmp_path, ray_local):
     assert row["monai_skipped"] is None
     assert row["monai_agreement"] > 0.9
     assert row["tessera_total_peak_mib"] > 0 and row["monai_peak_rss_mib"] > 0
+    assert 0 < row["tessera_job_pss_peak_mib"] <= row["tessera_total_peak_mib"]
     assert math.isclose(sum(row["breakdown"].values()), 1.0)
     assert row["breakdown"]["predict"] > 0
     assert row["predict_model_share"] > 0 and 0 < row["predictor_busy"] < 1

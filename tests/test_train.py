@@ -59,7 +59,7 @@ def test_card_fields(tiny_card: tuple) -> None:
     assert all(c["color"].startswith("#") and len(c["color"]) == 7 for c in card["classes"])
     assert [b["name"] for b in card["bands"]] == list(BAND_NAMES)
     assert all(0 < b["mean"] < 10000 and b["std"] > 0 for b in card["bands"])
-    assert (card["tile_size"], card["halo"], card["stride"]) == (512, 32, 4)
+    assert (card["tile_size"], card["halo"], card["stride"]) == (1088, 32, 4)
     training = card["training"]
     assert (training["seed"], training["steps"], training["generator"]) == (3, 4, "pipelines.synthetic")
     assert training["dtype"] == "float32"

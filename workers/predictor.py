@@ -140,8 +140,9 @@ class Predictor:
             self._weights[tile_shape] = torch.from_numpy(np.array(w)).to(self.device)
         return self._weights[tile_shape]
 
-    def _forward(self, member: _PreparedMember, tiles: torch.Tensor) -> torch.Tensor:
-        """(N, C, h, w) normalised -> (N, K, h, w) float32 probabilities; pads h, w to the stride."""
+    def _forward(self, member: _PreparedMember, tiles: torch.Tensor, *, softmax: bool = True) -> torch.Tensor:
+        """(N, C, h, w) normalised -> (N, K, h, w) float32 probabilities (logits when not
+        `softmax`); pads h, w to the stride."""
         stride = member.stride
         h, w = tiles.shape[-2:]
         ph, pw = (-h) % stride, (-w) % stride
@@ -156,7 +157,8 @@ class Predictor:
         )
         with autocast:
             logits = member.model(tiles)
-        return torch.softmax(logits[..., :h, :w].float(), dim=1)
+        logits = logits[..., :h, :w].float()
+        return torch.softmax(logits, dim=1) if softmax else logits
 
     def _member_probabilities(self, member: _PreparedMember, tiles: torch.Tensor) -> torch.Tensor:
         """Average over scales and TTA views of one member's probabilities, at the tile size."""
@@ -169,29 +171,44 @@ class Predictor:
                 probs = inverse(self._forward(member, forward(scaled)))
                 probs = resample(probs, size) if scale != 1.0 else probs
                 total = probs if total is None else total + probs
-        return total / (len(self.options.scales) * len(self.tta))
+        views = len(self.options.scales) * len(self.tta)
+        return total if views == 1 else total / views
+
+    @property
+    def single_pass(self) -> bool:
+        """One member, one scale, one view: a tile's labels are the argmax of one forward pass."""
+        return len(self._members) == 1 and len(self.options.scales) == 1 and len(self.tta) == 1
+
+    def _normalise(self, member: _PreparedMember, raw: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        x = torch.sub(raw, member.mean).mul_(member.inv_std)  # a new tensor: in place from here
+        if valid is not None:  # nodata -> 0, i.e. the band mean after normalisation
+            x.mul_(valid)
+        return x
 
     def _tile_probabilities(self, raw: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """(N, C, h, w) raw float32 tiles -> (N, K, h, w) ensemble-averaged probabilities."""
+        if len(self._members) == 1:
+            return self._member_probabilities(self._members[0], self._normalise(self._members[0], raw, valid))
         total: torch.Tensor | None = None
         for member, weight in zip(self._members, self._member_weights):
-            x = (raw - member.mean) * member.inv_std
-            if valid is not None:  # nodata -> 0, i.e. the band mean after normalisation
-                x = x * valid
-            probs = self._member_probabilities(member, x) * weight
+            probs = self._member_probabilities(member, self._normalise(member, raw, valid)) * weight
             total = probs if total is None else total + probs
         return total
 
     @torch.inference_mode()
-    def predict_probabilities(self, pixels: np.ndarray, valid: np.ndarray | None = None) -> torch.Tensor:
+    def predict_probabilities(self, pixels: np.ndarray, valid: np.ndarray | None = None, *,
+                              logits_ok: bool = False) -> torch.Tensor:
         """Blended class probabilities of a whole window.
 
         Args:
             pixels: (C, H, W) raw band values (any numeric dtype), C == card.in_channels.
             valid: (H, W) bool, False at nodata pixels (fed to the model as the band mean).
+            logits_ok: the caller only needs the argmax: when the window is one tile and the
+                predictor makes a single pass (`single_pass`), return the logits and skip the
+                softmax (same argmax, one pass over K planes less).
 
         Returns:
-            (K, H, W) float32 probabilities on the predictor's device.
+            (K, H, W) float32 probabilities (or logits, see `logits_ok`) on the predictor's device.
         """
         if pixels.ndim != 3 or pixels.shape[0] != self.card.in_channels:
             raise ValueError(
@@ -202,7 +219,11 @@ class Predictor:
         v = None if valid is None else self._to_device(valid).to(torch.float32).unsqueeze(0)
         tile_shape, offsets = plan_tiles(window_shape, self.options.tile_size, self.options.tile_overlap)
         if len(offsets) == 1:  # the model takes the whole window: nothing to blend
-            return self._tile_probabilities(x.unsqueeze(0), None if v is None else v.unsqueeze(0))[0]
+            tile, tile_valid = x.unsqueeze(0), None if v is None else v.unsqueeze(0)
+            if logits_ok and self.single_pass:
+                member = self._members[0]
+                return self._forward(member, self._normalise(member, tile, tile_valid), softmax=False)[0]
+            return self._tile_probabilities(tile, tile_valid)[0]
         weights = self._tile_weights(tile_shape)
         acc = BlendAccumulator(window_shape, self.num_classes, device=self.device)
         bs = self.options.batch_size
@@ -230,7 +251,7 @@ class Predictor:
             (labels, probs): labels (h, w) uint8 class ids, NODATA_CLASS (255) where `valid` is
             False; probs (K, h, w) float16 (NaN at nodata) or None.
         """
-        probs = self.predict_probabilities(pixels, valid)
+        probs = self.predict_probabilities(pixels, valid, logits_ok=not with_probabilities)
         core = core or (slice(None), slice(None))
         core_probs = probs[(slice(None), *core)]
         labels = argmax_classes(core_probs)
