@@ -727,9 +727,11 @@ class _Resolved:
 
     @property
     def cpus_per_actor(self) -> float:
-        """1 CPU per actor, less when the actors would leave no CPU for the read/write tasks."""
+        """1 CPU per actor, less when the actors would leave no CPU for the read/write tasks
+        (GPU actors run the split pipeline; CPU actors read and write themselves)."""
         cpus = os.cpu_count() or 1
-        return min(1.0, max(0.25, (cpus - 1) / self.config.actors))
+        tasks = 1 if self.device == "cuda" else 0
+        return min(1.0, max(0.25, (cpus - tasks) / self.config.actors))
 
     def job_spec(self, scene: Path, root: Path) -> Any:
         """The JobSpec of one benchmark job (same model, tiling and resources for every size)."""

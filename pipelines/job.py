@@ -46,7 +46,7 @@ from pipelines.writers.zarr_masks import (
     remove_store,
 )
 from schemas import store as layout
-from schemas.errors import InputError, ModelCardError, OutputError, TesseraError
+from schemas.errors import InputError, JobSpecError, ModelCardError, OutputError, TesseraError
 from schemas.job import JobSpec, default_batch_size
 from schemas.model_card import ModelCard
 from schemas.tables import CHUNK_SKIPPED_NODATA, STATUS_COMPLETE, STATUS_FAILED
@@ -61,6 +61,7 @@ log = logging.getLogger("tessera")
 OUTPUT_FORMAT_VERSION = 1
 WORK_DIR = "_work"
 READ_STRIPE_CHUNKS = 4  # chunks per read stripe (pipelines.tiling.stripe_order)
+FUSED_BATCH = READ_STRIPE_CHUNKS  # consecutive chunks per fused-actor call (one stripe row)
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,12 @@ def place_on_cluster(job: ResolvedJob, cluster_gpus: float) -> ResolvedJob:
                    predictor_options=replace(job.predictor_options, device="cuda", batch_size=batch))
 
 
+def fused_stages(job: ResolvedJob) -> bool:
+    """Whether the actors read and write their chunks themselves (resources.stages)."""
+    stages = job.spec.resources.stages
+    return stages == "fused" or (stages == "auto" and job.num_gpus_per_actor <= 0)
+
+
 def cluster_fit_problem(job: ResolvedJob, cluster: dict[str, float]) -> str | None:
     """Why the actor pool cannot start on `cluster` (Ray would wait forever), or None.
 
@@ -217,11 +224,12 @@ def cluster_fit_problem(job: ResolvedJob, cluster: dict[str, float]) -> str | No
     """
     res = job.spec.resources
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    need_cpu = res.actors * res.cpus_per_actor + 0.5
+    tasks = 0.0 if fused_stages(job) else 0.5
+    need_cpu = res.actors * res.cpus_per_actor + tasks
     if need_cpu > cpus:
-        return (f"resources: {res.actors} actor(s) x {res.cpus_per_actor} CPU plus 0.5 CPU for the read and "
-                f"write tasks need {need_cpu:g} CPUs, the Ray cluster has {cpus:g}; lower resources.actors "
-                "or resources.cpus_per_actor")
+        besides = f" plus {tasks:g} CPU for the read and write tasks" if tasks else ""
+        return (f"resources: {res.actors} actor(s) x {res.cpus_per_actor} CPU{besides} need {need_cpu:g} CPUs, "
+                f"the Ray cluster has {cpus:g}; lower resources.actors or resources.cpus_per_actor")
     need_gpu = res.actors * job.num_gpus_per_actor
     if need_gpu > gpus:
         return (f"resources: {res.actors} actor(s) x {job.num_gpus_per_actor:g} GPU need {need_gpu:g} GPUs, "
@@ -514,24 +522,50 @@ def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, Scen
     """Run the Ray Data pipeline over the chunk plans; record failures per scene."""
     import ray
 
-    from workers.actors import PredictorActor
-
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     res = job.spec.resources
     scenes_ref = {"scenes": scenes}
-    ds = (
+    predictor_kwargs = {
+        "card_path": str(job.checkpoint.card_path),
+        "options": job.predictor_options,
+        "weight": job.spec.model.weight,
+        "ensemble": tuple((str(c.card_path), w) for c, w in job.ensemble),
+        "with_probabilities": job.spec.output.write_probabilities,
+    }
+    if fused_stages(job):
+        from pipelines.fused import FusedChunkActor
+
+        # blocks of FUSED_BATCH consecutive chunks (stripe order): one actor reads neighbours
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // FUSED_BATCH))).map_batches(
+            FusedChunkActor,
+            fn_constructor_kwargs={"scenes": scenes, "predictor": predictor_kwargs},
+            batch_size=FUSED_BATCH,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=res.actors),
+            num_cpus=res.cpus_per_actor,
+            num_gpus=job.num_gpus_per_actor,
+            **_actor_remote_args(res),
+        )
+    else:
+        ds = _split_pipeline(job, rows, scenes_ref, predictor_kwargs)
+    _consume(ds, len(rows), by_id, on_chunk)
+
+
+def _split_pipeline(job: ResolvedJob, rows: list[dict[str, Any]], scenes_ref: dict[str, Any],
+                    predictor_kwargs: dict[str, Any]) -> Any:
+    """Read tasks -> predictor actor pool -> write tasks."""
+    import ray
+
+    from workers.actors import PredictorActor
+
+    res = job.spec.resources
+    return (
         ray.data.from_items(rows, override_num_blocks=len(rows))
         .map(read_stage, fn_kwargs=scenes_ref, num_cpus=0.5, concurrency=_read_concurrency(job))
         .map_batches(
             PredictorActor,
-            fn_constructor_kwargs={
-                "card_path": str(job.checkpoint.card_path),
-                "options": job.predictor_options,
-                "weight": job.spec.model.weight,
-                "ensemble": tuple((str(c.card_path), w) for c, w in job.ensemble),
-                "with_probabilities": job.spec.output.write_probabilities,
-            },
+            fn_constructor_kwargs=predictor_kwargs,
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=res.actors),
@@ -541,11 +575,16 @@ def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, Scen
         )
         .map(write_stage, fn_kwargs=scenes_ref, num_cpus=0.5)
     )
+
+
+def _consume(ds: Any, total: int, by_id: dict[int, SceneOutcome],
+             on_chunk: Callable[[int, int], None] | None) -> None:
+    """Drive the dataset; record failed chunks against their scenes."""
     done = 0
     for record in ds.iter_rows():
         done += 1
         if on_chunk:
-            on_chunk(done, len(rows))
+            on_chunk(done, total)
         if record["error"]:
             outcome = by_id[int(record["scene_id"])]
             if outcome.status != STATUS_FAILED:

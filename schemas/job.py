@@ -111,6 +111,13 @@ class ResourcesSpec(_Frozen):
         description="torch intra-op threads per actor on CPU. Default: the actor's CPU share, "
         "at least 1 (avoids oversubscribing cores shared with Ray tasks).",
     )
+    stages: Literal["auto", "fused", "split"] = Field(
+        default="auto",
+        description="'split': windows are read and chunks written by Ray tasks, the actors only "
+        "predict (reads and writes overlap an accelerator's work). 'fused': each actor reads, "
+        "predicts and writes its chunks itself (no task pre-empts its torch threads; one actor per "
+        "core with 1 thread each is fastest on CPU). 'auto': fused on CPU, split on GPU.",
+    )
     read_tasks: int | None = Field(
         default=None, ge=1, le=4096,
         description="Concurrent window-read tasks. Default: 1 per CPU actor, 2 per GPU actor "

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.tiling import PAD_MODES, ChunkWindow, chunk_grid_shape, pad_window, plan_chunk, plan_chunks
+from pipelines.tiling import (
+    PAD_MODES, ChunkWindow, chunk_grid_shape, pad_window, plan_chunk, plan_chunks, stripe_order,
+)
 
 
 @st.composite
@@ -238,3 +240,14 @@ def test_pad_window_errors_and_no_copy() -> None:
     array = np.ones(inner.read_shape)
     assert pad_window(array, inner) is array
     assert set(PAD_MODES) == {"reflect", "symmetric", "edge", "constant"}
+
+
+def test_stripe_order_is_a_permutation_in_stripes():
+    windows = plan_chunks((300, 700), 100, 10)  # grid 3 x 7
+    ordered = stripe_order(windows, stripe=3)
+    assert sorted(w.index for w in ordered) == sorted(w.index for w in windows)
+    assert [w.index for w in ordered[:9]] == [(r, c) for r in range(3) for c in range(3)]
+    assert [w.index for w in ordered[-3:]] == [(0, 6), (1, 6), (2, 6)]  # last stripe: one column
+    assert stripe_order(windows, stripe=100) == windows  # one stripe: C order
+    with pytest.raises(ValueError, match="stripe"):
+        stripe_order(windows, stripe=0)

@@ -30,21 +30,25 @@ class PredictorActor:
                                    extra_members=tuple(members))
         self.with_probabilities = with_probabilities
 
+    def predict_row(self, row: dict) -> tuple[np.ndarray, np.ndarray, float]:
+        """(labels, probabilities or an empty array, seconds) of one read row (see __call__)."""
+        if row["error"] or row["skip"]:
+            return np.zeros((0, 0), dtype=np.uint8), np.zeros((0, 0, 0), dtype=np.float16), 0.0
+        t0 = time.perf_counter()
+        core = tuple(slice(int(a), int(b)) for a, b in row["core_in_window"])
+        lab, prob = self.predictor.predict_core(row["pixels"], row["valid"], core=core,
+                                                with_probabilities=self.with_probabilities)
+        prob = prob if prob is not None else np.zeros((0, 0, 0), dtype=np.float16)
+        return lab, prob, time.perf_counter() - t0
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["error"])
         labels, probs, seconds = [], [], np.zeros(n, dtype=np.float64)
         for i in range(n):
-            if batch["error"][i] or batch["skip"][i]:
-                labels.append(np.zeros((0, 0), dtype=np.uint8))
-                probs.append(np.zeros((0, 0, 0), dtype=np.float16))
-                continue
-            t0 = time.perf_counter()
-            core = tuple(slice(int(a), int(b)) for a, b in batch["core_in_window"][i])
-            lab, prob = self.predictor.predict_core(batch["pixels"][i], batch["valid"][i], core=core,
-                                                    with_probabilities=self.with_probabilities)
+            lab, prob, seconds[i] = self.predict_row({k: batch[k][i] for k in
+                                                      ("error", "skip", "core_in_window", "pixels", "valid")})
             labels.append(lab)
-            probs.append(prob if prob is not None else np.zeros((0, 0, 0), dtype=np.float16))
-            seconds[i] = time.perf_counter() - t0
+            probs.append(prob)
         out = {k: v for k, v in batch.items() if k not in ("pixels", "valid")}
         out["labels"] = _object_column(labels)
         if self.with_probabilities:

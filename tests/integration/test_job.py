@@ -16,7 +16,7 @@ from skimage.measure import label, regionprops
 from pipelines.job import run_job
 from pipelines.query import run_query
 from schemas import store as layout
-from schemas.errors import ModelCardError
+from schemas.errors import JobSpecError, ModelCardError
 from schemas.job import JobSpec
 from schemas.tables import SCHEMAS
 from tests.helpers import oracle_checkpoint, smooth_scene, write_geotiff
@@ -261,3 +261,31 @@ def test_mismatched_ensemble_fails_before_any_work(tmp_path):
     })
     with pytest.raises(ModelCardError, match="ensemble members must agree"):
         run_job(spec, base_dir=tmp_path)
+
+
+def test_split_stages_write_the_same_outputs_as_fused(oracle_run, tmp_path):
+    # oracle_run used the CPU default (stages auto -> fused); the split pipeline (read tasks ->
+    # actors -> write tasks) must write identical classes and region rows.
+    _, scene, root, _ = oracle_run
+    card = oracle_checkpoint(tmp_path / "model")
+    spec = _spec([scene], tmp_path / "split", card)
+    spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"stages": "split"})})
+    result = run_job(spec, base_dir=tmp_path)
+    assert [s.status for s in result.scenes] == ["complete"]
+    np.testing.assert_array_equal(_classes(tmp_path / "split", "scene_one"), _classes(root, "scene_one"))
+
+    def regions(r: Path):
+        return pq.read_table(r / "tables" / "regions" / "scene_one.parquet").sort_by("region_id").drop(["scene"])
+
+    assert regions(tmp_path / "split").equals(regions(root))
+
+
+def test_more_actors_than_cpus_fails_before_any_work(tmp_path):
+    # the local test Ray has 2 CPUs: 3 actors x 1 CPU could never all start (Ray would wait forever)
+    scene = write_geotiff(tmp_path / "s.tif", smooth_scene((40, 40), seed=3))
+    card = oracle_checkpoint(tmp_path / "model")
+    spec = _spec([scene], tmp_path / "out", card)
+    spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"actors": 3})})
+    with pytest.raises(JobSpecError, match=r"3 actor\(s\) x 1.0 CPU need 3 CPUs, the Ray cluster has 2"):
+        run_job(spec, base_dir=tmp_path)
+    assert not (tmp_path / "out" / "s.zarr").exists()
