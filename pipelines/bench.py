@@ -76,7 +76,7 @@ class BenchConfig:
         tile_size: model tile side in px (None: the card's).
         tile_overlap: tile overlap as a fraction of the tile side, in [0, 1).
         batch_size: model tiles per forward pass (None: the job's default for the device).
-        actors: predictor actors.
+        actors: predictor actors (None: one per CPU core on CPU, one per GPU: the job's default).
         torch_threads: torch threads per actor on CPU (None: all cores / actors, at least 1).
         device: "auto" (cuda when available), "cpu" or "cuda".
         precision: autocast precision on GPU: "auto", "fp32", "bf16", "fp16" (CPU runs fp32).
@@ -101,7 +101,7 @@ class BenchConfig:
     tile_size: int | None = None
     tile_overlap: float = 0.25
     batch_size: int | None = None
-    actors: int = 1
+    actors: int | None = None
     torch_threads: int | None = None
     device: str = "auto"
     precision: str = "auto"
@@ -124,7 +124,7 @@ class BenchConfig:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"BenchConfig.batch_size must be >= 1, got {self.batch_size!r}")
         for name in ("chunk_size", "actors", "monai_max_side", "raw_batches", "raw_iterations"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"BenchConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("halo", "raw_warmup", "seed"):
             value = getattr(self, name)
@@ -701,6 +701,7 @@ class _Resolved:
     model_threads: int  # the bare model and the peer get the threads all predictors share
     gpus_per_actor: float
     batch: int  # tiles per forward pass (the job's default for the device unless set)
+    actors: int = 1  # config.actors, or one per CPU core (CPU) / GPU
 
     @classmethod
     def from_config(cls, config: BenchConfig) -> _Resolved:
@@ -711,17 +712,23 @@ class _Resolved:
         card = load_checkpoint(card_path).card
         device = resolve_device(config.device).type
         cpus = os.cpu_count() or 1
-        threads = config.torch_threads or max(1, cpus // config.actors)
+        if device == "cuda":
+            import torch
+
+            actors = config.actors or max(1, torch.cuda.device_count())
+        else:
+            actors = config.actors or cpus
+        threads = config.torch_threads or max(1, cpus // actors)
         gpus_per_actor = 0.0
         if device == "cuda":
             import torch
 
-            gpus_per_actor = min(1.0, max(torch.cuda.device_count(), 1) / config.actors)
+            gpus_per_actor = min(1.0, max(torch.cuda.device_count(), 1) / actors)
         return cls(
             config=config, out_dir=config.out_dir.expanduser().resolve(), card_path=card_path, card=card,
             device=device, halo=config.halo if config.halo is not None else card.halo,
             tile=config.tile_size or card.tile_size, threads_per_actor=threads,
-            model_threads=min(cpus, threads * config.actors), gpus_per_actor=gpus_per_actor,
+            model_threads=min(cpus, threads * actors), gpus_per_actor=gpus_per_actor, actors=actors,
             batch=config.batch_size or default_batch_size(device),
         )
 
@@ -731,7 +738,7 @@ class _Resolved:
         (GPU actors run the split pipeline; CPU actors read and write themselves)."""
         cpus = os.cpu_count() or 1
         tasks = 1 if self.device == "cuda" else 0
-        return min(1.0, max(0.25, (cpus - tasks) / self.config.actors))
+        return min(1.0, max(0.25, (cpus - tasks) / self.actors))
 
     def job_spec(self, scene: Path, root: Path) -> Any:
         """The JobSpec of one benchmark job (same model, tiling and resources for every size)."""
@@ -744,7 +751,7 @@ class _Resolved:
             "model": {"card": str(self.card_path)},
             "tiling": {"chunk_size": c.chunk_size, "halo": self.halo, "tile_size": self.tile,
                        "tile_overlap": c.tile_overlap, "blend": "gaussian"},
-            "resources": {"actors": c.actors, "num_gpus_per_actor": self.gpus_per_actor,
+            "resources": {"actors": self.actors, "num_gpus_per_actor": self.gpus_per_actor,
                           "cpus_per_actor": self.cpus_per_actor,
                           "batch_size": self.batch, "torch_threads": self.threads_per_actor,
                           "malloc_hugepages": c.malloc_hugepages},
@@ -759,7 +766,7 @@ class _Resolved:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": self.config.to_json(),
             "resolved": {"card_path": str(self.card_path), "halo": self.halo, "tile_size": self.tile,
-                         "torch_threads_per_actor": self.threads_per_actor, "model_threads": self.model_threads,
+                         "actors": self.actors, "torch_threads_per_actor": self.threads_per_actor, "model_threads": self.model_threads,
                          "num_gpus_per_actor": self.gpus_per_actor, "device": self.device},
             "model": {"name": card.name, "architecture": card.architecture, "in_channels": card.in_channels,
                       "num_classes": card.num_classes, "stride": card.stride, "tile_size": card.tile_size,
@@ -819,18 +826,18 @@ def _measure_raw_actors(r: _Resolved, tile_shape: tuple[int, ...]) -> dict[str, 
     from concurrent.futures import ThreadPoolExecutor
 
     c = r.config
-    with tempfile.TemporaryDirectory(prefix="tessera-raw-") as barrier, ThreadPoolExecutor(c.actors) as pool:
+    with tempfile.TemporaryDirectory(prefix="tessera-raw-") as barrier, ThreadPoolExecutor(r.actors) as pool:
         kwargs = dict(card_path=str(r.card_path), tile_shape=tile_shape, batch_size=r.batch, device=r.device,
                       precision=c.precision, threads=r.threads_per_actor, batches=c.raw_batches,
                       warmup=c.raw_warmup, iterations=c.raw_iterations, seed=c.seed,
-                      barrier_dir=barrier if c.actors > 1 else None, parties=c.actors)
+                      barrier_dir=barrier if r.actors > 1 else None, parties=r.actors)
         runs = list(pool.map(lambda _: _in_child("measure_raw", hugepages=c.malloc_hugepages, **kwargs),
-                             range(c.actors)))
+                             range(r.actors)))
     gpu = [run["gpu_peak_bytes"] for run in runs if run["gpu_peak_bytes"] is not None]
     return {
         "px_s": sum(run["px_s"] for run in runs),
         "px_s_per_process": [run["px_s"] for run in runs],
-        "processes": c.actors,
+        "processes": r.actors,
         "pass_s": runs[0]["pass_s"],
         "px_per_pass": runs[0]["px_per_pass"],
         "threads": runs[0]["threads"],
@@ -853,7 +860,7 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
     root = r.out_dir / "runs" / str(size)
     shutil.rmtree(root, ignore_errors=True)  # earlier outputs: the job must really run
     spec = r.job_spec(scene, root)
-    say(f"{size}^2: end-to-end job ({c.actors} actor(s), {r.device}, chunk {c.chunk_size}, halo {r.halo}, "
+    say(f"{size}^2: end-to-end job ({r.actors} actor(s), {r.device}, chunk {c.chunk_size}, halo {r.halo}, "
         f"tile {r.tile}, overlap {c.tile_overlap}, batch {r.batch})")
     with MemorySampler() as memory, GpuMemorySampler(enabled=r.device == "cuda") as gpu:
         t0 = time.perf_counter()
@@ -868,7 +875,7 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
     tile_shape = model_tile_shape(window_shape, r.tile, c.tile_overlap, stride=card.stride)
     if tile_shape not in raw_by_tile:
         say(f"{size}^2: bare model on {c.raw_batches} x {r.batch} tiles of {tile_shape}"
-            + (f" ({c.actors} process(es) x {r.threads_per_actor} torch threads)" if r.device == "cpu" else ""))
+            + (f" ({r.actors} process(es) x {r.threads_per_actor} torch threads)" if r.device == "cpu" else ""))
         raw_by_tile[tile_shape] = _measure_raw_actors(r, tile_shape)
     raw = raw_by_tile[tile_shape]
 
@@ -905,9 +912,9 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
         **throughput_ratios(raw["px_s"], e2e_px_s, redundancy),
         "wall_s": wall_s,
         "time_per_mpx_s": wall_s / (size * size / 1e6),
-        "predictor_busy": seconds["predict"] / (wall_s * c.actors),
+        "predictor_busy": seconds["predict"] / (wall_s * r.actors),
         "predict_model_share": predict_model_share(model_px=redundancy * size * size, raw_px_s=raw["px_s"],
-                                                   predict_s=seconds["predict"], actors=c.actors),
+                                                   predict_s=seconds["predict"], actors=r.actors),
         "breakdown": breakdown_shares(seconds),
         "breakdown_s": seconds,
         "tessera_driver_peak_mib": _mib(peaks.driver_rss),

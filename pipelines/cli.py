@@ -90,8 +90,10 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output root.")] = Path("tessera-demo"),
     size: Annotated[int, typer.Option(help="Scene side in px.")] = 4096,
     seed: Annotated[int, typer.Option(help="Scene generator seed.")] = 7,
-    actors: Annotated[int, typer.Option(help="Predictor actors.")] = 1,
-    torch_threads: Annotated[int | None, typer.Option(help="torch threads per actor (default: all cores / actors).")] = None,
+    actors: Annotated[int | None, typer.Option(
+        help="Predictor actors (default: the job's: one per CPU on CPU, one per GPU).")] = None,
+    torch_threads: Annotated[int | None, typer.Option(
+        help="torch threads per actor (default: all cores / actors when --actors is set, else 1).")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default: local).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -99,7 +101,7 @@ def demo(
     from pipelines.demo import run_demo
 
     _setup_logging(verbose)
-    threads = torch_threads or max(1, (os.cpu_count() or 1) // actors)
+    threads = torch_threads or (max(1, (os.cpu_count() or 1) // actors) if actors else None)
     console.print(f"tessera demo: {size}x{size} synthetic 4-band UTM scene, bundled U-Net, local Ray ...")
     try:
         report = run_demo(out, size=size, seed=seed, actors=actors, torch_threads=threads, ray_address=address)
@@ -191,7 +193,8 @@ def bench(
     tile_size: Annotated[int | None, typer.Option(help="Model tile side in px (default: the card's).")] = None,
     overlap: Annotated[float, typer.Option(help="Tile overlap fraction in [0, 1).")] = 0.25,
     batch_size: Annotated[int | None, typer.Option(help="Model tiles per forward pass (default: 1 on CPU, 8 on GPU).")] = None,
-    actors: Annotated[int, typer.Option(help="Predictor actors.")] = 1,
+    actors: Annotated[int | None, typer.Option(
+        help="Predictor actors (default: one per CPU core on CPU, one per GPU).")] = None,
     torch_threads: Annotated[int | None, typer.Option(
         help="torch threads per actor (default: all cores / actors).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",

@@ -68,7 +68,7 @@ def score_against_truth(zarr_path: Path, truth_path: Path, *, num_classes: int) 
 
 
 def run_demo(
-    root: Path, *, size: int = 4096, seed: int = 7, actors: int = 1, torch_threads: int | None = None,
+    root: Path, *, size: int = 4096, seed: int = 7, actors: int | None = None, torch_threads: int | None = None,
     chunk_size: int = 1024, ray_address: str | None = None, fresh: bool = True,
 ) -> DemoReport:
     """Generate (or reuse) the demo scene, run the job on it, score it against the truth.

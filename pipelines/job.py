@@ -76,6 +76,7 @@ class ResolvedJob:
     halo: int
     predictor_options: PredictorOptions
     num_gpus_per_actor: float = 0.0
+    actors: int = 1  # resources.actors, or the cluster's default (place_on_cluster)
 
     @property
     def card(self) -> ModelCard:
@@ -201,13 +202,34 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
     )
 
 
-def place_on_cluster(job: ResolvedJob, cluster_gpus: float) -> ResolvedJob:
-    """Fill the GPU default from the cluster: 1 GPU per actor when it has GPUs, else CPU."""
-    if job.spec.resources.num_gpus_per_actor is not None or cluster_gpus <= 0:
-        return job
-    batch = job.spec.resources.batch_size or default_batch_size("cuda")
-    return replace(job, num_gpus_per_actor=1.0,
-                   predictor_options=replace(job.predictor_options, device="cuda", batch_size=batch))
+ACTOR_MEMORY_BYTES = 1.5 * 2**30
+"""Memory budgeted per predictor actor when choosing their number (measured on CPU: about 1 GB
+PSS for the bundled U-Net on 1088-px tiles: torch alone is about 0.5 GB)."""
+
+
+def place_on_cluster(job: ResolvedJob, cluster: dict[str, float]) -> ResolvedJob:
+    """Fill the defaults that depend on the cluster's resources.
+
+    GPU: 1 GPU per actor when the cluster has GPUs (else CPU). Actors (unless set): one per GPU;
+    on CPU one per CPU (cpus_per_actor each, 0.5 CPU left for the split pipeline's tasks), at
+    most one per ACTOR_MEMORY_BYTES of the cluster's memory, at least 1.
+    """
+    res = job.spec.resources
+    gpus = cluster.get("GPU", 0.0)
+    if res.num_gpus_per_actor is None and gpus > 0:
+        batch = res.batch_size or default_batch_size("cuda")
+        job = replace(job, num_gpus_per_actor=1.0,
+                      predictor_options=replace(job.predictor_options, device="cuda", batch_size=batch))
+    if res.actors is not None:
+        return replace(job, actors=res.actors)
+    if job.num_gpus_per_actor > 0:
+        actors = int(gpus // job.num_gpus_per_actor)
+    else:
+        tasks = 0.0 if fused_stages(job) else 0.5
+        actors = int((cluster.get("CPU", 1.0) - tasks) // res.cpus_per_actor)
+        if cluster.get("memory"):
+            actors = min(actors, int(cluster["memory"] // ACTOR_MEMORY_BYTES))
+    return replace(job, actors=max(1, actors))
 
 
 def fused_stages(job: ResolvedJob) -> bool:
@@ -225,14 +247,14 @@ def cluster_fit_problem(job: ResolvedJob, cluster: dict[str, float]) -> str | No
     res = job.spec.resources
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     tasks = 0.0 if fused_stages(job) else 0.5
-    need_cpu = res.actors * res.cpus_per_actor + tasks
+    need_cpu = job.actors * res.cpus_per_actor + tasks
     if need_cpu > cpus:
         besides = f" plus {tasks:g} CPU for the read and write tasks" if tasks else ""
-        return (f"resources: {res.actors} actor(s) x {res.cpus_per_actor} CPU{besides} need {need_cpu:g} CPUs, "
+        return (f"resources: {job.actors} actor(s) x {res.cpus_per_actor} CPU{besides} need {need_cpu:g} CPUs, "
                 f"the Ray cluster has {cpus:g}; lower resources.actors or resources.cpus_per_actor")
-    need_gpu = res.actors * job.num_gpus_per_actor
+    need_gpu = job.actors * job.num_gpus_per_actor
     if need_gpu > gpus:
-        return (f"resources: {res.actors} actor(s) x {job.num_gpus_per_actor:g} GPU need {need_gpu:g} GPUs, "
+        return (f"resources: {job.actors} actor(s) x {job.num_gpus_per_actor:g} GPU need {need_gpu:g} GPUs, "
                 f"the Ray cluster has {gpus:g}; lower resources.actors or resources.num_gpus_per_actor")
     return None
 
@@ -470,7 +492,7 @@ def run_job(
 
     ensure_ray(ray_address)
     cluster = ray.cluster_resources()
-    job = place_on_cluster(job, cluster.get("GPU", 0.0))
+    job = place_on_cluster(job, cluster)
     problem = cluster_fit_problem(job, cluster)
     if problem:
         if ray_address or os.environ.get("RAY_ADDRESS"):
@@ -536,13 +558,15 @@ def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, Scen
     if fused_stages(job):
         from pipelines.fused import FusedChunkActor
 
-        # blocks of FUSED_BATCH consecutive chunks (stripe order): one actor reads neighbours
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // FUSED_BATCH))).map_batches(
+        # blocks of up to FUSED_BATCH consecutive chunks (stripe order): one actor reads
+        # neighbours; enough blocks for every actor, and no more actors than blocks
+        n_blocks = max(-(-len(rows) // FUSED_BATCH), min(len(rows), job.actors))
+        ds = ray.data.from_items(rows, override_num_blocks=n_blocks).map_batches(
             FusedChunkActor,
             fn_constructor_kwargs={"scenes": scenes, "predictor": predictor_kwargs},
-            batch_size=FUSED_BATCH,
+            batch_size=-(-len(rows) // n_blocks),
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=res.actors),
+            compute=ray.data.ActorPoolStrategy(size=min(job.actors, n_blocks)),
             num_cpus=res.cpus_per_actor,
             num_gpus=job.num_gpus_per_actor,
             **_actor_remote_args(res),
@@ -568,7 +592,7 @@ def _split_pipeline(job: ResolvedJob, rows: list[dict[str, Any]], scenes_ref: di
             fn_constructor_kwargs=predictor_kwargs,
             batch_size=1,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=res.actors),
+            compute=ray.data.ActorPoolStrategy(size=min(job.actors, len(rows))),
             num_cpus=res.cpus_per_actor,
             num_gpus=job.num_gpus_per_actor,
             **_actor_remote_args(res),
@@ -602,7 +626,7 @@ def _read_concurrency(job: ResolvedJob) -> int:
     res = job.spec.resources
     if res.read_tasks is not None:
         return res.read_tasks
-    return res.actors * (2 if job.num_gpus_per_actor > 0 else 1)
+    return job.actors * (2 if job.num_gpus_per_actor > 0 else 1)
 
 
 def _actor_remote_args(res: Any) -> dict[str, Any]:

@@ -94,7 +94,13 @@ def default_batch_size(device_type: str) -> int:
 class ResourcesSpec(_Frozen):
     """Ray resources of the predictor actors."""
 
-    actors: int = Field(default=1, ge=1, le=1024, description="Number of predictor actors.")
+    actors: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="Number of predictor actors. Default: on a cluster with GPUs, one per GPU "
+        "(num_gpus_per_actor each); on CPU, one per CPU of the cluster (cpus_per_actor each; "
+        "measured fastest: one single-threaded actor per core), at most one per 1.5 GB of the "
+        "cluster's memory.",
+    )
     num_gpus_per_actor: float | None = Field(
         default=None, ge=0.0, le=8.0,
         description="GPUs per actor; 0 runs on CPU. Default: 1 when the Ray cluster has GPUs, else 0.",

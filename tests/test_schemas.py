@@ -17,7 +17,7 @@ def test_minimal_spec_gets_working_defaults():
     spec = parse_job_spec("inputs: [a.tif]\noutput: {root: out}\n", source="job.yaml")
     assert spec.model.card == "builtin:unet-demo"
     assert spec.tiling.chunk_size == 1024 and spec.tiling.halo is None and spec.tiling.blend == "gaussian"
-    assert spec.resources.actors == 1 and spec.resources.num_gpus_per_actor is None  # auto
+    assert spec.resources.actors is None and spec.resources.num_gpus_per_actor is None  # auto
 
 
 @pytest.mark.parametrize(
@@ -124,14 +124,16 @@ def test_gpu_default_follows_the_cluster(tmp_path):
     auto = resolve_job(JobSpec.model_validate({"inputs": ["a.tif"], "model": {"card": str(card)},
                                                "output": {"root": "o"}}), base_dir=tmp_path)
     assert auto.predictor_options.device == "cpu" and auto.num_gpus_per_actor == 0
-    on_gpus = place_on_cluster(auto, cluster_gpus=4)
+    on_gpus = place_on_cluster(auto, {"CPU": 16, "GPU": 4})
     assert on_gpus.predictor_options.device == "cuda" and on_gpus.num_gpus_per_actor == 1
     assert on_gpus.parameters()["device_type"] == "cuda" != auto.parameters()["device_type"]
-    assert place_on_cluster(auto, cluster_gpus=0) is auto
+    assert on_gpus.actors == 4  # one per GPU
+    on_cpus = place_on_cluster(auto, {"CPU": 2})
+    assert on_cpus.predictor_options == auto.predictor_options and on_cpus.num_gpus_per_actor == 0
     pinned = resolve_job(JobSpec.model_validate({"inputs": ["a.tif"], "model": {"card": str(card)},
                                                  "resources": {"num_gpus_per_actor": 0},
                                                  "output": {"root": "o"}}), base_dir=tmp_path)
-    assert place_on_cluster(pinned, cluster_gpus=4).predictor_options.device == "cpu"
+    assert place_on_cluster(pinned, {"CPU": 8, "GPU": 4}).predictor_options.device == "cpu"
 
 
 def test_batch_default_follows_the_device(tmp_path):
@@ -142,4 +144,26 @@ def test_batch_default_follows_the_device(tmp_path):
                                    "output": {"root": "o"}})
     cpu = resolve_job(spec, base_dir=tmp_path)
     assert cpu.predictor_options.batch_size == 1
-    assert place_on_cluster(cpu, cluster_gpus=1).predictor_options.batch_size == 8
+    assert place_on_cluster(cpu, {"CPU": 2, "GPU": 1}).predictor_options.batch_size == 8
+
+
+def test_actor_default_follows_the_cluster(tmp_path):
+    from pipelines.job import ACTOR_MEMORY_BYTES, place_on_cluster, resolve_job
+    from tests.helpers import oracle_checkpoint
+
+    def job(**resources):
+        spec = JobSpec.model_validate({"inputs": ["a.tif"], "model": {"card": str(oracle_checkpoint(tmp_path))},
+                                       "resources": resources, "output": {"root": "o"}})
+        return resolve_job(spec, base_dir=tmp_path)
+
+    # CPU, fused stages: one single-threaded actor per CPU
+    assert place_on_cluster(job(), {"CPU": 8}).actors == 8
+    assert job().predictor_options.torch_threads == 1
+    # split stages leave half a CPU to the read and write tasks
+    assert place_on_cluster(job(stages="split"), {"CPU": 8}).actors == 7
+    assert place_on_cluster(job(cpus_per_actor=2), {"CPU": 8}).actors == 4
+    # memory caps the count, and there is always one
+    assert place_on_cluster(job(), {"CPU": 64, "memory": 4 * ACTOR_MEMORY_BYTES}).actors == 4
+    assert place_on_cluster(job(), {"CPU": 0.5}).actors == 1
+    # explicit wins
+    assert place_on_cluster(job(actors=3), {"CPU": 8, "GPU": 2}).actors == 3
