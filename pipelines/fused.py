@@ -33,7 +33,13 @@ class FusedChunkActor:
         records = []
         for i in range(n):
             row = read_stage({k: batch[k][i] for k in batch}, scenes=self.scenes)
-            labels, probs, seconds = self.actor.predict_row(row)
+            try:
+                labels, probs, seconds = self.actor.predict_row(row)
+            except (RuntimeError, ValueError) as exc:  # e.g. a window the model cannot take
+                ctx = self.scenes[int(row["scene_id"])]
+                records.append({"scene_id": ctx.scene_id, "key": "",
+                                "error": f"{ctx.info.path}: predicting chunk {list(row['index'])} failed: {exc}"})
+                continue
             row.pop("pixels")
             row.pop("valid")
             row.update(labels=labels, predict_s=seconds)
