@@ -47,7 +47,7 @@ import numpy as np
 from pipelines.tiling import plan_chunks
 from schemas.job import default_batch_size
 from workers.runtime import with_hugepage_tunable
-from workers.tiles import plan_tiles
+from workers.tileplan import plan_tiles
 
 log = logging.getLogger("tessera")
 
@@ -408,7 +408,7 @@ class GpuMemorySampler:
 # ----------------------------------------------------------------------------- child processes
 
 
-_CHILD_FUNCTIONS = ("measure_raw", "run_monai_peer")
+_CHILD_FUNCTIONS = ("measure_raw", "run_monai_peer", "probe_device")
 
 
 def _in_child(name: str, *, hugepages: bool = False, **kwargs: Any) -> dict[str, Any]:
@@ -452,6 +452,17 @@ def _child_main(args_path: str, out_path: str) -> None:
         raise ValueError(f"unknown child function {request['name']!r}")
     result = globals()[request["name"]](**request["kwargs"])
     Path(out_path).write_text(json.dumps(result))
+
+
+def probe_device(*, device: str) -> dict[str, Any]:
+    """{"type": "cpu" | "cuda", "count": CUDA devices} (run in a child: the benchmark's own
+    process, which is the job's driver, stays without torch, like `tessera run`)."""
+    import torch
+
+    from workers.predictor import resolve_device
+
+    dev = resolve_device(device)
+    return {"type": dev.type, "count": torch.cuda.device_count() if dev.type == "cuda" else 0}
 
 
 def measure_raw(
@@ -663,15 +674,14 @@ def monai_skip_reason(
 
 def machine_facts(device: str) -> dict[str, Any]:
     """Versions and sizes of this machine (no CUDA context is created here)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import psutil
     import ray
-    import torch
 
     try:
-        import monai
-
-        monai_version = monai.__version__
-    except ImportError:
+        monai_version = version("monai")
+    except PackageNotFoundError:
         monai_version = None
     return {
         "cpu_count": os.cpu_count(),
@@ -679,7 +689,7 @@ def machine_facts(device: str) -> dict[str, Any]:
         "memory_gib": psutil.virtual_memory().total / 2**30,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "torch": torch.__version__,
+        "torch": version("torch"),
         "ray": ray.__version__,
         "monai": monai_version,
         "device": device,
@@ -706,24 +716,15 @@ class _Resolved:
     @classmethod
     def from_config(cls, config: BenchConfig) -> _Resolved:
         from workers.checkpoints import load_checkpoint, resolve_card_path
-        from workers.predictor import resolve_device
 
         card_path = resolve_card_path(config.model, base_dir=Path.cwd()).resolve()
         card = load_checkpoint(card_path).card
-        device = resolve_device(config.device).type
+        probe = _in_child("probe_device", device=config.device)
+        device, n_gpus = probe["type"], probe["count"]
         cpus = os.cpu_count() or 1
-        if device == "cuda":
-            import torch
-
-            actors = config.actors or max(1, torch.cuda.device_count())
-        else:
-            actors = config.actors or cpus
+        actors = config.actors or (max(1, n_gpus) if device == "cuda" else cpus)
         threads = config.torch_threads or max(1, cpus // actors)
-        gpus_per_actor = 0.0
-        if device == "cuda":
-            import torch
-
-            gpus_per_actor = min(1.0, max(torch.cuda.device_count(), 1) / actors)
+        gpus_per_actor = min(1.0, max(n_gpus, 1) / actors) if device == "cuda" else 0.0
         return cls(
             config=config, out_dir=config.out_dir.expanduser().resolve(), card_path=card_path, card=card,
             device=device, halo=config.halo if config.halo is not None else card.halo,

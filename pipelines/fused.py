@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.stages import SceneContext, read_stage, write_stage
-from workers.actors import PredictorActor, _object_column
+from workers.actors import PredictorActor, _object_column  # torch-free until an actor starts
 
 
 class FusedChunkActor:

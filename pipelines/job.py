@@ -51,7 +51,7 @@ from schemas.job import JobSpec, default_batch_size
 from schemas.model_card import ModelCard
 from schemas.tables import CHUNK_SKIPPED_NODATA, STATUS_COMPLETE, STATUS_FAILED
 from workers.checkpoints import Checkpoint, load_checkpoint, resolve_card_path
-from workers.predictor import PredictorOptions
+from workers.options import PredictorOptions
 from workers.registry import model_kind
 from workers.runtime import with_hugepage_tunable
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.checkpoints import build_from_checkpoint, load_checkpoint
-from workers.predictor import Member, Predictor, PredictorOptions
+from workers.options import PredictorOptions
 
 
 class PredictorActor:
@@ -21,6 +20,10 @@ class PredictorActor:
 
     def __init__(self, card_path: str, options: PredictorOptions, *, weight: float = 1.0,
                  ensemble: tuple[tuple[str, float], ...] = (), with_probabilities: bool = False):
+        # torch is imported here, in the actor, not where the driver imports this class
+        from workers.checkpoints import build_from_checkpoint, load_checkpoint
+        from workers.predictor import Member, Predictor
+
         ckpt = load_checkpoint(Path(card_path))
         members = []
         for member_path, member_weight in ensemble:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from schemas.errors import ModelCardError
 from schemas.job import BUILTIN_PREFIX
 from schemas.model_card import ModelCard, parse_model_card
 from workers.hashing import file_sha256
-from workers.registry import build_model
+
+if TYPE_CHECKING:
+    import torch
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -77,6 +78,8 @@ def load_state_dict(weights_path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(weights_path))
+    import torch
+
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ModelCardError(f"{weights_path}: expected a state dict, got {type(state).__name__}")
@@ -85,6 +88,8 @@ def load_state_dict(weights_path: Path) -> dict[str, torch.Tensor]:
 
 def build_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
     """Build the card's architecture and load its weights (strict), in eval mode, on CPU, fp32."""
+    from workers.registry import build_model
+
     card = ckpt.card
     model = build_model(
         card.architecture, in_channels=card.in_channels, num_classes=card.num_classes, arch_args=card.arch_args

@@ -27,18 +27,40 @@ Any name containing ':' is a plugin, ``"package.module:callable"`` (see
 
 from __future__ import annotations
 
+
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from schemas.errors import ModelCardError
-from workers.models import zoo
-from workers.models.plugins import build_plugin, is_plugin_reference, plugin_stride
 
-Builder = Callable[..., torch.nn.Module]
+if TYPE_CHECKING:
+    import torch
+
+PLUGIN_SEPARATOR = ":"
+
+Builder = Callable[..., Any]  # -> torch.nn.Module; torch is imported only when a model is built
+
+
+def is_plugin_reference(architecture: str) -> bool:
+    """Whether an architecture name is a plugin reference ``"module.path:callable"``."""
+    return PLUGIN_SEPARATOR in architecture
+
+
+def _zoo(name: str) -> Builder:
+    """The builder `workers.models.zoo.<name>`, imported on first use (zoo imports torch)."""
+    from workers.models import zoo
+
+    return getattr(zoo, name)
+
+
+def _lazy_zoo(name: str) -> Builder:
+    def build(*args: Any, **kwargs: Any) -> Any:
+        return _zoo(name)(*args, **kwargs)
+
+    build.__name__ = name
+    return build
 ModelKind = Literal["semantic", "instance"]
 
 
@@ -74,26 +96,26 @@ def _oracle_stride(arch_args: Mapping[str, Any]) -> int:
     return 1
 
 
-def _interpolating_stride(builder: Builder) -> Callable[[Mapping[str, Any]], int]:
+def _interpolating_stride(name: str) -> Callable[[Mapping[str, Any]], int]:
     """Models that resize their logits (or their input) themselves take any size: stride 1."""
 
     def stride(arch_args: Mapping[str, Any]) -> int:
-        _bind_arch_args(builder, arch_args)
+        _bind_arch_args(_zoo(name), arch_args)
         return 1
 
     return stride
 
 
 def _deeplabv3plus_stride(arch_args: Mapping[str, Any]) -> int:
-    return _bind_arch_args(zoo.build_smp_deeplabv3plus, arch_args)["encoder_output_stride"]
+    return _bind_arch_args(_zoo("build_smp_deeplabv3plus"), arch_args)["encoder_output_stride"]
 
 
 def _pspnet_stride(arch_args: Mapping[str, Any]) -> int:
-    return 2 ** _bind_arch_args(zoo.build_smp_pspnet, arch_args)["encoder_depth"]
+    return 2 ** _bind_arch_args(_zoo("build_smp_pspnet"), arch_args)["encoder_depth"]
 
 
 def _unet_smp_stride(arch_args: Mapping[str, Any]) -> int:
-    return 2 ** _bind_arch_args(zoo.build_smp_unet, arch_args)["encoder_depth"]
+    return 2 ** _bind_arch_args(_zoo("build_smp_unet"), arch_args)["encoder_depth"]
 
 
 @dataclass(frozen=True)
@@ -108,13 +130,13 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {
     "unet": _Entry(_build_unet, "semantic", _unet_stride),
     "oracle_threshold": _Entry(_build_threshold_oracle, "semantic", _oracle_stride),
-    "fcn_resnet50": _Entry(zoo.build_fcn_resnet50, "semantic", _interpolating_stride(zoo.build_fcn_resnet50)),
-    "deeplabv3": _Entry(zoo.build_deeplabv3, "semantic", _interpolating_stride(zoo.build_deeplabv3)),
-    "lraspp": _Entry(zoo.build_lraspp, "semantic", _interpolating_stride(zoo.build_lraspp)),
-    "deeplabv3plus": _Entry(zoo.build_smp_deeplabv3plus, "semantic", _deeplabv3plus_stride),
-    "pspnet": _Entry(zoo.build_smp_pspnet, "semantic", _pspnet_stride),
-    "unet_smp": _Entry(zoo.build_smp_unet, "semantic", _unet_smp_stride),
-    "maskrcnn": _Entry(zoo.build_maskrcnn, "instance", _interpolating_stride(zoo.build_maskrcnn)),
+    "fcn_resnet50": _Entry(_lazy_zoo("build_fcn_resnet50"), "semantic", _interpolating_stride("build_fcn_resnet50")),
+    "deeplabv3": _Entry(_lazy_zoo("build_deeplabv3"), "semantic", _interpolating_stride("build_deeplabv3")),
+    "lraspp": _Entry(_lazy_zoo("build_lraspp"), "semantic", _interpolating_stride("build_lraspp")),
+    "deeplabv3plus": _Entry(_lazy_zoo("build_smp_deeplabv3plus"), "semantic", _deeplabv3plus_stride),
+    "pspnet": _Entry(_lazy_zoo("build_smp_pspnet"), "semantic", _pspnet_stride),
+    "unet_smp": _Entry(_lazy_zoo("build_smp_unet"), "semantic", _unet_smp_stride),
+    "maskrcnn": _Entry(_lazy_zoo("build_maskrcnn"), "instance", _interpolating_stride("build_maskrcnn")),
 }
 
 
@@ -156,6 +178,8 @@ def native_stride(architecture: str, arch_args: Mapping[str, Any] | None = None)
     """
     arch_args = dict(arch_args or {})
     if is_plugin_reference(architecture):
+        from workers.models.plugins import plugin_stride
+
         return plugin_stride(architecture)
     entry = _entry(architecture)
     try:
@@ -191,6 +215,8 @@ def build_model(
     arch_args = dict(arch_args)
     try:
         if is_plugin_reference(architecture):
+            from workers.models.plugins import build_plugin
+
             return build_plugin(architecture, in_channels=in_channels, num_classes=num_classes, arch_args=arch_args)
         builder = _entry(architecture).build
         return builder(in_channels, num_classes, **arch_args)

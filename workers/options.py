@@ -1,0 +1,34 @@
+"""Predictor options: a plain dataclass without torch, so the driver can build them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PredictorOptions:
+    """How the predictor runs (all keyword, all with working defaults).
+
+    Attributes:
+        device: "cpu", "cuda", "cuda:1", or "auto" (cuda when available).
+        precision: "auto" (bf16 on GPUs that support it, else fp16; fp32 on CPU), "fp32",
+            "bf16", "fp16". Autocast only; blending always accumulates in float32.
+        batch_size: model tiles per forward pass.
+        tile_size: model tile side in px (clipped to the window).
+        tile_overlap: fraction of the tile side shared by neighbouring tiles, in [0, 1).
+        blend: "gaussian" or "constant".
+        torch_threads: intra-op threads on CPU (None: leave torch's setting).
+        tta: test-time augmentations (names or presets of `workers.tta`); probabilities of
+            every augmented view are mapped back and averaged. () = none.
+        scales: input scale factors; probabilities are resampled back to the tile and averaged.
+    """
+
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 2
+    tile_size: int = 512
+    tile_overlap: float = 0.25
+    blend: str = "gaussian"
+    torch_threads: int | None = None
+    tta: tuple[str, ...] = ()
+    scales: tuple[float, ...] = (1.0,)
