@@ -38,7 +38,7 @@ class FusedChunkActor:
             except (RuntimeError, ValueError) as exc:  # e.g. a window the model cannot take
                 ctx = self.scenes[int(row["scene_id"])]
                 records.append({"scene_id": ctx.scene_id, "key": "",
-                                "error": f"{ctx.info.path}: predicting chunk {list(row['index'])} failed: {exc}"})
+                                "error": f"{ctx.info.path}: predicting chunk {[int(i) for i in row['index']]} failed: {exc}"})
                 continue
             row.pop("pixels")
             row.pop("valid")
