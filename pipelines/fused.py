@@ -1,53 +1,198 @@
-"""One actor does a chunk's whole path: read, predict, write, partial statistics.
+"""Fused stages: one actor does a chunk's whole path: read, predict, write, partial statistics.
 
-On CPU nodes the read and write tasks of the split pipeline (`pipelines.job._stream`) run on
-the same cores as the model, and a torch thread pre-empted by a Ray task stalls its peers at
+On CPU nodes the read and write tasks of the split pipeline (`pipelines.job._split_pipeline`) run
+on the same cores as the model, and a torch thread pre-empted by a Ray task stalls its peers at
 every OpenMP barrier: on the 2-core development VM the model ran at about half its bare speed
-inside the job. Running one single-threaded fused actor per core instead keeps every core
-busy with one process and nothing to pre-empt it (measured in docs/benchmarks.md). GPU actors
-keep the split pipeline, where reads and writes overlap the accelerator's work.
+inside the job. Running one single-threaded fused actor per core instead keeps every core busy
+with one process and nothing to pre-empt it (measured in docs/benchmarks.md). GPU actors keep
+the split pipeline by default, where reads and writes overlap the accelerator's work.
 
-Consecutive chunks (in stripe order) arrive in the same batch, so the actor's open dataset and
-GDAL block cache serve the input blocks neighbouring windows share.
+The actors are a plain Ray actor pool (:class:`FusedPool`), not Ray Data: Ray Data's
+executor state lives in three more actors (about 0.3 GB on the development VM) and its streaming
+loop in the driver; here the driver only hands out batches of chunk plans and collects small
+records. Batches are handed out with stripe affinity (:class:`BatchQueue`): each actor walks its
+own contiguous run of stripe-ordered chunks, so the input blocks that neighbouring halo windows
+share are decoded once, in its GDAL block cache, and an actor that finishes early takes work
+from the far end of the longest remaining run.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
 from pipelines.stages import SceneContext, read_stage, write_stage
-from workers.actors import PredictorActor, _object_column  # torch-free until an actor starts
+from schemas.errors import TesseraError
+from workers.actors import PredictorActor  # torch-free until an actor starts
+
+log = logging.getLogger("tessera")
+
+Record = dict[str, Any]  # {"scene_id": int, "key": str, "error": str}: one per chunk
 
 
 class FusedChunkActor:
-    """Ray Data callable: a batch of chunk plan rows -> one record per chunk {scene_id, key, error}."""
+    """Reads, predicts and writes batches of chunk plan rows; one record per chunk."""
 
-    def __init__(self, *, scenes: dict[int, SceneContext], predictor: dict[str, Any]):
-        self.scenes = scenes
+    def __init__(self, *, predictor: dict[str, Any]):
         self.actor = PredictorActor(**predictor)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["scene_id"])
+    def run(self, rows: Sequence[dict[str, Any]], scenes: dict[int, SceneContext]) -> list[Record]:
+        """Each row's chunk, in order. A failure is that chunk's record; it never raises for one chunk."""
         records = []
-        for i in range(n):
-            row = read_stage({k: batch[k][i] for k in batch}, scenes=self.scenes)
+        for plan in rows:
+            row = read_stage(plan, scenes=scenes)
             try:
                 labels, probs, seconds = self.actor.predict_row(row)
             except (RuntimeError, ValueError) as exc:  # e.g. a window the model cannot take
-                ctx = self.scenes[int(row["scene_id"])]
-                records.append({"scene_id": ctx.scene_id, "key": "",
-                                "error": f"{ctx.info.path}: predicting chunk {[int(i) for i in row['index']]} failed: {exc}"})
+                records.append(failed_record(row, scenes, f"predicting it failed: {exc}"))
                 continue
             row.pop("pixels")
             row.pop("valid")
             row.update(labels=labels, predict_s=seconds)
             if self.actor.with_probabilities:
                 row["probabilities"] = probs
-            records.append(write_stage(row, scenes=self.scenes))
-        return {
-            "scene_id": np.asarray([r["scene_id"] for r in records], dtype=np.int64),
-            "key": _object_column([r["key"] for r in records]),
-            "error": _object_column([r["error"] for r in records]),
-        }
+            records.append(write_stage(row, scenes=scenes))
+        return records
+
+
+def failed_record(row: dict[str, Any], scenes: dict[int, SceneContext], problem: str) -> Record:
+    """The record of a chunk that failed: names the scene's file and the chunk index."""
+    ctx = scenes[int(row["scene_id"])]
+    index = [int(i) for i in row["index"]]
+    return {"scene_id": ctx.scene_id, "key": "", "error": f"{ctx.info.path}: chunk {index}: {problem}"}
+
+
+class BatchQueue:
+    """Hands out batch numbers 0..n-1 to workers with affinity, stealing when a worker's run ends.
+
+    Worker w owns the contiguous run of batches w * n / workers ... ((w + 1) * n / workers) - 1
+    and takes them front to back. A worker whose run is empty takes the last batch of the
+    longest remaining run (ties: the lowest worker), far from where that run's owner is working.
+    Plain Python (no Ray), so the order is testable.
+    """
+
+    def __init__(self, n_batches: int, n_workers: int):
+        if n_workers < 1:
+            raise ValueError(f"n_workers must be >= 1, got {n_workers}")
+        bounds = [round(w * n_batches / n_workers) for w in range(n_workers + 1)]
+        self.runs = [deque(range(bounds[w], bounds[w + 1])) for w in range(n_workers)]
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.runs)
+
+    def next(self, worker: int) -> int | None:
+        """The next batch for `worker`, or None when no batch is left anywhere."""
+        if self.runs[worker]:
+            return self.runs[worker].popleft()
+        longest = max(range(len(self.runs)), key=lambda w: (len(self.runs[w]), -w))
+        if not self.runs[longest]:
+            return None
+        return self.runs[longest].pop()
+
+
+class FusedPool:
+    """A pool of FusedChunkActor. The actors start (and load the model) as soon as it is made,
+    so their start-up overlaps whatever the driver does next (opening and hashing the scenes).
+
+    Use as a context manager: the actors are killed on exit.
+    """
+
+    def __init__(self, *, predictor: dict[str, Any], actors: int, actor_options: dict[str, Any]):
+        import ray
+
+        cls = ray.remote(FusedChunkActor).options(max_restarts=1, max_task_retries=1, **actor_options)
+        self.handles = [cls.remote(predictor=predictor) for _ in range(max(1, actors))]
+
+    def __enter__(self) -> FusedPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import ray
+
+        for handle in self.handles:
+            ray.kill(handle)
+        self.handles = []
+
+    def run(
+        self,
+        rows: Sequence[dict[str, Any]],
+        *,
+        scenes: dict[int, SceneContext],
+        on_record: Callable[[Record], None],
+        batch_size: int,
+        in_flight: int = 2,
+    ) -> None:
+        """Compute every row's chunk; call `on_record` once per chunk, as batches finish.
+
+        Args:
+            rows: chunk plan rows (pipelines.stages.plan_row), in stripe order.
+            scenes: the scenes the rows refer to, by scene id.
+            on_record: called in the driver for each chunk's record.
+            batch_size: consecutive rows per actor call.
+            in_flight: calls queued per actor, so it never waits for the driver between batches.
+
+        An actor that dies is restarted once by Ray and its call retried once; after that the
+        chunks of its failed calls are failed records (their scenes fail, the rest go on) and
+        the other actors take over its remaining batches. Raises TesseraError only if every
+        actor died before any completed a batch (e.g. the model cannot be built on the
+        workers): a job-level problem.
+        """
+        import ray
+
+        batches = [list(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+        if not batches:
+            return
+        handles = self.handles[:len(batches)]
+        scenes_ref = ray.put(scenes)
+        queue = BatchQueue(len(batches), len(handles))
+        pending: dict[Any, tuple[int, int]] = {}
+        alive = set(range(len(handles)))
+        completed = 0
+        last_error = ""
+
+        def submit(worker: int) -> None:
+            b = queue.next(worker)
+            if b is not None:
+                pending[handles[worker].run.remote(batches[b], scenes_ref)] = (worker, b)
+
+        def fail_batch(b: int, problem: str) -> None:
+            for row in batches[b]:
+                on_record(failed_record(row, scenes, problem))
+
+        for worker in range(len(handles)):
+            for _ in range(in_flight):
+                submit(worker)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            worker, b = pending.pop(ready[0])
+            try:
+                records = ray.get(ready[0])
+            except ray.exceptions.RayActorError as exc:
+                alive.discard(worker)
+                last_error = f"the predictor actor died: {_first_line(exc)}"
+                log.error("predictor actor %d died: %s", worker, exc)
+                if not alive and completed == 0:
+                    raise TesseraError(f"every predictor actor failed before finishing a chunk: {exc}") from exc
+                fail_batch(b, last_error)
+                continue
+            except ray.exceptions.RayTaskError as exc:  # a bug outside the per-chunk guards
+                completed += 1
+                fail_batch(b, f"the predictor actor raised: {_first_line(exc)}")
+                submit(worker)
+                continue
+            completed += 1
+            for record in records:
+                on_record(record)
+            submit(worker)  # a dead actor's run is taken over here, from its far end
+        while len(queue):  # no actor left alive
+            fail_batch(queue.next(0), last_error or "no predictor actor left")  # type: ignore[arg-type]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -12,6 +12,7 @@ only chunks without a marker; a complete scene is not touched at all.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -19,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,10 @@ class JobResult:
     scenes: tuple[SceneOutcome, ...]
     wall_s: float
     model_name: str
+    phases: dict[str, float] = field(default_factory=dict)
+    """Driver wall seconds: setup_s (model, Ray, spec), open_s (open and hash the scenes, plan),
+    first_chunk_s and chunks_s (from the start of the chunk stream to its first and last chunk
+    record), finish_s (merge statistics, tables). Fused actors start during open_s."""
 
     @property
     def failed(self) -> tuple[SceneOutcome, ...]:
@@ -500,32 +505,41 @@ def run_job(
         else:
             raise JobSpecError(problem)
     _save_resolved_spec(job)
-    open_task = ray.remote(num_cpus=0.5)(open_and_hash)
+    phases = {"setup_s": time.perf_counter() - t_start}
     pending = [o for o in outcomes if o.status != STATUS_FAILED]
-    opened = ray.get([open_task.remote(o.source) for o in pending])
-    scenes: dict[int, SceneContext] = {}
-    for scene_id, (outcome, (info, sha, error)) in enumerate(zip(pending, opened)):
-        try:
-            if error is not None:
-                raise InputError(error)
-            _prepare_scene(job, outcome, scene_id, info, sha)
-        except TesseraError as exc:
-            outcome.status, outcome.error = STATUS_FAILED, str(exc)
-            log.error("scene %s failed: %s", outcome.name, exc)
-            continue
-        if outcome.context is not None and not outcome.already_complete:
-            scenes[scene_id] = outcome.context
+    # fused: the actor pool starts (imports torch, loads the model) while the scenes are hashed
+    pool = _fused_pool(job) if pending and fused_stages(job) else None
+    with pool or contextlib.nullcontext():
+        t0 = time.perf_counter()
+        opened = _open_all([o.source for o in pending], cpus=cluster.get("CPU", 1.0),
+                           task_cpus=0.0 if pool else 0.5)  # the pool holds the CPUs; hashing is I/O
+        scenes: dict[int, SceneContext] = {}
+        for scene_id, (outcome, (info, sha, error)) in enumerate(zip(pending, opened)):
+            try:
+                if error is not None:
+                    raise InputError(error)
+                _prepare_scene(job, outcome, scene_id, info, sha)
+            except TesseraError as exc:
+                outcome.status, outcome.error = STATUS_FAILED, str(exc)
+                log.error("scene %s failed: %s", outcome.name, exc)
+                continue
+            if outcome.context is not None and not outcome.already_complete:
+                scenes[scene_id] = outcome.context
 
-    by_id = {o.context.scene_id: o for o in outcomes if o.context is not None}
-    rows = []
-    for scene_id, ctx in scenes.items():
-        done = done_chunk_keys(Path(ctx.work_dir))
-        for w in stripe_order(plan_chunks(ctx.info.shape, job.chunk_size, job.halo), READ_STRIPE_CHUNKS):
-            if chunk_key(w.index) not in done:
-                rows.append(plan_row(scene_id, w))
-    if rows:
-        _stream(job, rows, scenes, by_id, on_chunk)
+        by_id = {o.context.scene_id: o for o in outcomes if o.context is not None}
+        rows = []
+        for scene_id, ctx in scenes.items():
+            done = done_chunk_keys(Path(ctx.work_dir))
+            for w in stripe_order(plan_chunks(ctx.info.shape, job.chunk_size, job.halo), READ_STRIPE_CHUNKS):
+                if chunk_key(w.index) not in done:
+                    rows.append(plan_row(scene_id, w))
+        phases["open_s"] = time.perf_counter() - t0
+        progress = _Progress(len(rows), by_id, on_chunk)
+        if rows:
+            _stream(job, rows, scenes, progress, pool)
+        phases.update(progress.phases())
 
+    t0 = time.perf_counter()
     for outcome in outcomes:
         if outcome.status == "running":
             try:
@@ -535,45 +549,46 @@ def run_job(
         if outcome.status == STATUS_FAILED:
             outcome.row = _scene_row(job, outcome, started_at, t_start)
             write_table(job.root, "scenes", outcome.name, [outcome.row])
+    phases["finish_s"] = time.perf_counter() - t0
     return JobResult(root=job.root, scenes=tuple(outcomes), wall_s=time.perf_counter() - t_start,
-                     model_name=job.card.name)
+                     model_name=job.card.name, phases=phases)
 
 
-def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, SceneContext],
-            by_id: dict[int, SceneOutcome], on_chunk: Callable[[int, int], None] | None) -> None:
-    """Run the Ray Data pipeline over the chunk plans; record failures per scene."""
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    res = job.spec.resources
-    scenes_ref = {"scenes": scenes}
-    predictor_kwargs = {
+def _predictor_kwargs(job: ResolvedJob) -> dict[str, Any]:
+    """PredictorActor keyword arguments of the job."""
+    return {
         "card_path": str(job.checkpoint.card_path),
         "options": job.predictor_options,
         "weight": job.spec.model.weight,
         "ensemble": tuple((str(c.card_path), w) for c, w in job.ensemble),
         "with_probabilities": job.spec.output.write_probabilities,
     }
-    if fused_stages(job):
-        from pipelines.fused import FusedChunkActor
 
-        # blocks of up to FUSED_BATCH consecutive chunks (stripe order): one actor reads
-        # neighbours; enough blocks for every actor, and no more actors than blocks
-        n_blocks = max(-(-len(rows) // FUSED_BATCH), min(len(rows), job.actors))
-        ds = ray.data.from_items(rows, override_num_blocks=n_blocks).map_batches(
-            FusedChunkActor,
-            fn_constructor_kwargs={"scenes": scenes, "predictor": predictor_kwargs},
-            batch_size=-(-len(rows) // n_blocks),
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=min(job.actors, n_blocks)),
-            num_cpus=res.cpus_per_actor,
-            num_gpus=job.num_gpus_per_actor,
-            **_actor_remote_args(res),
-        )
-    else:
-        ds = _split_pipeline(job, rows, scenes_ref, predictor_kwargs)
-    _consume(ds, len(rows), by_id, on_chunk)
+
+def _fused_pool(job: ResolvedJob) -> Any:
+    """The fused actor pool of the job (pipelines.fused.FusedPool); its actors start now."""
+    from pipelines.fused import FusedPool
+
+    res = job.spec.resources
+    return FusedPool(predictor=_predictor_kwargs(job), actors=job.actors,
+                     actor_options={"num_cpus": res.cpus_per_actor, "num_gpus": job.num_gpus_per_actor,
+                                    **_actor_remote_args(res)})
+
+
+def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, SceneContext],
+            progress: _Progress, pool: Any) -> None:
+    """Compute every planned chunk: on the fused actor pool, or the split Ray Data pipeline."""
+    progress.start()
+    if pool is not None:
+        # batches of FUSED_BATCH consecutive chunks (one stripe row), stripe affinity per actor
+        pool.run(rows, scenes=scenes, on_record=progress, batch_size=FUSED_BATCH)
+        return
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = _split_pipeline(job, rows, {"scenes": scenes}, _predictor_kwargs(job))
+    for record in ds.iter_rows():
+        progress(record)
 
 
 def _split_pipeline(job: ResolvedJob, rows: list[dict[str, Any]], scenes_ref: dict[str, Any],
@@ -601,16 +616,55 @@ def _split_pipeline(job: ResolvedJob, rows: list[dict[str, Any]], scenes_ref: di
     )
 
 
-def _consume(ds: Any, total: int, by_id: dict[int, SceneOutcome],
-             on_chunk: Callable[[int, int], None] | None) -> None:
-    """Drive the dataset; record failed chunks against their scenes."""
-    done = 0
-    for record in ds.iter_rows():
-        done += 1
-        if on_chunk:
-            on_chunk(done, total)
+def _open_all(paths: list[str], *, cpus: float,
+              task_cpus: float = 0.5) -> list[tuple[SceneInfo | None, str | None, str | None]]:
+    """open_and_hash every path in Ray tasks (on the workers, which read the inputs), in order.
+
+    One task per group of paths, at most one group per cluster CPU; each task's worker process
+    exits when it is done (max_calls=1), so no idle worker holding rasterio and the hashed
+    file's pages stays beside the predictor actors for the rest of the job.
+    """
+    import ray
+
+    if not paths:
+        return []
+    groups = max(1, min(len(paths), int(cpus)))
+    size = -(-len(paths) // groups)
+    task = ray.remote(num_cpus=task_cpus, max_calls=1)(_open_group)
+    parts = ray.get([task.remote(paths[i:i + size]) for i in range(0, len(paths), size)])
+    return [item for part in parts for item in part]
+
+
+def _open_group(paths: list[str]) -> list[tuple[SceneInfo | None, str | None, str | None]]:
+    return [open_and_hash(p) for p in paths]
+
+
+class _Progress:
+    """Counts chunk records as they arrive; a failed chunk fails its scene (the first error is kept)."""
+
+    def __init__(self, total: int, by_id: dict[int, SceneOutcome], on_chunk: Callable[[int, int], None] | None):
+        self.total, self.by_id, self.on_chunk, self.done = total, by_id, on_chunk, 0
+        self.t_start = self.t_first = self.t_last = 0.0
+
+    def start(self) -> None:
+        self.t_start = time.perf_counter()
+
+    def phases(self) -> dict[str, float]:
+        """first_chunk_s: stream start -> first record (what is left of actor start-up, first batch);
+        chunks_s: stream start -> last record."""
+        if not self.done:
+            return {"first_chunk_s": 0.0, "chunks_s": 0.0}
+        return {"first_chunk_s": self.t_first - self.t_start, "chunks_s": self.t_last - self.t_start}
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.t_last = time.perf_counter()
+        if not self.done:
+            self.t_first = self.t_last
+        self.done += 1
+        if self.on_chunk:
+            self.on_chunk(self.done, self.total)
         if record["error"]:
-            outcome = by_id[int(record["scene_id"])]
+            outcome = self.by_id[int(record["scene_id"])]
             if outcome.status != STATUS_FAILED:
                 log.error("scene %s failed: %s", outcome.name, record["error"])
             outcome.status = STATUS_FAILED

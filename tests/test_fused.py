@@ -1,13 +1,12 @@
-"""The fused CPU actor without Ray: one chunk whose prediction raises fails alone."""
+"""The fused CPU actor without Ray (one chunk whose prediction raises fails alone) and its batch queue."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from pipelines.fused import FusedChunkActor
+from pipelines.fused import BatchQueue, FusedChunkActor
 from pipelines.job import SceneOutcome, _prepare_scene, resolve_job
 from pipelines.stages import done_chunk_keys, open_and_hash, plan_row
 from pipelines.tiling import plan_chunks
@@ -30,21 +29,24 @@ def fused(tmp_path):
     assert error is None
     _prepare_scene(job, outcome, 0, info, sha)
     predictor = {"card_path": str(card), "options": job.predictor_options}
-    actor = FusedChunkActor(scenes={0: outcome.context}, predictor=predictor)
+    actor = FusedChunkActor(predictor=predictor)
     rows = [plan_row(0, w) for w in plan_chunks(info.shape, job.chunk_size, job.halo)]
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    return actor, batch, outcome.context
+    return actor, rows, outcome.context
+
+
+def _run(actor, rows, ctx):
+    return actor.run(rows, {0: ctx})
 
 
 def test_fused_actor_writes_every_chunk(fused):
-    actor, batch, ctx = fused
-    out = actor(batch)
-    assert list(out["error"]) == [""] * 4
-    assert done_chunk_keys(Path(ctx.work_dir)) == set(out["key"])
+    actor, rows, ctx = fused
+    out = _run(actor, rows, ctx)
+    assert [r["error"] for r in out] == [""] * 4
+    assert done_chunk_keys(Path(ctx.work_dir)) == {r["key"] for r in out}
 
 
 def test_a_chunk_whose_prediction_raises_fails_alone(fused, monkeypatch):
-    actor, batch, ctx = fused
+    actor, rows, ctx = fused
     real = actor.actor.predict_row
 
     def flaky(row):
@@ -53,8 +55,46 @@ def test_a_chunk_whose_prediction_raises_fails_alone(fused, monkeypatch):
         return real(row)
 
     monkeypatch.setattr(actor.actor, "predict_row", flaky)
-    out = actor(batch)
-    errors = [e for e in out["error"] if e]
+    out = _run(actor, rows, ctx)
+    errors = [r["error"] for r in out if r["error"]]
     assert len(errors) == 1
     assert "s.tif" in errors[0] and "[0, 1]" in errors[0] and "simulated" in errors[0]
-    assert len([k for k in out["key"] if k]) == 3  # the other chunks were written
+    assert len([r["key"] for r in out if r["key"]]) == 3  # the other chunks were written
+    assert done_chunk_keys(Path(ctx.work_dir)) == {r["key"] for r in out if r["key"]}
+
+
+def _drain(queue: BatchQueue, order: list[int]) -> list[tuple[int, int]]:
+    """(worker, batch) handed out when workers ask in the repeating `order` until none is left."""
+    out, i = [], 0
+    while (b := queue.next(order[i % len(order)])) is not None:
+        out.append((order[i % len(order)], b))
+        i += 1
+    return out
+
+
+def test_batch_queue_gives_each_worker_its_own_contiguous_run():
+    got = _drain(BatchQueue(10, 2), [0, 1])
+    assert [b for w, b in got if w == 0] == [0, 1, 2, 3, 4]
+    assert [b for w, b in got if w == 1] == [5, 6, 7, 8, 9]
+
+
+def test_batch_queue_hands_every_batch_out_exactly_once():
+    for n_batches in range(0, 23):
+        for n_workers in range(1, 6):
+            uneven = [w % n_workers for w in (0, 2, 1, 1, 0, 4, 3)]  # some workers ask more often
+            got = _drain(BatchQueue(n_batches, n_workers), uneven)
+            assert sorted(b for _, b in got) == list(range(n_batches))
+
+
+def test_a_worker_whose_run_ends_steals_from_the_far_end_of_the_longest():
+    queue = BatchQueue(12, 3)  # runs 0-3, 4-7, 8-11
+    assert [queue.next(0) for _ in range(4)] == [0, 1, 2, 3]
+    assert queue.next(1) == 4  # worker 1 is now on its run's front
+    assert queue.next(0) == 11  # worker 0 steals: runs 1 (3 left) and 2 (4 left): the longer, its back
+    assert queue.next(0) == 7  # now 3 and 3 left: the lowest worker's run, its back
+    assert len(queue) == 5
+
+
+def test_batch_queue_needs_a_worker():
+    with pytest.raises(ValueError, match="n_workers"):
+        BatchQueue(3, 0)
