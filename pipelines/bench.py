@@ -46,7 +46,7 @@ import numpy as np
 
 from pipelines.tiling import plan_chunks
 from schemas.job import default_batch_size
-from workers.runtime import with_hugepage_tunable
+from workers.runtime import with_malloc_tunables
 from workers.tileplan import plan_tiles
 
 log = logging.getLogger("tessera")
@@ -87,8 +87,10 @@ class BenchConfig:
         raw_batches: distinct input batches put on the device for the raw measurement.
         raw_warmup: untimed passes over those batches.
         raw_iterations: timed passes (the median pass is reported).
-        malloc_hugepages: the job's resources.malloc_hugepages; the bare-model and peer children
+        malloc_tuning: the job's resources.malloc_tuning; the bare-model and peer children
             get the same allocator setting.
+        channels_last: the job's inference.channels_last; the bare model and the peer run the
+            model in the same memory format.
         warmup_job: first run an untimed job on a one-chunk scene, so that one-time costs of a
             fresh Ray (worker processes importing torch, rasterio, zarr) are not charged to the
             first size; its wall time is reported as "warmup_job_s".
@@ -113,7 +115,8 @@ class BenchConfig:
     raw_warmup: int = 1
     raw_iterations: int = 5
     warmup_job: bool = True
-    malloc_hugepages: bool = True
+    malloc_tuning: bool = True
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         sizes = tuple(self.sizes)
@@ -411,13 +414,13 @@ class GpuMemorySampler:
 _CHILD_FUNCTIONS = ("measure_raw", "run_monai_peer", "probe_device")
 
 
-def _in_child(name: str, *, hugepages: bool = False, **kwargs: Any) -> dict[str, Any]:
+def _in_child(name: str, *, malloc_tuning: bool = False, **kwargs: Any) -> dict[str, Any]:
     """Run one of this module's measurement functions in a fresh Python process.
 
     A fresh interpreter (not a fork of the driver, which holds Ray's threads) gives the
     measurement its own memory peak and torch threads, and needs no `__main__` guard in the
-    caller's script. Arguments and the result travel as JSON files. With `hugepages` the child
-    starts with the malloc tunable the job gives its predictor actors (workers.runtime), so the
+    caller's script. Arguments and the result travel as JSON files. With `malloc_tuning` the child
+    starts with the malloc tunables the job gives its predictor actors (workers.runtime), so the
     bare model and the peer run under the same allocator as the job's model.
 
     Raises:
@@ -430,8 +433,8 @@ def _in_child(name: str, *, hugepages: bool = False, **kwargs: Any) -> dict[str,
     repo_root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
-    if hugepages:
-        env.update(with_hugepage_tunable(env))
+    if malloc_tuning:
+        env.update(with_malloc_tunables(env))
     with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmp:
         args, out = Path(tmp) / "args.json", Path(tmp) / "result.json"
         args.write_text(json.dumps({"name": name, "kwargs": kwargs}))
@@ -468,7 +471,7 @@ def probe_device(*, device: str) -> dict[str, Any]:
 def measure_raw(
     *, card_path: str, tile_shape: Sequence[int], batch_size: int, device: str, precision: str,
     threads: int, batches: int, warmup: int, iterations: int, seed: int,
-    barrier_dir: str | None = None, parties: int = 1,
+    barrier_dir: str | None = None, parties: int = 1, channels_last: bool = True,
 ) -> dict[str, Any]:
     """Bare forward passes on random normalised tiles already on the device (run in a child).
 
@@ -484,20 +487,20 @@ def measure_raw(
     import torch
 
     from workers.checkpoints import build_from_checkpoint, load_checkpoint
-    from workers.predictor import resolve_autocast_dtype, resolve_device
+    from workers.predictor import memory_format, resolve_autocast_dtype, resolve_device
 
     dev = resolve_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(threads)
     ckpt = load_checkpoint(Path(card_path))
     model = build_from_checkpoint(ckpt).eval().to(dev)
-    memory_format = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    fmt = memory_format(channels_last=channels_last)
+    model = model.to(memory_format=fmt)
     dtype = resolve_autocast_dtype(precision, dev)
     generator = torch.Generator().manual_seed(seed)
     inputs = [
         torch.randn((batch_size, ckpt.card.in_channels, *tile_shape), generator=generator)
-        .to(dev).contiguous(memory_format=memory_format)
+        .to(dev).contiguous(memory_format=fmt)
         for _ in range(batches)
     ]
 
@@ -539,7 +542,7 @@ def measure_raw(
 
 def run_monai_peer(
     *, card_path: str, scene_path: str, tile_size: int, overlap: float, batch_size: int, device: str,
-    precision: str, threads: int, zarr_path: str,
+    precision: str, threads: int, zarr_path: str, channels_last: bool = True,
 ) -> dict[str, Any]:
     """MONAI sliding_window_inference over the whole scene in memory (run in a child).
 
@@ -564,16 +567,15 @@ def run_monai_peer(
     from pipelines.readers.geotiff import valid_mask
     from schemas import store as layout
     from workers.checkpoints import build_from_checkpoint, load_checkpoint
-    from workers.predictor import resolve_autocast_dtype, resolve_device
+    from workers.predictor import memory_format, resolve_autocast_dtype, resolve_device
 
     dev = resolve_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(threads)
     ckpt = load_checkpoint(Path(card_path))
     card = ckpt.card
-    model = build_from_checkpoint(ckpt).eval().to(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    fmt = memory_format(channels_last=channels_last)  # as the job's predictor runs the model
+    model = build_from_checkpoint(ckpt).eval().to(dev).to(memory_format=fmt)
     dtype = resolve_autocast_dtype(precision, dev)
     stride = card.stride
 
@@ -597,8 +599,7 @@ def run_monai_peer(
         ph, pw = (-h) % stride, (-w) % stride
         if ph or pw:
             tiles = F.pad(tiles, (0, pw, 0, ph), mode="replicate")
-        if dev.type == "cuda":
-            tiles = tiles.contiguous(memory_format=torch.channels_last)
+        tiles = tiles.contiguous(memory_format=fmt)
         autocast = torch.autocast(device_type=dev.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:
             logits = model(tiles)
@@ -755,8 +756,8 @@ class _Resolved:
             "resources": {"actors": self.actors, "num_gpus_per_actor": self.gpus_per_actor,
                           "cpus_per_actor": self.cpus_per_actor,
                           "batch_size": self.batch, "torch_threads": self.threads_per_actor,
-                          "malloc_hugepages": c.malloc_hugepages},
-            "inference": {"precision": c.precision},
+                          "malloc_tuning": c.malloc_tuning},
+            "inference": {"precision": c.precision, "channels_last": c.channels_last},
             "output": {"root": str(root), "overwrite": True},
         })
 
@@ -831,8 +832,9 @@ def _measure_raw_actors(r: _Resolved, tile_shape: tuple[int, ...]) -> dict[str, 
         kwargs = dict(card_path=str(r.card_path), tile_shape=tile_shape, batch_size=r.batch, device=r.device,
                       precision=c.precision, threads=r.threads_per_actor, batches=c.raw_batches,
                       warmup=c.raw_warmup, iterations=c.raw_iterations, seed=c.seed,
-                      barrier_dir=barrier if r.actors > 1 else None, parties=r.actors)
-        runs = list(pool.map(lambda _: _in_child("measure_raw", hugepages=c.malloc_hugepages, **kwargs),
+                      barrier_dir=barrier if r.actors > 1 else None, parties=r.actors,
+                      channels_last=c.channels_last)
+        runs = list(pool.map(lambda _: _in_child("measure_raw", malloc_tuning=c.malloc_tuning, **kwargs),
                              range(r.actors)))
     gpu = [run["gpu_peak_bytes"] for run in runs if run["gpu_peak_bytes"] is not None]
     return {
@@ -889,9 +891,9 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
     else:
         say(f"{size}^2: MONAI sliding_window_inference over the whole scene (separate process)")
         peer = _in_child(
-            "run_monai_peer", hugepages=c.malloc_hugepages, card_path=str(r.card_path), scene_path=str(scene), tile_size=r.tile,
+            "run_monai_peer", malloc_tuning=c.malloc_tuning, card_path=str(r.card_path), scene_path=str(scene), tile_size=r.tile,
             overlap=c.tile_overlap, batch_size=r.batch, device=r.device, precision=c.precision,
-            threads=r.model_threads, zarr_path=str(outcome.context.zarr_path),
+            threads=r.model_threads, zarr_path=str(outcome.context.zarr_path), channels_last=c.channels_last,
         )
 
     seconds = {stage: float(outcome.row[f"{stage}_s"]) for stage in BREAKDOWN_STAGES}

@@ -201,9 +201,12 @@ def bench(
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (autocast on GPU).")] = "auto",
     monai: Annotated[bool, typer.Option("--monai/--no-monai", help="Run the MONAI whole-scene peer.")] = True,
     monai_max_side: Annotated[int, typer.Option(help="Skip the MONAI peer above this scene side.")] = 16384,
-    hugepages: Annotated[bool, typer.Option(
-        "--hugepages/--no-hugepages",
-        help="Job, bare model and peer with glibc.malloc.hugetlb=1 (the job default).")] = True,
+    malloc_tuning: Annotated[bool, typer.Option(
+        "--malloc-tuning/--no-malloc-tuning",
+        help="Job, bare model and peer with the malloc tunables of workers.runtime (the job default).")] = True,
+    channels_last: Annotated[bool, typer.Option(
+        "--channels-last/--no-channels-last",
+        help="Job, bare model and peer run the model on NHWC tensors (the job default).")] = True,
     seed: Annotated[int, typer.Option(help="Synthetic scene seed.")] = 7,
     out: Annotated[Path, typer.Option(help="Folder for scenes, job outputs and bench-*.json.")] = Path("tessera-bench"),
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -217,7 +220,7 @@ def bench(
             sizes=parse_sizes(size or ["4096"]), model=model, chunk_size=chunk_size, halo=halo,
             tile_size=tile_size, tile_overlap=overlap, batch_size=batch_size, actors=actors,
             torch_threads=torch_threads, device=device, precision=precision, monai=monai,
-            monai_max_side=monai_max_side, seed=seed, out_dir=out, malloc_hugepages=hugepages,
+            monai_max_side=monai_max_side, seed=seed, out_dir=out, malloc_tuning=malloc_tuning, channels_last=channels_last,
         )
         result = run_bench(config, on_progress=lambda line: console.print(f"[dim]{line}[/]"))
     except (TesseraError, ValueError) as exc:

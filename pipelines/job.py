@@ -54,7 +54,7 @@ from schemas.tables import CHUNK_SKIPPED_NODATA, STATUS_COMPLETE, STATUS_FAILED
 from workers.checkpoints import Checkpoint, load_checkpoint, resolve_card_path
 from workers.options import PredictorOptions
 from workers.registry import model_kind
-from workers.runtime import with_hugepage_tunable
+from workers.runtime import with_malloc_tunables
 
 log = logging.getLogger("tessera")
 
@@ -102,6 +102,7 @@ class ResolvedJob:
             "tile_overlap": o.tile_overlap,
             "blend": o.blend,
             "precision": o.precision,
+            "channels_last": o.channels_last,
             # GPU autocast changes output bytes: CPU and GPU results never share a fingerprint.
             "device_type": "cuda" if o.device.startswith("cuda") else "cpu",
         }
@@ -191,6 +192,7 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
         torch_threads=spec.resources.torch_threads or max(1, int(spec.resources.cpus_per_actor)),
         tta=spec.inference.tta,
         scales=spec.inference.scales,
+        channels_last=spec.inference.channels_last,
     )
     root = Path(spec.output.root).expanduser()
     if not root.is_absolute():
@@ -685,9 +687,9 @@ def _read_concurrency(job: ResolvedJob) -> int:
 
 def _actor_remote_args(res: Any) -> dict[str, Any]:
     """Extra Ray options of the predictor actors: their process environment."""
-    if not res.malloc_hugepages:
+    if not res.malloc_tuning:
         return {}
-    return {"runtime_env": {"env_vars": with_hugepage_tunable()}}
+    return {"runtime_env": {"env_vars": with_malloc_tunables()}}
 
 
 def _save_resolved_spec(job: ResolvedJob) -> None:

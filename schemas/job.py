@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from schemas.errors import JobSpecError
 from schemas.model_card import format_validation_errors
@@ -129,12 +129,15 @@ class ResourcesSpec(_Frozen):
         description="Concurrent window-read tasks. Default: 1 per CPU actor, 2 per GPU actor "
         "(few readers keep windows that share input blocks in one process's block cache).",
     )
-    malloc_hugepages: bool = Field(
+    malloc_tuning: bool = Field(
         default=True,
-        description="Start predictor processes with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so "
-        "glibc backs large blocks (activations) with transparent huge pages instead of "
-        "page-faulting them in 4 KiB at a time on every forward pass: measured 1.4x (512-px "
-        "tiles) to 2.2x (1088-px tiles) faster CPU inference. Ignored where glibc or THP lack it.",
+        validation_alias=AliasChoices("malloc_tuning", "malloc_hugepages"),
+        description="Start predictor processes with glibc malloc tunables (workers.runtime): "
+        "freed activations stay mapped (mmap_max=0, no heap trim) on transparent huge pages "
+        "(hugetlb=1), instead of being page-faulted in and zeroed by the kernel on every forward "
+        "pass. Measured on CPU, 1088-px tiles: 1.35x faster than huge pages alone, 1.8x faster "
+        "than glibc's defaults. Ignored where glibc or THP lack them. (Formerly malloc_hugepages, "
+        "still accepted.)",
     )
 
 
@@ -157,6 +160,12 @@ class InferenceSpec(_Frozen):
         default=(1.0,), min_length=1,
         description="Multi-scale inference: input scale factors (e.g. [0.5, 1, 1.5]); "
         "probabilities are resampled back and averaged.",
+    )
+    channels_last: bool = Field(
+        default=True,
+        description="Run the model on channels-last (NHWC) tensors, on CPU as on GPU "
+        "(measured 1.5x faster on CPU for the bundled U-Net; outputs differ from NCHW by float "
+        "rounding only). Turn off for a model whose layers are slow in NHWC.",
     )
 
     @field_validator("tta")
