@@ -79,7 +79,8 @@ class BenchConfig:
         actors: predictor actors (None: one per CPU core on CPU, one per GPU: the job's default).
         torch_threads: torch threads per actor on CPU (None: all cores / actors, at least 1).
         device: "auto" (cuda when available), "cpu" or "cuda".
-        precision: autocast precision on GPU: "auto", "fp32", "bf16", "fp16" (CPU runs fp32).
+        precision: autocast precision: "auto", "fp32", "bf16", "fp16" (as the job's
+            inference.precision: on CPU auto is fp32, bf16 autocasts, fp16 is refused).
         monai: run the MONAI whole-scene peer.
         monai_max_side: skip the peer above this scene side (it holds the scene in memory).
         seed: synthetic scene seed.
@@ -349,48 +350,59 @@ def ensure_bench_scene(inputs_dir: Path, *, size: int, seed: int) -> tuple[Path,
     return image, time.perf_counter() - t0
 
 
-# ----------------------------------------------------------------------------- GPU memory
+# ----------------------------------------------------------------------------- GPU memory and utilization
 
 
-class GpuMemorySampler:
-    """Peak of `nvidia-smi --query-gpu=memory.used` (MiB, summed over GPUs) in a daemon thread.
+class GpuSampler:
+    """Peak `memory.used` (MiB, summed over GPUs) and mean `utilization.gpu` from nvidia-smi,
+    sampled in a daemon thread.
 
-    GPU memory of the job lives in Ray actors, where the driver cannot ask torch; nvidia-smi
-    sees every process. `peak_mib`/`baseline_mib` are None when disabled or unavailable.
+    GPU memory and work of the job live in Ray actors, where the driver cannot ask torch;
+    nvidia-smi sees every process. `utilization.gpu` is the share of the sample period in which
+    a kernel ran (NVML), so `busy` is the fraction of the job's wall time the GPUs computed.
+    `peak_mib`/`baseline_mib`/`busy` are None when disabled or nvidia-smi is unavailable.
     """
+
+    QUERY = ("nvidia-smi", "--query-gpu=memory.used,utilization.gpu", "--format=csv,noheader,nounits")
 
     def __init__(self, *, enabled: bool, interval_s: float = 0.5):
         self.enabled = enabled and shutil.which("nvidia-smi") is not None
         self.interval_s = interval_s
         self.baseline_mib: float | None = None
         self.peak_mib: float | None = None
+        self.utilization: list[float] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tessera-gpu-memory", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="tessera-gpu-sampler", daemon=True)
 
-    @staticmethod
-    def _query() -> float | None:
+    @classmethod
+    def _query(cls) -> tuple[float, float] | None:
+        """(memory used MiB summed over GPUs, mean utilization % over GPUs), or None."""
         try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=10, check=True,
-            ).stdout
-            return float(sum(float(line) for line in out.split() if line.strip()))
+            out = subprocess.run(cls.QUERY, capture_output=True, text=True, timeout=10, check=True).stdout
+            rows = [[float(v) for v in line.split(",")] for line in out.splitlines() if line.strip()]
+            if not rows or any(len(r) != 2 for r in rows):
+                return None
+            return sum(r[0] for r in rows), sum(r[1] for r in rows) / len(rows)
         except (OSError, subprocess.SubprocessError, ValueError):
             return None
 
-    def _sample(self) -> None:
-        used = self._query()
-        if used is not None:
-            self.peak_mib = used if self.peak_mib is None else max(self.peak_mib, used)
+    def _sample(self, *, busy: bool = True) -> None:
+        got = self._query()
+        if got is None:
+            return
+        used, util = got
+        self.peak_mib = used if self.peak_mib is None else max(self.peak_mib, used)
+        if busy:
+            self.utilization.append(util)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
-    def __enter__(self) -> GpuMemorySampler:
+    def __enter__(self) -> GpuSampler:
         if self.enabled:
-            self.baseline_mib = self._query()
-            self._sample()
+            got = self._query()
+            self.baseline_mib = got[0] if got else None
             self._thread.start()
         return self
 
@@ -398,7 +410,7 @@ class GpuMemorySampler:
         if self.enabled:
             self._stop.set()
             self._thread.join()
-            self._sample()
+            self._sample(busy=False)
 
     @property
     def increase_mib(self) -> float | None:
@@ -406,6 +418,13 @@ class GpuMemorySampler:
         if self.peak_mib is None or self.baseline_mib is None:
             return None
         return self.peak_mib - self.baseline_mib
+
+    @property
+    def busy(self) -> float | None:
+        """Mean GPU utilization during the job, 0..1 (None without samples)."""
+        if not self.utilization:
+            return None
+        return sum(self.utilization) / len(self.utilization) / 100.0
 
 
 # ----------------------------------------------------------------------------- child processes
@@ -806,7 +825,7 @@ def _warm_ray() -> None:
 
 
 def _run_job(spec: Any, base_dir: Path) -> Any:
-    """Run a one-scene job and return the scene's outcome (a pipelines.job.SceneOutcome).
+    """Run a one-scene job and return its pipelines.job.JobResult.
 
     Raises:
         RuntimeError: the scene failed (its error quoted).
@@ -814,10 +833,11 @@ def _run_job(spec: Any, base_dir: Path) -> Any:
     from pipelines.job import run_job
     from schemas.tables import STATUS_COMPLETE
 
-    outcome = run_job(spec, base_dir=base_dir).scenes[0]
+    result = run_job(spec, base_dir=base_dir)
+    outcome = result.scenes[0]
     if outcome.status != STATUS_COMPLETE or outcome.row is None:
         raise RuntimeError(f"benchmark job failed on {outcome.source}: {outcome.error}")
-    return outcome
+    return result
 
 
 def _measure_raw_actors(r: _Resolved, tile_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -865,10 +885,11 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
     spec = r.job_spec(scene, root)
     say(f"{size}^2: end-to-end job ({r.actors} actor(s), {r.device}, chunk {c.chunk_size}, halo {r.halo}, "
         f"tile {r.tile}, overlap {c.tile_overlap}, batch {r.batch})")
-    with MemorySampler() as memory, GpuMemorySampler(enabled=r.device == "cuda") as gpu:
+    with MemorySampler() as memory, GpuSampler(enabled=r.device == "cuda") as gpu:
         t0 = time.perf_counter()
-        outcome = _run_job(spec, r.out_dir)
+        job = _run_job(spec, r.out_dir)
         wall_s = time.perf_counter() - t0
+    outcome = job.scenes[0]
 
     shape = (size, size)
     skipped = _read_skipped(root, outcome.name)
@@ -920,6 +941,7 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
                                                    predict_s=seconds["predict"], actors=r.actors),
         "breakdown": breakdown_shares(seconds),
         "breakdown_s": seconds,
+        "job_phases_s": job.phases,
         "tessera_driver_peak_mib": _mib(peaks.driver_rss),
         "tessera_worker_peak_mib": _mib(peaks.max_child_rss) if peaks.max_child_rss else None,
         "tessera_total_peak_mib": tessera_total,
@@ -927,6 +949,7 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
         "tessera_job_rss_peak_mib": _mib(peaks.job_rss),
         "tessera_system_pss_peak_mib": _mib(peaks.system_pss),
         "tessera_gpu_peak_mib": gpu.increase_mib,
+        "tessera_gpu_busy": gpu.busy,
         "raw_gpu_peak_mib": _mib(raw["gpu_peak_bytes"]),
         "monai_px_s": peer.get("px_s"),
         "monai_s": peer.get("seconds"),
@@ -1028,7 +1051,7 @@ def render_tables(result: Mapping[str, Any]) -> list[Any]:
     peer = table("MONAI sliding_window_inference, whole scene in memory",
                  "size", "Mpx/s", "tessera / MONAI", "RSS MiB", "GPU MiB", "memory tessera / MONAI", "agreement")
     stages = table("where the job's busy seconds go (stitch runs inside predict)",
-                   "size", *BREAKDOWN_STAGES, "predictor busy", "model share of predict")
+                   "size", *BREAKDOWN_STAGES, "predictor busy", "model share of predict", "GPU busy")
     skipped: list[str] = []
     for r in rows:
         size = f"{r['size']}²"
@@ -1053,7 +1076,8 @@ def render_tables(result: Mapping[str, Any]) -> list[Any]:
             peer.add_row(size, "skipped", *(["-"] * 5))
             skipped.append(f"{size}: {r['monai_skipped']}")
         stages.add_row(size, *(_fmt(r["breakdown"][s], ".1%") for s in BREAKDOWN_STAGES),
-                       _fmt(r["predictor_busy"], ".1%"), _fmt(r["predict_model_share"], ".1%"))
+                       _fmt(r["predictor_busy"], ".1%"), _fmt(r["predict_model_share"], ".1%"),
+                       _fmt(r.get("tessera_gpu_busy"), ".1%"))
     if skipped:
         peer.caption = "\n".join(skipped)
         peer.caption_justify = "left"

@@ -500,6 +500,9 @@ def run_job(
     ensure_ray(ray_address)
     cluster = ray.cluster_resources()
     job = place_on_cluster(job, cluster)
+    if job.predictor_options.device == "cpu" and job.predictor_options.precision == "fp16":
+        raise JobSpecError("inference.precision: fp16 needs GPU actors, and this job runs on CPU "
+                           "(no GPU in the cluster, or resources.num_gpus_per_actor: 0); use bf16 or fp32")
     problem = cluster_fit_problem(job, cluster)
     if problem:
         if ray_address or os.environ.get("RAY_ADDRESS"):

@@ -47,12 +47,36 @@ def is_ray_worker(process: psutil.Process) -> bool:
 
 
 def _rss_pss(process: psutil.Process) -> tuple[int, int]:
+    """(RSS, PSS) in bytes, from /proc/<pid>/smaps_rollup where the kernel has it (Linux >= 4.14).
+
+    The rollup is one short record; psutil's memory_full_info() parses the whole smaps (a
+    block per mapping, thousands for a process holding torch), which cost the sampled job
+    several percent of a core at 4 samples a second.
+    """
+    try:
+        with open(f"/proc/{process.pid}/smaps_rollup", "rb") as fh:
+            fields = dict(_rollup_field(line) for line in fh if line[:4] in (b"Rss:", b"Pss:"))
+        if "Rss" in fields and "Pss" in fields:
+            return fields["Rss"], fields["Pss"]
+    except FileNotFoundError:
+        if not psutil.pid_exists(process.pid):
+            raise psutil.NoSuchProcess(process.pid) from None
+    except PermissionError:
+        pass
+    except ProcessLookupError:
+        raise psutil.NoSuchProcess(process.pid) from None
     try:
         info = process.memory_full_info()
         return info.rss, getattr(info, "pss", info.rss)
     except psutil.AccessDenied:
         rss = process.memory_info().rss
         return rss, rss
+
+
+def _rollup_field(line: bytes) -> tuple[str, int]:
+    """b"Pss:      1234 kB" -> ("Pss", 1234 * 1024)."""
+    name, value = line.split(b":", 1)
+    return name.decode(), int(value.split()[0]) * 1024
 
 
 class MemorySampler:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas.checks import as_int
-from scipy import sparse
+from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 from skimage import measure
 
@@ -401,20 +401,19 @@ def chunk_regions(
     row0, col0 = _as_pair(origin, "origin", minimum=0)
     count = counts[present].astype(np.int64)
     # sum(col) and sum(position) per label; position = row * w + col gives sum(row) exactly
-    # (integers below 2**53 in float64).
+    # (integers below 2**53 in float64; the float64 grids are cached, as bincount would
+    # convert int64 weights on every call).
     sum_pos = np.bincount(flat, weights=position, minlength=n + 1)[present]
     sum_c = np.bincount(flat, weights=cols, minlength=n + 1)[present]
     sum_row = (sum_pos - sum_c) / w + count * float(row0)
     sum_col = sum_c + count * float(col0)
-    # First and last pixel of each label in raster (C) order give its first pixel and its row
-    # range; the minimum and maximum column give its column range.
-    first, last = np.full(n + 1, h * w, dtype=np.int64), np.full(n + 1, -1, dtype=np.int64)
-    np.minimum.at(first, flat, position)
-    np.maximum.at(last, flat, position)
-    min_c, max_c = np.full(n + 1, w, dtype=np.int64), np.full(n + 1, -1, dtype=np.int64)
-    np.minimum.at(min_c, flat, cols)
-    np.maximum.at(max_c, flat, cols)
-    first, last, min_c, max_c = first[present], last[present], min_c[present], max_c[present]
+    # Bounding boxes in one C pass (scipy.ndimage.find_objects: a slice pair per label 1..n,
+    # None for labels not present).
+    boxes = np.asarray([(b[0].start, b[0].stop, b[1].start, b[1].stop)
+                        for b in ndimage.find_objects(local, max_label=n) if b is not None],
+                       dtype=np.int64).reshape(-1, 4)
+    min_r, max_r, min_c, max_c = boxes[:, 0], boxes[:, 1] - 1, boxes[:, 2], boxes[:, 3] - 1
+    first = _first_positions(flat, present)
     class_id = classes.ravel()[first]
     if labels is not None:
         cls_of = np.zeros(n + 1, dtype=np.uint8)
@@ -435,9 +434,9 @@ def chunk_regions(
         pixel_count=count,
         sum_row=sum_row,
         sum_col=sum_col,
-        min_row=first // w + row0,
+        min_row=min_r + row0,
         min_col=min_c + col0,
-        max_row=last // w + row0,
+        max_row=max_r + row0,
         max_col=max_c + col0,
         first_row=first // w + row0,
         first_col=first % w + col0,
@@ -463,11 +462,30 @@ def _local_labels(classes: np.ndarray, labels: object, offset: int, nodata: int)
     return local
 
 
+def _first_positions(flat: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Raster position of the first pixel of each label in `present` (sorted, > 0).
+
+    skimage numbers labels in the raster order of their first pixel, so the first pixels are
+    where the running maximum of the labels steps up (one pass); checked, and found with
+    np.minimum.at otherwise (e.g. for caller-supplied labels).
+    """
+    if flat.size:
+        running = np.maximum.accumulate(flat)
+        steps = np.flatnonzero(running[1:] != running[:-1]) + 1
+        if flat[0] > 0:
+            steps = np.concatenate(([0], steps))
+        if len(steps) == len(present) and np.array_equal(flat[steps], present):
+            return steps.astype(np.int64)
+    first = np.full(int(present[-1]) + 1 if len(present) else 1, flat.size, dtype=np.int64)
+    np.minimum.at(first, flat, np.arange(flat.size, dtype=np.int64))
+    return first[present]
+
+
 @functools.lru_cache(maxsize=4)
 def _grid_indices(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """(position, col) of every pixel of an (h, w) chunk in raster order, int64, read-only.
-    Cached: every chunk of a job has one of a few shapes."""
-    position = np.arange(h * w, dtype=np.int64)
+    """(position, col) of every pixel of an (h, w) chunk in raster order, float64 (exact below
+    2**53), read-only. Cached: every chunk of a job has one of a few shapes."""
+    position = np.arange(h * w, dtype=np.float64)
     cols = position % w
     position.flags.writeable = False
     cols.flags.writeable = False

@@ -146,8 +146,10 @@ class InferenceSpec(_Frozen):
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto",
-        description="Autocast precision on GPU ('auto': bf16 where supported, else fp16). "
-        "CPU always runs fp32.",
+        description="Autocast precision. GPU: 'auto' is bf16 where supported, else fp16. CPU: "
+        "'auto' is fp32 (identical bytes on every CPU); 'bf16' autocasts to bfloat16, 1.8x "
+        "faster on CPUs with AMX/AVX512-BF16 (measured: bundled U-Net, 99.98 % of labels "
+        "unchanged) and slow elsewhere; 'fp16' is GPU-only.",
     )
     tta: tuple[str, ...] = Field(
         default=(),

@@ -9,7 +9,7 @@ import torch
 from schemas.model_card import ModelCard
 from tests.helpers import smooth_scene
 from workers.models.oracles import ThresholdOracle
-from workers.predictor import Member, Predictor, PredictorOptions
+from workers.predictor import Member, Predictor, PredictorOptions, resolve_autocast_dtype
 
 
 def _card(num_classes=4, bands=4, stride=1) -> ModelCard:
@@ -139,3 +139,31 @@ def test_argmax_classes_matches_torch_argmax_including_ties():
     probs[:, :5] = 0.5  # ties: the first class wins, as in torch.argmax
     view = probs[:, 3:33, 7:50]
     torch.testing.assert_close(argmax_classes(view), torch.argmax(view, dim=0).to(torch.uint8), rtol=0, atol=0)
+
+
+def test_cpu_precisions():
+    cpu = torch.device("cpu")
+    assert resolve_autocast_dtype("auto", cpu) is None  # fp32: the same bytes on every CPU
+    assert resolve_autocast_dtype("fp32", cpu) is None
+    assert resolve_autocast_dtype("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        resolve_autocast_dtype("fp16", cpu)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_bf16_and_channels_last_on_cpu_keep_the_fp32_labels(window, channels_last):
+    # A conv model under bf16 autocast and/or NHWC memory: float32 probabilities out, and
+    # labels equal to plain fp32 NCHW except where two classes are nearly tied.
+    model = AsymmetricConv()
+    base = Predictor(model, _card(), options=PredictorOptions(**OPTS, channels_last=False))
+    probs = base.predict_probabilities(window)
+    for precision in ("auto", "bf16"):
+        pred = Predictor(model, _card(), options=PredictorOptions(**OPTS, precision=precision,
+                                                                  channels_last=channels_last))
+        got = pred.predict_probabilities(window)
+        assert got.dtype == torch.float32 and got.shape == probs.shape
+        top2 = probs.topk(2, dim=0).values
+        clear = (top2[0] - top2[1]) > 0.05
+        assert torch.equal(got.argmax(0)[clear], probs.argmax(0)[clear])
+        tol = 1e-5 if precision == "auto" else 0.05
+        assert torch.allclose(got, probs, atol=tol)

@@ -24,6 +24,7 @@ from pipelines.regions import (
     chunk_regions,
     label_chunk,
     merge_regions,
+    _first_positions,
     region_id_offset,
 )
 from pipelines.tiling import chunk_grid_shape, plan_chunks
@@ -379,3 +380,19 @@ def test_merged_regions_validates_and_relabels() -> None:
         merged.relabel(np.zeros(3))
     with pytest.raises(ValueError, match=r"ids \[-4\] are not in the relabel table"):
         merged.relabel(np.array([[-4]]))
+
+
+@pytest.mark.parametrize("raster_order", [True, False])
+def test_first_positions_match_the_smallest_raster_position(raster_order):
+    # skimage numbers labels by first pixel (the fast path); shuffled labels take the fallback.
+    rng = np.random.default_rng(3)
+    classes = rng.integers(0, 3, (40, 50)).astype(np.uint8)
+    classes[rng.random(classes.shape) < 0.1] = NODATA
+    local = measure.label(classes, background=NODATA, connectivity=2)
+    if not raster_order:
+        perm = np.concatenate(([0], rng.permutation(np.arange(1, local.max() + 1))))
+        local = perm[local]
+    flat = local.ravel()
+    present = np.unique(flat[flat > 0])
+    expected = np.array([np.flatnonzero(flat == k)[0] for k in present])
+    assert np.array_equal(_first_positions(flat, present), expected)

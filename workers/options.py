@@ -12,7 +12,7 @@ class PredictorOptions:
     Attributes:
         device: "cpu", "cuda", "cuda:1", or "auto" (cuda when available).
         precision: "auto" (bf16 on GPUs that support it, else fp16; fp32 on CPU), "fp32",
-            "bf16", "fp16". Autocast only; blending always accumulates in float32.
+            "bf16" (GPU or CPU), "fp16" (GPU only). Autocast only; blending always accumulates in float32.
         batch_size: model tiles per forward pass.
         tile_size: model tile side in px (clipped to the window).
         tile_overlap: fraction of the tile side shared by neighbouring tiles, in [0, 1).

@@ -289,3 +289,13 @@ def test_more_actors_than_cpus_fails_before_any_work(tmp_path):
     with pytest.raises(JobSpecError, match=r"3 actor\(s\) x 1.0 CPU need 3 CPUs, the Ray cluster has 2"):
         run_job(spec, base_dir=tmp_path)
     assert not (tmp_path / "out" / "s.zarr").exists()
+
+
+def test_fp16_on_cpu_fails_before_any_work(tmp_path):
+    scene = write_geotiff(tmp_path / "s.tif", smooth_scene((40, 40), seed=3))
+    card = oracle_checkpoint(tmp_path / "model")
+    spec = _spec([scene], tmp_path / "out", card)
+    spec = spec.model_copy(update={"inference": spec.inference.model_copy(update={"precision": "fp16"})})
+    with pytest.raises(JobSpecError, match="fp16 needs GPU actors"):
+        run_job(spec, base_dir=tmp_path)
+    assert not (tmp_path / "out" / "s.zarr").exists()
