@@ -39,14 +39,28 @@ class FusedChunkActor:
         self.actor = PredictorActor(**predictor)
 
     def run(self, rows: Sequence[dict[str, Any]], scenes: dict[int, SceneContext]) -> list[Record]:
-        """Each row's chunk, in order. A failure is that chunk's record; it never raises for one chunk."""
-        records = []
+        """Each row's chunk, in order. A failure is that chunk's record; it never raises for one chunk.
+
+        Windows are read, then predicted `windows_per_pass` at a time (one forward pass for
+        several whole windows where the model takes them; 1 on CPU by default), then written.
+        """
+        records: list[Record] = []
+        pending: list[dict[str, Any]] = []
         for plan in rows:
             row = read_stage(plan, scenes=scenes)
-            try:
-                labels, probs, seconds = self.actor.predict_row(row)
-            except (RuntimeError, ValueError) as exc:  # e.g. a window the model cannot take
-                records.append(failed_record(row, scenes, f"predicting it failed: {exc}"))
+            pending.append(row)
+            if len(pending) >= max(self.actor.windows_per_pass(r) for r in pending):
+                records += self._predict_and_write(pending, scenes)
+                pending = []
+        if pending:
+            records += self._predict_and_write(pending, scenes)
+        return records
+
+    def _predict_and_write(self, rows: list[dict[str, Any]], scenes: dict[int, SceneContext]) -> list[Record]:
+        records = []
+        for row, (labels, probs, seconds, error) in zip(rows, self.actor.predict_rows_isolated(rows)):
+            if error:
+                records.append(failed_record(row, scenes, error))
                 continue
             row.pop("pixels")
             row.pop("valid")

@@ -500,12 +500,13 @@ def run_job(
     ensure_ray(ray_address)
     cluster = ray.cluster_resources()
     job = place_on_cluster(job, cluster)
+    local_cluster = not (ray_address or os.environ.get("RAY_ADDRESS"))
     if job.predictor_options.device == "cpu" and job.predictor_options.precision == "fp16":
         raise JobSpecError("inference.precision: fp16 needs GPU actors, and this job runs on CPU "
                            "(no GPU in the cluster, or resources.num_gpus_per_actor: 0); use bf16 or fp32")
     problem = cluster_fit_problem(job, cluster)
     if problem:
-        if ray_address or os.environ.get("RAY_ADDRESS"):
+        if not local_cluster:
             log.warning("%s (waiting for the cluster to grow)", problem)
         else:
             raise JobSpecError(problem)
@@ -516,8 +517,12 @@ def run_job(
     pool = _fused_pool(job) if pending and fused_stages(job) else None
     with pool or contextlib.nullcontext():
         t0 = time.perf_counter()
-        opened = _open_all([o.source for o in pending], cpus=cluster.get("CPU", 1.0),
-                           task_cpus=0.0 if pool else 0.5)  # the pool holds the CPUs; hashing is I/O
+        sources = [o.source for o in pending]
+        if local_cluster:  # this machine holds the inputs: no worker process to start for it
+            opened = _open_local(sources)
+        else:
+            opened = _open_all(sources, cpus=cluster.get("CPU", 1.0),
+                               task_cpus=0.0 if pool else 0.5)  # the pool holds the CPUs; hashing is I/O
         scenes: dict[int, SceneContext] = {}
         for scene_id, (outcome, (info, sha, error)) in enumerate(zip(pending, opened)):
             try:
@@ -610,7 +615,7 @@ def _split_pipeline(job: ResolvedJob, rows: list[dict[str, Any]], scenes_ref: di
         .map_batches(
             PredictorActor,
             fn_constructor_kwargs=predictor_kwargs,
-            batch_size=1,
+            batch_size=windows_per_call(job),
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=min(job.actors, len(rows))),
             num_cpus=res.cpus_per_actor,
@@ -619,6 +624,17 @@ def _split_pipeline(job: ResolvedJob, rows: list[dict[str, Any]], scenes_ref: di
         )
         .map(write_stage, fn_kwargs=scenes_ref, num_cpus=0.5)
     )
+
+
+def windows_per_call(job: ResolvedJob) -> int:
+    """Windows per predictor-actor call in the split pipeline: the batch size when the model
+    takes a whole chunk window as one tile (one forward pass then runs `batch_size` windows,
+    which a GPU needs), else 1 (the window's own tiles fill the batches)."""
+    from workers.tileplan import plan_tiles
+
+    window = (job.chunk_size + 2 * job.halo,) * 2
+    _, offsets = plan_tiles(window, job.predictor_options.tile_size, job.predictor_options.tile_overlap)
+    return job.predictor_options.batch_size if len(offsets) == 1 else 1
 
 
 def _open_all(paths: list[str], *, cpus: float,
@@ -638,6 +654,19 @@ def _open_all(paths: list[str], *, cpus: float,
     task = ray.remote(num_cpus=task_cpus, max_calls=1)(_open_group)
     parts = ray.get([task.remote(paths[i:i + size]) for i in range(0, len(paths), size)])
     return [item for part in parts for item in part]
+
+
+def _open_local(paths: list[str]) -> list[tuple[SceneInfo | None, str | None, str | None]]:
+    """open_and_hash every path in this process's threads, in order (a local Ray on this
+    machine: the inputs are here). Starting a task worker for it would cost a second of a core
+    while the actors start; hashlib releases the GIL, so threads hash in parallel.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not paths:
+        return []
+    with ThreadPoolExecutor(max_workers=min(4, len(paths)), thread_name_prefix="tessera-open") as pool:
+        return list(pool.map(open_and_hash, paths))
 
 
 def _open_group(paths: list[str]) -> list[tuple[SceneInfo | None, str | None, str | None]]:

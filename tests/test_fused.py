@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,8 @@ from schemas.job import JobSpec
 from tests.helpers import oracle_checkpoint, smooth_scene, write_geotiff
 
 
-@pytest.fixture
-def fused(tmp_path):
+@pytest.fixture(params=[1, 3], ids=["batch1", "batch3"])
+def fused(tmp_path, request):
     scene = write_geotiff(tmp_path / "s.tif", smooth_scene((100, 100), seed=8))
     card = oracle_checkpoint(tmp_path / "model")
     spec = JobSpec.model_validate({
@@ -28,7 +29,8 @@ def fused(tmp_path):
     info, sha, error = open_and_hash(str(scene))
     assert error is None
     _prepare_scene(job, outcome, 0, info, sha)
-    predictor = {"card_path": str(card), "options": job.predictor_options}
+    # batch 3: whole 80-px windows (one tile each) go 3 to a forward pass
+    predictor = {"card_path": str(card), "options": replace(job.predictor_options, batch_size=request.param)}
     actor = FusedChunkActor(predictor=predictor)
     rows = [plan_row(0, w) for w in plan_chunks(info.shape, job.chunk_size, job.halo)]
     return actor, rows, outcome.context
@@ -47,14 +49,20 @@ def test_fused_actor_writes_every_chunk(fused):
 
 def test_a_chunk_whose_prediction_raises_fails_alone(fused, monkeypatch):
     actor, rows, ctx = fused
-    real = actor.actor.predict_row
+    real_row, real_rows = actor.actor.predict_row, actor.actor.predict_rows
 
     def flaky(row):
         if tuple(row["index"]) == (0, 1):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(row)
+        return real_row(row)
+
+    def flaky_batch(batch):  # the batch holding chunk (0, 1) fails as a whole
+        if any(tuple(r["index"]) == (0, 1) for r in batch):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_rows(batch)
 
     monkeypatch.setattr(actor.actor, "predict_row", flaky)
+    monkeypatch.setattr(actor.actor, "predict_rows", flaky_batch)
     out = _run(actor, rows, ctx)
     errors = [r["error"] for r in out if r["error"]]
     assert len(errors) == 1

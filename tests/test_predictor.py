@@ -167,3 +167,30 @@ def test_bf16_and_channels_last_on_cpu_keep_the_fp32_labels(window, channels_las
         assert torch.equal(got.argmax(0)[clear], probs.argmax(0)[clear])
         tol = 1e-5 if precision == "auto" else 0.05
         assert torch.allclose(got, probs, atol=tol)
+
+
+@pytest.mark.parametrize("with_probabilities", [False, True])
+@pytest.mark.parametrize("tta", [(), ("hflip",)])
+def test_predict_cores_batches_whole_windows_like_one_at_a_time(with_probabilities, tta):
+    # Five 40x40 windows that are each one model tile: batch 2 runs them 2 + 2 + 1 per forward
+    # pass; a 70x90 window (several tiles) and one of another shape go alone. Same results.
+    model = AsymmetricConv()
+    pred = Predictor(model, _card(), options=PredictorOptions(**OPTS | {"tile_size": 40, "batch_size": 2, "tta": tta}))
+    rng = np.random.default_rng(5)
+    windows = []
+    for i in range(5):
+        pixels = smooth_scene((40, 40), seed=10 + i)
+        valid = rng.random((40, 40)) > 0.1 if i % 2 else None
+        windows.append((pixels, valid, (slice(4, 36), slice(4, 36))))
+    windows.insert(2, (smooth_scene((70, 90), seed=3), None, None))
+    windows.append((smooth_scene((40, 24), seed=4), None, None))
+    assert pred.windows_per_pass((40, 40)) == 2 and pred.windows_per_pass((70, 90)) == 1
+    batched = pred.predict_cores(windows, with_probabilities=with_probabilities)
+    assert len(batched) == len(windows)
+    for (pixels, valid, core), (labels, probs) in zip(windows, batched):
+        one_labels, one_probs = pred.predict_core(pixels, valid, core=core, with_probabilities=with_probabilities)
+        np.testing.assert_array_equal(labels, one_labels)
+        if with_probabilities:
+            np.testing.assert_allclose(probs.astype(np.float32), one_probs.astype(np.float32), atol=1e-3)
+        else:
+            assert probs is None and one_probs is None

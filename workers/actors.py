@@ -1,6 +1,7 @@
 """Thin Ray shells over the plain Predictor (Ray Data callable classes).
 
-The model loads once per actor in __init__; __call__ maps a batch of windows to core labels.
+The model loads once per actor in __init__; __call__ maps a batch of windows to core labels,
+whole windows batched into forward passes where they fit (Predictor.predict_cores).
 Rows that carry an error (a failed read) pass through untouched so one bad scene never stops
 the stream.
 """
@@ -36,28 +37,75 @@ class PredictorActor:
     def predict_row(self, row: dict) -> tuple[np.ndarray, np.ndarray, float]:
         """(labels, probabilities or an empty array, seconds) of one read row (see __call__)."""
         if row["error"] or row["skip"]:
-            return np.zeros((0, 0), dtype=np.uint8), np.zeros((0, 0, 0), dtype=np.float16), 0.0
+            return _EMPTY_LABELS, _EMPTY_PROBS, 0.0
         t0 = time.perf_counter()
-        core = tuple(slice(int(a), int(b)) for a, b in row["core_in_window"])
-        lab, prob = self.predictor.predict_core(row["pixels"], row["valid"], core=core,
+        lab, prob = self.predictor.predict_core(row["pixels"], row["valid"], core=_core(row),
                                                 with_probabilities=self.with_probabilities)
-        prob = prob if prob is not None else np.zeros((0, 0, 0), dtype=np.float16)
+        prob = prob if prob is not None else _EMPTY_PROBS
         return lab, prob, time.perf_counter() - t0
+
+    def windows_per_pass(self, row: dict) -> int:
+        """How many rows shaped like `row` one forward pass takes (Predictor.windows_per_pass)."""
+        if row["error"] or row["skip"]:
+            return 1
+        return self.predictor.windows_per_pass(tuple(row["pixels"].shape[1:]))
+
+    def predict_rows(self, rows: list[dict]) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        """predict_row of each row, whole windows batched into forward passes where they fit
+        (Predictor.predict_cores); seconds are the batch's, shared equally by its rows.
+
+        Raises what a window's prediction raises; callers that must isolate a bad window
+        retry the rows one by one with predict_row.
+        """
+        todo = [i for i, row in enumerate(rows) if not (row["error"] or row["skip"])]
+        out = [(_EMPTY_LABELS, _EMPTY_PROBS, 0.0)] * len(rows)
+        if not todo:
+            return out
+        t0 = time.perf_counter()
+        results = self.predictor.predict_cores(
+            [(rows[i]["pixels"], rows[i]["valid"], _core(rows[i])) for i in todo],
+            with_probabilities=self.with_probabilities)
+        seconds = (time.perf_counter() - t0) / len(todo)
+        for i, (lab, prob) in zip(todo, results):
+            out[i] = (lab, prob if prob is not None else _EMPTY_PROBS, seconds)
+        return out
+
+    def predict_rows_isolated(self, rows: list[dict]) -> list[tuple[np.ndarray, np.ndarray, float, str]]:
+        """predict_rows, and where the batch raises, each row alone: a window the model cannot
+        take fails alone. Returns (labels, probabilities, seconds, error) per row ("" if fine)."""
+        try:
+            return [(*r, "") for r in self.predict_rows(rows)]
+        except (RuntimeError, ValueError):
+            pass
+        out = []
+        for row in rows:
+            try:
+                out.append((*self.predict_row(row), ""))
+            except (RuntimeError, ValueError) as exc:  # e.g. a window the model cannot take
+                out.append((_EMPTY_LABELS, _EMPTY_PROBS, 0.0, f"predicting it failed: {exc}"))
+        return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["error"])
-        labels, probs, seconds = [], [], np.zeros(n, dtype=np.float64)
-        for i in range(n):
-            lab, prob, seconds[i] = self.predict_row({k: batch[k][i] for k in
-                                                      ("error", "skip", "core_in_window", "pixels", "valid")})
-            labels.append(lab)
-            probs.append(prob)
+        rows = [{k: batch[k][i] for k in ("error", "skip", "core_in_window", "pixels", "valid")} for i in range(n)]
+        results = self.predict_rows_isolated(rows)
         out = {k: v for k, v in batch.items() if k not in ("pixels", "valid")}
-        out["labels"] = _object_column(labels)
+        out["error"] = _object_column([
+            f"chunk {[int(j) for j in batch['index'][i]]}: {r[3]}" if r[3] else batch["error"][i]
+            for i, r in enumerate(results)])
+        out["labels"] = _object_column([r[0] for r in results])
         if self.with_probabilities:
-            out["probabilities"] = _object_column(probs)
-        out["predict_s"] = seconds
+            out["probabilities"] = _object_column([r[1] for r in results])
+        out["predict_s"] = np.asarray([r[2] for r in results], dtype=np.float64)
         return out
+
+
+_EMPTY_LABELS = np.zeros((0, 0), dtype=np.uint8)
+_EMPTY_PROBS = np.zeros((0, 0, 0), dtype=np.float16)
+
+
+def _core(row: dict) -> tuple[slice, ...]:
+    return tuple(slice(int(a), int(b)) for a, b in row["core_in_window"])
 
 
 def _object_column(arrays: list[np.ndarray]) -> np.ndarray:

@@ -239,6 +239,80 @@ class Predictor:
             False; probs (K, h, w) float16 (NaN at nodata) or None.
         """
         probs = self.predict_probabilities(pixels, valid, logits_ok=not with_probabilities)
+        return self._finish_core(probs, valid, core, with_probabilities)
+
+    def windows_per_pass(self, window_shape: tuple[int, ...]) -> int:
+        """How many windows of `window_shape` `predict_cores` runs in one forward pass:
+        batch_size when the whole window is one model tile, else 1 (its tiles are batched)."""
+        _, offsets = plan_tiles(window_shape, self.options.tile_size, self.options.tile_overlap)
+        return self.options.batch_size if len(offsets) == 1 else 1
+
+    @torch.inference_mode()
+    def predict_cores(
+        self, windows: list[tuple[np.ndarray, np.ndarray | None, tuple[slice, ...] | None]], *,
+        with_probabilities: bool = False,
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """`predict_core` of several windows, whole windows batched into one forward pass.
+
+        Windows that are each a single model tile (the window fits the tile, as with the
+        bundled model) and share a shape run `windows_per_pass` at a time: on a GPU a forward
+        pass per window would leave it mostly idle. Other windows run one by one (their own
+        tiles are batched). Results equal `predict_core` window by window.
+
+        Args:
+            windows: (pixels (C, H, W), valid (H, W) bool or None, core slices or None) each.
+            with_probabilities: as in `predict_core`.
+
+        Returns:
+            One (labels, probs) per window, in order (see `predict_core`).
+        """
+        out: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(windows)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (pixels, _, _) in enumerate(windows):
+            shape = tuple(pixels.shape[1:])
+            if pixels.ndim == 3 and self.windows_per_pass(shape) > 1:
+                groups.setdefault(shape, []).append(i)
+            else:
+                out[i] = self._predict_one(windows[i], with_probabilities)
+        for shape, members in groups.items():
+            n = self.windows_per_pass(shape)
+            for start in range(0, len(members), n):
+                batch = members[start:start + n]
+                if len(batch) == 1:
+                    out[batch[0]] = self._predict_one(windows[batch[0]], with_probabilities)
+                    continue
+                for i, result in zip(batch, self._predict_stacked([windows[i] for i in batch], with_probabilities)):
+                    out[i] = result
+        return out  # type: ignore[return-value]
+
+    def _predict_one(self, window: tuple[np.ndarray, np.ndarray | None, tuple[slice, ...] | None],
+                     with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        pixels, valid, core = window
+        return self.predict_core(pixels, valid, core=core, with_probabilities=with_probabilities)
+
+    def _predict_stacked(self, windows: list[tuple[np.ndarray, np.ndarray | None, tuple[slice, ...] | None]],
+                         with_probabilities: bool) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Same-shape single-tile windows as one (N, C, H, W) batch."""
+        for pixels, _, _ in windows:
+            if pixels.shape[0] != self.card.in_channels:
+                raise ValueError(f"window must be (C={self.card.in_channels}, H, W), got shape {pixels.shape}")
+        x = torch.stack([self._to_device(p) for p, _, _ in windows]).to(torch.float32)
+        masks = [v for _, v, _ in windows]
+        v = None
+        if any(m is not None for m in masks):
+            ones = np.ones(windows[0][0].shape[1:], dtype=bool)
+            v = torch.stack([self._to_device(ones if m is None else m) for m in masks]).to(torch.float32).unsqueeze(1)
+        if not with_probabilities and self.single_pass:
+            member = self._members[0]
+            probs = self._forward(member, self._normalise(member, x, v), softmax=False)
+        else:
+            probs = self._tile_probabilities(x, v)
+        return [self._finish_core(probs[i], valid, core, with_probabilities)
+                for i, (_, valid, core) in enumerate(windows)]
+
+    def _finish_core(self, probs: torch.Tensor, valid: np.ndarray | None, core: tuple[slice, ...] | None,
+                     with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """(K, H, W) window scores -> labels (and float16 probabilities) of the core."""
         core = core or (slice(None), slice(None))
         core_probs = probs[(slice(None), *core)]
         labels = argmax_classes(core_probs)

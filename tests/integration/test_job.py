@@ -13,7 +13,7 @@ import torch
 import zarr
 from skimage.measure import label, regionprops
 
-from pipelines.job import run_job
+from pipelines.job import resolve_job, run_job, windows_per_call
 from pipelines.query import run_query
 from schemas import store as layout
 from schemas.errors import JobSpecError, ModelCardError
@@ -278,6 +278,25 @@ def test_split_stages_write_the_same_outputs_as_fused(oracle_run, tmp_path):
         return pq.read_table(r / "tables" / "regions" / "scene_one.parquet").sort_by("region_id").drop(["scene"])
 
     assert regions(tmp_path / "split").equals(regions(root))
+
+
+@pytest.mark.parametrize("stages", ["fused", "split"])
+def test_whole_windows_batched_across_chunks_equal_one_window_per_pass(oracle_run, tmp_path, stages):
+    # tile 80 = the whole 64 + 2 * 8 window: batch 3 runs three windows per forward pass
+    # (Predictor.predict_cores); classes and regions must equal batch 1, window by window.
+    _, scene, _, _ = oracle_run
+    card = oracle_checkpoint(tmp_path / "model")
+    roots = {}
+    for batch in (1, 3):
+        spec = _spec([scene], tmp_path / f"b{batch}", card, tile_size=80)
+        spec = spec.model_copy(update={"resources": spec.resources.model_copy(
+            update={"stages": stages, "batch_size": batch})})
+        assert windows_per_call(resolve_job(spec, base_dir=tmp_path)) == batch
+        assert [s.status for s in run_job(spec, base_dir=tmp_path).scenes] == ["complete"]
+        roots[batch] = tmp_path / f"b{batch}"
+    np.testing.assert_array_equal(_classes(roots[3], "scene_one"), _classes(roots[1], "scene_one"))
+    regions = [pq.read_table(r / "tables" / "regions" / "scene_one.parquet").sort_by("region_id") for r in roots.values()]
+    assert regions[0].equals(regions[1])
 
 
 def test_more_actors_than_cpus_fails_before_any_work(tmp_path):
