@@ -92,6 +92,8 @@ class BenchConfig:
             get the same allocator setting.
         channels_last: the job's inference.channels_last; the bare model and the peer run the
             model in the same memory format.
+        fold_batchnorm: the job's inference.fold_batchnorm; the bare model and the peer run the
+            same (folded or not) model.
         warmup_job: first run an untimed job on a one-chunk scene, so that one-time costs of a
             fresh Ray (worker processes importing torch, rasterio, zarr) are not charged to the
             first size; its wall time is reported as "warmup_job_s".
@@ -118,6 +120,7 @@ class BenchConfig:
     warmup_job: bool = True
     malloc_tuning: bool = True
     channels_last: bool = True
+    fold_batchnorm: bool = True
 
     def __post_init__(self) -> None:
         sizes = tuple(self.sizes)
@@ -490,7 +493,7 @@ def probe_device(*, device: str) -> dict[str, Any]:
 def measure_raw(
     *, card_path: str, tile_shape: Sequence[int], batch_size: int, device: str, precision: str,
     threads: int, batches: int, warmup: int, iterations: int, seed: int,
-    barrier_dir: str | None = None, parties: int = 1, channels_last: bool = True,
+    barrier_dir: str | None = None, parties: int = 1, channels_last: bool = True, fold_bn: bool = True,
 ) -> dict[str, Any]:
     """Bare forward passes on random normalised tiles already on the device (run in a child).
 
@@ -506,13 +509,14 @@ def measure_raw(
     import torch
 
     from workers.checkpoints import build_from_checkpoint, load_checkpoint
-    from workers.predictor import memory_format, resolve_autocast_dtype, resolve_device
+    from workers.predictor import fold_batchnorm, memory_format, resolve_autocast_dtype, resolve_device
 
     dev = resolve_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(threads)
     ckpt = load_checkpoint(Path(card_path))
-    model = build_from_checkpoint(ckpt).eval().to(dev)
+    model = build_from_checkpoint(ckpt).eval()
+    model = (fold_batchnorm(model) if fold_bn else model).to(dev)
     fmt = memory_format(channels_last=channels_last)
     model = model.to(memory_format=fmt)
     dtype = resolve_autocast_dtype(precision, dev)
@@ -561,7 +565,7 @@ def measure_raw(
 
 def run_monai_peer(
     *, card_path: str, scene_path: str, tile_size: int, overlap: float, batch_size: int, device: str,
-    precision: str, threads: int, zarr_path: str, channels_last: bool = True,
+    precision: str, threads: int, zarr_path: str, channels_last: bool = True, fold_bn: bool = True,
 ) -> dict[str, Any]:
     """MONAI sliding_window_inference over the whole scene in memory (run in a child).
 
@@ -586,7 +590,7 @@ def run_monai_peer(
     from pipelines.readers.geotiff import valid_mask
     from schemas import store as layout
     from workers.checkpoints import build_from_checkpoint, load_checkpoint
-    from workers.predictor import memory_format, resolve_autocast_dtype, resolve_device
+    from workers.predictor import fold_batchnorm, memory_format, resolve_autocast_dtype, resolve_device
 
     dev = resolve_device(device)
     if dev.type == "cpu":
@@ -594,7 +598,8 @@ def run_monai_peer(
     ckpt = load_checkpoint(Path(card_path))
     card = ckpt.card
     fmt = memory_format(channels_last=channels_last)  # as the job's predictor runs the model
-    model = build_from_checkpoint(ckpt).eval().to(dev).to(memory_format=fmt)
+    model = build_from_checkpoint(ckpt).eval()
+    model = (fold_batchnorm(model) if fold_bn else model).to(dev).to(memory_format=fmt)
     dtype = resolve_autocast_dtype(precision, dev)
     stride = card.stride
 
@@ -776,7 +781,8 @@ class _Resolved:
                           "cpus_per_actor": self.cpus_per_actor,
                           "batch_size": self.batch, "torch_threads": self.threads_per_actor,
                           "malloc_tuning": c.malloc_tuning},
-            "inference": {"precision": c.precision, "channels_last": c.channels_last},
+            "inference": {"precision": c.precision, "channels_last": c.channels_last,
+                          "fold_batchnorm": c.fold_batchnorm},
             "output": {"root": str(root), "overwrite": True},
         })
 
@@ -853,7 +859,7 @@ def _measure_raw_actors(r: _Resolved, tile_shape: tuple[int, ...]) -> dict[str, 
                       precision=c.precision, threads=r.threads_per_actor, batches=c.raw_batches,
                       warmup=c.raw_warmup, iterations=c.raw_iterations, seed=c.seed,
                       barrier_dir=barrier if r.actors > 1 else None, parties=r.actors,
-                      channels_last=c.channels_last)
+                      channels_last=c.channels_last, fold_bn=c.fold_batchnorm)
         runs = list(pool.map(lambda _: _in_child("measure_raw", malloc_tuning=c.malloc_tuning, **kwargs),
                              range(r.actors)))
     gpu = [run["gpu_peak_bytes"] for run in runs if run["gpu_peak_bytes"] is not None]
@@ -915,6 +921,7 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
             "run_monai_peer", malloc_tuning=c.malloc_tuning, card_path=str(r.card_path), scene_path=str(scene), tile_size=r.tile,
             overlap=c.tile_overlap, batch_size=r.batch, device=r.device, precision=c.precision,
             threads=r.model_threads, zarr_path=str(outcome.context.zarr_path), channels_last=c.channels_last,
+            fold_bn=c.fold_batchnorm,
         )
 
     seconds = {stage: float(outcome.row[f"{stage}_s"]) for stage in BREAKDOWN_STAGES}

@@ -207,6 +207,9 @@ def bench(
     channels_last: Annotated[bool, typer.Option(
         "--channels-last/--no-channels-last",
         help="Job, bare model and peer run the model on NHWC tensors (the job default).")] = True,
+    fold_batchnorm: Annotated[bool, typer.Option(
+        "--fold-batchnorm/--no-fold-batchnorm",
+        help="Job, bare model and peer with BatchNorm folded into the convolutions (the job default).")] = True,
     seed: Annotated[int, typer.Option(help="Synthetic scene seed.")] = 7,
     out: Annotated[Path, typer.Option(help="Folder for scenes, job outputs and bench-*.json.")] = Path("tessera-bench"),
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -220,7 +223,8 @@ def bench(
             sizes=parse_sizes(size or ["4096"]), model=model, chunk_size=chunk_size, halo=halo,
             tile_size=tile_size, tile_overlap=overlap, batch_size=batch_size, actors=actors,
             torch_threads=torch_threads, device=device, precision=precision, monai=monai,
-            monai_max_side=monai_max_side, seed=seed, out_dir=out, malloc_tuning=malloc_tuning, channels_last=channels_last,
+            monai_max_side=monai_max_side, seed=seed, out_dir=out, malloc_tuning=malloc_tuning,
+            channels_last=channels_last, fold_batchnorm=fold_batchnorm,
         )
         result = run_bench(config, on_progress=lambda line: console.print(f"[dim]{line}[/]"))
     except (TesseraError, ValueError) as exc:

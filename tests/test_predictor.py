@@ -194,3 +194,40 @@ def test_predict_cores_batches_whole_windows_like_one_at_a_time(with_probabiliti
             np.testing.assert_allclose(probs.astype(np.float32), one_probs.astype(np.float32), atol=1e-3)
         else:
             assert probs is None and one_probs is None
+
+
+def test_fold_batchnorm_keeps_outputs_and_leaves_the_callers_model_alone():
+    from workers.models.unet import UNet
+    from workers.predictor import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = UNet(4, 3, base_channels=4, depth=2)
+    with torch.no_grad():  # non-trivial running statistics, as after training
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+    model.eval()
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    folded = fold_batchnorm(model)
+    assert folded is not model
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == 0
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == n_bn  # untouched
+    x = torch.randn(2, 4, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(4, 3, 3), torch.nn.ReLU()).eval()
+    assert fold_batchnorm(plain) is plain  # nothing to fold: the same module back
+    training = UNet(4, 3, base_channels=4, depth=2).train()
+    assert fold_batchnorm(training) is training  # BN in training mode is never folded
+
+
+def test_predictor_with_and_without_folding_agree(window):
+    from workers.models.unet import UNet
+
+    torch.manual_seed(1)
+    model = UNet(4, 4, base_channels=4, depth=2).eval()
+    opts = OPTS | {"tile_size": 48}
+    a = Predictor(model, _card(), options=PredictorOptions(**opts, fold_batchnorm=True)).predict_probabilities(window)
+    b = Predictor(model, _card(), options=PredictorOptions(**opts, fold_batchnorm=False)).predict_probabilities(window)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
