@@ -108,6 +108,8 @@ def write_stage(row: dict[str, Any], *, scenes: dict[int, SceneContext]) -> dict
     key = chunk_key(window.index)
     record = {"scene_id": ctx.scene_id, "key": key, "error": str(row["error"])}
     if record["error"]:
+        if ctx.info.path not in record["error"]:  # e.g. a prediction error from a split-stage actor
+            record["error"] = f"{ctx.info.path}: {record['error']}"
         return record
     try:
         t0 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipelines.fused import BatchQueue, FusedChunkActor
@@ -106,3 +107,33 @@ def test_a_worker_whose_run_ends_steals_from_the_far_end_of_the_longest():
 def test_batch_queue_needs_a_worker():
     with pytest.raises(ValueError, match="n_workers"):
         BatchQueue(3, 0)
+
+
+def test_split_actor_call_isolates_a_failing_window_and_the_write_names_the_file(fused, monkeypatch):
+    # The split stages' Ray Data callable (PredictorActor.__call__) on a batch of read rows:
+    # one window's prediction raises; only its row carries the error, and write_stage puts the
+    # scene's file in front of it.
+    from pipelines.stages import read_stage, write_stage
+    from workers.actors import _object_column
+
+    actor, rows, ctx = fused
+    read = [read_stage(r, scenes={0: ctx}) for r in rows]
+    bad = read[1]["pixels"]
+    real = actor.actor.predictor.predict_core
+
+    def flaky(pixels, *args, **kwargs):
+        if pixels is bad:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(actor.actor.predictor, "predict_core", flaky)
+    monkeypatch.setattr(actor.actor.predictor, "windows_per_pass", lambda shape: 1)
+    batch = {k: (_object_column([r[k] for r in read]) if k in ("pixels", "valid", "error")
+                 else np.stack([r[k] for r in read])) for k in read[0]}
+    out = actor.actor(batch)
+    errors = list(out["error"])
+    assert [bool(e) for e in errors] == [False, True, False, False]
+    assert "simulated" in errors[1] and str([int(i) for i in read[1]["index"]]) in errors[1]
+    assert [lab.shape for lab in out["labels"]][0] == (64, 64)
+    row = {k: out[k][1] for k in out} | {"skip": False}
+    assert write_stage(row, scenes={0: ctx})["error"].startswith(f"{ctx.info.path}: chunk ")
