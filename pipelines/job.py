@@ -632,11 +632,10 @@ def windows_per_call(job: ResolvedJob) -> int:
     """Windows per predictor-actor call in the split pipeline: the batch size when the model
     takes a whole chunk window as one tile (one forward pass then runs `batch_size` windows,
     which a GPU needs), else 1 (the window's own tiles fill the batches)."""
-    from workers.tileplan import plan_tiles
+    from workers.tileplan import windows_per_pass
 
-    window = (job.chunk_size + 2 * job.halo,) * 2
-    _, offsets = plan_tiles(window, job.predictor_options.tile_size, job.predictor_options.tile_overlap)
-    return job.predictor_options.batch_size if len(offsets) == 1 else 1
+    o = job.predictor_options
+    return windows_per_pass((job.chunk_size + 2 * job.halo,) * 2, o.tile_size, o.tile_overlap, o.batch_size)
 
 
 def _open_all(paths: list[str], *, cpus: float,

@@ -19,6 +19,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from schemas.model_card import ModelCard
 from schemas.store import NODATA_CLASS
 from workers.options import PredictorOptions
+from workers.tileplan import windows_per_pass
 from workers.tiles import BlendAccumulator, blend_weights, plan_tiles
 from workers.tta import augment, expand_tta, resample, scaled_size
 
@@ -225,6 +226,14 @@ class Predictor:
             total = probs if total is None else total + probs
         return total
 
+    def _whole_tiles(self, tiles: torch.Tensor, valid: torch.Tensor | None, *, logits_ok: bool) -> torch.Tensor:
+        """(N, C, H, W) raw windows that are each one model tile -> (N, K, H, W) probabilities,
+        or logits when `logits_ok` and the predictor makes a single pass (same argmax)."""
+        if logits_ok and self.single_pass:
+            member = self._members[0]
+            return self._forward(member, self._normalise(member, tiles, valid), softmax=False)
+        return self._tile_probabilities(tiles, valid)
+
     @torch.inference_mode()
     def predict_probabilities(self, pixels: np.ndarray, valid: np.ndarray | None = None, *,
                               logits_ok: bool = False) -> torch.Tensor:
@@ -249,11 +258,7 @@ class Predictor:
         v = None if valid is None else self._to_device(valid).to(torch.float32).unsqueeze(0)
         tile_shape, offsets = plan_tiles(window_shape, self.options.tile_size, self.options.tile_overlap)
         if len(offsets) == 1:  # the model takes the whole window: nothing to blend
-            tile, tile_valid = x.unsqueeze(0), None if v is None else v.unsqueeze(0)
-            if logits_ok and self.single_pass:
-                member = self._members[0]
-                return self._forward(member, self._normalise(member, tile, tile_valid), softmax=False)[0]
-            return self._tile_probabilities(tile, tile_valid)[0]
+            return self._whole_tiles(x.unsqueeze(0), None if v is None else v.unsqueeze(0), logits_ok=logits_ok)[0]
         weights = self._tile_weights(tile_shape)
         acc = BlendAccumulator(window_shape, self.num_classes, device=self.device)
         bs = self.options.batch_size
@@ -287,8 +292,8 @@ class Predictor:
     def windows_per_pass(self, window_shape: tuple[int, ...]) -> int:
         """How many windows of `window_shape` `predict_cores` runs in one forward pass:
         batch_size when the whole window is one model tile, else 1 (its tiles are batched)."""
-        _, offsets = plan_tiles(window_shape, self.options.tile_size, self.options.tile_overlap)
-        return self.options.batch_size if len(offsets) == 1 else 1
+        o = self.options
+        return windows_per_pass(window_shape, o.tile_size, o.tile_overlap, o.batch_size)
 
     @torch.inference_mode()
     def predict_cores(
@@ -345,11 +350,7 @@ class Predictor:
         if any(m is not None for m in masks):
             ones = np.ones(windows[0][0].shape[1:], dtype=bool)
             v = torch.stack([self._to_device(ones if m is None else m) for m in masks]).to(torch.float32).unsqueeze(1)
-        if not with_probabilities and self.single_pass:
-            member = self._members[0]
-            probs = self._forward(member, self._normalise(member, x, v), softmax=False)
-        else:
-            probs = self._tile_probabilities(x, v)
+        probs = self._whole_tiles(x, v, logits_ok=not with_probabilities)
         return [self._finish_core(probs[i], valid, core, with_probabilities)
                 for i, (_, valid, core) in enumerate(windows)]
 

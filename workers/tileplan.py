@@ -125,3 +125,11 @@ def _blend_weights_cached(shape: tuple[int, ...], mode: str, sigma_scale: float)
         weights = np.maximum(weights, GAUSSIAN_FLOOR).astype(np.float32)
     weights.setflags(write=False)
     return weights
+
+
+def windows_per_pass(window_shape: Sequence[int], tile: int | Sequence[int], overlap: float, batch_size: int) -> int:
+    """How many whole windows one forward pass takes: `batch_size` when the window is a single
+    model tile (whole windows are then stacked into one batch, which a GPU needs), else 1 (the
+    window's own tiles fill the batches)."""
+    _, offsets = plan_tiles(window_shape, tile, overlap)
+    return batch_size if len(offsets) == 1 else 1

@@ -27,7 +27,7 @@ from pipelines.tiling import ChunkWindow, pad_window
 from schemas.errors import InputError
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
-GDAL_CACHE_MB = int(os.environ.get("TESSERA_GDAL_CACHE_MB", "96"))
+GDAL_CACHE_MB = 96
 """GDAL block cache per reading process (GDAL's default is 5 % of RAM). A stripe of 4 chunks of
 1024 px with 32-px halos over 512-px blocks of 4 uint16 bands needs 10 x 4 blocks, 80 MB."""
 MAX_OPEN_DATASETS = 4
