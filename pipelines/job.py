@@ -613,7 +613,8 @@ def _split_pipeline(job: ResolvedJob, rows: list[dict[str, Any]], scenes_ref: di
     res = job.spec.resources
     return (
         ray.data.from_items(rows, override_num_blocks=len(rows))
-        .map(read_stage, fn_kwargs=scenes_ref, num_cpus=0.5, concurrency=_read_concurrency(job))
+        .map(read_stage, fn_kwargs=scenes_ref, num_cpus=0.5,
+             concurrency=read_concurrency(job, cluster_cpus=ray.cluster_resources().get("CPU", 1.0)))
         .map_batches(
             PredictorActor,
             fn_constructor_kwargs=predictor_kwargs,
@@ -706,16 +707,22 @@ class _Progress:
             outcome.error = outcome.error or str(record["error"])
 
 
-def _read_concurrency(job: ResolvedJob) -> int:
-    """Concurrent read tasks: resources.read_tasks, else 1 per CPU actor and 2 per GPU actor.
+def read_concurrency(job: ResolvedJob, *, cluster_cpus: float) -> int:
+    """Concurrent read tasks of the split pipeline: resources.read_tasks; else on GPU actors
+    half of the CPUs the actors leave free (the other half writes and computes statistics),
+    at least 2 per actor; on CPU actors 1 per actor (a read costs a fraction of a CPU pass).
 
-    Few readers keep consecutive windows (which share input blocks) in the same process and its
-    block cache; a read costs a fraction of a CPU forward pass, so one reader feeds one CPU actor.
+    On a GPU a read costs far more time than the window's forward pass, so 2 readers per
+    actor would leave the GPU waiting; on CPU, few readers keep consecutive windows (which
+    share input blocks) in one process's block cache.
     """
     res = job.spec.resources
     if res.read_tasks is not None:
         return res.read_tasks
-    return job.actors * (2 if job.num_gpus_per_actor > 0 else 1)
+    if job.num_gpus_per_actor <= 0:
+        return job.actors
+    free = max(0.0, cluster_cpus - job.actors * res.cpus_per_actor)
+    return max(2 * job.actors, int(free // 2))
 
 
 def _actor_remote_args(res: Any) -> dict[str, Any]:
