@@ -268,6 +268,26 @@ def predict_model_share(*, model_px: float, raw_px_s: float, predict_s: float, a
     return None if predict_s <= 0 else actors * (model_px / raw_px_s) / predict_s
 
 
+def steady_state(phases: Mapping[str, float], scene_px: int, n_chunks: int, raw_px_s: float) -> dict[str, float | None]:
+    """The job's rate once its first chunk is out (predictor start-up excluded).
+
+    first_chunk_s (stream start -> first chunk record) is what a job pays once, however many
+    scenes it holds: actor processes, torch, the CUDA context, the first pass. The chunks after
+    it show what the pipeline sustains. Reads run ahead while the actors start, so this rate
+    can exceed what reading alone sustains on a scene too small to use up the read-ahead.
+
+    Returns:
+        start_s, start_share (of the chunk stream's time), steady_px_s (px of the chunks after
+        the first / seconds after the first; None with fewer than 2 chunks), steady_vs_raw.
+    """
+    first, total = phases.get("first_chunk_s", 0.0), phases.get("chunks_s", 0.0)
+    steady = None
+    if n_chunks > 1 and total > first:
+        steady = scene_px * (n_chunks - 1) / n_chunks / (total - first)
+    return {"start_s": first, "start_share": first / total if total > 0 else None,
+            "steady_px_s": steady, "steady_vs_raw": _safe_div(steady, raw_px_s)}
+
+
 def breakdown_shares(seconds: Mapping[str, float]) -> dict[str, float]:
     """Each stage's share of the summed stage seconds (same keys, same order; sums to 1).
 
@@ -506,19 +526,25 @@ def measure_raw(
     """
     import contextlib
 
+    t_start = time.perf_counter()
     import torch
 
     from workers.checkpoints import build_from_checkpoint, load_checkpoint
     from workers.predictor import fold_batchnorm, memory_format, resolve_autocast_dtype, resolve_device
 
+    t_imported = time.perf_counter()
     dev = resolve_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(threads)
+    else:
+        torch.zeros(1, device=dev)  # the CUDA context, timed apart from the model
+    t_device = time.perf_counter()
     ckpt = load_checkpoint(Path(card_path))
     model = build_from_checkpoint(ckpt).eval()
     model = (fold_batchnorm(model) if fold_bn else model).to(dev)
     fmt = memory_format(channels_last=channels_last)
     model = model.to(memory_format=fmt)
+    t_model = time.perf_counter()
     dtype = resolve_autocast_dtype(precision, dev)
     generator = torch.Generator().manual_seed(seed)
     inputs = [
@@ -538,8 +564,11 @@ def measure_raw(
                 model(x)
         sync()
 
+    first_pass_s = None
     for _ in range(warmup):
+        t0 = time.perf_counter()
         one_pass()
+        first_pass_s = first_pass_s if first_pass_s is not None else time.perf_counter() - t0
     if barrier_dir is not None:
         Path(barrier_dir, f"ready-{os.getpid()}").touch()
         deadline = time.monotonic() + 600
@@ -560,6 +589,9 @@ def measure_raw(
         "threads": torch.get_num_threads(),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "gpu_peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+        # what a fresh predictor process pays before its first tile: what the job's actors pay too
+        "startup_s": {"import_torch": t_imported - t_start, "device": t_device - t_imported,
+                      "model": t_model - t_device, "first_pass": first_pass_s},
     }
 
 
@@ -872,6 +904,7 @@ def _measure_raw_actors(r: _Resolved, tile_shape: tuple[int, ...]) -> dict[str, 
         "threads": runs[0]["threads"],
         "device_name": runs[0]["device_name"],
         "gpu_peak_bytes": max(gpu) if gpu else None,
+        "startup_s": runs[0]["startup_s"],
     }
 
 
@@ -943,6 +976,7 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
         **throughput_ratios(raw["px_s"], e2e_px_s, redundancy),
         "wall_s": wall_s,
         "time_per_mpx_s": wall_s / (size * size / 1e6),
+        **steady_state(job.phases, size * size, outcome.n_chunks, raw["px_s"]),
         "predictor_busy": seconds["predict"] / (wall_s * r.actors),
         "predict_model_share": predict_model_share(model_px=redundancy * size * size, raw_px_s=raw["px_s"],
                                                    predict_s=seconds["predict"], actors=r.actors),
@@ -1052,6 +1086,7 @@ def render_tables(result: Mapping[str, Any]) -> list[Any]:
         f"throughput: {result['model']['name']} on {resolved['device']} "
         f"({result['machine'].get('device_name', '')}), tile {resolved['tile_size']}, halo {resolved['halo']}",
         "size", "wall s", "e2e Mpx/s", "raw Mpx/s", "e2e/raw", "ideal", "effic.", "redund.", "s/Mpx", "x smallest",
+        "1st chunk s", "after it Mpx/s",
     )
     memory = table("peak memory, MiB", "size", "driver RSS", "largest worker RSS", "job PSS (driver+workers)",
                    "Ray daemons PSS", "all RSS (upper bound)", "x smallest (job)", "GPU")
@@ -1066,6 +1101,7 @@ def render_tables(result: Mapping[str, Any]) -> list[Any]:
             size, _fmt(r["wall_s"], ".1f"), _fmt(r["e2e_px_s"], ".3f", 1e6), _fmt(r["raw_px_s"], ".3f", 1e6),
             _fmt(r["ratio"], ".3g"), _fmt(r["ideal_ratio"]), _fmt(r["efficiency"], ".3g"), _fmt(r["redundancy"]),
             _fmt(r["time_per_mpx_s"], ".2f"), _fmt(r["time_per_mpx_vs_smallest"], ".2f"),
+            _fmt(r.get("start_s"), ".1f"), _fmt(r.get("steady_px_s"), ".3f", 1e6),
         )
         memory.add_row(
             size, _fmt(r["tessera_driver_peak_mib"], ".0f"), _fmt(r["tessera_worker_peak_mib"], ".0f"),

@@ -63,6 +63,7 @@ OUTPUT_FORMAT_VERSION = 1
 WORK_DIR = "_work"
 READ_STRIPE_CHUNKS = 4  # chunks per read stripe (pipelines.tiling.stripe_order)
 FUSED_BATCH = READ_STRIPE_CHUNKS  # consecutive chunks per fused-actor call (one stripe row)
+READ_BLOCK_CHUNKS = 2 * READ_STRIPE_CHUNKS  # split stages: consecutive chunks per read task (two stripe rows)
 
 
 @dataclass(frozen=True)
@@ -611,10 +612,13 @@ def _split_pipeline(job: ResolvedJob, rows: list[dict[str, Any]], scenes_ref: di
     from workers.actors import PredictorActor
 
     res = job.spec.resources
+    # Blocks of READ_BLOCK_CHUNKS consecutive rows (stripe order): one read task reads them in
+    # one process, so the input blocks that neighbouring halo windows share are decoded once
+    # (GDAL's block cache) rather than once per window in whichever process got it.
+    readers = read_concurrency(job, cluster_cpus=ray.cluster_resources().get("CPU", 1.0))
     return (
-        ray.data.from_items(rows, override_num_blocks=len(rows))
-        .map(read_stage, fn_kwargs=scenes_ref, num_cpus=0.5,
-             concurrency=read_concurrency(job, cluster_cpus=ray.cluster_resources().get("CPU", 1.0)))
+        ray.data.from_items(rows, override_num_blocks=-(-len(rows) // READ_BLOCK_CHUNKS))
+        .map(read_stage, fn_kwargs=scenes_ref, num_cpus=0.5, compute=ray.data.TaskPoolStrategy(size=readers))
         .map_batches(
             PredictorActor,
             fn_constructor_kwargs=predictor_kwargs,

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import zarr
 from rasterio.transform import from_origin
 
+from schemas import store as layout
+from schemas.job import JobSpec
 from workers.checkpoints import save_checkpoint
 from workers.models.oracles import ThresholdOracle
 
@@ -61,3 +64,19 @@ def oracle_checkpoint(out_dir: Path, *, bands: int = 4, num_classes: int = 4, ra
         "stride": 1,
     }
     return save_checkpoint(model, fields, out_dir, name=name)
+
+
+def job_spec(inputs, root, card, **tiling) -> JobSpec:
+    """A job spec for small test scenes: 64 px chunks, halo 8, 32 px tiles, one actor."""
+    return JobSpec.model_validate({
+        "inputs": [str(p) for p in inputs],
+        "model": {"card": str(card)},
+        "tiling": {"chunk_size": 64, "halo": 8, "tile_size": 32, "tile_overlap": 0.25} | tiling,
+        "resources": {"actors": 1, "batch_size": 3, "torch_threads": 1},
+        "output": {"root": str(root)},
+    })
+
+
+def read_classes(root: Path, scene: str) -> np.ndarray:
+    """The classes array a job wrote for a scene."""
+    return zarr.open_array(str(root / f"{scene}.zarr"), path=layout.CLASSES, mode="r")[:]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.bench import (
+    steady_state,
     BenchConfig,
     GpuSampler,
     breakdown_shares,
@@ -87,6 +88,15 @@ def test_predict_model_share():
     # 2.25 x 1 Mpx of model work at 4.5 Mpx/s is 0.5 s of forward passes in 2 s of predict
     assert predict_model_share(model_px=2.25e6, raw_px_s=4.5e6, predict_s=2.0) == 0.25
     assert predict_model_share(model_px=1e6, raw_px_s=1e6, predict_s=0.0) is None
+
+
+def test_steady_state_excludes_the_first_chunk():
+    # 5 chunks of a 5 Mpx scene: the first after 4 s, all after 6 s -> 4 Mpx in 2 s
+    got = steady_state({"first_chunk_s": 4.0, "chunks_s": 6.0}, 5_000_000, 5, raw_px_s=4e6)
+    assert got == {"start_s": 4.0, "start_share": pytest.approx(4 / 6), "steady_px_s": 2e6, "steady_vs_raw": 0.5}
+    assert steady_state({"first_chunk_s": 1.0, "chunks_s": 1.0}, 100, 1, raw_px_s=1.0)["steady_px_s"] is None
+    assert steady_state({}, 100, 3, raw_px_s=1.0) == {"start_s": 0.0, "start_share": None, "steady_px_s": None,
+                                                      "steady_vs_raw": None}
 
 
 def test_breakdown_shares():
@@ -185,6 +195,9 @@ def test_bench_smoke_run(card, tmp_path, ray_local):
     assert row["breakdown"]["predict"] > 0
     assert row["predict_model_share"] > 0 and 0 < row["predictor_busy"] < 1
     assert on_disk["machine"]["cpu_count"] >= 1 and on_disk["machine"]["torch"]
+    assert 0 < row["start_s"] < row["wall_s"] and 0 < row["start_share"] < 1 and row["steady_px_s"] > 0
+    startup = on_disk["raw"][0]["startup_s"]
+    assert startup["import_torch"] > 0 and startup["model"] > 0 and startup["first_pass"] > 0
     if card == "oracle":
         # pointwise oracle, one-hot probabilities: tiling and blending cannot change a label
         assert row["monai_agreement"] == 1.0

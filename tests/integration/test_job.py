@@ -19,24 +19,10 @@ from schemas import store as layout
 from schemas.errors import JobSpecError, ModelCardError
 from schemas.job import JobSpec
 from schemas.tables import SCHEMAS
-from tests.helpers import oracle_checkpoint, smooth_scene, write_geotiff
+from tests.helpers import job_spec, oracle_checkpoint, read_classes, smooth_scene, write_geotiff
 from workers.models.oracles import ThresholdOracle
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-
-
-def _spec(inputs, root, card, **tiling) -> JobSpec:
-    return JobSpec.model_validate({
-        "inputs": [str(p) for p in inputs],
-        "model": {"card": str(card)},
-        "tiling": {"chunk_size": 64, "halo": 8, "tile_size": 32, "tile_overlap": 0.25} | tiling,
-        "resources": {"actors": 1, "batch_size": 3, "torch_threads": 1},
-        "output": {"root": str(root)},
-    })
-
-
-def _classes(root: Path, scene: str) -> np.ndarray:
-    return zarr.open_array(str(root / f"{scene}.zarr"), path=layout.CLASSES, mode="r")[:]
 
 
 def _whole_image_oracle(data: np.ndarray, *, radius: int, num_classes: int = 4,
@@ -52,23 +38,11 @@ def _whole_image_oracle(data: np.ndarray, *, radius: int, num_classes: int = 4,
     return np.where(valid, labels, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def oracle_run(tmp_path_factory):
-    """One scene (odd size, nodata border, several chunks) through the pointwise oracle."""
-    tmp = tmp_path_factory.mktemp("oracle")
-    data = smooth_scene((150, 173), seed=1, nodata_border=20)
-    scene = write_geotiff(tmp / "scene one.tif", data)
-    card = oracle_checkpoint(tmp / "model")
-    root = tmp / "out"
-    result = run_job(_spec([scene], root, card), base_dir=tmp)
-    return data, scene, root, result
-
-
 def test_tiled_oracle_equals_whole_image(oracle_run):
     data, _, root, result = oracle_run
     assert [s.status for s in result.scenes] == ["complete"]
     assert result.scenes[0].name == "scene_one"
-    np.testing.assert_array_equal(_classes(root, "scene_one"), _whole_image_oracle(data, radius=0))
+    np.testing.assert_array_equal(read_classes(root, "scene_one"), _whole_image_oracle(data, radius=0))
 
 
 def test_halo_gives_exact_chunks_for_a_spatial_oracle(tmp_path):
@@ -77,9 +51,9 @@ def test_halo_gives_exact_chunks_for_a_spatial_oracle(tmp_path):
     scene = write_geotiff(tmp_path / "s.tif", data, nodata=None)
     card = oracle_checkpoint(tmp_path / "model", radius=3)
     root = tmp_path / "out"
-    run_job(_spec([scene], root, card, halo=3, tile_size=256), base_dir=tmp_path)
+    run_job(job_spec([scene], root, card, halo=3, tile_size=256), base_dir=tmp_path)
     expected = _whole_image_oracle(data, radius=3)
-    np.testing.assert_array_equal(_classes(root, "s"), expected)
+    np.testing.assert_array_equal(read_classes(root, "s"), expected)
 
 
 def test_georeferencing_round_trip(oracle_run):
@@ -104,7 +78,7 @@ def test_georeferencing_round_trip(oracle_run):
 
 def test_region_stats_equal_skimage_on_stitched_mask(oracle_run):
     _, scene, root, _ = oracle_run
-    classes = _classes(root, "scene_one")
+    classes = read_classes(root, "scene_one")
     table = pq.read_table(root / "tables" / "regions" / "scene_one.parquet")
     assert table.schema.equals(SCHEMAS["regions"], check_metadata=False)
     labels = label(classes, background=255, connectivity=2)
@@ -137,7 +111,7 @@ def test_tables_and_manifest(oracle_run):
     n_regions = run_query(root, "SELECT count(*) AS n FROM regions").column("n")[0].as_py()
     assert n_regions == scenes[0]["n_regions"] > 0
     areas = {c["class_name"]: c["pixel_count"] for c in scenes[0]["class_areas"]}
-    classes = _classes(root, "scene_one")
+    classes = read_classes(root, "scene_one")
     assert areas == {f"class{k}": int((classes == k).sum()) for k in range(4)}
     assert scenes[0]["valid_pixels"] == int((classes != 255).sum())
 
@@ -147,11 +121,11 @@ def test_nodata_chunks_are_skipped_and_recorded(tmp_path):
     data[:, :64, :64] = 0  # one whole chunk of nodata
     scene = write_geotiff(tmp_path / "holes.tif", data)
     root = tmp_path / "out"
-    run_job(_spec([scene], root, oracle_checkpoint(tmp_path / "m")), base_dir=tmp_path)
+    run_job(job_spec([scene], root, oracle_checkpoint(tmp_path / "m")), base_dir=tmp_path)
     rows = run_query(root, "SELECT chunk_index, status, valid_pixels FROM chunks ORDER BY chunk_index").to_pylist()
     assert rows[0] == {"chunk_index": [0, 0], "status": "skipped_nodata", "valid_pixels": 0}
     assert all(r["status"] == "written" for r in rows[1:])
-    assert (_classes(root, "holes")[:64, :64] == 255).all()
+    assert (read_classes(root, "holes")[:64, :64] == 255).all()
 
 
 def test_bad_scene_fails_alone_with_a_clear_error(tmp_path):
@@ -159,7 +133,7 @@ def test_bad_scene_fails_alone_with_a_clear_error(tmp_path):
     (tmp_path / "corrupt.tif").write_bytes(b"II*\x00 this is not a tiff")
     three_bands = write_geotiff(tmp_path / "rgb.tif", smooth_scene((70, 70), bands=3, seed=5))
     root = tmp_path / "out"
-    spec = _spec([good, tmp_path / "corrupt.tif", three_bands, tmp_path / "missing.tif"], root,
+    spec = job_spec([good, tmp_path / "corrupt.tif", three_bands, tmp_path / "missing.tif"], root,
                  oracle_checkpoint(tmp_path / "m"))
     result = run_job(spec, base_dir=tmp_path)
     status = {s.name: (s.status, s.error) for s in result.scenes}
@@ -177,10 +151,10 @@ def test_rerun_recomputes_nothing_and_resume_computes_only_missing(tmp_path):
     scene = write_geotiff(tmp_path / "r.tif", smooth_scene((128, 192), seed=6))
     card = oracle_checkpoint(tmp_path / "m")
     root = tmp_path / "out"
-    first = run_job(_spec([scene], root, card), base_dir=tmp_path)
+    first = run_job(job_spec([scene], root, card), base_dir=tmp_path)
     assert first.scenes[0].n_todo == 6
-    before = _classes(root, "r")
-    again = run_job(_spec([scene], root, card), base_dir=tmp_path)
+    before = read_classes(root, "r")
+    again = run_job(job_spec([scene], root, card), base_dir=tmp_path)
     assert again.scenes[0].already_complete and again.scenes[0].n_todo == 0
 
     # Simulate an interrupted run: scene not complete, two chunks without markers, their
@@ -195,17 +169,17 @@ def test_rerun_recomputes_nothing_and_resume_computes_only_missing(tmp_path):
     arr = zarr.open_array(str(root / "r.zarr"), path=layout.CLASSES, mode="r+")
     arr[0:64, 64:128] = 255
     arr[64:128, 128:192] = 255
-    resumed = run_job(_spec([scene], root, card), base_dir=tmp_path)
+    resumed = run_job(job_spec([scene], root, card), base_dir=tmp_path)
     assert resumed.scenes[0].n_todo == 2 and resumed.scenes[0].status == "complete"
-    np.testing.assert_array_equal(_classes(root, "r"), before)
+    np.testing.assert_array_equal(read_classes(root, "r"), before)
 
 
 def test_different_fingerprint_is_never_mixed_in(tmp_path):
     scene = write_geotiff(tmp_path / "f.tif", smooth_scene((64, 64), seed=7))
     card = oracle_checkpoint(tmp_path / "m")
     root = tmp_path / "out"
-    run_job(_spec([scene], root, card), base_dir=tmp_path)
-    other = run_job(_spec([scene], root, card, tile_overlap=0.5), base_dir=tmp_path)
+    run_job(job_spec([scene], root, card), base_dir=tmp_path)
+    other = run_job(job_spec([scene], root, card, tile_overlap=0.5), base_dir=tmp_path)
     assert other.scenes[0].status == "failed"
     assert "another job fingerprint" in other.scenes[0].error and "overwrite" in other.scenes[0].error
 
@@ -213,7 +187,7 @@ def test_different_fingerprint_is_never_mixed_in(tmp_path):
 def test_missing_model_fails_before_any_work(tmp_path):
     scene = write_geotiff(tmp_path / "x.tif", smooth_scene((32, 32), seed=8))
     with pytest.raises(ModelCardError, match="not found"):
-        run_job(_spec([scene], tmp_path / "out", tmp_path / "nope.json"), base_dir=tmp_path)
+        run_job(job_spec([scene], tmp_path / "out", tmp_path / "nope.json"), base_dir=tmp_path)
     assert not (tmp_path / "out").exists()
 
 
@@ -239,7 +213,7 @@ def test_probabilities_ensemble_and_tta_through_the_job(tmp_path):
     })
     result = run_job(spec, base_dir=tmp_path)
     assert result.scenes[0].status == "complete", result.scenes[0].error
-    classes = _classes(root, "p")
+    classes = read_classes(root, "p")
     # An ensemble of two identical pointwise oracles with flip TTA is still the oracle.
     np.testing.assert_array_equal(classes, _whole_image_oracle(data, radius=0))
     probs = zarr.open_array(str(root / "p.zarr"), path=layout.PROBABILITIES, mode="r")[:]
@@ -268,11 +242,11 @@ def test_split_stages_write_the_same_outputs_as_fused(oracle_run, tmp_path):
     # actors -> write tasks) must write identical classes and region rows.
     _, scene, root, _ = oracle_run
     card = oracle_checkpoint(tmp_path / "model")
-    spec = _spec([scene], tmp_path / "split", card)
+    spec = job_spec([scene], tmp_path / "split", card)
     spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"stages": "split"})})
     result = run_job(spec, base_dir=tmp_path)
     assert [s.status for s in result.scenes] == ["complete"]
-    np.testing.assert_array_equal(_classes(tmp_path / "split", "scene_one"), _classes(root, "scene_one"))
+    np.testing.assert_array_equal(read_classes(tmp_path / "split", "scene_one"), read_classes(root, "scene_one"))
 
     def regions(r: Path):
         return pq.read_table(r / "tables" / "regions" / "scene_one.parquet").sort_by("region_id").drop(["scene"])
@@ -288,13 +262,13 @@ def test_whole_windows_batched_across_chunks_equal_one_window_per_pass(oracle_ru
     card = oracle_checkpoint(tmp_path / "model")
     roots = {}
     for batch in (1, 3):
-        spec = _spec([scene], tmp_path / f"b{batch}", card, tile_size=80)
+        spec = job_spec([scene], tmp_path / f"b{batch}", card, tile_size=80)
         spec = spec.model_copy(update={"resources": spec.resources.model_copy(
             update={"stages": stages, "batch_size": batch})})
         assert windows_per_call(resolve_job(spec, base_dir=tmp_path)) == batch
         assert [s.status for s in run_job(spec, base_dir=tmp_path).scenes] == ["complete"]
         roots[batch] = tmp_path / f"b{batch}"
-    np.testing.assert_array_equal(_classes(roots[3], "scene_one"), _classes(roots[1], "scene_one"))
+    np.testing.assert_array_equal(read_classes(roots[3], "scene_one"), read_classes(roots[1], "scene_one"))
     regions = [pq.read_table(r / "tables" / "regions" / "scene_one.parquet").sort_by("region_id") for r in roots.values()]
     assert regions[0].equals(regions[1])
 
@@ -303,7 +277,7 @@ def test_more_actors_than_cpus_fails_before_any_work(tmp_path):
     # the local test Ray has 2 CPUs: 3 actors x 1 CPU could never all start (Ray would wait forever)
     scene = write_geotiff(tmp_path / "s.tif", smooth_scene((40, 40), seed=3))
     card = oracle_checkpoint(tmp_path / "model")
-    spec = _spec([scene], tmp_path / "out", card)
+    spec = job_spec([scene], tmp_path / "out", card)
     spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"actors": 3})})
     with pytest.raises(JobSpecError, match=r"3 actor\(s\) x 1.0 CPU need 3 CPUs, the Ray cluster has 2"):
         run_job(spec, base_dir=tmp_path)
@@ -313,49 +287,9 @@ def test_more_actors_than_cpus_fails_before_any_work(tmp_path):
 def test_fp16_on_cpu_fails_before_any_work(tmp_path):
     scene = write_geotiff(tmp_path / "s.tif", smooth_scene((40, 40), seed=3))
     card = oracle_checkpoint(tmp_path / "model")
-    spec = _spec([scene], tmp_path / "out", card)
+    spec = job_spec([scene], tmp_path / "out", card)
     spec = spec.model_copy(update={"inference": spec.inference.model_copy(update={"precision": "fp16"})})
     with pytest.raises(JobSpecError, match="fp16 needs GPU actors"):
         run_job(spec, base_dir=tmp_path)
     assert not (tmp_path / "out" / "s.zarr").exists()
 
-
-def _on_gpu(spec: JobSpec, **inference) -> JobSpec:
-    return spec.model_copy(update={
-        "resources": spec.resources.model_copy(update={"num_gpus_per_actor": 1.0, "stages": "split"}),
-        "inference": spec.inference.model_copy(update=inference)})
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 3])
-def test_gpu_split_job_equals_the_cpu_job(oracle_run, tmp_path, batch):
-    # The pointwise oracle in fp32 on the GPU (split stages: read tasks -> GPU actor -> write
-    # tasks), one window or three per forward pass: the same classes as the CPU run, pixel for pixel.
-    _, scene, root, _ = oracle_run
-    card = oracle_checkpoint(tmp_path / "model")
-    spec = _on_gpu(_spec([scene], tmp_path / "gpu", card, tile_size=80), precision="fp32")
-    spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"batch_size": batch})})
-    job = resolve_job(spec, base_dir=tmp_path)
-    assert job.predictor_options.device.startswith("cuda") and windows_per_call(job) == batch
-    assert [s.status for s in run_job(spec, base_dir=tmp_path).scenes] == ["complete"]
-    np.testing.assert_array_equal(_classes(tmp_path / "gpu", "scene_one"), _classes(root, "scene_one"))
-
-
-@pytest.mark.gpu
-def test_gpu_bundled_unet_in_bf16_agrees_with_cpu_fp32(tmp_path):
-    # The bundled U-Net on a synthetic 2048^2 scene (4 chunks of 1024, whole-window tiles):
-    # GPU autocast (precision auto: bf16 where supported) against the CPU's fp32.
-    from pipelines.synthetic import SceneSpec, write_scene
-
-    scene = tmp_path / "synthetic.tif"
-    write_scene(SceneSpec(height=2048, width=2048, seed=5), scene)
-    spec = JobSpec.model_validate({
-        "inputs": [str(scene)], "model": {"card": "builtin:unet-demo"},
-        "resources": {"actors": 1, "torch_threads": 1}, "output": {"root": str(tmp_path / "cpu")}})
-    assert [s.status for s in run_job(spec, base_dir=tmp_path).scenes] == ["complete"]
-    gpu = _on_gpu(spec).model_copy(update={"output": spec.output.model_copy(update={"root": str(tmp_path / "gpu")})})
-    assert [s.status for s in run_job(gpu, base_dir=tmp_path).scenes] == ["complete"]
-    cpu_classes, gpu_classes = _classes(tmp_path / "cpu", "synthetic"), _classes(tmp_path / "gpu", "synthetic")
-    np.testing.assert_array_equal(cpu_classes == 255, gpu_classes == 255)  # nodata is read, not predicted
-    agreement = float((cpu_classes == gpu_classes).mean())
-    assert agreement >= 0.999, agreement
