@@ -602,6 +602,8 @@ def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, Scen
     ds = _split_pipeline(job, rows, {"scenes": scenes}, _predictor_kwargs(job))
     for record in ds.iter_rows():
         progress(record)
+    if log.isEnabledFor(logging.INFO):
+        log.info("split stages, Ray Data execution stats:\n%s", ds.stats())
 
 
 def _split_pipeline(job: ResolvedJob, rows: list[dict[str, Any]], scenes_ref: dict[str, Any],

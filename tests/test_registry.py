@@ -347,6 +347,20 @@ def bad_stride_factory(*, in_channels, num_classes):
 
 bad_stride_factory.stride = 0
 not_callable = 3
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, num_classes, 1)
+        self.register_buffer("scale", torch.tensor(2.0), persistent=False)  # not in the state dict
+
+    def forward(self, x):
+        return self.conv(x) * self.scale
+
+
+def buffer_factory(*, in_channels, num_classes):
+    return Scaled(in_channels, num_classes)
 '''
 
 
@@ -377,6 +391,26 @@ def test_plugin_returning_torch_module(plugin_module, tmp_path):
     loaded = build_from_checkpoint(load_checkpoint(card_path))
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+
+def test_checkpoints_build_without_random_init_and_fall_back_where_that_cannot_work(plugin_module, tmp_path):
+    from workers.checkpoints import _build_on_meta, load_state_dict
+
+    x = torch.randn(1, 4, 16, 16)
+    for arch, arch_args, meta_ok in ((f"{plugin_module}:torch_factory", {"width": 3}, True),
+                                     ("unet", {"base_channels": 4, "depth": 2}, True),
+                                     # a non-persistent buffer is in no state dict: plain build
+                                     (f"{plugin_module}:buffer_factory", {}, False)):
+        model = build_model(arch, in_channels=4, num_classes=3, arch_args=arch_args).eval()
+        card_path = save_checkpoint(model, card_fields(arch, arch_args, in_channels=4, num_classes=3),
+                                    tmp_path / "ckpt", name=arch.replace(":", "-"))
+        ckpt = load_checkpoint(card_path)
+        assert (_build_on_meta(ckpt.card, load_state_dict(ckpt.weights_path)) is not None) == meta_ok, arch
+        loaded = build_from_checkpoint(ckpt)
+        assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+        assert all(isinstance(p, torch.nn.Parameter) for p in loaded.parameters())
+        with torch.inference_mode():
+            torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
 def test_plugin_returning_numpy_function(plugin_module, tmp_path):

@@ -91,15 +91,40 @@ def build_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
     from workers.registry import build_model
 
     card = ckpt.card
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(ckpt.weights_path).items()}
+    model = _build_on_meta(card, state)
+    if model is not None:
+        return model.eval()
     model = build_model(
         card.architecture, in_channels=card.in_channels, num_classes=card.num_classes, arch_args=card.arch_args
     )
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(ckpt.weights_path).items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ModelCardError(f"{ckpt.weights_path}: weights do not fit architecture {card.architecture!r}: {exc}") from None
     return model.eval()
+
+
+def _build_on_meta(card: ModelCard, state: dict[str, torch.Tensor]) -> torch.nn.Module | None:
+    """The architecture built on the meta device and given the loaded tensors (no random init:
+    a ResNet-50 backbone's init costs a predictor actor about a second of start-up), or None
+    where that does not work: a builder that computes on its weights, a tensor the state dict
+    lacks (a non-persistent buffer), a shape mismatch. The caller then builds the plain way,
+    which also gives the error message a mismatch deserves."""
+    import torch
+
+    from workers.registry import build_model
+
+    try:
+        with torch.device("meta"):
+            model = build_model(card.architecture, in_channels=card.in_channels, num_classes=card.num_classes,
+                                arch_args=card.arch_args)
+        model.load_state_dict(state, strict=True, assign=True)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return None
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return None
+    return model
 
 
 def save_checkpoint(model: torch.nn.Module, card_fields: dict, out_dir: Path, *, name: str) -> Path:
