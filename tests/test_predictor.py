@@ -196,6 +196,32 @@ def test_predict_cores_batches_whole_windows_like_one_at_a_time(with_probabiliti
             assert probs is None and one_probs is None
 
 
+def test_an_all_valid_mask_gives_what_no_mask_gives(window, monkeypatch):
+    # An all-True mask is dropped before any work (no mask on the device, no multiply); the
+    # results equal no mask, and a mask with nodata still goes through the masked path.
+    import workers.predictor as predictor_module
+
+    pred = Predictor(AsymmetricConv(), _card(), options=PredictorOptions(**OPTS | {"tile_size": 128}))
+    core = (slice(5, 65), slice(5, 85))
+    all_valid = np.ones(window.shape[1:], dtype=bool)
+    for with_probabilities in (False, True):
+        want = pred.predict_core(window, None, core=core, with_probabilities=with_probabilities)
+        got = pred.predict_core(window, all_valid, core=core, with_probabilities=with_probabilities)
+        np.testing.assert_array_equal(got[0], want[0])
+        if with_probabilities:
+            np.testing.assert_array_equal(got[1], want[1])
+    moved = []
+    to_device = Predictor._to_device
+    monkeypatch.setattr(predictor_module.Predictor, "_to_device", lambda self, a: moved.append(a.dtype) or to_device(self, a))
+    pred.predict_core(window, all_valid, core=core)
+    assert np.dtype(bool) not in moved
+    holes = all_valid.copy()
+    holes[10, 10] = False
+    labels, _ = pred.predict_core(window, holes, core=core)
+    assert labels[5, 5] == 255 and (np.delete(labels.ravel(), 5 * 80 + 5) != 255).all()
+    assert np.dtype(bool) in moved
+
+
 def test_fold_batchnorm_keeps_outputs_and_leaves_the_callers_model_alone():
     from workers.models.unet import UNet
     from workers.predictor import fold_batchnorm

@@ -286,6 +286,7 @@ class Predictor:
             (labels, probs): labels (h, w) uint8 class ids, NODATA_CLASS (255) where `valid` is
             False; probs (K, h, w) float16 (NaN at nodata) or None.
         """
+        valid = _none_if_all(valid)
         probs = self.predict_probabilities(pixels, valid, logits_ok=not with_probabilities)
         return self._finish_core(probs, valid, core, with_probabilities)
 
@@ -345,14 +346,14 @@ class Predictor:
             if pixels.shape[0] != self.card.in_channels:
                 raise ValueError(f"window must be (C={self.card.in_channels}, H, W), got shape {pixels.shape}")
         x = torch.stack([self._to_device(p) for p, _, _ in windows]).to(torch.float32)
-        masks = [v for _, v, _ in windows]
+        masks = [_none_if_all(v) for _, v, _ in windows]
         v = None
         if any(m is not None for m in masks):
             ones = np.ones(windows[0][0].shape[1:], dtype=bool)
             v = torch.stack([self._to_device(ones if m is None else m) for m in masks]).to(torch.float32).unsqueeze(1)
         probs = self._whole_tiles(x, v, logits_ok=not with_probabilities)
         return [self._finish_core(probs[i], valid, core, with_probabilities)
-                for i, (_, valid, core) in enumerate(windows)]
+                for i, ((_, _, core), valid) in enumerate(zip(windows, masks))]
 
     def _finish_core(self, probs: torch.Tensor, valid: np.ndarray | None, core: tuple[slice, ...] | None,
                      with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -373,6 +374,12 @@ class Predictor:
     ) -> np.ndarray:
         """(h, w) uint8 class labels of a window's core (see `predict_core`)."""
         return self.predict_core(pixels, valid, core=core)[0]
+
+
+def _none_if_all(valid: np.ndarray | None) -> np.ndarray | None:
+    """None for a mask without nodata: the same result (x * 1, labels kept) without moving,
+    converting and applying a window-sized mask (about 19 ms of a 1088² CPU window)."""
+    return None if valid is None or bool(valid.all()) else valid
 
 
 def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
