@@ -43,8 +43,12 @@ __all__ = [
     "MergedRegions",
     "chunk_regions",
     "label_chunk",
+    "REGION_ORDER",
+    "RowMerge",
     "merge_regions",
+    "merged_regions_of",
     "region_id_offset",
+    "region_rank",
 ]
 
 #: Version of the ``.npz`` layout written by :meth:`ChunkRegions.to_npz`.
@@ -608,59 +612,184 @@ class MergedRegions:
 
 
 def _face_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Id pairs across a face: pixel k of ``a`` touches pixels k-1, k, k+1 of ``b`` (8-connectivity)."""
+    """Distinct id pairs across a face, nodata (0) dropped: pixel k of ``a`` touches pixels
+    k-1, k, k+1 of ``b`` (8-connectivity).
+
+    A face of n pixels gives 3n - 2 touching pixel pairs but only a few distinct region pairs;
+    keeping the distinct ones keeps the merge's graph (and its memory) proportional to the
+    regions, not to the length of the chunk borders (at 32768² with 1024² chunks: 6.3 million
+    pixel pairs).
+    """
     src = np.concatenate([a, a[:-1], a[1:]])
     dst = np.concatenate([b, b[1:], b[:-1]])
-    return src, dst
+    keep = (src != 0) & (dst != 0)
+    if not keep.any():
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    src, dst = src[keep], dst[keep]
+    step = np.r_[True, (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])]  # runs of one pair along the face
+    pairs = np.unique(np.stack([src[step], dst[step]], axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
 
 
-def _neighbour_pairs(parts: dict[tuple[int, int], ChunkRegions]) -> tuple[np.ndarray, np.ndarray]:
-    """All id pairs that touch across chunk faces and corners (unfiltered by class and nodata)."""
+_NEIGHBOUR_KINDS = ("right", "down", "down_right", "down_left")
+
+
+def _pairs_from(a: ChunkRegions, parts: dict[tuple[int, int], ChunkRegions],
+                kinds: Sequence[str] = _NEIGHBOUR_KINDS) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Id pairs from chunk ``a`` to those of its right / lower neighbours in ``parts`` that touch
+    it (unfiltered by class), checking that the neighbours line up with ``a``."""
+    (i, j), (r0, c0), (h, w) = a.chunk_index, a.origin, a.shape
     srcs: list[np.ndarray] = []
     dsts: list[np.ndarray] = []
-    for (i, j), a in parts.items():
-        (r0, c0), (h, w) = a.origin, a.shape
-        right, down = parts.get((i, j + 1)), parts.get((i + 1, j))
-        down_right, down_left = parts.get((i + 1, j + 1)), parts.get((i + 1, j - 1))
-        if right is not None:
-            if right.origin != (r0, c0 + w) or right.shape[0] != h:
-                raise ValueError(
-                    f"chunk {right.chunk_index} at {right.origin} of {right.shape} is not the right neighbour of "
-                    f"chunk {a.chunk_index} at {a.origin} of {a.shape}"
-                )
-            s, d = _face_pairs(a.edge_right, right.edge_left)
-            srcs.append(s)
-            dsts.append(d)
-        if down is not None:
-            if down.origin != (r0 + h, c0) or down.shape[1] != w:
-                raise ValueError(
-                    f"chunk {down.chunk_index} at {down.origin} of {down.shape} is not the lower neighbour of "
-                    f"chunk {a.chunk_index} at {a.origin} of {a.shape}"
-                )
-            s, d = _face_pairs(a.edge_bottom, down.edge_top)
-            srcs.append(s)
-            dsts.append(d)
-        if down_right is not None:
-            if down_right.origin != (r0 + h, c0 + w):
-                raise ValueError(
-                    f"chunk {down_right.chunk_index} at {down_right.origin} does not start at the lower right corner "
-                    f"{(r0 + h, c0 + w)} of chunk {a.chunk_index}"
-                )
-            srcs.append(a.edge_bottom[-1:])
-            dsts.append(down_right.edge_top[:1])
-        if down_left is not None:
-            dl_r0, dl_c0 = down_left.origin
-            if dl_r0 != r0 + h or dl_c0 + down_left.shape[1] != c0:
-                raise ValueError(
-                    f"chunk {down_left.chunk_index} at {down_left.origin} of {down_left.shape} does not end at "
-                    f"the lower left corner {(r0 + h, c0)} of chunk {a.chunk_index}"
-                )
-            srcs.append(a.edge_bottom[:1])
-            dsts.append(down_left.edge_top[-1:])
+    right = parts.get((i, j + 1)) if "right" in kinds else None
+    down = parts.get((i + 1, j)) if "down" in kinds else None
+    down_right = parts.get((i + 1, j + 1)) if "down_right" in kinds else None
+    down_left = parts.get((i + 1, j - 1)) if "down_left" in kinds else None
+    if right is not None:
+        if right.origin != (r0, c0 + w) or right.shape[0] != h:
+            raise ValueError(
+                f"chunk {right.chunk_index} at {right.origin} of {right.shape} is not the right neighbour of "
+                f"chunk {a.chunk_index} at {a.origin} of {a.shape}"
+            )
+        s, d = _face_pairs(a.edge_right, right.edge_left)
+        srcs.append(s)
+        dsts.append(d)
+    if down is not None:
+        if down.origin != (r0 + h, c0) or down.shape[1] != w:
+            raise ValueError(
+                f"chunk {down.chunk_index} at {down.origin} of {down.shape} is not the lower neighbour of "
+                f"chunk {a.chunk_index} at {a.origin} of {a.shape}"
+            )
+        s, d = _face_pairs(a.edge_bottom, down.edge_top)
+        srcs.append(s)
+        dsts.append(d)
+    if down_right is not None:
+        if down_right.origin != (r0 + h, c0 + w):
+            raise ValueError(
+                f"chunk {down_right.chunk_index} at {down_right.origin} does not start at the lower right corner "
+                f"{(r0 + h, c0 + w)} of chunk {a.chunk_index}"
+            )
+        srcs.append(a.edge_bottom[-1:])
+        dsts.append(down_right.edge_top[:1])
+    if down_left is not None:
+        dl_r0, dl_c0 = down_left.origin
+        if dl_r0 != r0 + h or dl_c0 + down_left.shape[1] != c0:
+            raise ValueError(
+                f"chunk {down_left.chunk_index} at {down_left.origin} of {down_left.shape} does not end at "
+                f"the lower left corner {(r0 + h, c0)} of chunk {a.chunk_index}"
+            )
+        srcs.append(a.edge_bottom[:1])
+        dsts.append(down_left.edge_top[-1:])
+    return srcs, dsts
+
+
+def _concat_pairs(srcs: list[np.ndarray], dsts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     if not srcs:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
-    return np.concatenate(srcs), np.concatenate(dsts)
+    src, dst = np.concatenate(srcs), np.concatenate(dsts)
+    keep = (src != 0) & (dst != 0)
+    return src[keep], dst[keep]
+
+
+def _neighbour_pairs(parts: dict[tuple[int, int], ChunkRegions]) -> tuple[np.ndarray, np.ndarray]:
+    """All id pairs that touch across chunk faces and corners (unfiltered by class; nodata dropped)."""
+    srcs: list[np.ndarray] = []
+    dsts: list[np.ndarray] = []
+    for a in parts.values():
+        s, d = _pairs_from(a, parts)
+        srcs += s
+        dsts += d
+    return _concat_pairs(srcs, dsts)
+
+
+# Partial statistics that merge algebraically (region_stats of one component = reduce over its parts).
+_STAT_FIELDS = tuple(name for name in _CHUNK_REGION_ARRAYS if name != "ids")
+
+
+def _stats_of(parts: Sequence[ChunkRegions]) -> dict[str, np.ndarray]:
+    """The parts' per-region statistics, concatenated in the order of `parts`."""
+    return {name: (np.concatenate([getattr(p, name) for p in parts]) if parts else np.zeros(0, dtype=dt))
+            for name, dt in _CHUNK_REGION_ARRAYS.items()}
+
+
+def _empty_stats() -> dict[str, np.ndarray]:
+    return {name: np.zeros(0, dtype=_CHUNK_REGION_ARRAYS[name]) for name in _STAT_FIELDS}
+
+
+def _concat_stats(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([a[name], b[name]]) for name in _STAT_FIELDS}
+
+
+def _components(class_id: np.ndarray, src: np.ndarray, dst: np.ndarray) -> tuple[int, np.ndarray]:
+    """Connected components of nodes 0..m-1 joined by the (src, dst) index pairs of equal class."""
+    m = len(class_id)
+    same = class_id[src] == class_id[dst]
+    graph = sparse.coo_matrix(
+        (np.ones(int(same.sum()), dtype=np.int8), (src[same], dst[same])), shape=(m, m)
+    ).tocsr()
+    n, comp = csgraph.connected_components(graph, directed=False)
+    return n, comp.astype(np.int64, copy=False)
+
+
+def _reduce_stats(stats: dict[str, np.ndarray], comp: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Per component: counts and coordinate sums add, bbox mins and maxes reduce, the class is
+    shared, the first pixel is the smallest (row, col). Exact in any grouping or order (the
+    float64 sums hold integers below 2**53)."""
+    m = len(comp)
+    count = np.zeros(n, dtype=np.int64)
+    np.add.at(count, comp, stats["pixel_count"])
+    out = {"pixel_count": count,
+           "sum_row": np.bincount(comp, weights=stats["sum_row"], minlength=n),
+           "sum_col": np.bincount(comp, weights=stats["sum_col"], minlength=n)}
+    for name in ("min_row", "min_col"):
+        out[name] = np.full(n, _INT64_MAX, dtype=np.int64)
+        np.minimum.at(out[name], comp, stats[name])
+    for name in ("max_row", "max_col"):
+        out[name] = np.full(n, -1, dtype=np.int64)
+        np.maximum.at(out[name], comp, stats[name])
+    class_id = np.zeros(n, dtype=np.uint8)
+    class_id[comp] = stats["class_id"]  # equal within a component: only equal classes were joined
+    out["class_id"] = class_id
+    by_first = np.lexsort((stats["first_col"], stats["first_row"], comp))
+    starts = np.flatnonzero(np.r_[True, comp[by_first][1:] != comp[by_first][:-1]]) if m else np.zeros(0, np.int64)
+    out["first_row"] = stats["first_row"][by_first[starts]]
+    out["first_col"] = stats["first_col"][by_first[starts]]
+    return out
+
+
+def region_rank(stats: dict[str, np.ndarray]) -> np.ndarray:
+    """Indices that sort regions into region_id order: (min_row, min_col, class_id,
+    pixel_count, first_row, first_col), a total order (the first pixel is unique)."""
+    return np.lexsort((stats["first_col"], stats["first_row"], stats["pixel_count"], stats["class_id"],
+                       stats["min_col"], stats["min_row"]))
+
+
+#: Columns of the merged per-region statistics, the key of the region_id order first.
+REGION_ORDER = ("min_row", "min_col", "class_id", "pixel_count", "first_row", "first_col")
+
+
+def merged_regions_of(stats: dict[str, np.ndarray]) -> MergedRegions:
+    """MergedRegions (region ids 1..n, no relabel table) of merged per-region statistics that
+    are already in region_id order (see :func:`region_rank`)."""
+    n = len(stats["pixel_count"])
+    count = stats["pixel_count"]
+    return MergedRegions(
+        region_id=np.arange(1, n + 1, dtype=np.int64),
+        class_id=stats["class_id"],
+        pixel_count=count,
+        centroid_row=stats["sum_row"] / count if n else np.zeros(0),
+        centroid_col=stats["sum_col"] / count if n else np.zeros(0),
+        min_row=stats["min_row"],
+        min_col=stats["min_col"],
+        max_row=stats["max_row"],
+        max_col=stats["max_col"],
+        first_row=stats["first_row"],
+        first_col=stats["first_col"],
+        source_id=np.zeros(0, dtype=np.int64),
+        source_region_id=np.zeros(0, dtype=np.int64),
+    )
 
 
 def merge_regions(parts: Iterable[ChunkRegions]) -> MergedRegions:
@@ -673,6 +802,9 @@ def merge_regions(parts: Iterable[ChunkRegions]) -> MergedRegions:
     ``centroid = sum / pixel_count``. Chunks may be missing (e.g. skipped as all nodata); they
     join nothing. The result equals labelling the whole scene with
     ``skimage.measure.label(classes, background=nodata, connectivity=2)``.
+
+    Holds every part at once; :class:`RowMerge` gives the same regions a row of chunks at a
+    time, in memory that does not grow with the scene.
 
     Args:
         parts: One :class:`ChunkRegions` per chunk of one scene and one chunk grid, any order.
@@ -692,12 +824,22 @@ def merge_regions(parts: Iterable[ChunkRegions]) -> MergedRegions:
             raise ValueError(f"chunk {part.chunk_index} is given twice")
         by_index[part.chunk_index] = part
     chunks = [by_index[k] for k in sorted(by_index)]
-
-    def gather(name: str, dtype: np.dtype) -> np.ndarray:
-        return np.concatenate([getattr(p, name) for p in chunks]) if chunks else np.zeros(0, dtype=dtype)
-
-    data = {name: gather(name, dt) for name, dt in _CHUNK_REGION_ARRAYS.items()}
+    data = _stats_of(chunks)
     ids = data["ids"]
+    order, sorted_ids = _sorted_ids(ids, chunks)
+    src, dst = _neighbour_pairs(by_index)
+    n, comp = _components(data["class_id"], order[np.searchsorted(sorted_ids, src)],
+                          order[np.searchsorted(sorted_ids, dst)])
+    merged = _reduce_stats(data, comp, n)
+    rank = region_rank(merged)
+    region_of_comp = np.empty(n, dtype=np.int64)
+    region_of_comp[rank] = np.arange(1, n + 1, dtype=np.int64)
+    result = merged_regions_of({name: merged[name][rank] for name in merged})
+    return dataclasses.replace(result, source_id=sorted_ids, source_region_id=region_of_comp[comp[order]])
+
+
+def _sorted_ids(ids: np.ndarray, chunks: Sequence[ChunkRegions]) -> tuple[np.ndarray, np.ndarray]:
+    """(argsort, sorted ids) of the chunks' concatenated ids; ValueError if an id repeats."""
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
     dup = np.flatnonzero(np.diff(sorted_ids) == 0)
@@ -705,52 +847,103 @@ def merge_regions(parts: Iterable[ChunkRegions]) -> MergedRegions:
         bad = int(sorted_ids[dup[0]])
         owners = [p.chunk_index for p in chunks if np.isin(bad, p.ids)]
         raise ValueError(f"region id {bad} appears in chunks {owners}; use region_id_offset for disjoint ids")
-    m = len(ids)
+    return order, sorted_ids
 
-    src, dst = _neighbour_pairs(by_index)
-    keep = (src != 0) & (dst != 0)
-    src_idx = order[np.searchsorted(sorted_ids, src[keep])]
-    dst_idx = order[np.searchsorted(sorted_ids, dst[keep])]
-    same = data["class_id"][src_idx] == data["class_id"][dst_idx]
-    graph = sparse.coo_matrix(
-        (np.ones(int(same.sum()), dtype=np.int8), (src_idx[same], dst_idx[same])), shape=(m, m)
-    ).tocsr()
-    n, comp = csgraph.connected_components(graph, directed=False)
-    comp = comp.astype(np.int64, copy=False)
 
-    count = np.zeros(n, dtype=np.int64)
-    np.add.at(count, comp, data["pixel_count"])
-    sum_row = np.bincount(comp, weights=data["sum_row"], minlength=n)
-    sum_col = np.bincount(comp, weights=data["sum_col"], minlength=n)
-    mins = {}
-    for name in ("min_row", "min_col"):
-        mins[name] = np.full(n, _INT64_MAX, dtype=np.int64)
-        np.minimum.at(mins[name], comp, data[name])
-    for name in ("max_row", "max_col"):
-        mins[name] = np.full(n, -1, dtype=np.int64)
-        np.maximum.at(mins[name], comp, data[name])
-    class_id = np.zeros(n, dtype=np.uint8)
-    class_id[comp] = data["class_id"]  # equal within a component: only equal classes were joined
-    by_first = np.lexsort((data["first_col"], data["first_row"], comp))
-    starts = np.flatnonzero(np.r_[True, comp[by_first][1:] != comp[by_first][:-1]]) if m else np.zeros(0, np.int64)
-    first_row, first_col = data["first_row"][by_first[starts]], data["first_col"][by_first[starts]]
+class RowMerge:
+    """:func:`merge_regions` a row of chunks at a time, top to bottom, in memory bounded by a row.
 
-    rank = np.lexsort((first_col, first_row, count, class_id, mins["min_col"], mins["min_row"]))
-    region_of_comp = np.empty(n, dtype=np.int64)
-    region_of_comp[rank] = np.arange(1, n + 1, dtype=np.int64)
-    centroid_row, centroid_col = sum_row / count, sum_col / count  # count >= 1
-    return MergedRegions(
-        region_id=np.arange(1, n + 1, dtype=np.int64),
-        class_id=class_id[rank],
-        pixel_count=count[rank],
-        centroid_row=centroid_row[rank],
-        centroid_col=centroid_col[rank],
-        min_row=mins["min_row"][rank],
-        min_col=mins["min_col"][rank],
-        max_row=mins["max_row"][rank],
-        max_col=mins["max_col"][rank],
-        first_row=first_row[rank],
-        first_col=first_col[rank],
-        source_id=sorted_ids,
-        source_region_id=region_of_comp[comp[order]],
-    )
+    A region can only grow downwards through the ids on the bottom edge of the last row added;
+    every other region is complete. :meth:`add_row` merges a row's regions with the regions
+    still open from the row above and returns those that are now complete; :meth:`finish`
+    returns the rest. Held between calls: the last row's parts and the open regions' merged
+    statistics. The union of all returned regions equals :func:`merge_regions` of all parts
+    (same statistics, exactly); they come in no particular order (sort by :data:`REGION_ORDER`,
+    :func:`region_rank`, to number them).
+
+    Each returned batch is a dict of arrays: class_id, pixel_count, sum_row, sum_col,
+    min_row, min_col, max_row, max_col, first_row, first_col (as in :class:`ChunkRegions`).
+    """
+
+    def __init__(self) -> None:
+        self._row_index: int | None = None
+        self._row: dict[tuple[int, int], ChunkRegions] = {}
+        self._open = _empty_stats()
+        self._open_ids = np.zeros(0, dtype=np.int64)  # sorted ids on the last row's bottom edges
+        self._open_of = np.zeros(0, dtype=np.int64)  # their open region (index into self._open)
+        self._seen: set[tuple[int, int]] = set()
+
+    def add_row(self, parts: Iterable[ChunkRegions]) -> dict[str, np.ndarray]:
+        """Merge one row of chunks (chunks may be missing; rows must come in increasing order).
+
+        Returns:
+            The statistics of the regions completed by this row.
+
+        Raises:
+            ValueError: parts of several rows, a row out of order or given twice, ids that
+                repeat, or neighbouring chunks that do not line up.
+        """
+        row = {}
+        for part in parts:
+            if not isinstance(part, ChunkRegions):
+                raise ValueError(f"RowMerge takes ChunkRegions, got {type(part).__name__}")
+            if part.chunk_index in self._seen or part.chunk_index in row:
+                raise ValueError(f"chunk {part.chunk_index} is given twice")
+            row[part.chunk_index] = part
+        if not row:
+            return self._close_all()
+        rows = {i for i, _ in row}
+        if len(rows) != 1:
+            raise ValueError(f"add_row takes the chunks of one row, got rows {sorted(rows)}")
+        (i,) = rows
+        if self._row_index is not None and i <= self._row_index:
+            raise ValueError(f"rows must come in increasing order: row {i} after row {self._row_index}")
+        closed = self._close_all() if self._row_index is not None and i != self._row_index + 1 else _empty_stats()
+        self._seen.update(row)
+        chunks = [row[k] for k in sorted(row)]
+        data = _stats_of(chunks)
+        order, sorted_ids = _sorted_ids(data["ids"], chunks)
+        k = len(self._open["pixel_count"])
+
+        def node(ids: np.ndarray) -> np.ndarray:  # ids of this row -> nodes k.. (open regions are 0..k-1)
+            return k + order[np.searchsorted(sorted_ids, ids)]
+
+        srcs, dsts = [], []
+        for a in chunks:  # faces inside the row
+            s, d = _pairs_from(a, row, ("right",))
+            srcs += s
+            dsts += d
+        src, dst = _concat_pairs(srcs, dsts)
+        src, dst = node(src), node(dst)
+        srcs, dsts = [], []
+        for a in self._row.values():  # faces and corners between the row above and this row
+            s, d = _pairs_from(a, row, ("down", "down_right", "down_left"))
+            srcs += s
+            dsts += d
+        up, down = _concat_pairs(srcs, dsts)
+        if up.size:
+            src = np.concatenate([src, self._open_of[np.searchsorted(self._open_ids, up)]])
+            dst = np.concatenate([dst, node(down)])
+        nodes = _concat_stats(self._open, data)
+        n, comp = _components(nodes["class_id"], src, dst)
+        merged = _reduce_stats(nodes, comp, n)
+        bottom = np.concatenate([p.edge_bottom for p in chunks])
+        bottom_ids = np.unique(bottom[bottom != 0])
+        is_open = np.zeros(n, dtype=bool)
+        is_open[comp[node(bottom_ids)]] = True
+        new_index = np.cumsum(is_open) - 1
+        self._open = {name: v[is_open] for name, v in merged.items()}
+        self._open_ids, self._open_of = bottom_ids, new_index[comp[node(bottom_ids)]]
+        self._row_index, self._row = i, row
+        return _concat_stats(closed, {name: v[~is_open] for name, v in merged.items()})
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """The regions still open (touching the last row's bottom edges): all are complete now."""
+        return self._close_all()
+
+    def _close_all(self) -> dict[str, np.ndarray]:
+        closed = self._open
+        self._open = _empty_stats()
+        self._open_ids = self._open_of = np.zeros(0, dtype=np.int64)
+        self._row_index, self._row = None if not self._row else self._row_index, {}
+        return closed

@@ -21,11 +21,14 @@ from pipelines.regions import (
     NPZ_FORMAT_VERSION,
     ChunkRegions,
     MergedRegions,
+    RowMerge,
     chunk_regions,
     label_chunk,
     merge_regions,
+    merged_regions_of,
     _first_positions,
     region_id_offset,
+    region_rank,
 )
 from pipelines.tiling import chunk_grid_shape, plan_chunks
 
@@ -74,6 +77,15 @@ def split_and_merge(
     mask: np.ndarray, chunk: int | tuple[int, int], *, shuffle: int | None = None, skip_empty: bool = False
 ) -> tuple[MergedRegions, np.ndarray]:
     """Label ``mask`` chunk by chunk and merge; also return the chunk-level id image."""
+    parts, ids = chunk_parts(mask, chunk, skip_empty=skip_empty)
+    if shuffle is not None:
+        random.Random(shuffle).shuffle(parts)
+    return merge_regions(parts), ids
+
+
+def chunk_parts(mask: np.ndarray, chunk: int | tuple[int, int], *,
+                skip_empty: bool = False) -> tuple[list[ChunkRegions], np.ndarray]:
+    """The ChunkRegions of ``mask`` cut into chunks (raster order), and the chunk-level id image."""
     grid = chunk_grid_shape(mask.shape, chunk)
     chunk_shape = (chunk, chunk) if isinstance(chunk, int) else chunk
     parts, ids = [], np.zeros(mask.shape, dtype=np.int64)
@@ -85,9 +97,25 @@ def split_and_merge(
         labels = label_chunk(classes, id_offset=offset)
         ids[w.core] = labels
         parts.append(chunk_regions(classes, chunk_index=w.index, origin=w.core_origin, id_offset=offset, labels=labels))
-    if shuffle is not None:
-        random.Random(shuffle).shuffle(parts)
-    return merge_regions(parts), ids
+    return parts, ids
+
+
+def row_merge(parts: list[ChunkRegions]) -> MergedRegions:
+    """RowMerge over the parts row by row, its batches numbered like merge_regions does."""
+    merger, batches = RowMerge(), []
+    for i in sorted({p.chunk_index[0] for p in parts}):
+        batches.append(merger.add_row([p for p in parts if p.chunk_index[0] == i]))
+    batches.append(merger.finish())
+    stats = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+    rank = region_rank(stats)
+    return merged_regions_of({name: v[rank] for name, v in stats.items()})
+
+
+def assert_row_merge_equals_merge(parts: list[ChunkRegions]) -> None:
+    want, got = merge_regions(parts), row_merge(parts)
+    for name in ("region_id", "class_id", "pixel_count", "centroid_row", "centroid_col", "min_row", "min_col",
+                 "max_row", "max_col", "first_row", "first_col"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
 
 
 def assert_matches_golden(merged: MergedRegions, ids: np.ndarray, mask: np.ndarray) -> None:
@@ -150,6 +178,48 @@ def test_merge_equals_whole_image_labelling_on_noise(mask: np.ndarray, ch: int, 
     """Salt-and-pepper masks: the worst case for connectivity across borders."""
     merged, ids = split_and_merge(mask, (ch, cw))
     assert_matches_golden(merged, ids, mask)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("chunk", [8, 7, (5, 13), (1, 64), (64, 1), 1, (41, 53), 100])
+def test_row_merge_equals_merge(chunk: int | tuple[int, int], seed: int) -> None:
+    # a row of chunks at a time, in memory bounded by a row: the same regions, exactly
+    assert_row_merge_equals_merge(chunk_parts(blobby_mask((41, 53), seed), chunk)[0])
+
+
+def test_row_merge_with_missing_chunks_and_a_missing_row() -> None:
+    mask = blobby_mask((48, 40), 3)
+    mask[:, 8:16] = NODATA  # a column of chunks never reaches the merge
+    mask[16:24, :] = NODATA  # and a whole row of chunks: regions above it close there
+    parts = chunk_parts(mask, 8, skip_empty=True)[0]
+    assert not any(p.chunk_index[0] == 2 for p in parts)
+    assert_row_merge_equals_merge(parts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(np.uint8, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=14),
+               elements=st.sampled_from([0, 1, 2, NODATA])),
+    st.integers(1, 6),
+    st.integers(1, 6),
+)
+def test_row_merge_equals_merge_on_noise(mask: np.ndarray, ch: int, cw: int) -> None:
+    assert_row_merge_equals_merge(chunk_parts(mask, (ch, cw))[0])
+
+
+def test_row_merge_errors() -> None:
+    parts = chunk_parts(blobby_mask((16, 16), 0), 8)[0]
+    row0, row1 = [p for p in parts if p.chunk_index[0] == 0], [p for p in parts if p.chunk_index[0] == 1]
+    with pytest.raises(ValueError, match=r"one row, got rows \[0, 1\]"):
+        RowMerge().add_row(parts)
+    merger = RowMerge()
+    merger.add_row(row1)
+    with pytest.raises(ValueError, match="increasing order: row 0 after row 1"):
+        merger.add_row(row0)
+    with pytest.raises(ValueError, match=r"chunk \(1, 0\) is given twice"):
+        merger.add_row(row1)
+    with pytest.raises(ValueError, match="takes ChunkRegions"):
+        RowMerge().add_row(["c0_0"])
 
 
 def _merge_small(mask: list[list[int]], chunk: int | tuple[int, int]) -> MergedRegions:
