@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipelines.georef import crs_linear_unit, regions_table
+from pipelines.georef import crs_linear_unit
 from pipelines.stages import (
     SceneContext,
     atomic_write_text,
@@ -37,8 +37,9 @@ from pipelines.stages import (
     write_stage,
 )
 from pipelines.readers.geotiff import SceneInfo, scene_name
-from pipelines.regions import ChunkRegions, merge_regions
+from pipelines.regions import ChunkRegions
 from pipelines.tiling import chunk_grid_shape, plan_chunks, stripe_order
+from pipelines.writers.regions_table import write_regions
 from pipelines.writers.tables import write_table
 from pipelines.writers.zarr_masks import (
     create_scene_store,
@@ -414,23 +415,25 @@ def _finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime,
     if missing:
         raise OutputError(f"{ctx.zarr_path}: {len(missing)} chunks have no manifest marker, e.g. {list(missing[0])}")
     manifest = [json.loads((work_dir / f"{chunk_key(w.index)}.json").read_text()) for w in windows]
-    parts = [ChunkRegions.from_npz(work_dir / f"{chunk_key(w.index)}.npz") for w in windows]
-    merged = merge_regions(parts)
-    table = regions_table(ctx.name, merged, transform=ctx.info.transform, crs_wkt=ctx.info.crs_wkt,
-                          class_names=job.card.class_names)
+    grid_rows: dict[int, list[tuple[int, ...]]] = {}
+    for w in windows:
+        grid_rows.setdefault(w.index[0], []).append(w.index)
+
+    def parts_by_row():  # read lazily: one row of chunk partials in memory at a time
+        for i in sorted(grid_rows):
+            yield [ChunkRegions.from_npz(work_dir / f"{chunk_key(index)}.npz") for index in grid_rows[i]]
+
+    regions = write_regions(job.root, ctx.name, parts_by_row(), work_dir=work_dir, transform=ctx.info.transform,
+                            crs_wkt=ctx.info.crs_wkt, class_names=job.card.class_names)
     merge_s = time.perf_counter() - t0
     pixel_area = ctx.info.pixel_area_crs2
-    class_areas = []
-    for class_id, name in enumerate(job.card.class_names):
-        count = int(merged.pixel_count[merged.class_id == class_id].sum())
-        class_areas.append({"class_id": class_id, "class_name": name, "pixel_count": count,
-                            "area_crs2": count * pixel_area})
-    write_table(job.root, "regions", ctx.name, table)
+    class_areas = [{"class_id": class_id, "class_name": name, "pixel_count": count, "area_crs2": count * pixel_area}
+                   for class_id, (name, count) in enumerate(zip(job.card.class_names, regions.class_pixels))]
     write_table(job.root, "chunks", ctx.name, manifest)
     outcome.status = STATUS_COMPLETE
     outcome.row = _scene_row(job, outcome, started_at, t_start) | {
         "n_chunks_skipped_nodata": sum(m["status"] == CHUNK_SKIPPED_NODATA for m in manifest),
-        "n_regions": len(merged),
+        "n_regions": regions.n_regions,
         "valid_pixels": int(sum(m["valid_pixels"] for m in manifest)),
         "class_areas": class_areas,
         "read_s": sum(m["read_s"] for m in manifest),

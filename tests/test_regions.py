@@ -466,3 +466,47 @@ def test_first_positions_match_the_smallest_raster_position(raster_order):
     present = np.unique(flat[flat > 0])
     expected = np.array([np.flatnonzero(flat == k)[0] for k in present])
     assert np.array_equal(_first_positions(flat, present), expected)
+
+
+@pytest.mark.parametrize("batch_rows", [7, 65536])
+def test_write_regions_streams_the_same_table_as_the_in_memory_merge(tmp_path, monkeypatch, batch_rows):
+    # Row by row, spilled, sorted by DuckDB, written in batches of `batch_rows`: the same
+    # Parquet rows as regions_table(merge_regions(parts)).
+    import pyarrow.parquet as pq
+
+    import pipelines.writers.regions_table as rt
+    from pipelines.georef import regions_table
+    from pipelines.writers.tables import table_path
+
+    monkeypatch.setattr(rt, "BATCH_ROWS", batch_rows)
+    mask = blobby_mask((48, 40), 5)
+    mask[16:24, :] = NODATA
+    parts = chunk_parts(mask, 8, skip_empty=True)[0]
+    grid_rows = sorted({p.chunk_index[0] for p in parts})
+    k = int(mask[mask != NODATA].max()) + 1
+    geo = {"transform": (10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0), "crs_wkt": "EPSG:32633",
+           "class_names": [f"class{c}" for c in range(k)]}
+    work = tmp_path / "work"
+    work.mkdir()
+    summary = rt.write_regions(tmp_path, "s", ([p for p in parts if p.chunk_index[0] == i] for i in grid_rows),
+                               work_dir=work, **geo)
+    got = pq.read_table(table_path(tmp_path, "regions", "s"))
+    merged = merge_regions(parts)
+    want = regions_table("s", merged, **geo)
+    assert got.num_rows == want.num_rows == summary.n_regions > 7  # batches of 7: many
+    assert got.equals(want.select(got.column_names).cast(got.schema))
+    assert summary.class_pixels == tuple(int(merged.pixel_count[merged.class_id == c].sum()) for c in range(k))
+    assert list(work.iterdir()) == []  # spill and DuckDB's temp folder removed
+
+
+def test_write_regions_of_a_scene_without_regions(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines.writers.regions_table import write_regions
+    from pipelines.writers.tables import table_path
+
+    parts = chunk_parts(np.full((16, 16), NODATA, dtype=np.uint8), 8)[0]
+    summary = write_regions(tmp_path, "empty", [parts[:2], parts[2:]], work_dir=tmp_path,
+                            transform=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0), crs_wkt=None, class_names=["a"])
+    assert summary.n_regions == 0 and summary.class_pixels == (0,)
+    assert pq.read_table(table_path(tmp_path, "regions", "empty")).num_rows == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,6 +34,26 @@ def write_table(root: Path, table: str, scene: str, rows: pa.Table | list[dict])
     os.close(fd)
     try:
         pq.write_table(data, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_table_batches(root: Path, table: str, scene: str, parts: Iterable[pa.Table]) -> Path:
+    """`write_table` from a stream of tables (row groups), holding one at a time: a scene's
+    rows of a table too large to hold at once. Atomic like `write_table`; an exception from
+    `parts` leaves the previous file (if any) in place."""
+    schema = SCHEMAS[table]
+    path = table_path(root, table, scene)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for part in parts:
+                writer.write_table(part.select(schema.names).cast(schema))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
