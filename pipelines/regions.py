@@ -945,5 +945,5 @@ class RowMerge:
         closed = self._open
         self._open = _empty_stats()
         self._open_ids = self._open_of = np.zeros(0, dtype=np.int64)
-        self._row_index, self._row = None if not self._row else self._row_index, {}
+        self._row = {}  # the next row is not below this one: nothing to pair with
         return closed

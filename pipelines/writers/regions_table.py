@@ -60,8 +60,13 @@ def write_regions(root: Path, scene: str, rows: Iterable[Sequence[ChunkRegions]]
     merger = RowMerge()
     class_pixels = np.zeros(len(class_names), dtype=np.int64)
     n = 0
+    def completed() -> Iterator[dict[str, np.ndarray]]:  # lazily: one batch of regions at a time
+        for row in rows:
+            yield merger.add_row(row)
+        yield merger.finish()
+
     with pq.ParquetWriter(spill, _SPILL_SCHEMA) as writer:
-        for closed in (*(merger.add_row(row) for row in rows), merger.finish()):
+        for closed in completed():
             k = len(closed["pixel_count"])
             if not k:
                 continue
