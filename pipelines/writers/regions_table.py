@@ -24,7 +24,7 @@ from pipelines.regions import REGION_ORDER, ChunkRegions, RowMerge, merged_regio
 from pipelines.writers.tables import write_table_batches
 
 #: Regions per sorted batch written to the table (and held at once).
-BATCH_ROWS = 65536
+BATCH_ROWS = 16384
 #: DuckDB's memory for the sort; beyond it DuckDB spills to its temp folder in the work folder.
 SORT_MEMORY = "256MB"
 
