@@ -58,3 +58,20 @@ def test_driver_modules_do_not_import_torch():
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_local_ray_started_by_tessera_prestarts_no_idle_workers():
+    # In its own process (the test session's Ray is already up): ensure_ray starts a local Ray
+    # whose raylet starts no Python workers before anything asks for one.
+    import subprocess
+    import sys
+
+    code = (
+        "import time, psutil; from pipelines.job import ensure_ray; import ray\n"
+        "ensure_ray(num_cpus=2); time.sleep(3)\n"
+        "workers = [p for p in psutil.Process().children(recursive=True)\n"
+        "           if ' '.join(p.cmdline()).startswith('ray::IDLE')]\n"
+        "print('workers', len(workers)); ray.get(ray.remote(lambda: 1).remote()); ray.shutdown()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "workers 0" in out.stdout, out.stdout + out.stderr[-2000:]
