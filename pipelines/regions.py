@@ -646,22 +646,16 @@ def _pairs_from(a: ChunkRegions, parts: dict[tuple[int, int], ChunkRegions],
     down = parts.get((i + 1, j)) if "down" in kinds else None
     down_right = parts.get((i + 1, j + 1)) if "down_right" in kinds else None
     down_left = parts.get((i + 1, j - 1)) if "down_left" in kinds else None
-    if right is not None:
-        if right.origin != (r0, c0 + w) or right.shape[0] != h:
+    for b, side in ((right, "right"), (down, "lower")):
+        if b is None:
+            continue
+        beside = side == "right"
+        if b.origin != ((r0, c0 + w) if beside else (r0 + h, c0)) or b.shape[1 - beside] != (h if beside else w):
             raise ValueError(
-                f"chunk {right.chunk_index} at {right.origin} of {right.shape} is not the right neighbour of "
+                f"chunk {b.chunk_index} at {b.origin} of {b.shape} is not the {side} neighbour of "
                 f"chunk {a.chunk_index} at {a.origin} of {a.shape}"
             )
-        s, d = _face_pairs(a.edge_right, right.edge_left)
-        srcs.append(s)
-        dsts.append(d)
-    if down is not None:
-        if down.origin != (r0 + h, c0) or down.shape[1] != w:
-            raise ValueError(
-                f"chunk {down.chunk_index} at {down.origin} of {down.shape} is not the lower neighbour of "
-                f"chunk {a.chunk_index} at {a.origin} of {a.shape}"
-            )
-        s, d = _face_pairs(a.edge_bottom, down.edge_top)
+        s, d = _face_pairs(a.edge_right, b.edge_left) if beside else _face_pairs(a.edge_bottom, b.edge_top)
         srcs.append(s)
         dsts.append(d)
     if down_right is not None:
