@@ -606,8 +606,11 @@ def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, Scen
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = _split_pipeline(job, rows, {"scenes": scenes}, _predictor_kwargs(job))
-    for record in ds.iter_rows():
-        progress(record)
+    # Each block of records as soon as it is done (iter_rows prefetches a block and handed the
+    # driver each block only once the next one was done: records a block late, the last two at once).
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+        for i in range(len(batch["key"])):
+            progress({name: column[i] for name, column in batch.items()})
     if log.isEnabledFor(logging.INFO):
         log.info("split stages, Ray Data execution stats:\n%s", ds.stats())
 
