@@ -167,3 +167,21 @@ def test_actor_default_follows_the_cluster(tmp_path):
     assert place_on_cluster(job(), {"CPU": 0.5}).actors == 1
     # explicit wins
     assert place_on_cluster(job(actors=3), {"CPU": 8, "GPU": 2}).actors == 3
+
+
+def test_split_read_tasks_follow_the_free_cpus_on_gpu(tmp_path):
+    from pipelines.job import place_on_cluster, read_concurrency, resolve_job
+    from tests.helpers import oracle_checkpoint
+
+    def job(**resources):
+        spec = JobSpec.model_validate({"inputs": ["a.tif"], "model": {"card": str(oracle_checkpoint(tmp_path))},
+                                       "resources": {"stages": "split"} | resources, "output": {"root": "o"}})
+        return resolve_job(spec, base_dir=tmp_path)
+
+    gpu = place_on_cluster(job(), {"CPU": 16, "GPU": 1})
+    assert (gpu.actors, gpu.num_gpus_per_actor) == (1, 1.0)
+    assert read_concurrency(gpu, cluster_cpus=16) == 7  # (16 - 1 actor CPU) // 2
+    assert read_concurrency(gpu, cluster_cpus=2) == 2  # at least 2 per GPU actor
+    cpu = place_on_cluster(job(), {"CPU": 8})
+    assert read_concurrency(cpu, cluster_cpus=8) == cpu.actors  # one reader per CPU actor
+    assert read_concurrency(place_on_cluster(job(read_tasks=3), {"CPU": 16, "GPU": 1}), cluster_cpus=16) == 3
