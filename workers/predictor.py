@@ -166,6 +166,17 @@ class Predictor:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
 
+    def _stack_to_device(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """(N, *shape) tensor on the device of N same-shape arrays: each copied once into one
+        buffer (pinned for a GPU), then one transfer. Per-array `_to_device` and a stack cost
+        a copy of a read-only (object store) array, a pinned copy and a device-side stack."""
+        dtype = torch.from_numpy(np.empty(0, dtype=arrays[0].dtype)).dtype
+        buffer = torch.empty((len(arrays), *arrays[0].shape), dtype=dtype, pin_memory=self.device.type == "cuda")
+        view = buffer.numpy()
+        for i, a in enumerate(arrays):
+            view[i] = a
+        return buffer.to(self.device, non_blocking=True) if self.device.type == "cuda" else buffer
+
     def _tile_weights(self, tile_shape: tuple[int, ...]) -> torch.Tensor:
         if tile_shape not in self._weights:
             w = blend_weights(tile_shape, mode=self.options.blend)
@@ -345,12 +356,12 @@ class Predictor:
         for pixels, _, _ in windows:
             if pixels.shape[0] != self.card.in_channels:
                 raise ValueError(f"window must be (C={self.card.in_channels}, H, W), got shape {pixels.shape}")
-        x = torch.stack([self._to_device(p) for p, _, _ in windows]).to(torch.float32)
+        x = self._stack_to_device([p for p, _, _ in windows]).to(torch.float32)
         masks = [_none_if_all(v) for _, v, _ in windows]
         v = None
         if any(m is not None for m in masks):
             ones = np.ones(windows[0][0].shape[1:], dtype=bool)
-            v = torch.stack([self._to_device(ones if m is None else m) for m in masks]).to(torch.float32).unsqueeze(1)
+            v = self._stack_to_device([ones if m is None else m for m in masks]).to(torch.float32).unsqueeze(1)
         probs = self._whole_tiles(x, v, logits_ok=not with_probabilities)
         return [self._finish_core(probs[i], valid, core, with_probabilities)
                 for i, ((_, _, core), valid) in enumerate(zip(windows, masks))]
