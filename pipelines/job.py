@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from pipelines.georef import crs_linear_unit
 from pipelines.stages import (
     SceneContext,
@@ -40,7 +42,7 @@ from pipelines.readers.geotiff import SceneInfo, scene_name
 from pipelines.regions import ChunkRegions
 from pipelines.tiling import chunk_grid_shape, plan_chunks, stripe_order
 from pipelines.writers.regions_table import write_regions
-from pipelines.writers.tables import write_table
+from pipelines.writers.tables import write_table, write_table_batches
 from pipelines.writers.zarr_masks import (
     create_scene_store,
     mark_complete,
@@ -51,7 +53,7 @@ from schemas import store as layout
 from schemas.errors import InputError, JobSpecError, ModelCardError, OutputError, TesseraError
 from schemas.job import JobSpec, default_batch_size
 from schemas.model_card import ModelCard
-from schemas.tables import CHUNK_SKIPPED_NODATA, STATUS_COMPLETE, STATUS_FAILED
+from schemas.tables import CHUNK_SKIPPED_NODATA, SCHEMAS, STATUS_COMPLETE, STATUS_FAILED
 from workers.checkpoints import Checkpoint, load_checkpoint, resolve_card_path
 from workers.options import PredictorOptions
 from workers.registry import model_kind
@@ -417,7 +419,6 @@ def _finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime,
     missing = [w.index for w in windows if not (work_dir / f"{chunk_key(w.index)}.json").is_file()]
     if missing:
         raise OutputError(f"{ctx.zarr_path}: {len(missing)} chunks have no manifest marker, e.g. {list(missing[0])}")
-    manifest = [json.loads((work_dir / f"{chunk_key(w.index)}.json").read_text()) for w in windows]
     grid_rows: dict[int, list[tuple[int, ...]]] = {}
     for w in windows:
         grid_rows.setdefault(w.index[0], []).append(w.index)
@@ -432,17 +433,23 @@ def _finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime,
     pixel_area = ctx.info.pixel_area_crs2
     class_areas = [{"class_id": class_id, "class_name": name, "pixel_count": count, "area_crs2": count * pixel_area}
                    for class_id, (name, count) in enumerate(zip(job.card.class_names, regions.class_pixels))]
-    write_table(job.root, "chunks", ctx.name, manifest)
+    totals = dict.fromkeys(("n_chunks_skipped_nodata", "valid_pixels", "read_s", "predict_s", "write_s", "stats_s"), 0)
+
+    def manifest_by_row():  # the chunks table a row of chunks at a time, totals on the way
+        for i in sorted(grid_rows):
+            rows = [json.loads((work_dir / f"{chunk_key(index)}.json").read_text()) for index in grid_rows[i]]
+            for m in rows:
+                totals["n_chunks_skipped_nodata"] += m["status"] == CHUNK_SKIPPED_NODATA
+                for name in ("valid_pixels", "read_s", "predict_s", "write_s", "stats_s"):
+                    totals[name] += m[name]
+            yield pa.Table.from_pylist(rows, schema=SCHEMAS["chunks"])
+
+    write_table_batches(job.root, "chunks", ctx.name, manifest_by_row())
     outcome.status = STATUS_COMPLETE
-    outcome.row = _scene_row(job, outcome, started_at, t_start) | {
-        "n_chunks_skipped_nodata": sum(m["status"] == CHUNK_SKIPPED_NODATA for m in manifest),
+    outcome.row = _scene_row(job, outcome, started_at, t_start) | totals | {
         "n_regions": regions.n_regions,
-        "valid_pixels": int(sum(m["valid_pixels"] for m in manifest)),
+        "valid_pixels": int(totals["valid_pixels"]),
         "class_areas": class_areas,
-        "read_s": sum(m["read_s"] for m in manifest),
-        "predict_s": sum(m["predict_s"] for m in manifest),
-        "write_s": sum(m["write_s"] for m in manifest),
-        "stats_s": sum(m["stats_s"] for m in manifest),
         "merge_s": merge_s,
     }
     write_table(job.root, "scenes", ctx.name, [outcome.row])
