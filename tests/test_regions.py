@@ -510,3 +510,23 @@ def test_write_regions_of_a_scene_without_regions(tmp_path):
                             transform=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0), crs_wkt=None, class_names=["a"])
     assert summary.n_regions == 0 and summary.class_pixels == (0,)
     assert pq.read_table(table_path(tmp_path, "regions", "empty")).num_rows == 0
+
+
+def test_write_regions_turns_a_failed_sort_into_an_output_error_and_leaves_no_table(tmp_path, monkeypatch):
+    import duckdb
+
+    from pipelines.writers.regions_table import write_regions
+    from pipelines.writers.tables import table_path
+    from schemas.errors import OutputError
+
+    def no_space(*args, **kwargs):
+        raise duckdb.IOException("No space left on device")
+
+    monkeypatch.setattr(duckdb, "connect", no_space)
+    parts = chunk_parts(blobby_mask((16, 16), 1), 8)[0]
+    with pytest.raises(OutputError, match="sorting the scene's regions failed: No space left"):
+        write_regions(tmp_path, "s", [parts[:2], parts[2:]], work_dir=tmp_path,
+                      transform=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0), crs_wkt=None, class_names=[f"c{k}" for k in range(8)])
+    assert not table_path(tmp_path, "regions", "s").exists()
+    assert list(table_path(tmp_path, "regions", "s").parent.iterdir()) == []  # no temp file left
+    assert not (tmp_path / "regions.spill.parquet").exists()

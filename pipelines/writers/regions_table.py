@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from pipelines.georef import Affine6, regions_table
 from pipelines.regions import REGION_ORDER, ChunkRegions, RowMerge, merged_regions_of
 from pipelines.writers.tables import write_table_batches
+from schemas.errors import OutputError
 
 #: Regions per sorted batch written to the table (and held at once).
 BATCH_ROWS = 16384
@@ -55,6 +56,8 @@ def write_regions(root: Path, scene: str, rows: Iterable[Sequence[ChunkRegions]]
 
     Raises:
         ValueError: from the merge (ids that repeat, chunks that do not line up).
+        OutputError: DuckDB could not sort the spilled regions (e.g. no space for its
+            temporary files).
     """
     spill = work_dir / "regions.spill.parquet"
     merger = RowMerge()
@@ -97,8 +100,9 @@ def _sorted_tables(spill: Path, n: int, *, scene: str, work_dir: Path, transform
     import duckdb
 
     tmp = work_dir / "duckdb.tmp"
-    con = duckdb.connect(config={"memory_limit": SORT_MEMORY, "threads": 1, "temp_directory": str(tmp)})
+    con = None
     try:
+        con = duckdb.connect(config={"memory_limit": SORT_MEMORY, "threads": 1, "temp_directory": str(tmp)})
         done = 0
         for batch in con.read_parquet(str(spill)).order(", ".join(REGION_ORDER)).to_arrow_reader(BATCH_ROWS):
             stats = {f.name: batch.column(f.name).to_numpy(zero_copy_only=False).astype(f.type.to_pandas_dtype())
@@ -106,7 +110,10 @@ def _sorted_tables(spill: Path, n: int, *, scene: str, work_dir: Path, transform
             yield table(stats, done + 1)
             done += batch.num_rows
         if done != n:
-            raise ValueError(f"{spill}: the sorted regions are {done}, {n} were spilled")
+            raise OutputError(f"{spill}: the sorted regions are {done}, {n} were spilled")
+    except duckdb.Error as exc:  # e.g. no space for its temporary files: this scene fails, the job goes on
+        raise OutputError(f"{spill}: sorting the scene's regions failed: {exc}") from exc
     finally:
-        con.close()
+        if con is not None:
+            con.close()
         shutil.rmtree(tmp, ignore_errors=True)
