@@ -44,6 +44,7 @@ __all__ = [
     "chunk_regions",
     "label_chunk",
     "REGION_ORDER",
+    "REGION_STAT_DTYPES",
     "RowMerge",
     "merge_regions",
     "merged_regions_of",
@@ -698,8 +699,9 @@ def _neighbour_pairs(parts: dict[tuple[int, int], ChunkRegions]) -> tuple[np.nda
     return _concat_pairs(srcs, dsts)
 
 
-# Partial statistics that merge algebraically (region_stats of one component = reduce over its parts).
-_STAT_FIELDS = tuple(name for name in _CHUNK_REGION_ARRAYS if name != "ids")
+#: name -> dtype of the per-region statistics that merge algebraically (RowMerge's batches).
+REGION_STAT_DTYPES: dict[str, np.dtype] = {name: dt for name, dt in _CHUNK_REGION_ARRAYS.items() if name != "ids"}
+_STAT_FIELDS = tuple(REGION_STAT_DTYPES)
 
 
 def _stats_of(parts: Sequence[ChunkRegions]) -> dict[str, np.ndarray]:

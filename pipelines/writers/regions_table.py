@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.georef import Affine6, regions_table
-from pipelines.regions import REGION_ORDER, ChunkRegions, RowMerge, merged_regions_of
+from pipelines.regions import REGION_ORDER, REGION_STAT_DTYPES, ChunkRegions, RowMerge, merged_regions_of
 from pipelines.writers.tables import write_table_batches
 from schemas.errors import OutputError
 
@@ -29,11 +29,7 @@ BATCH_ROWS = 16384
 #: DuckDB's memory for the sort; beyond it DuckDB spills to its temp folder in the work folder.
 SORT_MEMORY = "256MB"
 
-_SPILL_SCHEMA = pa.schema([
-    ("class_id", pa.uint8()), ("pixel_count", pa.int64()), ("sum_row", pa.float64()), ("sum_col", pa.float64()),
-    ("min_row", pa.int64()), ("min_col", pa.int64()), ("max_row", pa.int64()), ("max_col", pa.int64()),
-    ("first_row", pa.int64()), ("first_col", pa.int64()),
-])
+_SPILL_SCHEMA = pa.schema([(name, pa.from_numpy_dtype(dt)) for name, dt in REGION_STAT_DTYPES.items()])
 
 
 @dataclass(frozen=True)

@@ -27,18 +27,7 @@ def write_table(root: Path, table: str, scene: str, rows: pa.Table | list[dict])
     """
     schema = SCHEMAS[table]
     data = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
-    data = data.select(schema.names).cast(schema)
-    path = table_path(root, table, scene)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(data, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_table_batches(root, table, scene, [data])
 
 
 def write_table_batches(root: Path, table: str, scene: str, parts: Iterable[pa.Table]) -> Path:
