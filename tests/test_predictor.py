@@ -131,12 +131,15 @@ def test_strided_models_get_padded_tiles(window):
     assert labels.shape == window.shape[1:]
 
 
-def test_argmax_classes_matches_torch_argmax_including_ties():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_argmax_classes_matches_torch_argmax_including_ties(channels_last):
     from workers.predictor import argmax_classes
 
     g = torch.Generator().manual_seed(0)
-    probs = torch.rand((5, 40, 60), generator=g)
-    probs[:, :5] = 0.5  # ties: the first class wins, as in torch.argmax
+    probs = torch.rand((1, 5, 40, 60), generator=g)
+    probs[:, :, :5] = 0.5  # ties: the first class wins, as in torch.argmax
+    probs = probs.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)[0]
+    assert (probs.stride(0) == 1) == channels_last  # both code paths
     view = probs[:, 3:33, 7:50]
     torch.testing.assert_close(argmax_classes(view), torch.argmax(view, dim=0).to(torch.uint8), rtol=0, atol=0)
 

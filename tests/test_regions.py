@@ -292,6 +292,11 @@ def test_chunk_regions_partials_by_hand() -> None:
 def test_all_nodata_chunk_and_empty_merge() -> None:
     part = chunk_regions(np.full((3, 4), NODATA, np.uint8), chunk_index=(0, 0), origin=(0, 0), id_offset=0)
     assert len(part) == 0 and part.edge_top.tolist() == [0, 0, 0, 0]
+    # the shortcut for a wholly nodata core gives what the general path (taken with
+    # caller-supplied labels) computes
+    general = chunk_regions(np.full((3, 4), NODATA, np.uint8), chunk_index=(0, 0), origin=(0, 0), id_offset=0,
+                            labels=np.zeros((3, 4), np.int64))
+    assert part == general
     assert len(merge_regions([part])) == 0
     empty = merge_regions([])
     assert len(empty) == 0 and empty.relabel(np.zeros((2, 2), np.int64)).tolist() == [[0, 0], [0, 0]]
@@ -530,3 +535,16 @@ def test_write_regions_turns_a_failed_sort_into_an_output_error_and_leaves_no_ta
     assert not table_path(tmp_path, "regions", "s").exists()
     assert list(table_path(tmp_path, "regions", "s").parent.iterdir()) == []  # no temp file left
     assert not (tmp_path / "regions.spill.parquet").exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(classes=hnp.arrays(np.uint8, hnp.array_shapes(min_dims=2, max_dims=2, max_side=24),
+                          elements=st.sampled_from([0, 1, 2, 254, 255])),
+       nodata=st.sampled_from([255, 0, 2]))
+def test_label_chunk_equals_skimage_labelling(classes, nodata):
+    # The chunk labelling (cc3d, classes shifted so nodata is its background 0) is exactly
+    # skimage's: same regions, numbered in raster order of their first pixel.
+    expected = measure.label(classes, background=nodata, connectivity=2)
+    assert np.array_equal(label_chunk(classes, id_offset=0, nodata=nodata), expected)
+    assert np.array_equal(label_chunk(classes, id_offset=1000, nodata=nodata),
+                          np.where(expected > 0, expected + 1000, 0))

@@ -222,7 +222,11 @@ class Predictor:
         return len(self._members) == 1 and len(self.options.scales) == 1 and len(self.tta) == 1
 
     def _normalise(self, member: _PreparedMember, raw: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        x = torch.sub(raw, member.mean).mul_(member.inv_std)  # a new tensor: in place from here
+        """(N, C, h, w) raw tiles (any numeric dtype) -> float32 (raw - mean) / std, 0 where
+        `valid` (bool or 0/1) is False. A float32 copy, then in place (`_forward` makes it
+        channels-last: converting and reordering in one copy measured 2x slower on CPU)."""
+        x = raw.to(torch.float32, copy=True)
+        x.sub_(member.mean).mul_(member.inv_std)
         if valid is not None:  # nodata -> 0, i.e. the band mean after normalisation
             x.mul_(valid)
         return x
@@ -265,8 +269,8 @@ class Predictor:
                 f"window must be (C={self.card.in_channels}, H, W), got shape {pixels.shape}"
             )
         window_shape = tuple(pixels.shape[1:])
-        x = self._to_device(pixels).to(torch.float32)
-        v = None if valid is None else self._to_device(valid).to(torch.float32).unsqueeze(0)
+        x = self._to_device(pixels)  # the raw dtype: _normalise converts
+        v = None if valid is None else self._to_device(valid).unsqueeze(0)
         tile_shape, offsets = plan_tiles(window_shape, self.options.tile_size, self.options.tile_overlap)
         if len(offsets) == 1:  # the model takes the whole window: nothing to blend
             return self._whole_tiles(x.unsqueeze(0), None if v is None else v.unsqueeze(0), logits_ok=logits_ok)[0]
@@ -356,12 +360,12 @@ class Predictor:
         for pixels, _, _ in windows:
             if pixels.shape[0] != self.card.in_channels:
                 raise ValueError(f"window must be (C={self.card.in_channels}, H, W), got shape {pixels.shape}")
-        x = self._stack_to_device([p for p, _, _ in windows]).to(torch.float32)
+        x = self._stack_to_device([p for p, _, _ in windows])  # the raw dtype: _normalise converts
         masks = [_none_if_all(v) for _, v, _ in windows]
         v = None
         if any(m is not None for m in masks):
             ones = np.ones(windows[0][0].shape[1:], dtype=bool)
-            v = self._stack_to_device([ones if m is None else m for m in masks]).to(torch.float32).unsqueeze(1)
+            v = self._stack_to_device([ones if m is None else m for m in masks]).unsqueeze(1)
         probs = self._whole_tiles(x, v, logits_ok=not with_probabilities)
         return [self._finish_core(probs[i], valid, core, with_probabilities)
                 for i, ((_, _, core), valid) in enumerate(zip(windows, masks))]
@@ -396,13 +400,14 @@ def _none_if_all(valid: np.ndarray | None) -> np.ndarray | None:
 def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
     """(K, H, W) scores -> (H, W) uint8 index of the maximum (first on ties, like torch.argmax).
 
-    Scores in channels-last memory (the class axis innermost, stride 1) take torch.argmax over
-    that axis. Otherwise a running maximum over the K class planes: each step is a contiguous
-    elementwise pass, about 10x faster on CPU than torch.argmax(dim=0) over a cropped (strided)
-    NCHW view.
+    Scores in channels-last memory (the class axis innermost, stride 1) take the indices of
+    torch.max over that axis (documented to be the first maximal index, as torch.argmax; on CPU
+    15 ms against torch.argmax's 22 ms for 5 x 1024² random scores, 1 thread). Otherwise a
+    running maximum over the K class planes: each step is a contiguous elementwise pass, about
+    10x faster on CPU than torch.argmax(dim=0) over a cropped (strided) NCHW view.
     """
     if probs.stride(0) == 1 and probs.shape[0] > 1:
-        return torch.argmax(probs, dim=0).to(torch.uint8)
+        return torch.max(probs, dim=0).indices.to(torch.uint8)
     best = probs[0].contiguous()
     labels = torch.zeros(best.shape, dtype=torch.uint8, device=probs.device)
     for k in range(1, probs.shape[0]):
