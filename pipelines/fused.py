@@ -1,6 +1,6 @@
 """Fused stages: one actor does a chunk's whole path: read, predict, write, partial statistics.
 
-On CPU nodes the read and write tasks of the split pipeline (`pipelines.job._split_pipeline`) run
+On CPU nodes the read and write tasks of the split stages (`pipelines.split`) run
 on the same cores as the model, and a torch thread pre-empted by a Ray task stalls its peers at
 every OpenMP barrier: on the 2-core development VM the model ran at about half its bare speed
 inside the job. Running one single-threaded fused actor per core instead keeps every core busy

@@ -1,9 +1,11 @@
 """The Ray wiring of a job: plan -> read -> predict -> write chunk + partial stats -> merge.
 
-Everything Ray lives here. The stream is one Ray Data pipeline over the chunk plans of every
-scene: read windows (CPU tasks) -> predictor actors (GPU/CPU, model loaded once per actor) ->
-write each chunk exactly once to Zarr with its partial region statistics and a manifest marker.
-The driver holds plans and small records, never pixels; it merges partial statistics per scene.
+Everything Ray lives here. The stream runs over the chunk plans of every scene: read windows
+-> predictor actors (GPU/CPU, model loaded once per actor) -> write each chunk exactly once to
+Zarr with its partial region statistics and a manifest marker. On CPU one fused actor per core
+does all three for its chunks (`pipelines.fused`); on GPUs read and write tasks run beside the
+predictor actors (`pipelines.split`). The driver holds plans and small records, never pixels;
+it merges partial statistics per scene.
 
 Resumability: each finished chunk leaves `<root>/_work/<scene>/<fingerprint>/<index>.json`
 (written last, atomically) beside its partial stats. A re-run with the same fingerprint computes
@@ -529,8 +531,10 @@ def run_job(
     _save_resolved_spec(job)
     phases = {"setup_s": time.perf_counter() - t_start}
     pending = [o for o in outcomes if o.status != STATUS_FAILED]
-    # fused: the actor pool starts (imports torch, loads the model) while the scenes are hashed
-    pool = _fused_pool(job) if pending and fused_stages(job) else None
+    # the actors start (import torch, load the model, on a GPU its context) while the scenes are hashed
+    pool = None
+    if pending:
+        pool = _fused_pool(job) if fused_stages(job) else _split_pool(job, cluster_cpus=cluster.get("CPU", 1.0))
     with pool or contextlib.nullcontext():
         t0 = time.perf_counter()
         sources = [o.source for o in pending]
@@ -601,54 +605,34 @@ def _fused_pool(job: ResolvedJob) -> Any:
                                     **_actor_remote_args(res)})
 
 
-def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, SceneContext],
-            progress: _Progress, pool: Any) -> None:
-    """Compute every planned chunk: on the fused actor pool, or the split Ray Data pipeline."""
-    progress.start()
-    if pool is not None:
-        # batches of FUSED_BATCH consecutive chunks (one stripe row), stripe affinity per actor
-        pool.run(rows, scenes=scenes, on_record=progress, batch_size=FUSED_BATCH)
-        return
-    import ray
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = _split_pipeline(job, rows, {"scenes": scenes}, _predictor_kwargs(job))
-    # Each block of records as soon as it is done (iter_rows prefetches a block and handed the
-    # driver each block only once the next one was done: records a block late, the last two at once).
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-        for i in range(len(batch["key"])):
-            progress({name: column[i] for name, column in batch.items()})
-    if log.isEnabledFor(logging.INFO):
-        log.info("split stages, Ray Data execution stats:\n%s", ds.stats())
-
-
-def _split_pipeline(job: ResolvedJob, rows: list[dict[str, Any]], scenes_ref: dict[str, Any],
-                    predictor_kwargs: dict[str, Any]) -> Any:
-    """Read tasks -> predictor actor pool -> write tasks."""
-    import ray
-
-    from workers.actors import PredictorActor
+def _split_pool(job: ResolvedJob, *, cluster_cpus: float) -> Any:
+    """The split stages of the job (pipelines.split.SplitPool); its actors start now."""
+    from pipelines.split import SplitPool
 
     res = job.spec.resources
-    # Blocks of READ_BLOCK_CHUNKS consecutive rows (stripe order): one read task reads them in
-    # one process, so the input blocks that neighbouring halo windows share are decoded once
-    # (GDAL's block cache) rather than once per window in whichever process got it.
-    readers = read_concurrency(job, cluster_cpus=ray.cluster_resources().get("CPU", 1.0))
-    return (
-        ray.data.from_items(rows, override_num_blocks=-(-len(rows) // READ_BLOCK_CHUNKS))
-        .map(read_stage, fn_kwargs=scenes_ref, num_cpus=0.5, compute=ray.data.TaskPoolStrategy(size=readers))
-        .map_batches(
-            PredictorActor,
-            fn_constructor_kwargs=predictor_kwargs,
-            batch_size=windows_per_call(job),
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=min(job.actors, len(rows))),
-            num_cpus=res.cpus_per_actor,
-            num_gpus=job.num_gpus_per_actor,
-            **_actor_remote_args(res),
-        )
-        .map(write_stage, fn_kwargs=scenes_ref, num_cpus=0.5)
-    )
+    tasks = read_concurrency(job, cluster_cpus=cluster_cpus)
+    return SplitPool(predictor=_predictor_kwargs(job), actors=job.actors,
+                     actor_options={"num_cpus": res.cpus_per_actor, "num_gpus": job.num_gpus_per_actor,
+                                    **_actor_remote_args(res)},
+                     read_tasks=tasks, write_tasks=tasks)
+
+
+def split_block_rows(job: ResolvedJob) -> int:
+    """Consecutive chunks per read task, actor call and write task of the split stages:
+    READ_BLOCK_CHUNKS (two stripe rows, whose windows share input blocks), or more when one
+    forward pass takes more windows (windows_per_call)."""
+    return max(READ_BLOCK_CHUNKS, windows_per_call(job))
+
+
+def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, SceneContext],
+            progress: _Progress, pool: Any) -> None:
+    """Compute every planned chunk on the job's pool (fused actors, or the split stages)."""
+    progress.start()
+    if fused_stages(job):
+        # batches of FUSED_BATCH consecutive chunks (one stripe row), stripe affinity per actor
+        pool.run(rows, scenes=scenes, on_record=progress, batch_size=FUSED_BATCH)
+    else:
+        pool.run(rows, scenes=scenes, on_record=progress, batch_size=split_block_rows(job))
 
 
 def windows_per_call(job: ResolvedJob) -> int:
@@ -730,9 +714,10 @@ class _Progress:
 
 
 def read_concurrency(job: ResolvedJob, *, cluster_cpus: float) -> int:
-    """Concurrent read tasks of the split pipeline: resources.read_tasks; else on GPU actors
-    half of the CPUs the actors leave free (the other half writes and computes statistics),
-    at least 2 per actor; on CPU actors 1 per actor (a read costs a fraction of a CPU pass).
+    """Concurrent read tasks of the split stages (and as many write tasks): resources.read_tasks;
+    else on GPU actors half of the CPUs the actors leave free (the other half writes and
+    computes statistics), at least 2 per actor; on CPU actors 1 per actor (a read costs a
+    fraction of a CPU pass).
 
     On a GPU a read costs far more time than the window's forward pass, so 2 readers per
     actor would leave the GPU waiting; on CPU, few readers keep consecutive windows (which

@@ -79,7 +79,8 @@ def plan_row(scene_id: int, w: ChunkWindow) -> dict[str, Any]:
 
 
 def read_stage(row: dict[str, Any], *, scenes: dict[int, SceneContext]) -> dict[str, Any]:
-    """Ray Data map: a chunk plan row -> + pixels (C, H, W), valid (H, W), skip, error, read_s."""
+    """A chunk plan row -> + pixels (C, H, W), valid (H, W), skip, error, read_s (a fused actor,
+    or a split read task)."""
     ctx = scenes[int(row["scene_id"])]
     window = window_from_row(row)
     t0 = time.perf_counter()
@@ -99,7 +100,8 @@ def read_stage(row: dict[str, Any], *, scenes: dict[int, SceneContext]) -> dict[
 
 
 def write_stage(row: dict[str, Any], *, scenes: dict[int, SceneContext]) -> dict[str, Any]:
-    """Ray Data map: write the chunk once, its partial stats, then its manifest marker.
+    """Write the chunk once, its partial stats, then its manifest marker (a fused actor, or a
+    split write task).
 
     Returns a small record (no pixels) for the driver.
     """

@@ -126,9 +126,9 @@ class ResourcesSpec(_Frozen):
     )
     read_tasks: int | None = Field(
         default=None, ge=1, le=4096,
-        description="Concurrent window-read tasks of the split stages. Default: 1 per CPU actor; "
-        "with GPU actors half of the CPUs they leave free, at least 2 per actor (a read costs "
-        "far more time than a GPU forward pass).",
+        description="Concurrent window-read tasks of the split stages, and as many write tasks. "
+        "Default: 1 per CPU actor; with GPU actors half of the CPUs they leave free, at least 2 "
+        "per actor (a read costs far more time than a GPU forward pass).",
     )
     malloc_tuning: bool = Field(
         default=True,

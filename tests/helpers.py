@@ -80,3 +80,41 @@ def job_spec(inputs, root, card, **tiling) -> JobSpec:
 def read_classes(root: Path, scene: str) -> np.ndarray:
     """The classes array a job wrote for a scene."""
     return zarr.open_array(str(root / f"{scene}.zarr"), path=layout.CLASSES, mode="r")[:]
+
+
+class CrashOnceOracle(ThresholdOracle):
+    """A ThresholdOracle whose first forward pass kills its process (as an OOM kill or a lost
+    node would): it creates `marker` and exits; once the marker exists it predicts normally."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, marker: str):
+        super().__init__(in_channels, num_classes)
+        self.marker = marker
+
+    def forward(self, x):
+        import os
+
+        if not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os._exit(1)
+        return super().forward(x)
+
+
+def crash_once_oracle(*, in_channels: int, num_classes: int, marker: str) -> CrashOnceOracle:
+    """Plugin factory of CrashOnceOracle (architecture "tests.helpers:crash_once_oracle")."""
+    return CrashOnceOracle(in_channels, num_classes, marker=marker)
+
+
+def crash_once_checkpoint(out_dir: Path, marker: Path, *, bands: int = 4, num_classes: int = 4) -> Path:
+    """A checkpoint of CrashOnceOracle with the same card as oracle_checkpoint's defaults."""
+    model = CrashOnceOracle(bands, num_classes, marker=str(marker))
+    fields = {
+        "architecture": "tests.helpers:crash_once_oracle",
+        "arch_args": {"marker": str(marker)},
+        "in_channels": bands,
+        "classes": [{"id": i, "name": f"class{i}"} for i in range(num_classes)],
+        "bands": [{"name": f"b{i + 1}", "mean": 10000.0, "std": 3000.0} for i in range(bands)],
+        "tile_size": 64,
+        "halo": 8,
+        "stride": 1,
+    }
+    return save_checkpoint(model, fields, out_dir, name="crash-once")

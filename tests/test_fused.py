@@ -1,4 +1,5 @@
-"""The fused CPU actor without Ray (one chunk whose prediction raises fails alone) and its batch queue."""
+"""The fused CPU actor and the split stages' predictor actor without Ray (one chunk whose
+prediction raises fails alone), and the fused pool's batch queue."""
 
 from __future__ import annotations
 
@@ -110,13 +111,15 @@ def test_batch_queue_needs_a_worker():
 
 
 def test_split_actor_call_isolates_a_failing_window_and_the_write_names_the_file(fused, monkeypatch):
-    # The split stages' Ray Data callable (PredictorActor.__call__) on a batch of read rows:
-    # one window's prediction raises; only its row carries the error, and write_stage puts the
-    # scene's file in front of it.
+    # The split stages' predictor actor (SplitPredictActor.run) on a block of read rows: one
+    # window's prediction raises; only its row carries the error, the rows come back without
+    # pixels, and write_stage puts the scene's file in front of the error.
+    from pipelines.split import SplitPredictActor
     from pipelines.stages import read_stage, write_stage
-    from workers.actors import _object_column
 
-    actor, rows, ctx = fused
+    fused_actor, rows, ctx = fused
+    actor = SplitPredictActor.__new__(SplitPredictActor)  # the fixture's predictor, not built twice
+    actor.actor = fused_actor.actor
     read = [read_stage(r, scenes={0: ctx}) for r in rows]
     bad = read[1]["pixels"]
     real = actor.actor.predictor.predict_core
@@ -128,12 +131,12 @@ def test_split_actor_call_isolates_a_failing_window_and_the_write_names_the_file
 
     monkeypatch.setattr(actor.actor.predictor, "predict_core", flaky)
     monkeypatch.setattr(actor.actor.predictor, "windows_per_pass", lambda shape: 1)
-    batch = {k: (_object_column([r[k] for r in read]) if k in ("pixels", "valid", "error")
-                 else np.stack([r[k] for r in read])) for k in read[0]}
-    out = actor.actor(batch)
-    errors = list(out["error"])
+    count, out = actor.run(read)
+    assert count == 4 and not any("pixels" in r or "valid" in r for r in out)
+    errors = [r["error"] for r in out]
     assert [bool(e) for e in errors] == [False, True, False, False]
     assert "simulated" in errors[1] and str([int(i) for i in read[1]["index"]]) in errors[1]
-    assert [lab.shape for lab in out["labels"]][0] == (64, 64)
-    row = {k: out[k][1] for k in out} | {"skip": False}
-    assert write_stage(row, scenes={0: ctx})["error"].startswith(f"{ctx.info.path}: chunk ")
+    assert out[0]["labels"].shape == (64, 64)
+    assert write_stage(out[1], scenes={0: ctx})["error"].startswith(f"{ctx.info.path}: chunk ")
+    records = [write_stage(r, scenes={0: ctx}) for r in out]
+    assert [bool(r["error"]) for r in records] == [False, True, False, False]

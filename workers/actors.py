@@ -1,7 +1,8 @@
-"""Thin Ray shells over the plain Predictor (Ray Data callable classes).
+"""A thin shell over the plain Predictor for the actors of both stage layouts
+(`pipelines.fused.FusedChunkActor`, `pipelines.split.SplitPredictActor`).
 
-The model loads once per actor in __init__; __call__ maps a batch of windows to core labels,
-whole windows batched into forward passes where they fit (Predictor.predict_cores).
+The model loads once per actor in __init__; `predict_rows_isolated` maps read rows to core
+labels, whole windows batched into forward passes where they fit (Predictor.predict_cores).
 Rows that carry an error (a failed read) pass through untouched so one bad scene never stops
 the stream.
 """
@@ -17,7 +18,7 @@ from workers.options import PredictorOptions
 
 
 class PredictorActor:
-    """Ray Data callable: {"pixels", "valid", "core", ...} rows -> + {"labels", "predict_s"}."""
+    """Read rows {"pixels", "valid", "core_in_window", "error", "skip", ...} -> labels, seconds."""
 
     def __init__(self, card_path: str, options: PredictorOptions, *, weight: float = 1.0,
                  ensemble: tuple[tuple[str, float], ...] = (), with_probabilities: bool = False):
@@ -35,7 +36,7 @@ class PredictorActor:
         self.with_probabilities = with_probabilities
 
     def predict_row(self, row: dict) -> tuple[np.ndarray, np.ndarray, float]:
-        """(labels, probabilities or an empty array, seconds) of one read row (see __call__)."""
+        """(labels, probabilities or an empty array, seconds) of one read row."""
         if row["error"] or row["skip"]:
             return _EMPTY_LABELS, _EMPTY_PROBS, 0.0
         t0 = time.perf_counter()
@@ -85,20 +86,6 @@ class PredictorActor:
                 out.append((_EMPTY_LABELS, _EMPTY_PROBS, 0.0, f"predicting it failed: {exc}"))
         return out
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["error"])
-        rows = [{k: batch[k][i] for k in ("error", "skip", "core_in_window", "pixels", "valid")} for i in range(n)]
-        results = self.predict_rows_isolated(rows)
-        out = {k: v for k, v in batch.items() if k not in ("pixels", "valid")}
-        out["error"] = _object_column([
-            f"chunk {[int(j) for j in batch['index'][i]]}: {r[3]}" if r[3] else batch["error"][i]
-            for i, r in enumerate(results)])
-        out["labels"] = _object_column([r[0] for r in results])
-        if self.with_probabilities:
-            out["probabilities"] = _object_column([r[1] for r in results])
-        out["predict_s"] = np.asarray([r[2] for r in results], dtype=np.float64)
-        return out
-
 
 _EMPTY_LABELS = np.zeros((0, 0), dtype=np.uint8)
 _EMPTY_PROBS = np.zeros((0, 0, 0), dtype=np.float16)
@@ -106,11 +93,3 @@ _EMPTY_PROBS = np.zeros((0, 0, 0), dtype=np.float16)
 
 def _core(row: dict) -> tuple[slice, ...]:
     return tuple(slice(int(a), int(b)) for a, b in row["core_in_window"])
-
-
-def _object_column(arrays: list[np.ndarray]) -> np.ndarray:
-    """A 1-D object array holding arrays of varying shapes (Ray Data's ragged tensor column)."""
-    column = np.empty(len(arrays), dtype=object)
-    for i, a in enumerate(arrays):
-        column[i] = a
-    return column

@@ -15,11 +15,12 @@ from skimage.measure import label, regionprops
 
 from pipelines.job import resolve_job, run_job, windows_per_call
 from pipelines.query import run_query
+from pipelines.writers.zarr_masks import read_store_state
 from schemas import store as layout
 from schemas.errors import JobSpecError, ModelCardError
 from schemas.job import JobSpec
 from schemas.tables import SCHEMAS
-from tests.helpers import job_spec, oracle_checkpoint, read_classes, smooth_scene, write_geotiff
+from tests.helpers import crash_once_checkpoint, job_spec, oracle_checkpoint, read_classes, smooth_scene, write_geotiff
 from workers.models.oracles import ThresholdOracle
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -145,6 +146,49 @@ def test_bad_scene_fails_alone_with_a_clear_error(tmp_path):
     assert {k: v["status"] for k, v in table.items()} == {
         "good": "complete", "corrupt": "failed", "rgb": "failed", "missing": "failed"}
     assert not (root / "corrupt.zarr").exists()
+
+
+@pytest.mark.parametrize("stages", ["fused", "split"])
+def test_a_damaged_block_fails_its_scene_not_the_job(tmp_path, stages):
+    # The header is fine (the scene opens and hashes), one compressed block of its pixels is
+    # not: the chunks reading it fail, their scene fails naming the file and the rows, and
+    # the other scene of the job completes. Its store is never marked complete.
+    good = write_geotiff(tmp_path / "good.tif", smooth_scene((128, 128), seed=4))
+    damaged = tmp_path / "damaged.tif"
+    profile = dict(driver="GTiff", width=128, height=128, count=4, dtype="uint16", nodata=0, tiled=True,
+                   blockxsize=64, blockysize=64, compress="deflate", crs="EPSG:32633",
+                   transform=rasterio.transform.from_origin(500000.0, 5000000.0, 10.0, 10.0))
+    with rasterio.open(damaged, "w", **profile) as ds:
+        ds.write(smooth_scene((128, 128), seed=5))
+    with rasterio.open(damaged) as ds:
+        offset = int(ds.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+    with open(damaged, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * 64)
+    root = tmp_path / "out"
+    spec = job_spec([good, damaged], root, oracle_checkpoint(tmp_path / "m"))
+    spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"stages": stages})})
+    status = {s.name: (s.status, s.error) for s in run_job(spec, base_dir=tmp_path).scenes}
+    assert status["good"] == ("complete", None)
+    assert status["damaged"][0] == "failed"
+    assert str(damaged) in status["damaged"][1] and "read failed for rows" in status["damaged"][1]
+    state = read_store_state(root / "damaged.zarr")
+    assert state is not None and state[layout.KEY_STATUS] != layout.STORE_STATUS_COMPLETE
+
+
+@pytest.mark.parametrize("stages", ["fused", "split"])
+def test_a_predictor_process_killed_once_is_restarted_and_changes_no_output(oracle_run, tmp_path, stages):
+    # The model's first forward pass kills its actor's process. Ray restarts the actor and
+    # retries its call once; the job completes with exactly the outputs of an undisturbed run.
+    _, scene, root0, _ = oracle_run
+    marker = tmp_path / "crashed"
+    root = tmp_path / "out"
+    spec = job_spec([scene], root, crash_once_checkpoint(tmp_path / "m", marker))
+    spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"stages": stages})})
+    result = run_job(spec, base_dir=tmp_path)
+    assert marker.exists()  # the process did die once
+    assert [s.status for s in result.scenes] == ["complete"]
+    np.testing.assert_array_equal(read_classes(root, "scene_one"), read_classes(root0, "scene_one"))
 
 
 def test_rerun_recomputes_nothing_and_resume_computes_only_missing(tmp_path):

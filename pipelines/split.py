@@ -1,0 +1,216 @@
+"""Split stages: read tasks -> predictor actors -> write tasks, for accelerators.
+
+A GPU actor runs a window's forward pass in a few milliseconds, while reading (decoding) the
+window and writing its chunk with its statistics take tens of milliseconds of a CPU each. So
+reads and writes run as Ray tasks on the CPUs beside the actors, and the actors only predict.
+
+The driver schedules the three stages itself, like the fused pool (`pipelines.fused`), rather
+than through Ray Data. Ray Data's streaming executor ran the write tasks about 2 at a time
+with 15 CPUs free on the H200 machine (docs/benchmarks.md, GPU results), and a sleep-only
+simulation of this pipeline on 16 logical CPUs and 1 logical GPU (reads 70 ms, forward 12 ms,
+writes 57 ms a window, 256 windows) took 12.2 s in a fresh Ray with Ray Data and 6.7 s with
+this loop (7.1 and 4.6 s with the worker processes already started; the GPU's share of its
+span 0.57 against 0.90). Here:
+
+- each read task reads a block of consecutive windows (stripe order, so the input blocks that
+  neighbouring halo windows share are decoded once, in that worker's GDAL block cache);
+- a block whose read is done goes to the predictor actor with the fewest calls queued (at most
+  `in_flight` each); blocks read but not yet handed over count against the read limit, so the
+  windows held in the object store stay bounded;
+- a predicted block goes to a write task at once (labels only: pixels never come back);
+- only the small per-chunk records come back to the driver.
+
+The predictor actors start when the pool is made, so torch, the CUDA context and the model load
+while the driver opens and hashes the inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipelines.fused import Record, _first_line, failed_record
+from pipelines.stages import SceneContext, read_stage, write_stage
+from schemas.errors import TesseraError
+from workers.actors import PredictorActor  # torch-free until an actor starts
+
+log = logging.getLogger("tessera")
+
+
+class SplitPredictActor:
+    """Predicts blocks of read rows; the rows come back with labels instead of pixels."""
+
+    def __init__(self, *, predictor: dict[str, Any]):
+        self.actor = PredictorActor(**predictor)
+
+    def run(self, rows: Sequence[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
+        """(number of rows, the rows for `write_stage`) of a block of `read_stage` rows.
+
+        Windows are batched into forward passes where the model takes them whole
+        (`PredictorActor.predict_rows_isolated`); a window whose prediction fails carries the
+        error alone, and rows that failed to read or are wholly nodata pass through. The count
+        comes back as a separate small object, so the driver learns that a call is done (or
+        that the actor died) without fetching the labels.
+        """
+        out = []
+        for row, (labels, probs, seconds, error) in zip(rows, self.actor.predict_rows_isolated(list(rows))):
+            row = {k: v for k, v in row.items() if k not in ("pixels", "valid")}
+            if error:
+                row["error"] = f"chunk {[int(i) for i in row['index']]}: {error}"
+            row.update(labels=labels, predict_s=seconds)
+            if self.actor.with_probabilities:
+                row["probabilities"] = probs
+            out.append(row)
+        return len(out), out
+
+
+def _read_block(rows: Sequence[dict[str, Any]], scenes: dict[int, SceneContext]) -> list[dict[str, Any]]:
+    return [read_stage(row, scenes=scenes) for row in rows]
+
+
+def _write_block(rows: Sequence[dict[str, Any]], scenes: dict[int, SceneContext]) -> list[Record]:
+    return [write_stage(row, scenes=scenes) for row in rows]
+
+
+class SplitPool:
+    """Predictor actors plus the read and write tasks around them (see the module docstring).
+
+    Use as a context manager: the actors are killed on exit.
+
+    Args:
+        predictor: PredictorActor keyword arguments.
+        actors: number of predictor actors.
+        actor_options: Ray options of the actors (num_cpus, num_gpus, runtime_env).
+        read_tasks: read tasks in flight at most (blocks read but not yet predicted included).
+        write_tasks: write tasks in flight at most.
+        task_cpus: CPUs reserved per read or write task.
+        in_flight: calls queued per actor, so it never waits for the driver between blocks.
+    """
+
+    def __init__(self, *, predictor: dict[str, Any], actors: int, actor_options: dict[str, Any],
+                 read_tasks: int, write_tasks: int, task_cpus: float = 0.5, in_flight: int = 2):
+        import ray
+
+        cls = ray.remote(SplitPredictActor).options(max_restarts=1, max_task_retries=1, **actor_options)
+        self.handles = [cls.remote(predictor=predictor) for _ in range(max(1, actors))]
+        self.read_tasks, self.write_tasks = max(1, read_tasks), max(1, write_tasks)
+        self.task_cpus, self.in_flight = task_cpus, max(1, in_flight)
+
+    def __enter__(self) -> SplitPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import ray
+
+        for handle in self.handles:
+            ray.kill(handle)
+        self.handles = []
+
+    def run(
+        self,
+        rows: Sequence[dict[str, Any]],
+        *,
+        scenes: dict[int, SceneContext],
+        on_record: Callable[[Record], None],
+        batch_size: int,
+    ) -> None:
+        """Compute every row's chunk; call `on_record` once per chunk, as write tasks finish.
+
+        Args:
+            rows: chunk plan rows (pipelines.stages.plan_row), in stripe order.
+            scenes: the scenes the rows refer to, by scene id.
+            on_record: called in the driver for each chunk's record.
+            batch_size: consecutive rows per read task, actor call and write task.
+
+        Failures: a read or write task that fails (after Ray's retries) fails its block's
+        chunks; an actor is restarted once by Ray and its call retried once, after which the
+        chunks of its failed calls fail and the other actors go on. Raises TesseraError only if
+        every actor died before any predicted a block (e.g. the model cannot be built on the
+        workers): a job-level problem.
+        """
+        import ray
+
+        blocks = [list(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+        if not blocks:
+            return
+        read = ray.remote(num_cpus=self.task_cpus)(_read_block)
+        write = ray.remote(num_cpus=self.task_cpus)(_write_block)
+        scenes_ref = ray.put(scenes)
+        todo = deque(range(len(blocks)))
+        reading: dict[Any, int] = {}  # read ref -> block
+        read_done: deque[tuple[Any, int]] = deque()  # read, not yet handed to an actor
+        predicting: dict[Any, tuple[int, int, Any]] = {}  # count ref -> (actor, block, rows ref)
+        queued = [0] * len(self.handles)
+        alive = set(range(len(self.handles)))
+        to_write: deque[tuple[Any, int]] = deque()
+        writing: dict[Any, int] = {}  # records ref -> block
+        predicted = 0
+        last_error = ""
+
+        def fail_block(b: int, problem: str) -> None:
+            for row in blocks[b]:
+                on_record(failed_record(row, scenes, problem))
+
+        while True:
+            if not alive:  # no actor left: nothing read or still to read can be predicted
+                for b in [*todo, *(b for _, b in read_done)]:
+                    fail_block(b, last_error or "no predictor actor left")
+                todo.clear()
+                read_done.clear()
+            while todo and len(reading) + len(read_done) < self.read_tasks:
+                b = todo.popleft()
+                reading[read.remote(blocks[b], scenes_ref)] = b
+            while read_done and alive:
+                worker = min(alive, key=lambda w: (queued[w], w))
+                if queued[worker] >= self.in_flight:
+                    break
+                ref, b = read_done.popleft()
+                count_ref, rows_ref = self.handles[worker].run.options(num_returns=2).remote(ref)
+                predicting[count_ref] = (worker, b, rows_ref)
+                queued[worker] += 1
+            while to_write and len(writing) < self.write_tasks:
+                rows_ref, b = to_write.popleft()
+                writing[write.remote(rows_ref, scenes_ref)] = b
+            waiting = [*reading, *predicting, *writing]
+            if not waiting:
+                break
+            ready, _ = ray.wait(waiting, num_returns=1, fetch_local=False)
+            ref = ready[0]
+            if ref in reading:
+                b = reading.pop(ref)
+                if alive:
+                    read_done.append((ref, b))  # a failed read fails the actor call that gets it
+                else:
+                    fail_block(b, last_error or "no predictor actor left")
+            elif ref in predicting:
+                worker, b, rows_ref = predicting.pop(ref)
+                queued[worker] -= 1
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    alive.discard(worker)
+                    last_error = f"the predictor actor died: {_first_line(exc)}"
+                    log.error("predictor actor %d died: %s", worker, exc)
+                    if not alive and predicted == 0:
+                        raise TesseraError(f"every predictor actor failed before finishing a chunk: {exc}") from exc
+                    fail_block(b, last_error)
+                    continue
+                except ray.exceptions.RayError as exc:  # the block's read task failed, or a bug
+                    fail_block(b, f"reading or predicting the block failed: {_first_line(exc)}")
+                    continue
+                predicted += 1
+                to_write.append((rows_ref, b))
+            else:
+                b = writing.pop(ref)
+                try:
+                    records = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    fail_block(b, f"writing the block failed: {_first_line(exc)}")
+                    continue
+                for record in records:
+                    on_record(record)
