@@ -87,13 +87,18 @@ class SplitPool:
         write_tasks: write tasks in flight at most.
         task_cpus: CPUs reserved per read or write task.
         in_flight: calls queued per actor, so it never waits for the driver between blocks.
+        stages: (actor class, read function, write function); the defaults are the real
+            stages. Another triple (same signatures) runs the same scheduling on stand-ins, as
+            the scheduling benchmark (tests/bench/split_scheduling.py) and tests do.
     """
 
     def __init__(self, *, predictor: dict[str, Any], actors: int, actor_options: dict[str, Any],
-                 read_tasks: int, write_tasks: int, task_cpus: float = 0.5, in_flight: int = 2):
+                 read_tasks: int, write_tasks: int, task_cpus: float = 0.5, in_flight: int = 2,
+                 stages: tuple[type, Callable[..., Any], Callable[..., Any]] | None = None):
         import ray
 
-        cls = ray.remote(SplitPredictActor).options(max_restarts=1, max_task_retries=1, **actor_options)
+        actor_cls, self._read_fn, self._write_fn = stages or (SplitPredictActor, _read_block, _write_block)
+        cls = ray.remote(actor_cls).options(max_restarts=1, max_task_retries=1, **actor_options)
         self.handles = [cls.remote(predictor=predictor) for _ in range(max(1, actors))]
         self.read_tasks, self.write_tasks = max(1, read_tasks), max(1, write_tasks)
         self.task_cpus, self.in_flight = task_cpus, max(1, in_flight)
@@ -138,8 +143,8 @@ class SplitPool:
         blocks = [list(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
         if not blocks:
             return
-        read = ray.remote(num_cpus=self.task_cpus)(_read_block)
-        write = ray.remote(num_cpus=self.task_cpus)(_write_block)
+        read = ray.remote(num_cpus=self.task_cpus)(self._read_fn)
+        write = ray.remote(num_cpus=self.task_cpus)(self._write_fn)
         scenes_ref = ray.put(scenes)
         todo = deque(range(len(blocks)))
         reading: dict[Any, int] = {}  # read ref -> block
