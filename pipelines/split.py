@@ -27,6 +27,7 @@ while the driver opens and hashes the inputs.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -156,6 +157,9 @@ class SplitPool:
         writing: dict[Any, int] = {}  # records ref -> block
         predicted = 0
         last_error = ""
+        # in-flight counts integrated over time, for the log line at the end
+        t_start = t_last = time.perf_counter()
+        area = [0.0, 0.0, 0.0]
 
         def fail_block(b: int, problem: str) -> None:
             for row in blocks[b]:
@@ -185,6 +189,10 @@ class SplitPool:
             if not waiting:
                 break
             ready, _ = ray.wait(waiting, num_returns=1, fetch_local=False)
+            now = time.perf_counter()
+            for i, n in enumerate((len(reading), len(predicting), len(writing))):
+                area[i] += n * (now - t_last)
+            t_last = now
             ref = ready[0]
             if ref in reading:
                 b = reading.pop(ref)
@@ -219,3 +227,8 @@ class SplitPool:
                     continue
                 for record in records:
                     on_record(record)
+        span = max(t_last - t_start, 1e-9)
+        log.info("split stages: %d blocks of %d chunks in %.1f s; tasks in flight on average: reads %.1f "
+                 "(limit %d), actor calls %.1f (limit %d), writes %.1f (limit %d)", len(blocks), batch_size, span,
+                 area[0] / span, self.read_tasks, area[1] / span, self.in_flight * len(self.handles),
+                 area[2] / span, self.write_tasks)
