@@ -18,18 +18,13 @@ from the far end of the longest remaining run.
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipelines.pools import ActorPool, Record, actor_died, failed_record, first_line
 from pipelines.stages import SceneContext, read_stage, write_stage
-from schemas.errors import TesseraError
 from workers.actors import PredictorActor  # torch-free until an actor starts
-
-log = logging.getLogger("tessera")
-
-Record = dict[str, Any]  # {"scene_id": int, "key": str, "error": str}: one per chunk
 
 
 class FusedChunkActor:
@@ -71,13 +66,6 @@ class FusedChunkActor:
         return records
 
 
-def failed_record(row: dict[str, Any], scenes: dict[int, SceneContext], problem: str) -> Record:
-    """The record of a chunk that failed: names the scene's file and the chunk index."""
-    ctx = scenes[int(row["scene_id"])]
-    index = [int(i) for i in row["index"]]
-    return {"scene_id": ctx.scene_id, "key": "", "error": f"{ctx.info.path}: chunk {index}: {problem}"}
-
-
 class BatchQueue:
     """Hands out batch numbers 0..n-1 to workers with affinity, stealing when a worker's run ends.
 
@@ -106,31 +94,14 @@ class BatchQueue:
         return self.runs[longest].pop()
 
 
-class FusedPool:
-    """A pool of FusedChunkActor. The actors start (and load the model) as soon as it is made,
-    so their start-up overlaps whatever the driver does next (opening and hashing the scenes).
+class FusedPool(ActorPool):
+    """A pool of FusedChunkActor (see pipelines.pools.ActorPool: they start as soon as it is made).
 
     Use as a context manager: the actors are killed on exit.
     """
 
     def __init__(self, *, predictor: dict[str, Any], actors: int, actor_options: dict[str, Any]):
-        import ray
-
-        cls = ray.remote(FusedChunkActor).options(max_restarts=1, max_task_retries=1, **actor_options)
-        self.handles = [cls.remote(predictor=predictor) for _ in range(max(1, actors))]
-
-    def __enter__(self) -> FusedPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        import ray
-
-        for handle in self.handles:
-            ray.kill(handle)
-        self.handles = []
+        super().__init__(FusedChunkActor, predictor=predictor, actors=actors, actor_options=actor_options)
 
     def run(
         self,
@@ -187,16 +158,12 @@ class FusedPool:
             try:
                 records = ray.get(ready[0])
             except ray.exceptions.RayActorError as exc:
-                alive.discard(worker)
-                last_error = f"the predictor actor died: {_first_line(exc)}"
-                log.error("predictor actor %d died: %s", worker, exc)
-                if not alive and completed == 0:
-                    raise TesseraError(f"every predictor actor failed before finishing a chunk: {exc}") from exc
+                last_error = actor_died(exc, worker, alive, any_done=completed > 0)
                 fail_batch(b, last_error)
                 continue
             except ray.exceptions.RayTaskError as exc:  # a bug outside the per-chunk guards
                 completed += 1
-                fail_batch(b, f"the predictor actor raised: {_first_line(exc)}")
+                fail_batch(b, f"the predictor actor raised: {first_line(exc)}")
                 submit(worker)
                 continue
             completed += 1
@@ -205,8 +172,3 @@ class FusedPool:
             submit(worker)  # a dead actor's run is taken over here, from its far end
         while len(queue):  # no actor left alive
             fail_batch(queue.next(0), last_error or "no predictor actor left")  # type: ignore[arg-type]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__

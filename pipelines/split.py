@@ -32,9 +32,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipelines.fused import Record, _first_line, failed_record
+from pipelines.pools import ActorPool, Record, actor_died, failed_record, first_line
 from pipelines.stages import SceneContext, read_stage, write_stage
-from schemas.errors import TesseraError
 from workers.actors import PredictorActor  # torch-free until an actor starts
 
 log = logging.getLogger("tessera")
@@ -75,7 +74,7 @@ def _write_block(rows: Sequence[dict[str, Any]], scenes: dict[int, SceneContext]
     return [write_stage(row, scenes=scenes) for row in rows]
 
 
-class SplitPool:
+class SplitPool(ActorPool):
     """Predictor actors plus the read and write tasks around them (see the module docstring).
 
     Use as a context manager: the actors are killed on exit.
@@ -96,26 +95,10 @@ class SplitPool:
     def __init__(self, *, predictor: dict[str, Any], actors: int, actor_options: dict[str, Any],
                  read_tasks: int, write_tasks: int, task_cpus: float = 0.5, in_flight: int = 2,
                  stages: tuple[type, Callable[..., Any], Callable[..., Any]] | None = None):
-        import ray
-
         actor_cls, self._read_fn, self._write_fn = stages or (SplitPredictActor, _read_block, _write_block)
-        cls = ray.remote(actor_cls).options(max_restarts=1, max_task_retries=1, **actor_options)
-        self.handles = [cls.remote(predictor=predictor) for _ in range(max(1, actors))]
+        super().__init__(actor_cls, predictor=predictor, actors=actors, actor_options=actor_options)
         self.read_tasks, self.write_tasks = max(1, read_tasks), max(1, write_tasks)
         self.task_cpus, self.in_flight = task_cpus, max(1, in_flight)
-
-    def __enter__(self) -> SplitPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        import ray
-
-        for handle in self.handles:
-            ray.kill(handle)
-        self.handles = []
 
     def run(
         self,
@@ -206,15 +189,11 @@ class SplitPool:
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayActorError as exc:
-                    alive.discard(worker)
-                    last_error = f"the predictor actor died: {_first_line(exc)}"
-                    log.error("predictor actor %d died: %s", worker, exc)
-                    if not alive and predicted == 0:
-                        raise TesseraError(f"every predictor actor failed before finishing a chunk: {exc}") from exc
+                    last_error = actor_died(exc, worker, alive, any_done=predicted > 0)
                     fail_block(b, last_error)
                     continue
                 except ray.exceptions.RayError as exc:  # the block's read task failed, or a bug
-                    fail_block(b, f"reading or predicting the block failed: {_first_line(exc)}")
+                    fail_block(b, f"reading or predicting the block failed: {first_line(exc)}")
                     continue
                 predicted += 1
                 to_write.append((rows_ref, b))
@@ -223,7 +202,7 @@ class SplitPool:
                 try:
                     records = ray.get(ref)
                 except ray.exceptions.RayError as exc:
-                    fail_block(b, f"writing the block failed: {_first_line(exc)}")
+                    fail_block(b, f"writing the block failed: {first_line(exc)}")
                     continue
                 for record in records:
                     on_record(record)

@@ -1,0 +1,71 @@
+"""What the two stage layouts' actor pools share (`pipelines.fused`, `pipelines.split`): the
+actors' lifetime, and the record of a chunk that failed."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pipelines.stages import SceneContext
+from schemas.errors import TesseraError
+
+log = logging.getLogger("tessera")
+
+Record = dict[str, Any]  # {"scene_id": int, "key": str, "error": str}: one per chunk
+
+
+class ActorPool:
+    """`actors` Ray actors of `actor_cls`, made with `predictor=predictor`; they start (import
+    torch, load the model) as soon as the pool is made, so their start-up overlaps whatever the
+    driver does next (opening and hashing the scenes). Ray restarts a dead actor once and
+    retries its call once.
+
+    Use as a context manager: the actors are killed on exit.
+    """
+
+    def __init__(self, actor_cls: type, *, predictor: dict[str, Any], actors: int, actor_options: dict[str, Any]):
+        import ray
+
+        cls = ray.remote(actor_cls).options(max_restarts=1, max_task_retries=1, **actor_options)
+        self.handles = [cls.remote(predictor=predictor) for _ in range(max(1, actors))]
+
+    def __enter__(self) -> ActorPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import ray
+
+        for handle in self.handles:
+            ray.kill(handle)
+        self.handles = []
+
+
+def failed_record(row: dict[str, Any], scenes: dict[int, SceneContext], problem: str) -> Record:
+    """The record of a chunk that failed: names the scene's file and the chunk index."""
+    ctx = scenes[int(row["scene_id"])]
+    index = [int(i) for i in row["index"]]
+    return {"scene_id": ctx.scene_id, "key": "", "error": f"{ctx.info.path}: chunk {index}: {problem}"}
+
+
+def first_line(exc: BaseException) -> str:
+    """The last non-empty line of an exception's text (a Ray error's own message)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def actor_died(exc: BaseException, worker: int, alive: set[int], *, any_done: bool) -> str:
+    """Take `worker` out of `alive` after Ray gave up on it (restarted once, call retried once);
+    returns the error its chunks get.
+
+    Raises:
+        TesseraError: no actor is left and none finished a call (e.g. the model cannot be built
+            on the workers): a job-level problem.
+    """
+    alive.discard(worker)
+    log.error("predictor actor %d died: %s", worker, exc)
+    if not alive and not any_done:
+        raise TesseraError(f"every predictor actor failed before finishing a chunk: {exc}") from exc
+    return f"the predictor actor died: {first_line(exc)}"
