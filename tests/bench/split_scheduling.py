@@ -88,6 +88,16 @@ class SleepActor:
         return len(out), out
 
 
+class BrokenActor:
+    """A predictor actor that cannot be built (as with a model that does not load on the workers)."""
+
+    def __init__(self, *, predictor: dict[str, Any]):
+        raise RuntimeError("no model here (simulated)")
+
+    def run(self, rows: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
+        raise AssertionError("never called")
+
+
 def scenes_stub() -> dict[int, Any]:
     """What failed_record needs of a scene."""
     return {0: SimpleNamespace(scene_id=0, info=SimpleNamespace(path="stand-in.tif"))}
