@@ -142,7 +142,9 @@ class JobResult:
     phases: dict[str, float] = field(default_factory=dict)
     """Driver wall seconds: setup_s (model, Ray, spec), open_s (open and hash the scenes, plan),
     first_chunk_s and chunks_s (from the start of the chunk stream to its first and last chunk
-    record), finish_s (merge statistics, tables). Fused actors start during open_s."""
+    record), finish_s (merge statistics, tables). The actors start during open_s. With split
+    stages also split_reads_in_flight, split_calls_in_flight, split_writes_in_flight: tasks
+    in flight per stage on average over the stream (counts, not seconds)."""
 
     @property
     def failed(self) -> tuple[SceneOutcome, ...]:
@@ -566,7 +568,7 @@ def run_job(
         phases["open_s"] = time.perf_counter() - t0
         progress = _Progress(len(rows), by_id, on_chunk)
         if rows:
-            _stream(job, rows, scenes, progress, pool)
+            phases.update(_stream(job, rows, scenes, progress, pool))
         phases.update(progress.phases())
 
     t0 = time.perf_counter()
@@ -625,14 +627,15 @@ def split_block_rows(job: ResolvedJob) -> int:
 
 
 def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, SceneContext],
-            progress: _Progress, pool: Any) -> None:
-    """Compute every planned chunk on the job's pool (fused actors, or the split stages)."""
+            progress: _Progress, pool: Any) -> dict[str, float]:
+    """Compute every planned chunk on the job's pool (fused actors, or the split stages);
+    returns the split stages' tasks in flight on average (SplitPool.run), for the job's phases."""
     progress.start()
     if fused_stages(job):
         # batches of FUSED_BATCH consecutive chunks (one stripe row), stripe affinity per actor
         pool.run(rows, scenes=scenes, on_record=progress, batch_size=FUSED_BATCH)
-    else:
-        pool.run(rows, scenes=scenes, on_record=progress, batch_size=split_block_rows(job))
+        return {}
+    return pool.run(rows, scenes=scenes, on_record=progress, batch_size=split_block_rows(job))
 
 
 def windows_per_call(job: ResolvedJob) -> int:

@@ -107,8 +107,11 @@ class SplitPool(ActorPool):
         scenes: dict[int, SceneContext],
         on_record: Callable[[Record], None],
         batch_size: int,
-    ) -> None:
+    ) -> dict[str, float]:
         """Compute every row's chunk; call `on_record` once per chunk, as write tasks finish.
+
+        Returns the tasks in flight per stage on average over the run (`split_reads_in_flight`,
+        `split_calls_in_flight`, `split_writes_in_flight`), for the job's phases.
 
         Args:
             rows: chunk plan rows (pipelines.stages.plan_row), in stripe order.
@@ -126,7 +129,7 @@ class SplitPool(ActorPool):
 
         blocks = [list(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
         if not blocks:
-            return
+            return {}
         read = ray.remote(num_cpus=self.task_cpus)(self._read_fn)
         write = ray.remote(num_cpus=self.task_cpus)(self._write_fn)
         scenes_ref = ray.put(scenes)
@@ -211,3 +214,5 @@ class SplitPool(ActorPool):
                  "(limit %d), actor calls %.1f (limit %d), writes %.1f (limit %d)", len(blocks), batch_size, span,
                  area[0] / span, self.read_tasks, area[1] / span, self.in_flight * len(self.handles),
                  area[2] / span, self.write_tasks)
+        return {"split_reads_in_flight": area[0] / span, "split_calls_in_flight": area[1] / span,
+                "split_writes_in_flight": area[2] / span}

@@ -291,6 +291,8 @@ def test_split_stages_write_the_same_outputs_as_fused(oracle_run, tmp_path):
     result = run_job(spec, base_dir=tmp_path)
     assert [s.status for s in result.scenes] == ["complete"]
     np.testing.assert_array_equal(read_classes(tmp_path / "split", "scene_one"), read_classes(root, "scene_one"))
+    # the scheduler reports how busy it kept each stage (read tasks, actor calls, write tasks)
+    assert all(result.phases[f"split_{k}_in_flight"] > 0 for k in ("reads", "calls", "writes"))
 
     def regions(r: Path):
         return pq.read_table(r / "tables" / "regions" / "scene_one.parquet").sort_by("region_id").drop(["scene"])
