@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipelines.pools import ActorPool, Record, actor_died, failed_record, first_line
+from pipelines.pools import ActorPool, Record, actor_died, failed_record, error_line
 from pipelines.stages import SceneContext, read_stage, write_stage
 from workers.actors import PredictorActor  # torch-free until an actor starts
 
@@ -163,7 +163,7 @@ class FusedPool(ActorPool):
                 continue
             except ray.exceptions.RayTaskError as exc:  # a bug outside the per-chunk guards
                 completed += 1
-                fail_batch(b, f"the predictor actor raised: {first_line(exc)}")
+                fail_batch(b, f"the predictor actor raised: {error_line(exc)}")
                 submit(worker)
                 continue
             completed += 1

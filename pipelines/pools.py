@@ -50,7 +50,7 @@ def failed_record(row: dict[str, Any], scenes: dict[int, SceneContext], problem:
     return {"scene_id": ctx.scene_id, "key": "", "error": f"{ctx.info.path}: chunk {index}: {problem}"}
 
 
-def first_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
     """The last non-empty line of an exception's text (a Ray error's own message)."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
@@ -68,4 +68,4 @@ def actor_died(exc: BaseException, worker: int, alive: set[int], *, any_done: bo
     log.error("predictor actor %d died: %s", worker, exc)
     if not alive and not any_done:
         raise TesseraError(f"every predictor actor failed before finishing a chunk: {exc}") from exc
-    return f"the predictor actor died: {first_line(exc)}"
+    return f"the predictor actor died: {error_line(exc)}"

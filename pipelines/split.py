@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipelines.pools import ActorPool, Record, actor_died, failed_record, first_line
+from pipelines.pools import ActorPool, Record, actor_died, failed_record, error_line
 from pipelines.stages import SceneContext, read_stage, write_stage
 from workers.actors import PredictorActor  # torch-free until an actor starts
 
@@ -196,7 +196,7 @@ class SplitPool(ActorPool):
                     fail_block(b, last_error)
                     continue
                 except ray.exceptions.RayError as exc:  # the block's read task failed, or a bug
-                    fail_block(b, f"reading or predicting the block failed: {first_line(exc)}")
+                    fail_block(b, f"reading or predicting the block failed: {error_line(exc)}")
                     continue
                 predicted += 1
                 to_write.append((rows_ref, b))
@@ -205,7 +205,7 @@ class SplitPool(ActorPool):
                 try:
                     records = ray.get(ref)
                 except ray.exceptions.RayError as exc:
-                    fail_block(b, f"writing the block failed: {first_line(exc)}")
+                    fail_block(b, f"writing the block failed: {error_line(exc)}")
                     continue
                 for record in records:
                     on_record(record)
