@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipelines.pools import ActorPool, Record, actor_died, failed_record, error_line
+from pipelines.pools import ActorPool, Record, actor_died, error_line, failed_record
 from pipelines.stages import SceneContext, read_stage, write_stage
 from workers.actors import PredictorActor  # torch-free until an actor starts
 
