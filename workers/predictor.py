@@ -274,6 +274,9 @@ class Predictor:
         tile_shape, offsets = plan_tiles(window_shape, self.options.tile_size, self.options.tile_overlap)
         if len(offsets) == 1:  # the model takes the whole window: nothing to blend
             return self._whole_tiles(x.unsqueeze(0), None if v is None else v.unsqueeze(0), logits_ok=logits_ok)[0]
+        # tiles are cut and stacked in float32 (uint16 tensors have few kernels, on CUDA fewer)
+        x = x.to(torch.float32)
+        v = None if v is None else v.to(torch.float32)
         weights = self._tile_weights(tile_shape)
         acc = BlendAccumulator(window_shape, self.num_classes, device=self.device)
         bs = self.options.batch_size
