@@ -798,15 +798,14 @@ def _reduce_stats(stats: dict[str, np.ndarray], comp: np.ndarray, n: int) -> dic
     return out
 
 
-def region_rank(stats: dict[str, np.ndarray]) -> np.ndarray:
-    """Indices that sort regions into region_id order: (min_row, min_col, class_id,
-    pixel_count, first_row, first_col), a total order (the first pixel is unique)."""
-    return np.lexsort((stats["first_col"], stats["first_row"], stats["pixel_count"], stats["class_id"],
-                       stats["min_col"], stats["min_row"]))
-
-
 #: Columns of the merged per-region statistics, the key of the region_id order first.
 REGION_ORDER = ("min_row", "min_col", "class_id", "pixel_count", "first_row", "first_col")
+
+
+def region_rank(stats: dict[str, np.ndarray]) -> np.ndarray:
+    """Indices that sort regions into region_id order: by REGION_ORDER, a total order (the
+    first pixel is unique). The DuckDB sort of the spilled regions uses the same key."""
+    return np.lexsort(tuple(stats[name] for name in reversed(REGION_ORDER)))
 
 
 def merged_regions_of(stats: dict[str, np.ndarray]) -> MergedRegions:
