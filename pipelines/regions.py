@@ -390,8 +390,9 @@ def chunk_regions(
 
     Per local region ``k`` (pixels ``P_k``): ``pixel_count = |P_k|``,
     ``sum_row = sum(row0 + r for (r, c) in P_k)`` (likewise ``sum_col``), bbox and first
-    pixel in scene indices; plus the ids on the four borders of the core. All vectorised
-    (``np.bincount``, ``np.minimum.at``).
+    pixel in scene indices; plus the ids on the four borders of the core. Counts, sums and
+    boxes of its own labelling come from one ``cc3d.statistics`` pass; caller-supplied labels
+    take bincounts and ``scipy.ndimage.find_objects`` (tested equal).
 
     Args:
         classes: ``(H, W)`` uint8 classes of the chunk core (no halo).
@@ -417,30 +418,19 @@ def chunk_regions(
     if labels is None:
         if offset < 0 or offset + classes.size > _INT64_MAX:
             raise ValueError(f"id_offset must be >= 0 and leave room for {classes.size} ids in int64, got {id_offset!r}")
-        # 1..N in raster order; as intp once (bincount would convert uint32 on each call)
-        local = _label_local(classes, nodata).astype(np.intp)
+        local = _label_local(classes, nodata)  # 1..N in raster order, uint32
     else:
         local = _local_labels(classes, labels, offset, nodata)
     flat = local.ravel()
     n = int(flat.max()) if flat.size else 0
-    counts = np.bincount(flat, minlength=n + 1)
-    present = np.flatnonzero(counts[1:]) + 1  # local labels in use (all of 1..n from label_chunk)
-    position, cols = _grid_indices(h, w)
     row0, col0 = _as_pair(origin, "origin", minimum=0)
-    count = counts[present].astype(np.int64)
-    # sum(col) and sum(position) per label; position = row * w + col gives sum(row) exactly
-    # (integers below 2**53 in float64; the float64 grids are cached, as bincount would
-    # convert int64 weights on every call).
-    sum_pos = np.bincount(flat, weights=position, minlength=n + 1)[present]
-    sum_c = np.bincount(flat, weights=cols, minlength=n + 1)[present]
-    sum_row = (sum_pos - sum_c) / w + count * float(row0)
+    if labels is None and 0 < n < flat.size and max(h, w) < 2**16 - 1:
+        present, count, sum_r, sum_c, boxes = _moments_cc3d(local, n)
+    else:
+        present, count, sum_r, sum_c, boxes = _moments(local, n, h, w)
+    sum_row = sum_r + count * float(row0)
     sum_col = sum_c + count * float(col0)
-    # Bounding boxes in one C pass (scipy.ndimage.find_objects: a slice pair per label 1..n,
-    # None for labels not present).
-    boxes = np.asarray([(b[0].start, b[0].stop, b[1].start, b[1].stop)
-                        for b in ndimage.find_objects(local, max_label=n) if b is not None],
-                       dtype=np.int64).reshape(-1, 4)
-    min_r, max_r, min_c, max_c = boxes[:, 0], boxes[:, 1] - 1, boxes[:, 2], boxes[:, 3] - 1
+    min_r, max_r, min_c, max_c = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
     first = _first_positions(flat, present)
     class_id = classes.ravel()[first]
     if labels is not None:
@@ -473,6 +463,47 @@ def chunk_regions(
         edge_left=edge(local[:, 0]),
         edge_right=edge(local[:, -1]),
     )
+
+
+def _moments_cc3d(local: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
+    """`_moments` of consecutive labels 1..n (our own labelling: every label is present) in one
+    C++ pass (`cc3d.statistics`): 5.9 ms for a 1024² chunk against 19 ms for three bincounts
+    and find_objects (measured on the 2-core development VM).
+
+    cc3d returns centroids (sum / count in float64); the sums of integer coordinates are below
+    2**53, so rint(centroid * count) gives them back exactly (tested against `_moments`).
+    Labels must be < the pixel count and sides < 65535 (cc3d's uint16 boxes): the caller checks.
+    """
+    stats = cc3d.statistics(local, no_slice_conversion=True)
+    count = stats["voxel_counts"][1:n + 1].astype(np.int64)
+    sums = np.rint(stats["centroids"][1:n + 1] * count[:, None])
+    boxes = stats["bounding_boxes"][1:n + 1].astype(np.int64).reshape(-1, 4)  # min/max inclusive
+    return np.arange(1, n + 1, dtype=np.int64), count, sums[:, 0], sums[:, 1], boxes
+
+
+def _moments(local: np.ndarray, n: int, h: int, w: int) -> tuple[np.ndarray, ...]:
+    """(present, count, sum of rows, sum of cols, boxes) of the labels 1..n present in `local`.
+
+    present: the labels in use (sorted); count: their pixel counts (int64); the sums are of
+    chunk-local indices (float64, exact); boxes: (min_row, max_row, min_col, max_col) each,
+    inclusive, int64.
+    """
+    flat = local.ravel().astype(np.intp, copy=False)  # once: bincount would convert on each call
+    counts = np.bincount(flat, minlength=n + 1)
+    present = np.flatnonzero(counts[1:]) + 1
+    position, cols = _grid_indices(h, w)
+    count = counts[present].astype(np.int64)
+    # sum(col) and sum(position) per label; position = row * w + col gives sum(row) exactly
+    # (integers below 2**53 in float64; the float64 grids are cached, as bincount would
+    # convert int64 weights on every call).
+    sum_pos = np.bincount(flat, weights=position, minlength=n + 1)[present]
+    sum_c = np.bincount(flat, weights=cols, minlength=n + 1)[present]
+    # Bounding boxes in one C pass (scipy.ndimage.find_objects: a slice pair per label 1..n,
+    # None for labels not present).
+    boxes = np.asarray([(b[0].start, b[0].stop - 1, b[1].start, b[1].stop - 1)
+                        for b in ndimage.find_objects(flat.reshape(h, w), max_label=n) if b is not None],
+                       dtype=np.int64).reshape(-1, 4)
+    return present.astype(np.int64), count, (sum_pos - sum_c) / w, sum_c, boxes
 
 
 def _no_regions(chunk_index: tuple[int, int], origin: tuple[int, int], shape: tuple[int, int]) -> ChunkRegions:

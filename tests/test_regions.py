@@ -6,6 +6,7 @@ The golden reference is skimage labelling the whole image at once:
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -548,3 +549,36 @@ def test_label_chunk_equals_skimage_labelling(classes, nodata):
     assert np.array_equal(label_chunk(classes, id_offset=0, nodata=nodata), expected)
     assert np.array_equal(label_chunk(classes, id_offset=1000, nodata=nodata),
                           np.where(expected > 0, expected + 1000, 0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(classes=hnp.arrays(np.uint8, hnp.array_shapes(min_dims=2, max_dims=2, max_side=40),
+                          elements=st.sampled_from([0, 1, 2, 255])),
+       origin=st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)))
+def test_chunk_regions_from_cc3d_statistics_equal_the_bincount_path(classes, origin):
+    # chunk_regions takes counts, coordinate sums and boxes of its own labelling from one
+    # cc3d.statistics pass (sums recovered from float centroids); caller-supplied labels take
+    # the bincount / find_objects path. Both give the same partials, field by field.
+    own = chunk_regions(classes, chunk_index=(3, 4), origin=origin, id_offset=7000)
+    supplied = chunk_regions(classes, chunk_index=(3, 4), origin=origin, id_offset=7000,
+                             labels=label_chunk(classes, id_offset=7000))
+    for field in dataclasses.fields(own):
+        a, b = getattr(own, field.name), getattr(supplied, field.name)
+        assert np.array_equal(np.asarray(a), np.asarray(b)), field.name
+        assert np.asarray(a).dtype == np.asarray(b).dtype, field.name
+
+
+def test_chunk_regions_sums_stay_exact_on_a_large_chunk():
+    # Coordinate sums near the float64 rounding of a centroid: one region covering a
+    # 2048 x 2048 chunk far from the origin, beside one-pixel regions.
+    classes = np.zeros((2048, 2048), dtype=np.uint8)
+    classes[::7, ::5] = 1
+    own = chunk_regions(classes, chunk_index=(0, 0), origin=(10**7, 3 * 10**7), id_offset=0)
+    supplied = chunk_regions(classes, chunk_index=(0, 0), origin=(10**7, 3 * 10**7), id_offset=0,
+                             labels=label_chunk(classes, id_offset=0))
+    for field in ("pixel_count", "sum_row", "sum_col", "min_row", "max_row", "min_col", "max_col"):
+        assert np.array_equal(getattr(own, field), getattr(supplied, field)), field
+    rows, cols = np.nonzero(classes == 0)
+    big = int(np.argmax(own.pixel_count))
+    assert own.sum_row[big] == rows.sum() + 10**7 * rows.size
+    assert own.sum_col[big] == cols.sum() + 3 * 10**7 * cols.size
