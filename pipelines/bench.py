@@ -852,13 +852,14 @@ def _read_skipped(root: Path, scene: str) -> list[tuple[int, ...]]:
     return [tuple(r["chunk_index"]) for r in rows if r["status"] == CHUNK_SKIPPED_NODATA]
 
 
-def _warm_ray() -> None:
-    """Ray up and able to run a task before any timing (a job on a fresh Ray pays worker start)."""
+def _warm_ray(*, malloc_tuning: bool) -> None:
+    """Ray up and able to run a task before any timing (a job on a fresh Ray pays worker start).
+    A local Ray started here gives its workers the jobs' malloc tunables, as `tessera run` does."""
     import ray
 
     from pipelines.job import ensure_ray
 
-    ensure_ray()
+    ensure_ray(worker_env=with_malloc_tunables() if malloc_tuning else None)
     ray.get(ray.remote(num_cpus=0)(lambda: None).remote())
 
 
@@ -1031,7 +1032,7 @@ def run_bench(config: BenchConfig, *, on_progress: Callable[[str], None] | None 
     r.out_dir.mkdir(parents=True, exist_ok=True)
     result = r.header()
     say("Ray: starting / connecting (not timed)")
-    _warm_ray()
+    _warm_ray(malloc_tuning=config.malloc_tuning)
     if config.warmup_job:
         side = min(config.chunk_size, min(config.sizes))
         scene, _ = ensure_bench_scene(r.out_dir / "inputs", size=side, seed=config.seed)

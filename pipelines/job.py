@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,7 +59,7 @@ from schemas.tables import CHUNK_SKIPPED_NODATA, SCHEMAS, STATUS_COMPLETE, STATU
 from workers.checkpoints import Checkpoint, load_checkpoint, resolve_card_path
 from workers.options import PredictorOptions
 from workers.registry import model_kind
-from workers.runtime import with_malloc_tunables
+from workers.runtime import GLIBC_TUNABLES, actor_env, process_env, with_malloc_tunables
 
 log = logging.getLogger("tessera")
 
@@ -334,10 +334,25 @@ def check_scene_fits_model(info: SceneInfo, *, bands: tuple[int, ...] | None, ca
 # ----------------------------------------------------------------------------- driver
 
 
-def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Connect to Ray (an address, RAY_ADDRESS, or a new local instance) unless connected."""
+_local_ray: tuple[str, dict[str, str]] | None = None
+"""(GCS address, the environment its worker processes inherit) of the local Ray this process
+started (ensure_ray), so that actors needing no other environment get no runtime env."""
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
+               worker_env: Mapping[str, str] | None = None) -> None:
+    """Connect to Ray (an address, RAY_ADDRESS, or a new local instance) unless connected.
+
+    A new local instance starts with `worker_env` in its processes' environment (Ray's daemons
+    and every worker inherit it): with the predictor actors' malloc tunables there, the actors
+    need no runtime environment of their own and start 0.3-0.5 s sooner (a per-actor runtime
+    environment goes through Ray's runtime-env agent; measured on the 2-core development VM,
+    two actors ready in 2.4-2.7 s against 2.7-3.1 s). The daemons' memory was the same with and
+    without them.
+    """
     import ray
 
+    global _local_ray
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {
@@ -347,11 +362,25 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     }
     if address:
         ray.init(address=address, **kwargs)
-    else:
+        return
+    with process_env(worker_env or {}):
+        inherited = {GLIBC_TUNABLES: os.environ.get(GLIBC_TUNABLES, "")}
         # No idle workers started in advance for this driver: the predictor actors get their own
-        # processes (their environment differs), so the prestarted ones only held memory
-        # (2 x 46 MiB PSS on the 2-core VM, same job time without them).
+        # processes, so the prestarted ones only held memory (2 x 46 MiB PSS on the 2-core VM,
+        # same job time without them).
         ray.init(num_cpus=num_cpus, _system_config={"prestart_worker_first_driver": False}, **kwargs)
+    _local_ray = (ray.get_runtime_context().gcs_address, inherited)
+
+
+def inherited_worker_env() -> dict[str, str] | None:
+    """The environment the connected Ray's workers inherit, when this process started that Ray
+    (ensure_ray); None for any other Ray."""
+    import ray
+
+    if _local_ray is None or not ray.is_initialized():
+        return None
+    gcs, env = _local_ray
+    return dict(env) if ray.get_runtime_context().gcs_address == gcs else None
 
 
 def _prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: SceneInfo, sha: str) -> None:
@@ -517,7 +546,7 @@ def run_job(
         outcomes.append(SceneOutcome(name=name, source=pattern, status=STATUS_FAILED,
                                      error=f"{pattern}: no such file (or the pattern matched nothing)"))
 
-    ensure_ray(ray_address)
+    ensure_ray(ray_address, worker_env=with_malloc_tunables() if spec.resources.malloc_tuning else None)
     cluster = ray.cluster_resources()
     job = place_on_cluster(job, cluster)
     local_cluster = not (ray_address or os.environ.get("RAY_ADDRESS"))
@@ -736,10 +765,19 @@ def read_concurrency(job: ResolvedJob, *, cluster_cpus: float) -> int:
 
 
 def _actor_remote_args(res: Any) -> dict[str, Any]:
-    """Extra Ray options of the predictor actors: their process environment."""
-    if not res.malloc_tuning:
-        return {}
-    return {"runtime_env": {"env_vars": with_malloc_tunables()}}
+    """Extra Ray options of the predictor actors: a runtime environment with the malloc tunables
+    (resources.malloc_tuning), unless the local Ray this process started gives its workers the
+    wanted environment already (ensure_ray's worker_env). Without malloc tuning, an actor of
+    such a Ray whose workers inherit tunables gets this process's own GLIBC_TUNABLES instead;
+    on any other Ray it inherits what the workers have, as before."""
+    inherited = inherited_worker_env()
+    if res.malloc_tuning:
+        env = actor_env(with_malloc_tunables(), inherited)
+    elif inherited is not None:
+        env = actor_env({GLIBC_TUNABLES: os.environ.get(GLIBC_TUNABLES, "")}, inherited)
+    else:
+        env = {}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _save_resolved_spec(job: ResolvedJob) -> None:

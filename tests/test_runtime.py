@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
 
 import pytest
 
-from workers.runtime import MALLOC_TUNABLES, with_malloc_tunables
+from workers.runtime import MALLOC_TUNABLES, actor_env, process_env, with_malloc_tunables
 
 ALL = ":".join(f"{k}={v}" for k, v in MALLOC_TUNABLES)
 
@@ -75,3 +76,53 @@ def test_a_local_ray_started_by_tessera_prestarts_no_idle_workers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert "workers 0" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_actor_env_is_empty_only_when_the_workers_inherit_what_is_wanted():
+    wanted = {"GLIBC_TUNABLES": ALL}
+    assert actor_env(wanted, {"GLIBC_TUNABLES": ALL}) == {}
+    assert actor_env(wanted, {"GLIBC_TUNABLES": ""}) == wanted
+    assert actor_env(wanted, {}) == wanted
+    assert actor_env(wanted, None) == wanted  # unknown Ray: always give it
+    assert actor_env({"GLIBC_TUNABLES": ""}, {}) == {}  # unset and empty are the same to glibc
+
+
+def test_process_env_sets_and_restores(monkeypatch):
+    monkeypatch.setenv("TESSERA_TEST_KEEP", "before")
+    monkeypatch.delenv("TESSERA_TEST_NEW", raising=False)
+    with process_env({"TESSERA_TEST_KEEP": "inside", "TESSERA_TEST_NEW": "x"}):
+        assert os.environ["TESSERA_TEST_KEEP"] == "inside" and os.environ["TESSERA_TEST_NEW"] == "x"
+    assert os.environ["TESSERA_TEST_KEEP"] == "before" and "TESSERA_TEST_NEW" not in os.environ
+
+
+def test_a_local_ray_started_with_the_tunables_gives_them_to_actors_without_a_runtime_env():
+    # In its own process (the test session's Ray is already up): ensure_ray starts a local Ray
+    # whose workers inherit the malloc tunables; an actor that wants them needs no runtime env,
+    # one that must not have them gets the driver's own (empty) GLIBC_TUNABLES; the driver
+    # process itself keeps its environment.
+    code = (
+        "import os, ray; from pipelines.job import ensure_ray, _actor_remote_args\n"
+        "from workers.runtime import with_malloc_tunables\n"
+        "class Res:\n"
+        "    def __init__(self, m): self.malloc_tuning = m\n"
+        "ensure_ray(num_cpus=2, worker_env=with_malloc_tunables())\n"
+        "print('driver', os.environ.get('GLIBC_TUNABLES'))\n"
+        "@ray.remote(num_cpus=0)\n"
+        "class Env:\n"
+        "    def get(self): return os.environ.get('GLIBC_TUNABLES')\n"
+        "for m in (True, False):\n"
+        "    args = _actor_remote_args(Res(m))\n"
+        "    print('args', m, args)\n"
+        "    print('actor', m, repr(ray.get(Env.options(**args).remote().get.remote())))\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                         check=True, env=env)
+    lines = out.stdout.splitlines()
+    tunables = with_malloc_tunables({})["GLIBC_TUNABLES"]
+    assert "driver None" in lines, out.stdout
+    assert "args True {}" in lines, out.stdout
+    assert f"actor True {tunables!r}" in lines, out.stdout
+    assert "args False {'runtime_env': {'env_vars': {'GLIBC_TUNABLES': ''}}}" in lines, out.stdout
+    assert "actor False ''" in lines, out.stdout

@@ -20,8 +20,9 @@ measurement children). Other C libraries ignore it; kernels without THP ignore h
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 GLIBC_TUNABLES = "GLIBC_TUNABLES"
 MALLOC_TUNABLES: tuple[tuple[str, str], ...] = (
@@ -42,3 +43,36 @@ def with_malloc_tunables(environ: Mapping[str, str] | None = None) -> dict[str, 
     present = {p.split("=", 1)[0] for p in parts}
     parts += [f"{name}={value}" for name, value in MALLOC_TUNABLES if name not in present]
     return {GLIBC_TUNABLES: ":".join(parts)}
+
+
+@contextlib.contextmanager
+def process_env(env: Mapping[str, str]) -> Iterator[None]:
+    """`env` set in os.environ inside the block (for the processes started there), then restored."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def actor_env(wanted: Mapping[str, str], inherited: Mapping[str, str] | None) -> dict[str, str]:
+    """The environment variables an actor must be given so that `wanted` holds in its process.
+
+    Args:
+        wanted: variables the actor's process must start with.
+        inherited: what every worker process of the connected Ray inherits, when this process
+            started that Ray and knows it; None when unknown (another process's Ray, a cluster).
+
+    Returns:
+        {} when the workers inherit `wanted` already (the actor then needs no runtime
+        environment of its own: such an actor started 0.3-0.5 s sooner, measured on the 2-core
+        development VM), else `wanted`.
+    """
+    if inherited is not None and all(inherited.get(k, "") == v for k, v in wanted.items()):
+        return {}
+    return dict(wanted)
