@@ -360,7 +360,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
         "log_to_driver": True,
         "logging_level": logging.getLogger("tessera").getEffectiveLevel(),
     }
-    if address:
+    if address or os.environ.get("RAY_ADDRESS"):  # an existing cluster: its workers' environment is its own
         ray.init(address=address, **kwargs)
         return
     with process_env(worker_env or {}):

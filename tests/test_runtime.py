@@ -126,3 +126,44 @@ def test_a_local_ray_started_with_the_tunables_gives_them_to_actors_without_a_ru
     assert f"actor True {tunables!r}" in lines, out.stdout
     assert "args False {'runtime_env': {'env_vars': {'GLIBC_TUNABLES': ''}}}" in lines, out.stdout
     assert "actor False ''" in lines, out.stdout
+
+
+def test_with_ray_address_set_ensure_ray_connects_to_that_cluster(tmp_path):
+    # RAY_ADDRESS names a running cluster (here a one-node `ray start --head --block`): ensure_ray
+    # connects to it instead of starting a local Ray (it used to pass local-only options and
+    # fail), and does not assume the cluster's workers have the tunables it would give a local
+    # Ray of its own.
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+         "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        code = (
+            "import ray; from pipelines.job import ensure_ray, inherited_worker_env\n"
+            "from workers.runtime import with_malloc_tunables\n"
+            "ensure_ray(worker_env=with_malloc_tunables())\n"
+            "print('cpus', ray.cluster_resources().get('CPU'), 'inherited', inherited_worker_env())\n"
+        )
+        out = None
+        for _ in range(60):  # the head takes a few seconds to come up
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                 env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+            if out.returncode == 0 or head.poll() is not None:
+                break
+            time.sleep(1)
+        assert out is not None and out.returncode == 0, (out.stdout + out.stderr)[-3000:] if out else head.stdout
+        assert "cpus 1.0 inherited None" in out.stdout, out.stdout
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
