@@ -147,20 +147,23 @@ def test_with_ray_address_set_ensure_ray_connects_to_that_cluster(tmp_path):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         code = (
-            "import ray; from pipelines.job import ensure_ray, inherited_worker_env\n"
+            "import sys, ray; from pipelines.job import ensure_ray, inherited_worker_env\n"
             "from workers.runtime import with_malloc_tunables\n"
-            "ensure_ray(worker_env=with_malloc_tunables())\n"
+            "ensure_ray(sys.argv[1] or None, worker_env=with_malloc_tunables())\n"
             "print('cpus', ray.cluster_resources().get('CPU'), 'inherited', inherited_worker_env())\n"
         )
-        out = None
-        for _ in range(60):  # the head takes a few seconds to come up
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                                 env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
-            if out.returncode == 0 or head.poll() is not None:
-                break
-            time.sleep(1)
-        assert out is not None and out.returncode == 0, (out.stdout + out.stderr)[-3000:] if out else head.stdout
-        assert "cpus 1.0 inherited None" in out.stdout, out.stdout
+        address = f"127.0.0.1:{port}"
+        # RAY_ADDRESS in the environment (as `tessera run` sees it), then --address (the argument)
+        for argument, extra in (("", {"RAY_ADDRESS": address}), (address, {})):
+            out = None
+            for _ in range(60):  # the head takes a few seconds to come up
+                out = subprocess.run([sys.executable, "-c", code, argument], capture_output=True, text=True,
+                                     timeout=120, env={**env, **extra})
+                if out.returncode == 0 or head.poll() is not None:
+                    break
+                time.sleep(1)
+            assert out is not None and out.returncode == 0, (out.stdout + out.stderr)[-3000:] if out else head.stdout
+            assert "cpus 1.0 inherited None" in out.stdout, out.stdout
     finally:
         head.terminate()
         try:
