@@ -365,10 +365,13 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
         return
     with process_env(worker_env or {}):
         inherited = {GLIBC_TUNABLES: os.environ.get(GLIBC_TUNABLES, "")}
-        # No idle workers started in advance for this driver: the predictor actors get their own
-        # processes, so the prestarted ones only held memory (2 x 46 MiB PSS on the 2-core VM,
-        # same job time without them).
-        ray.init(num_cpus=num_cpus, _system_config={"prestart_worker_first_driver": False}, **kwargs)
+        # address="local": a new instance even where `ray start` left a cluster (or its address
+        # file) on this machine, which a bare ray.init() would try to join with these
+        # local-only options. No idle workers started in advance for this driver: the predictor
+        # actors get their own processes, so the prestarted ones only held memory (2 x 46 MiB
+        # PSS on the 2-core VM, same job time without them).
+        ray.init(address="local", num_cpus=num_cpus, _system_config={"prestart_worker_first_driver": False},
+                 **kwargs)
     _local_ray = (ray.get_runtime_context().gcs_address, inherited)
 
 

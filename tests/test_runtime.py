@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -141,9 +144,12 @@ def test_with_ray_address_set_ensure_ray_connects_to_that_cluster(tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
+    # its own (short: unix socket paths) temp dir, so that its address file does not become the
+    # machine's "current cluster" for other Ray clients after it stops
+    temp_dir = tempfile.mkdtemp(prefix="tray", dir="/tmp")
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
-         "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
+         "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         code = (
@@ -170,3 +176,24 @@ def test_with_ray_address_set_ensure_ray_connects_to_that_cluster(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ensure_ray_starts_a_local_ray_despite_a_stale_cluster_address_file(tmp_path):
+    # `ray start` writes the machine's "current cluster" address to <temp dir>/ray_current_cluster
+    # and a bare ray.init() joins it, rejecting the local-only options ensure_ray passes. With a
+    # stale file (its cluster gone) in the temp dir, ensure_ray still starts its own local Ray.
+    temp_dir = tempfile.mkdtemp(prefix="tray", dir="/tmp")
+    try:
+        Path(temp_dir, "ray").mkdir()
+        Path(temp_dir, "ray", "ray_current_cluster").write_text("127.0.0.1:9\n")  # Ray reads $RAY_TMPDIR/ray/
+        code = (
+            "import ray; from pipelines.job import ensure_ray\n"
+            "ensure_ray(num_cpus=1); print('cpus', ray.cluster_resources().get('CPU')); ray.shutdown()\n"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env={**env, "RAY_TMPDIR": temp_dir})
+        assert out.returncode == 0 and "cpus 1.0" in out.stdout, (out.stdout + out.stderr)[-3000:]
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
