@@ -164,7 +164,7 @@ def _child(which: str, windows: int, cpus: float, events_dir: str) -> None:
     events = Path(events_dir) / f"{which}.jsonl"
     events.write_text("")
     os.environ[EVENTS] = str(events)
-    ray.init(num_cpus=cpus, num_gpus=1, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=cpus, num_gpus=1, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", runtime_env={"env_vars": {EVENTS: str(events)}})
     rows = rows_of(windows)
     run = _run_pool if which == "pool" else _run_ray_data
