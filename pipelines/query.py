@@ -12,26 +12,34 @@ from schemas.tables import SCHEMAS
 
 
 def connect(root: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with one view per table under `<root>/tables/`.
+    """A read-only, sandboxed in-memory DuckDB connection with one view per table under
+    `<root>/tables/`.
 
-    A table with no files yet is an empty view with the right columns, so queries never fail
-    just because, say, no scene has finished.
+    The tables are pyarrow datasets of their Parquet files, scanned lazily (columns and filters
+    pushed down), each with its table's schema: a file written before a column existed reads
+    it as null, and a table with no files yet is an empty view with the right columns, so
+    queries never fail just because, say, no scene has finished. DuckDB itself is then denied
+    the file system (`enable_external_access = false`, configuration locked): a query can read
+    these views and nothing else, and write no file anywhere (`COPY ... TO`, `ATTACH`,
+    `read_csv('/etc/...')`, extension installs all fail), so the query API can be handed SQL
+    it did not write.
 
     Raises:
         OutputError: `root` has no `tables/` folder (not a tessera output root).
     """
+    import pyarrow.dataset as ds
+
     tables = Path(root) / "tables"
     if not tables.is_dir():
         raise OutputError(f"{root}: no tables/ folder here; is this a tessera output root?")
     con = duckdb.connect(":memory:")
     for name, schema in SCHEMAS.items():
-        files = sorted((tables / name).glob("*.parquet"))
-        if files:
-            file_list = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{file_list}], union_by_name = true)")
-        else:
-            con.register(f"_{name}_empty", schema.empty_table())
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_empty")
+        files = sorted(str(f) for f in (tables / name).glob("*.parquet"))
+        source = ds.dataset(files, schema=schema, format="parquet") if files else schema.empty_table()
+        con.register(f"_{name}_source", source)
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_source")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
 
 
