@@ -58,7 +58,7 @@ from schemas.model_card import ModelCard
 from schemas.tables import CHUNK_SKIPPED_NODATA, SCHEMAS, STATUS_COMPLETE, STATUS_FAILED
 from workers.checkpoints import Checkpoint, load_checkpoint, resolve_card_path
 from workers.options import PredictorOptions
-from workers.registry import model_kind
+from workers.registry import check_plugin_allowed, model_kind
 from workers.runtime import GLIBC_TUNABLES, actor_env, process_env, with_malloc_tunables
 
 log = logging.getLogger("tessera")
@@ -163,6 +163,7 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
     card_path = resolve_card_path(spec.model.card, base_dir=base_dir)
     checkpoint = load_checkpoint(card_path)
     card = checkpoint.card
+    check_plugin_allowed(card.architecture, where=str(card_path))
     if model_kind(card.architecture) != "semantic":
         raise ModelCardError(
             f"{card_path}: {card.architecture!r} is an instance model; this pipeline runs semantic "
@@ -181,6 +182,7 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
     ensemble = []
     for member in spec.model.ensemble:
         extra = load_checkpoint(resolve_card_path(member.card, base_dir=base_dir))
+        check_plugin_allowed(extra.card.architecture, where=str(extra.card_path))
         if extra.card.class_names != card.class_names or extra.card.in_channels != card.in_channels:
             raise ModelCardError(
                 f"{extra.card_path}: ensemble member has classes {list(extra.card.class_names)} and "

@@ -17,7 +17,7 @@ from schemas.errors import ModelCardError
 from workers.checkpoints import build_from_checkpoint, load_checkpoint, save_checkpoint
 from workers.models.plugins import NumpyModel
 from workers.models.zoo import adapt_first_conv, extend_band_stats, first_conv
-from workers.registry import architectures, build_model, model_kind, native_stride
+from workers.registry import ALLOW_PLUGINS_ENV, architectures, build_model, check_plugin_allowed, model_kind, native_stride
 
 SLOW = pytest.mark.slow
 
@@ -500,3 +500,18 @@ def test_cpu_forward_time_512(architecture, arch_args, request):
     # Shown in a junit report (--junitxml, junit_family=legacy) and in request.node.user_properties.
     request.node.user_properties.append(("forward_s_1x4x512x512_2threads", round(seconds, 3)))
     request.node.user_properties.append(("parameters", sum(p.numel() for p in model.parameters())))
+
+
+@pytest.mark.parametrize(("allowed", "ok"), [
+    (None, False), ("", False), ("*", True), ("mypkg", True), ("mypkg.models", True), ("other, mypkg", True),
+    ("mypk", False), ("mypkg.models.deep", False), ("mypkg.model", False),
+])
+def test_check_plugin_allowed_takes_module_prefixes_from_the_environment(allowed, ok):
+    environ = {} if allowed is None else {ALLOW_PLUGINS_ENV: allowed}
+    arch = "mypkg.models:factory"
+    if ok:
+        check_plugin_allowed(arch, where="card.json", environ=environ)
+    else:
+        with pytest.raises(ModelCardError, match=rf"card.json: .*{ALLOW_PLUGINS_ENV}=mypkg.models"):
+            check_plugin_allowed(arch, where="card.json", environ=environ)
+    check_plugin_allowed("unet", where="card.json", environ=environ)  # registered names always pass

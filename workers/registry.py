@@ -43,9 +43,46 @@ PLUGIN_SEPARATOR = ":"
 Builder = Callable[..., Any]  # -> torch.nn.Module; torch is imported only when a model is built
 
 
+ALLOW_PLUGINS_ENV = "TESSERA_ALLOW_PLUGINS"
+"""Environment variable naming the plugin modules a job may import: comma-separated module
+prefixes (``mypkg`` allows ``mypkg`` and ``mypkg.models``), or ``*`` for any."""
+
+
 def is_plugin_reference(architecture: str) -> bool:
     """Whether an architecture name is a plugin reference ``"module.path:callable"``."""
     return PLUGIN_SEPARATOR in architecture
+
+
+def check_plugin_allowed(architecture: str, *, where: str, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a plugin architecture whose module the operator has not allowed (ALLOW_PLUGINS_ENV).
+
+    A job names its model card, and a card naming ``"package.module:callable"`` makes every
+    actor import that module and call it: running code. Job specs and the cards they point to
+    may come from elsewhere, so a job imports a plugin only where the environment of the
+    process running the job (not the spec) allows its module. Registered architectures always
+    pass; so does direct use of :func:`build_model` from Python (the caller chose the code).
+
+    Args:
+        architecture: the card's architecture.
+        where: what names it (the card's path), for the message.
+        environ: default os.environ.
+
+    Raises:
+        ModelCardError: a plugin whose module is not allowed, naming the variable to set.
+    """
+    if not is_plugin_reference(architecture):
+        return
+    import os
+
+    module = architecture.partition(PLUGIN_SEPARATOR)[0]
+    allowed = [a.strip() for a in (os.environ if environ is None else environ).get(ALLOW_PLUGINS_ENV, "").split(",")]
+    if "*" in allowed or any(a and (module == a or module.startswith(a + ".")) for a in allowed):
+        return
+    raise ModelCardError(
+        f"{where}: architecture {architecture!r} is a plugin: a job would import {module!r} and run "
+        f"its code on every worker. Allow it where you start the job, not in the spec: "
+        f"{ALLOW_PLUGINS_ENV}={module} (comma-separated module prefixes, or '*')"
+    )
 
 
 def _zoo(name: str) -> Builder:

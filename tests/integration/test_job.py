@@ -177,9 +177,11 @@ def test_a_damaged_block_fails_its_scene_not_the_job(tmp_path, stages):
 
 
 @pytest.mark.parametrize("stages", ["fused", "split"])
-def test_a_predictor_process_killed_once_is_restarted_and_changes_no_output(oracle_run, tmp_path, stages):
+def test_a_predictor_process_killed_once_is_restarted_and_changes_no_output(oracle_run, tmp_path, stages,
+                                                                          monkeypatch):
     # The model's first forward pass kills its actor's process. Ray restarts the actor and
     # retries its call once; the job completes with exactly the outputs of an undisturbed run.
+    monkeypatch.setenv("TESSERA_ALLOW_PLUGINS", "tests.helpers")  # the crashing model is a plugin
     _, scene, root0, _ = oracle_run
     marker = tmp_path / "crashed"
     root = tmp_path / "out"
@@ -339,3 +341,30 @@ def test_fp16_on_cpu_fails_before_any_work(tmp_path):
         run_job(spec, base_dir=tmp_path)
     assert not (tmp_path / "out" / "s.zarr").exists()
 
+
+
+def test_a_plugin_model_runs_only_where_the_environment_allows_its_module(oracle_run, tmp_path, monkeypatch):
+    # A card naming "module:callable" makes every actor import and run that module: a job spec
+    # (and the card it names) cannot allow it, only the environment of the process running the
+    # job; the refusal comes before any actor starts and names the variable to set.
+    _, scene, _, _ = oracle_run
+    card = crash_once_checkpoint(tmp_path / "m", tmp_path / "never")
+    spec = job_spec([scene], tmp_path / "out", card)
+    for allowed in (None, "", "tests.help", "other,tests.helpersx"):
+        if allowed is None:
+            monkeypatch.delenv("TESSERA_ALLOW_PLUGINS", raising=False)
+        else:
+            monkeypatch.setenv("TESSERA_ALLOW_PLUGINS", allowed)
+        with pytest.raises(ModelCardError, match="TESSERA_ALLOW_PLUGINS=tests.helpers") as err:
+            run_job(spec, base_dir=tmp_path)
+        assert str(card) in str(err.value)
+    assert not (tmp_path / "out" / "tables").exists() and not (tmp_path / "never").exists()
+    # an ensemble member is checked too
+    ensemble = JobSpec.model_validate({
+        "inputs": [str(scene)],
+        "model": {"card": str(oracle_checkpoint(tmp_path / "o")), "ensemble": [{"card": str(card)}]},
+        "output": {"root": str(tmp_path / "out")},
+    })
+    with pytest.raises(ModelCardError, match="is a plugin"):
+        run_job(ensemble, base_dir=tmp_path)
+    assert not (tmp_path / "out" / "tables").exists()
