@@ -271,14 +271,19 @@ def test_probabilities_ensemble_and_tta_through_the_job(tmp_path):
     assert attrs[layout.KEY_MODEL]["ensemble"][0]["name"] == "oracle-twin"
 
 
+def _ensemble_spec(scene: Path, card: Path, member: Path, root: Path) -> JobSpec:
+    """A job of one scene whose model is `card` with `member` as its ensemble partner."""
+    return JobSpec.model_validate({
+        "inputs": [str(scene)],
+        "model": {"card": str(card), "ensemble": [{"card": str(member)}]},
+        "output": {"root": str(root)},
+    })
+
+
 def test_mismatched_ensemble_fails_before_any_work(tmp_path):
     scene = write_geotiff(tmp_path / "e.tif", smooth_scene((32, 32), seed=10))
     other = oracle_checkpoint(tmp_path / "m3", num_classes=3, name="three")
-    spec = JobSpec.model_validate({
-        "inputs": [str(scene)],
-        "model": {"card": str(oracle_checkpoint(tmp_path / "m")), "ensemble": [{"card": str(other)}]},
-        "output": {"root": str(tmp_path / "out")},
-    })
+    spec = _ensemble_spec(scene, oracle_checkpoint(tmp_path / "m"), other, tmp_path / "out")
     with pytest.raises(ModelCardError, match="ensemble members must agree"):
         run_job(spec, base_dir=tmp_path)
 
@@ -360,11 +365,7 @@ def test_a_plugin_model_runs_only_where_the_environment_allows_its_module(oracle
         assert str(card) in str(err.value)
     assert not (tmp_path / "out" / "tables").exists() and not (tmp_path / "never").exists()
     # an ensemble member is checked too
-    ensemble = JobSpec.model_validate({
-        "inputs": [str(scene)],
-        "model": {"card": str(oracle_checkpoint(tmp_path / "o")), "ensemble": [{"card": str(card)}]},
-        "output": {"root": str(tmp_path / "out")},
-    })
+    ensemble = _ensemble_spec(scene, oracle_checkpoint(tmp_path / "o"), card, tmp_path / "out")
     with pytest.raises(ModelCardError, match="is a plugin"):
         run_job(ensemble, base_dir=tmp_path)
     assert not (tmp_path / "out" / "tables").exists()
