@@ -135,7 +135,8 @@ def test_with_ray_address_set_ensure_ray_connects_to_that_cluster(tmp_path):
     # RAY_ADDRESS names a running cluster (here a one-node `ray start --head --block`): ensure_ray
     # connects to it instead of starting a local Ray (it used to pass local-only options and
     # fail), and does not assume the cluster's workers have the tunables it would give a local
-    # Ray of its own.
+    # Ray of its own. Then a whole job runs on that cluster by address (inputs hashed in Ray
+    # tasks there, actors with their own runtime environment) and completes.
     import socket
     import time
 
@@ -149,27 +150,36 @@ def test_with_ray_address_set_ensure_ray_connects_to_that_cluster(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="tray", dir="/tmp")
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
-         "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         code = (
-            "import sys, ray; from pipelines.job import ensure_ray, inherited_worker_env\n"
+            "import sys, ray; from pathlib import Path; from pipelines.job import ensure_ray, inherited_worker_env\n"
             "from workers.runtime import with_malloc_tunables\n"
             "ensure_ray(sys.argv[1] or None, worker_env=with_malloc_tunables())\n"
             "print('cpus', ray.cluster_resources().get('CPU'), 'inherited', inherited_worker_env())\n"
+            "if sys.argv[1]:\n"
+            "    from pipelines.job import run_job\n"
+            "    from tests.helpers import job_spec, oracle_checkpoint, smooth_scene, write_geotiff\n"
+            "    d = Path(sys.argv[2])\n"
+            "    scene = write_geotiff(d / 'c.tif', smooth_scene((96, 160), seed=3))\n"
+            "    result = run_job(job_spec([scene], d / 'out', oracle_checkpoint(d / 'm')), base_dir=d,\n"
+            "                     ray_address=sys.argv[1])\n"
+            "    print('job', [(s.status, s.n_todo) for s in result.scenes])\n"
         )
         address = f"127.0.0.1:{port}"
         # RAY_ADDRESS in the environment (as `tessera run` sees it), then --address (the argument)
         for argument, extra in (("", {"RAY_ADDRESS": address}), (address, {})):
             out = None
             for _ in range(60):  # the head takes a few seconds to come up
-                out = subprocess.run([sys.executable, "-c", code, argument], capture_output=True, text=True,
-                                     timeout=120, env={**env, **extra})
+                out = subprocess.run([sys.executable, "-c", code, argument, str(tmp_path)], capture_output=True,
+                                     text=True, timeout=180, env={**env, **extra})
                 if out.returncode == 0 or head.poll() is not None:
                     break
                 time.sleep(1)
             assert out is not None and out.returncode == 0, (out.stdout + out.stderr)[-3000:] if out else head.stdout
-            assert "cpus 1.0 inherited None" in out.stdout, out.stdout
+            assert "cpus 2.0 inherited None" in out.stdout, out.stdout
+        assert "job [('complete', 6)]" in out.stdout, out.stdout
     finally:
         head.terminate()
         try:
