@@ -86,12 +86,28 @@ def load_state_dict(weights_path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def aligned_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of a loaded state dict in storage of its own, floats as float32.
+
+    safetensors hands out views into the file's buffer at the offsets the file gives them
+    (``data_ptr() % 64`` of 8, 16, 20, ... for a smp PSPNet). A model that keeps such views
+    (the meta-device build assigns the loaded tensors) runs other CPU kernels than the model
+    that was saved: on AVX-512 machines oneDNN/MKL pick a different code path for unaligned
+    weights, and outputs differed by up to 1.7e-6. A fresh allocation from torch's CPU
+    allocator is 64-byte aligned, so a loaded model computes exactly like the saved one.
+    """
+    import torch
+
+    return {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True).contiguous()
+            for k, v in state.items()}
+
+
 def build_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
     """Build the card's architecture and load its weights (strict), in eval mode, on CPU, fp32."""
     from workers.registry import build_model
 
     card = ckpt.card
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(ckpt.weights_path).items()}
+    state = aligned_state(load_state_dict(ckpt.weights_path))
     model = _build_on_meta(card, state)
     if model is not None:
         return model.eval()
