@@ -619,7 +619,7 @@ def run_monai_peer(
     import zarr
     from monai.inferers import sliding_window_inference
 
-    from pipelines.readers.geotiff import valid_mask
+    from pipelines.readers import valid_mask
     from schemas import store as layout
     from workers.checkpoints import build_from_checkpoint, load_checkpoint
     from workers.predictor import fold_batchnorm, memory_format, resolve_autocast_dtype, resolve_device

@@ -22,48 +22,34 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipelines.pools import ActorPool, Record, actor_died, error_line, failed_record
+from pipelines.pools import ActorPool, actor_died, error_line, failed_result
 from pipelines.stages import SceneContext, read_stage, write_stage
+from schemas.records import ChunkResult, ChunkTask, ReadWindow
 from workers.actors import PredictorActor  # torch-free until an actor starts
 
 
 class FusedChunkActor:
-    """Reads, predicts and writes batches of chunk plan rows; one record per chunk."""
+    """Reads, predicts and writes batches of chunks; one ChunkResult per chunk."""
 
     def __init__(self, *, predictor: dict[str, Any]):
         self.actor = PredictorActor(**predictor)
 
-    def run(self, rows: Sequence[dict[str, Any]], scenes: dict[int, SceneContext]) -> list[Record]:
-        """Each row's chunk, in order. A failure is that chunk's record; it never raises for one chunk.
+    def run(self, tasks: Sequence[ChunkTask], scenes: dict[int, SceneContext]) -> list[ChunkResult]:
+        """Each chunk, in order. A failure is that chunk's result; it never raises for one chunk.
 
         Windows are read, then predicted `windows_per_pass` at a time (one forward pass for
         several whole windows where the model takes them; 1 on CPU by default), then written.
         """
-        records: list[Record] = []
-        pending: list[dict[str, Any]] = []
-        for plan in rows:
-            row = read_stage(plan, scenes=scenes)
-            pending.append(row)
+        results: list[ChunkResult] = []
+        pending: list[ReadWindow] = []
+        for task in tasks:
+            pending.append(read_stage(task, scenes=scenes))
             if len(pending) >= max(self.actor.windows_per_pass(r) for r in pending):
-                records += self._predict_and_write(pending, scenes)
+                results += [write_stage(p, scenes=scenes) for p in self.actor.predict_windows(pending)]
                 pending = []
         if pending:
-            records += self._predict_and_write(pending, scenes)
-        return records
-
-    def _predict_and_write(self, rows: list[dict[str, Any]], scenes: dict[int, SceneContext]) -> list[Record]:
-        records = []
-        for row, (labels, probs, seconds, error) in zip(rows, self.actor.predict_rows_isolated(rows)):
-            if error:
-                records.append(failed_record(row, scenes, error))
-                continue
-            row.pop("pixels")
-            row.pop("valid")
-            row.update(labels=labels, predict_s=seconds)
-            if self.actor.with_probabilities:
-                row["probabilities"] = probs
-            records.append(write_stage(row, scenes=scenes))
-        return records
+            results += [write_stage(p, scenes=scenes) for p in self.actor.predict_windows(pending)]
+        return results
 
 
 class BatchQueue:
@@ -105,20 +91,20 @@ class FusedPool(ActorPool):
 
     def run(
         self,
-        rows: Sequence[dict[str, Any]],
+        tasks: Sequence[ChunkTask],
         *,
         scenes: dict[int, SceneContext],
-        on_record: Callable[[Record], None],
+        on_record: Callable[[ChunkResult], None],
         batch_size: int,
         in_flight: int = 2,
     ) -> None:
-        """Compute every row's chunk; call `on_record` once per chunk, as batches finish.
+        """Compute every chunk; call `on_record` once per chunk, as batches finish.
 
         Args:
-            rows: chunk plan rows (pipelines.stages.plan_row), in stripe order.
-            scenes: the scenes the rows refer to, by scene id.
+            tasks: the chunks, in stripe order.
+            scenes: the scenes the tasks refer to, by scene id.
             on_record: called in the driver for each chunk's record.
-            batch_size: consecutive rows per actor call.
+            batch_size: consecutive chunks per actor call.
             in_flight: calls queued per actor, so it never waits for the driver between batches.
 
         An actor that dies is restarted once by Ray and its call retried once; after that the
@@ -129,7 +115,7 @@ class FusedPool(ActorPool):
         """
         import ray
 
-        batches = [list(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+        batches = [list(tasks[i:i + batch_size]) for i in range(0, len(tasks), batch_size)]
         if not batches:
             return
         handles = self.handles[:len(batches)]
@@ -146,8 +132,8 @@ class FusedPool(ActorPool):
                 pending[handles[worker].run.remote(batches[b], scenes_ref)] = (worker, b)
 
         def fail_batch(b: int, problem: str) -> None:
-            for row in batches[b]:
-                on_record(failed_record(row, scenes, problem))
+            for task in batches[b]:
+                on_record(failed_result(task, scenes, problem))
 
         for worker in range(len(handles)):
             for _ in range(in_flight):
@@ -156,7 +142,7 @@ class FusedPool(ActorPool):
             ready, _ = ray.wait(list(pending), num_returns=1)
             worker, b = pending.pop(ready[0])
             try:
-                records = ray.get(ready[0])
+                results = ray.get(ready[0])
             except ray.exceptions.RayActorError as exc:
                 last_error = actor_died(exc, worker, alive, any_done=completed > 0)
                 fail_batch(b, last_error)
@@ -167,8 +153,8 @@ class FusedPool(ActorPool):
                 submit(worker)
                 continue
             completed += 1
-            for record in records:
-                on_record(record)
+            for result in results:
+                on_record(result)
             submit(worker)  # a dead actor's run is taken over here, from its far end
         while len(queue):  # no actor left alive
             fail_batch(queue.next(0), last_error or "no predictor actor left")  # type: ignore[arg-type]

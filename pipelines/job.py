@@ -32,17 +32,13 @@ import pyarrow as pa
 from pipelines.georef import crs_linear_unit
 from pipelines.stages import (
     SceneContext,
-    atomic_write_text,
-    chunk_key,
     done_chunk_keys,
     open_and_hash,
-    plan_row,
-    read_stage,
-    write_stage,
 )
-from pipelines.readers.geotiff import SceneInfo, scene_name
+from pipelines.readers import InputPolicy, SceneInfo, scene_name
 from pipelines.regions import ChunkRegions
-from pipelines.tiling import chunk_grid_shape, plan_chunks, stripe_order
+from pipelines.tiling import ChunkWindow, chunk_grid_shape, plan_chunks, stripe_order
+from pipelines.writers.atomic import atomic_write_text
 from pipelines.writers.regions_table import write_regions
 from pipelines.writers.tables import write_table, write_table_batches
 from pipelines.writers.zarr_masks import (
@@ -55,6 +51,7 @@ from schemas import store as layout
 from schemas.errors import InputError, JobSpecError, ModelCardError, OutputError, TesseraError
 from schemas.job import JobSpec, default_batch_size
 from schemas.model_card import ModelCard
+from schemas.records import ChunkResult, ChunkTask, chunk_key
 from schemas.tables import CHUNK_SKIPPED_NODATA, SCHEMAS, STATUS_COMPLETE, STATUS_FAILED
 from workers.checkpoints import Checkpoint, load_checkpoint, resolve_card_path
 from workers.options import PredictorOptions
@@ -102,6 +99,8 @@ class ResolvedJob:
             "scales": list(o.scales),
             "write_probabilities": self.spec.output.write_probabilities,
             "bands": list(self.spec.bands) if self.spec.bands else None,
+            # only when set: jobs without complex inputs keep the fingerprints they had
+            **({"complex_bands": self.spec.complex_bands} if self.spec.complex_bands != "refuse" else {}),
             "chunk_size": self.chunk_size,
             "halo": self.halo,
             "tile_size": o.tile_size,
@@ -125,6 +124,7 @@ class SceneOutcome:
     input_sha256: str | None = None
     status: str = "pending"
     error: str | None = None
+    plan: tuple[ChunkWindow, ...] = ()  # the scene's chunk windows, planned once (_prepare_scene)
     n_chunks: int = 0
     n_todo: int = 0
     already_complete: bool = False
@@ -316,6 +316,11 @@ def scene_fingerprint(parameters: dict[str, Any], input_sha256: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def input_policy(spec: JobSpec) -> InputPolicy:
+    """The readers' input policy of a job (complex bands)."""
+    return InputPolicy(complex_bands=spec.complex_bands)
+
+
 def check_scene_fits_model(info: SceneInfo, *, bands: tuple[int, ...] | None, card: ModelCard) -> None:
     """Raise InputError (naming the file and the fix) when a scene cannot feed the model."""
     if bands is not None:
@@ -407,7 +412,7 @@ def _prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info:
         remove_store(work_root)
         state = None
     chunk_shape = (job.chunk_size,) * len(info.shape)
-    windows = plan_chunks(info.shape, job.chunk_size, job.halo)
+    windows = tuple(plan_chunks(info.shape, job.chunk_size, job.halo))
     work_dir = work_root / fingerprint[:16]
     outcome.context = SceneContext(
         scene_id=scene_id, name=outcome.name, info=info, bands=spec.bands, zarr_path=str(zarr_path),
@@ -415,6 +420,7 @@ def _prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info:
         grid_shape=chunk_grid_shape(info.shape, job.chunk_size), chunk_shape=chunk_shape,
     )
     outcome.input_sha256 = sha
+    outcome.plan = windows
     outcome.n_chunks = len(windows)
     if state is not None and state.get(layout.KEY_STATUS) == layout.STORE_STATUS_COMPLETE:
         outcome.already_complete = True
@@ -453,7 +459,7 @@ def _finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime,
         raise OutputError(f"scene {outcome.name}: cannot finish a scene that was never prepared")
     t0 = time.perf_counter()
     work_dir = Path(ctx.work_dir)
-    windows = plan_chunks(ctx.info.shape, job.chunk_size, job.halo)
+    windows = outcome.plan
     missing = [w.index for w in windows if not (work_dir / f"{chunk_key(w.index)}.json").is_file()]
     if missing:
         raise OutputError(f"{ctx.zarr_path}: {len(missing)} chunks have no manifest marker, e.g. {list(missing[0])}")
@@ -575,9 +581,9 @@ def run_job(
         t0 = time.perf_counter()
         sources = [o.source for o in pending]
         if local_cluster:  # this machine holds the inputs: no worker process to start for it
-            opened = _open_local(sources)
+            opened = _open_local(sources, policy=input_policy(spec))
         else:
-            opened = _open_all(sources, cpus=cluster.get("CPU", 1.0),
+            opened = _open_all(sources, policy=input_policy(spec), cpus=cluster.get("CPU", 1.0),
                                task_cpus=0.0 if pool else 0.5)  # the pool holds the CPUs; hashing is I/O
         scenes: dict[int, SceneContext] = {}
         for scene_id, (outcome, (info, sha, error)) in enumerate(zip(pending, opened)):
@@ -593,16 +599,16 @@ def run_job(
                 scenes[scene_id] = outcome.context
 
         by_id = {o.context.scene_id: o for o in outcomes if o.context is not None}
-        rows = []
+        tasks = []
         for scene_id, ctx in scenes.items():
             done = done_chunk_keys(Path(ctx.work_dir))
-            for w in stripe_order(plan_chunks(ctx.info.shape, job.chunk_size, job.halo), READ_STRIPE_CHUNKS):
+            for w in stripe_order(by_id[scene_id].plan, READ_STRIPE_CHUNKS):
                 if chunk_key(w.index) not in done:
-                    rows.append(plan_row(scene_id, w))
+                    tasks.append(ChunkTask(scene_id=scene_id, window=w))
         phases["open_s"] = time.perf_counter() - t0
-        progress = _Progress(len(rows), by_id, on_chunk)
-        if rows:
-            phases.update(_stream(job, rows, scenes, progress, pool))
+        progress = _Progress(len(tasks), by_id, on_chunk)
+        if tasks:
+            phases.update(_stream(job, tasks, scenes, progress, pool))
         phases.update(progress.phases())
 
     t0 = time.perf_counter()
@@ -660,16 +666,16 @@ def split_block_rows(job: ResolvedJob) -> int:
     return max(READ_BLOCK_CHUNKS, windows_per_call(job))
 
 
-def _stream(job: ResolvedJob, rows: list[dict[str, Any]], scenes: dict[int, SceneContext],
+def _stream(job: ResolvedJob, tasks: list[ChunkTask], scenes: dict[int, SceneContext],
             progress: _Progress, pool: Any) -> dict[str, float]:
     """Compute every planned chunk on the job's pool (fused actors, or the split stages);
     returns the split stages' tasks in flight on average (SplitPool.run), for the job's phases."""
     progress.start()
     if fused_stages(job):
         # batches of FUSED_BATCH consecutive chunks (one stripe row), stripe affinity per actor
-        pool.run(rows, scenes=scenes, on_record=progress, batch_size=FUSED_BATCH)
+        pool.run(tasks, scenes=scenes, on_record=progress, batch_size=FUSED_BATCH)
         return {}
-    return pool.run(rows, scenes=scenes, on_record=progress, batch_size=split_block_rows(job))
+    return pool.run(tasks, scenes=scenes, on_record=progress, batch_size=split_block_rows(job))
 
 
 def windows_per_call(job: ResolvedJob) -> int:
@@ -682,7 +688,7 @@ def windows_per_call(job: ResolvedJob) -> int:
     return windows_per_pass((job.chunk_size + 2 * job.halo,) * 2, o.tile_size, o.tile_overlap, o.batch_size)
 
 
-def _open_all(paths: list[str], *, cpus: float,
+def _open_all(paths: list[str], *, policy: InputPolicy, cpus: float,
               task_cpus: float = 0.5) -> list[tuple[SceneInfo | None, str | None, str | None]]:
     """open_and_hash every path in Ray tasks (on the workers, which read the inputs), in order.
 
@@ -697,11 +703,11 @@ def _open_all(paths: list[str], *, cpus: float,
     groups = max(1, min(len(paths), int(cpus)))
     size = -(-len(paths) // groups)
     task = ray.remote(num_cpus=task_cpus, max_calls=1)(_open_group)
-    parts = ray.get([task.remote(paths[i:i + size]) for i in range(0, len(paths), size)])
+    parts = ray.get([task.remote(paths[i:i + size], policy) for i in range(0, len(paths), size)])
     return [item for part in parts for item in part]
 
 
-def _open_local(paths: list[str]) -> list[tuple[SceneInfo | None, str | None, str | None]]:
+def _open_local(paths: list[str], *, policy: InputPolicy) -> list[tuple[SceneInfo | None, str | None, str | None]]:
     """open_and_hash every path in this process's threads, in order (a local Ray on this
     machine: the inputs are here). Starting a task worker for it would cost a second of a core
     while the actors start; hashlib releases the GIL, so threads hash in parallel.
@@ -711,11 +717,11 @@ def _open_local(paths: list[str]) -> list[tuple[SceneInfo | None, str | None, st
     if not paths:
         return []
     with ThreadPoolExecutor(max_workers=min(4, len(paths)), thread_name_prefix="tessera-open") as pool:
-        return list(pool.map(open_and_hash, paths))
+        return list(pool.map(lambda p: open_and_hash(p, policy), paths))
 
 
-def _open_group(paths: list[str]) -> list[tuple[SceneInfo | None, str | None, str | None]]:
-    return [open_and_hash(p) for p in paths]
+def _open_group(paths: list[str], policy: InputPolicy) -> list[tuple[SceneInfo | None, str | None, str | None]]:
+    return [open_and_hash(p, policy) for p in paths]
 
 
 class _Progress:
@@ -735,19 +741,19 @@ class _Progress:
             return {"first_chunk_s": 0.0, "chunks_s": 0.0}
         return {"first_chunk_s": self.t_first - self.t_start, "chunks_s": self.t_last - self.t_start}
 
-    def __call__(self, record: dict[str, Any]) -> None:
+    def __call__(self, record: ChunkResult) -> None:
         self.t_last = time.perf_counter()
         if not self.done:
             self.t_first = self.t_last
         self.done += 1
         if self.on_chunk:
             self.on_chunk(self.done, self.total)
-        if record["error"]:
-            outcome = self.by_id[int(record["scene_id"])]
+        if record.error:
+            outcome = self.by_id[record.scene_id]
             if outcome.status != STATUS_FAILED:
-                log.error("scene %s failed: %s", outcome.name, record["error"])
+                log.error("scene %s failed: %s", outcome.name, record.error)
             outcome.status = STATUS_FAILED
-            outcome.error = outcome.error or str(record["error"])
+            outcome.error = outcome.error or record.error
 
 
 def read_concurrency(job: ResolvedJob, *, cluster_cpus: float) -> int:

@@ -8,10 +8,9 @@ from typing import Any
 
 from pipelines.stages import SceneContext
 from schemas.errors import TesseraError
+from schemas.records import ChunkResult, ChunkTask
 
 log = logging.getLogger("tessera")
-
-Record = dict[str, Any]  # {"scene_id": int, "key": str, "error": str}: one per chunk
 
 
 class ActorPool:
@@ -43,11 +42,12 @@ class ActorPool:
         self.handles = []
 
 
-def failed_record(row: dict[str, Any], scenes: dict[int, SceneContext], problem: str) -> Record:
-    """The record of a chunk that failed: names the scene's file and the chunk index."""
-    ctx = scenes[int(row["scene_id"])]
-    index = [int(i) for i in row["index"]]
-    return {"scene_id": ctx.scene_id, "key": "", "error": f"{ctx.info.path}: chunk {index}: {problem}"}
+def failed_result(task: ChunkTask, scenes: dict[int, SceneContext], problem: str) -> ChunkResult:
+    """The result of a chunk that failed outside the stages' own guards (a dead actor, a failed
+    task): names the scene's file and the chunk index."""
+    path = scenes[task.scene_id].info.path
+    return ChunkResult(scene_id=task.scene_id, key=task.key,
+                       error=f"{path}: chunk {list(task.window.index)}: {problem}")
 
 
 def error_line(exc: BaseException) -> str:

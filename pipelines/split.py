@@ -32,46 +32,39 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipelines.pools import ActorPool, Record, actor_died, error_line, failed_record
+from pipelines.pools import ActorPool, actor_died, error_line, failed_result
 from pipelines.stages import SceneContext, read_stage, write_stage
+from schemas.records import ChunkResult, ChunkTask, Prediction, ReadWindow
 from workers.actors import PredictorActor  # torch-free until an actor starts
 
 log = logging.getLogger("tessera")
 
 
 class SplitPredictActor:
-    """Predicts blocks of read rows; the rows come back with labels instead of pixels."""
+    """Predicts blocks of read windows; the predictions carry labels instead of pixels."""
 
     def __init__(self, *, predictor: dict[str, Any]):
         self.actor = PredictorActor(**predictor)
 
-    def run(self, rows: Sequence[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
-        """(number of rows, the rows for `write_stage`) of a block of `read_stage` rows.
+    def run(self, reads: Sequence[ReadWindow]) -> tuple[int, list[Prediction]]:
+        """(number of windows, their predictions for `write_stage`) of a block of read windows.
 
         Windows are batched into forward passes where the model takes them whole
-        (`PredictorActor.predict_rows_isolated`); a window whose prediction fails carries the
-        error alone, and rows that failed to read or are wholly nodata pass through. The count
+        (`PredictorActor.predict_windows`); a window whose prediction fails carries the error
+        alone, and windows that failed to read or are wholly nodata pass through. The count
         comes back as a separate small object, so the driver learns that a call is done (or
         that the actor died) without fetching the labels.
         """
-        out = []
-        for row, (labels, probs, seconds, error) in zip(rows, self.actor.predict_rows_isolated(list(rows))):
-            row = {k: v for k, v in row.items() if k not in ("pixels", "valid")}
-            if error:
-                row["error"] = f"chunk {[int(i) for i in row['index']]}: {error}"
-            row.update(labels=labels, predict_s=seconds)
-            if self.actor.with_probabilities:
-                row["probabilities"] = probs
-            out.append(row)
+        out = self.actor.predict_windows(list(reads))
         return len(out), out
 
 
-def _read_block(rows: Sequence[dict[str, Any]], scenes: dict[int, SceneContext]) -> list[dict[str, Any]]:
-    return [read_stage(row, scenes=scenes) for row in rows]
+def _read_block(tasks: Sequence[ChunkTask], scenes: dict[int, SceneContext]) -> list[ReadWindow]:
+    return [read_stage(task, scenes=scenes) for task in tasks]
 
 
-def _write_block(rows: Sequence[dict[str, Any]], scenes: dict[int, SceneContext]) -> list[Record]:
-    return [write_stage(row, scenes=scenes) for row in rows]
+def _write_block(predictions: Sequence[Prediction], scenes: dict[int, SceneContext]) -> list[ChunkResult]:
+    return [write_stage(p, scenes=scenes) for p in predictions]
 
 
 class SplitPool(ActorPool):
@@ -102,22 +95,22 @@ class SplitPool(ActorPool):
 
     def run(
         self,
-        rows: Sequence[dict[str, Any]],
+        tasks: Sequence[ChunkTask],
         *,
         scenes: dict[int, SceneContext],
-        on_record: Callable[[Record], None],
+        on_record: Callable[[ChunkResult], None],
         batch_size: int,
     ) -> dict[str, float]:
-        """Compute every row's chunk; call `on_record` once per chunk, as write tasks finish.
+        """Compute every chunk; call `on_record` once per chunk, as write tasks finish.
 
         Returns the tasks in flight per stage on average over the run (`split_reads_in_flight`,
         `split_calls_in_flight`, `split_writes_in_flight`), for the job's phases.
 
         Args:
-            rows: chunk plan rows (pipelines.stages.plan_row), in stripe order.
-            scenes: the scenes the rows refer to, by scene id.
+            tasks: the chunks, in stripe order.
+            scenes: the scenes the tasks refer to, by scene id.
             on_record: called in the driver for each chunk's record.
-            batch_size: consecutive rows per read task, actor call and write task.
+            batch_size: consecutive chunks per read task, actor call and write task.
 
         Failures: a read or write task that fails (after Ray's retries) fails its block's
         chunks; an actor is restarted once by Ray and its call retried once, after which the
@@ -127,7 +120,7 @@ class SplitPool(ActorPool):
         """
         import ray
 
-        blocks = [list(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+        blocks = [list(tasks[i:i + batch_size]) for i in range(0, len(tasks), batch_size)]
         if not blocks:
             return {}
         read = ray.remote(num_cpus=self.task_cpus)(self._read_fn)
@@ -136,11 +129,11 @@ class SplitPool(ActorPool):
         todo = deque(range(len(blocks)))
         reading: dict[Any, int] = {}  # read ref -> block
         read_done: deque[tuple[Any, int]] = deque()  # read, not yet handed to an actor
-        predicting: dict[Any, tuple[int, int, Any]] = {}  # count ref -> (actor, block, rows ref)
+        predicting: dict[Any, tuple[int, int, Any]] = {}  # count ref -> (actor, block, predictions ref)
         queued = [0] * len(self.handles)
         alive = set(range(len(self.handles)))
         to_write: deque[tuple[Any, int]] = deque()
-        writing: dict[Any, int] = {}  # records ref -> block
+        writing: dict[Any, int] = {}  # results ref -> block
         predicted = 0
         last_error = ""
         # in-flight counts integrated over time, for the log line at the end
@@ -148,8 +141,8 @@ class SplitPool(ActorPool):
         area = [0.0, 0.0, 0.0]
 
         def fail_block(b: int, problem: str) -> None:
-            for row in blocks[b]:
-                on_record(failed_record(row, scenes, problem))
+            for task in blocks[b]:
+                on_record(failed_result(task, scenes, problem))
 
         while True:
             if not alive:  # no actor left: nothing read or still to read can be predicted
@@ -165,12 +158,12 @@ class SplitPool(ActorPool):
                 if queued[worker] >= self.in_flight:
                     break
                 ref, b = read_done.popleft()
-                count_ref, rows_ref = self.handles[worker].run.options(num_returns=2).remote(ref)
-                predicting[count_ref] = (worker, b, rows_ref)
+                count_ref, predictions_ref = self.handles[worker].run.options(num_returns=2).remote(ref)
+                predicting[count_ref] = (worker, b, predictions_ref)
                 queued[worker] += 1
             while to_write and len(writing) < self.write_tasks:
-                rows_ref, b = to_write.popleft()
-                writing[write.remote(rows_ref, scenes_ref)] = b
+                predictions_ref, b = to_write.popleft()
+                writing[write.remote(predictions_ref, scenes_ref)] = b
             waiting = [*reading, *predicting, *writing]
             if not waiting:
                 break
@@ -187,7 +180,7 @@ class SplitPool(ActorPool):
                 else:
                     fail_block(b, last_error or "no predictor actor left")
             elif ref in predicting:
-                worker, b, rows_ref = predicting.pop(ref)
+                worker, b, predictions_ref = predicting.pop(ref)
                 queued[worker] -= 1
                 try:
                     ray.get(ref)
@@ -199,16 +192,16 @@ class SplitPool(ActorPool):
                     fail_block(b, f"reading or predicting the block failed: {error_line(exc)}")
                     continue
                 predicted += 1
-                to_write.append((rows_ref, b))
+                to_write.append((predictions_ref, b))
             else:
                 b = writing.pop(ref)
                 try:
-                    records = ray.get(ref)
+                    results = ray.get(ref)
                 except ray.exceptions.RayError as exc:
                     fail_block(b, f"writing the block failed: {error_line(exc)}")
                     continue
-                for record in records:
-                    on_record(record)
+                for result in results:
+                    on_record(result)
         span = max(t_last - t_start, 1e-9)
         log.info("split stages: %d blocks of %d chunks in %.1f s; tasks in flight on average: reads %.1f "
                  "(limit %d), actor calls %.1f (limit %d), writes %.1f (limit %d)", len(blocks), batch_size, span,

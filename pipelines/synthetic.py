@@ -33,13 +33,14 @@ from pathlib import Path
 import numpy as np
 from affine import Affine
 
+from schemas.store import NODATA_CLASS
+
 logger = logging.getLogger(__name__)
 
 CLASS_NAMES: tuple[str, ...] = ("water", "vegetation", "road", "building", "bare")
 """Class names; the class id is the index (0..4)."""
 WATER, VEGETATION, ROAD, BUILDING, BARE = range(5)
-NODATA_CLASS = 255
-"""Label outside the valid footprint."""
+# labels outside the valid footprint are NODATA_CLASS (schemas.store), as in every output
 BAND_NAMES: tuple[str, ...] = ("blue", "green", "red", "nir")
 """Band names in file order; values are reflectance x 10000 (uint16)."""
 NODATA_VALUE = 0

@@ -224,6 +224,13 @@ class JobSpec(_Frozen):
         description="1-based band indexes to feed the model, in model order. Default: all bands.",
         examples=[[1, 2, 3, 4]],
     )
+    complex_bands: Literal["refuse", "magnitude", "db"] = Field(
+        default="refuse",
+        description="What to do with complex-valued bands (SAR SLC): refuse the scene (default: a model "
+        "takes real values and a cast would drop the imaginary part), or feed a derived real band: "
+        "magnitude |z|, or db = 10 log10 |z|^2 (floored at -100 dB).",
+        examples=["db"],
+    )
     model: ModelSpec = Field(default_factory=ModelSpec)
     tiling: TilingSpec = Field(default_factory=TilingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

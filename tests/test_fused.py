@@ -11,9 +11,10 @@ import pytest
 
 from pipelines.fused import BatchQueue, FusedChunkActor
 from pipelines.job import SceneOutcome, _prepare_scene, resolve_job
-from pipelines.stages import done_chunk_keys, open_and_hash, plan_row
+from pipelines.stages import done_chunk_keys, open_and_hash
 from pipelines.tiling import plan_chunks
 from schemas.job import JobSpec
+from schemas.records import ChunkTask, Prediction, ReadWindow
 from tests.helpers import oracle_checkpoint, smooth_scene, write_geotiff
 
 
@@ -34,8 +35,9 @@ def fused(tmp_path, request):
     # batch 3: whole 80-px windows (one tile each) go 3 to a forward pass
     predictor = {"card_path": str(card), "options": replace(job.predictor_options, batch_size=request.param)}
     actor = FusedChunkActor(predictor=predictor)
-    rows = [plan_row(0, w) for w in plan_chunks(info.shape, job.chunk_size, job.halo)]
-    return actor, rows, outcome.context
+    tasks = [ChunkTask(scene_id=0, window=w) for w in plan_chunks(info.shape, job.chunk_size, job.halo)]
+    assert outcome.plan == tuple(plan_chunks(info.shape, job.chunk_size, job.halo))  # planned once, kept
+    return actor, tasks, outcome.context
 
 
 def _run(actor, rows, ctx):
@@ -45,32 +47,33 @@ def _run(actor, rows, ctx):
 def test_fused_actor_writes_every_chunk(fused):
     actor, rows, ctx = fused
     out = _run(actor, rows, ctx)
-    assert [r["error"] for r in out] == [""] * 4
-    assert done_chunk_keys(Path(ctx.work_dir)) == {r["key"] for r in out}
+    assert [r.error for r in out] == [""] * 4
+    assert done_chunk_keys(Path(ctx.work_dir)) == {r.key for r in out} == {"c0_0", "c0_1", "c1_0", "c1_1"}
 
 
 def test_a_chunk_whose_prediction_raises_fails_alone(fused, monkeypatch):
     actor, rows, ctx = fused
-    real_row, real_rows = actor.actor.predict_row, actor.actor.predict_rows
+    real_one, real_batch = actor.actor.predict_one, actor.actor.predict_batch
 
-    def flaky(row):
-        if tuple(row["index"]) == (0, 1):
+    def flaky(read):
+        if read.task.window.index == (0, 1):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_row(row)
+        return real_one(read)
 
     def flaky_batch(batch):  # the batch holding chunk (0, 1) fails as a whole
-        if any(tuple(r["index"]) == (0, 1) for r in batch):
+        if any(r.task.window.index == (0, 1) for r in batch):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_rows(batch)
+        return real_batch(batch)
 
-    monkeypatch.setattr(actor.actor, "predict_row", flaky)
-    monkeypatch.setattr(actor.actor, "predict_rows", flaky_batch)
+    monkeypatch.setattr(actor.actor, "predict_one", flaky)
+    monkeypatch.setattr(actor.actor, "predict_batch", flaky_batch)
     out = _run(actor, rows, ctx)
-    errors = [r["error"] for r in out if r["error"]]
+    errors = [r.error for r in out if r.error]
     assert len(errors) == 1
-    assert "s.tif" in errors[0] and "[0, 1]" in errors[0] and "simulated" in errors[0]
-    assert len([r["key"] for r in out if r["key"]]) == 3  # the other chunks were written
-    assert done_chunk_keys(Path(ctx.work_dir)) == {r["key"] for r in out if r["key"]}
+    assert errors[0].startswith(f"{ctx.info.path}: chunk [0, 1]: predicting it failed: CUDA out of memory (simulated)")
+    assert [r.key for r in out if r.error] == ["c0_1"]
+    assert done_chunk_keys(Path(ctx.work_dir)) == {r.key for r in out if not r.error}  # the other 3 were written
+    assert len(done_chunk_keys(Path(ctx.work_dir))) == 3
 
 
 def _drain(queue: BatchQueue, order: list[int]) -> list[tuple[int, int]]:
@@ -121,7 +124,7 @@ def test_split_actor_call_isolates_a_failing_window_and_the_write_names_the_file
     actor = SplitPredictActor.__new__(SplitPredictActor)  # the fixture's predictor, not built twice
     actor.actor = fused_actor.actor
     read = [read_stage(r, scenes={0: ctx}) for r in rows]
-    bad = read[1]["pixels"]
+    bad = read[1].pixels
     real = actor.actor.predictor.predict_core
 
     def flaky(pixels, *args, **kwargs):
@@ -132,11 +135,11 @@ def test_split_actor_call_isolates_a_failing_window_and_the_write_names_the_file
     monkeypatch.setattr(actor.actor.predictor, "predict_core", flaky)
     monkeypatch.setattr(actor.actor.predictor, "windows_per_pass", lambda shape: 1)
     count, out = actor.run(read)
-    assert count == 4 and not any("pixels" in r or "valid" in r for r in out)
-    errors = [r["error"] for r in out]
+    assert count == 4 and all(isinstance(r, Prediction) for r in out) and isinstance(read[0], ReadWindow)
+    errors = [r.error for r in out]
     assert [bool(e) for e in errors] == [False, True, False, False]
-    assert "simulated" in errors[1] and str([int(i) for i in read[1]["index"]]) in errors[1]
-    assert out[0]["labels"].shape == (64, 64)
-    assert write_stage(out[1], scenes={0: ctx})["error"].startswith(f"{ctx.info.path}: chunk ")
+    assert errors[1] == f"chunk {list(read[1].task.window.index)}: predicting it failed: CUDA out of memory (simulated)"
+    assert out[0].labels.shape == (64, 64) and out[1].labels is None
+    assert write_stage(out[1], scenes={0: ctx}).error == f"{ctx.info.path}: {errors[1]}"
     records = [write_stage(r, scenes={0: ctx}) for r in out]
-    assert [bool(r["error"]) for r in records] == [False, True, False, False]
+    assert [bool(r.error) for r in records] == [False, True, False, False]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.readers.geotiff import open_scene, read_window, scene_name
+from pipelines.readers import open_scene, read_window, scene_name
 from pipelines.tiling import plan_chunks
 from schemas.errors import InputError
 from tests.helpers import smooth_scene, write_geotiff
@@ -42,3 +42,58 @@ def test_unreadable_inputs_name_the_file(tmp_path):
 )
 def test_scene_names_are_safe(path, name):
     assert scene_name(path) == name
+
+
+def test_the_reader_is_chosen_by_suffix_and_remembered(tmp_path):
+    from pipelines.readers import READERS, reader_for
+
+    assert reader_for("a/b/S2.TIF").name == reader_for("x.vrt").name == "geotiff"
+    assert reader_for("scene.img").name == "geotiff"  # GDAL's formats by content
+    info = open_scene(write_geotiff(tmp_path / "s.tif", smooth_scene((20, 30), bands=2)))
+    assert info.format == "geotiff" and info.format in READERS and info.ndim == 2
+    assert info.source_dtype == "uint16" and info.derive is None and info.affine is None
+
+
+def _complex_scene(tmp_path, nodata=None):
+    rng = np.random.default_rng(3)
+    z = (rng.normal(size=(2, 40, 50)) + 1j * rng.normal(size=(2, 40, 50))).astype(np.complex64)
+    z[:, 0, 0] = 0  # a zero sample: -100 dB, not -inf
+    return z, write_geotiff(tmp_path / "slc.tif", z, nodata=nodata)
+
+
+def test_complex_bands_are_refused_unless_the_job_derives_a_real_band(tmp_path):
+    from pipelines.readers import InputPolicy
+
+    z, path = _complex_scene(tmp_path)
+    with pytest.raises(InputError, match=r"slc.tif: complex-valued bands \(complex64.*complex_bands: magnitude"):
+        open_scene(path)
+    window = plan_chunks((40, 50), 64, 0)[0]
+    for derive, expected in (("magnitude", np.abs(z.astype(np.complex128))),
+                             ("db", 10 * np.log10(np.maximum(np.abs(z.astype(np.complex128)) ** 2, 1e-10)))):
+        info = open_scene(path, policy=InputPolicy(complex_bands=derive))
+        assert info.dtype == "float32" and info.source_dtype == "complex64" and info.derive == derive
+        pixels, valid = read_window(info, window)
+        assert pixels.dtype == np.float32 and valid.all()
+        np.testing.assert_allclose(pixels, expected.astype(np.float32), rtol=1e-6)
+    assert pixels[0, 0, 0] == -100.0
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "uint32", "int32", "float32", "float64"])
+def test_integer_and_float_bands_are_read_as_they_are(tmp_path, dtype):
+    data = (smooth_scene((24, 24), bands=2) // 7).astype(dtype)
+    info = open_scene(write_geotiff(tmp_path / "s.tif", data, nodata=None))
+    pixels, _ = read_window(info, plan_chunks((24, 24), 24, 0)[0])
+    assert info.dtype == dtype and pixels.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(pixels, data)
+
+
+def test_an_unsupported_band_type_is_refused_with_the_file(tmp_path):
+    from pipelines.readers.base import InputPolicy, check_dtype
+
+    with pytest.raises(InputError, match=r"x.tif: bands of type float16 are not supported"):
+        check_dtype("x.tif", ("float16",), InputPolicy())
+    with pytest.raises(InputError, match=r"x.tif: mixes complex and real bands"):
+        check_dtype("x.tif", ("complex64", "float32"), InputPolicy(complex_bands="db"))
+    assert check_dtype("x.tif", ("uint8", "uint16"), InputPolicy()) == ("uint16", None)
+    with pytest.raises(ValueError, match="complex_bands must be"):
+        InputPolicy(complex_bands="phase")

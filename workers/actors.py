@@ -1,10 +1,11 @@
 """A thin shell over the plain Predictor for the actors of both stage layouts
 (`pipelines.fused.FusedChunkActor`, `pipelines.split.SplitPredictActor`).
 
-The model loads once per actor in __init__; `predict_rows_isolated` maps read rows to core
-labels, whole windows batched into forward passes where they fit (Predictor.predict_cores).
-Rows that carry an error (a failed read) pass through untouched so one bad scene never stops
-the stream.
+The model loads once per actor in __init__; `predict_windows` maps read windows
+(`schemas.records.ReadWindow`) to predictions of their cores (`schemas.records.Prediction`),
+whole windows batched into forward passes where they fit (Predictor.predict_cores). Windows that
+failed to read or are wholly nodata pass through untouched, and a window the model cannot take
+fails alone, so one bad scene never stops the stream.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
+from schemas.records import Prediction, ReadWindow
 from workers.options import PredictorOptions
 
 
 class PredictorActor:
-    """Read rows {"pixels", "valid", "core_in_window", "error", "skip", ...} -> labels, seconds."""
+    """ReadWindow records in, Prediction records out (see the module docstring)."""
 
     def __init__(self, card_path: str, options: PredictorOptions, *, weight: float = 1.0,
                  ensemble: tuple[tuple[str, float], ...] = (), with_probabilities: bool = False):
@@ -35,61 +35,54 @@ class PredictorActor:
                                    extra_members=tuple(members))
         self.with_probabilities = with_probabilities
 
-    def predict_row(self, row: dict) -> tuple[np.ndarray, np.ndarray, float]:
-        """(labels, probabilities or an empty array, seconds) of one read row."""
-        if row["error"] or row["skip"]:
-            return _EMPTY_LABELS, _EMPTY_PROBS, 0.0
-        t0 = time.perf_counter()
-        lab, prob = self.predictor.predict_core(row["pixels"], row["valid"], core=_core(row),
-                                                with_probabilities=self.with_probabilities)
-        prob = prob if prob is not None else _EMPTY_PROBS
-        return lab, prob, time.perf_counter() - t0
-
-    def windows_per_pass(self, row: dict) -> int:
-        """How many rows shaped like `row` one forward pass takes (Predictor.windows_per_pass)."""
-        if row["error"] or row["skip"]:
+    def windows_per_pass(self, read: ReadWindow) -> int:
+        """How many windows shaped like `read` one forward pass takes (Predictor.windows_per_pass)."""
+        if not read.needs_prediction:
             return 1
-        return self.predictor.windows_per_pass(tuple(row["pixels"].shape[1:]))
+        return self.predictor.windows_per_pass(tuple(read.pixels.shape[1:]))
 
-    def predict_rows(self, rows: list[dict]) -> list[tuple[np.ndarray, np.ndarray, float]]:
-        """predict_row of each row, whole windows batched into forward passes where they fit
-        (Predictor.predict_cores); seconds are the batch's, shared equally by its rows.
+    def predict_one(self, read: ReadWindow) -> Prediction:
+        """The prediction of one window (passed on untouched when it needs none)."""
+        if not read.needs_prediction:
+            return Prediction.passed_on(read)
+        t0 = time.perf_counter()
+        labels, probs = self.predictor.predict_core(read.pixels, read.valid, core=read.core_in_window,
+                                                    with_probabilities=self.with_probabilities)
+        return Prediction(task=read.task, labels=labels, probabilities=probs, read_s=read.read_s,
+                          predict_s=time.perf_counter() - t0)
 
-        Raises what a window's prediction raises; callers that must isolate a bad window
-        retry the rows one by one with predict_row.
+    def predict_batch(self, reads: list[ReadWindow]) -> list[Prediction]:
+        """`predict_one` of each window, whole windows batched into forward passes where they fit
+        (Predictor.predict_cores); seconds are the batch's, shared equally by its windows.
+
+        Raises what a window's prediction raises; `predict_windows` isolates a bad window.
         """
-        todo = [i for i, row in enumerate(rows) if not (row["error"] or row["skip"])]
-        out = [(_EMPTY_LABELS, _EMPTY_PROBS, 0.0)] * len(rows)
+        todo = [i for i, r in enumerate(reads) if r.needs_prediction]
+        out = [Prediction.passed_on(r) for r in reads]
         if not todo:
             return out
         t0 = time.perf_counter()
         results = self.predictor.predict_cores(
-            [(rows[i]["pixels"], rows[i]["valid"], _core(rows[i])) for i in todo],
+            [(reads[i].pixels, reads[i].valid, reads[i].core_in_window) for i in todo],
             with_probabilities=self.with_probabilities)
         seconds = (time.perf_counter() - t0) / len(todo)
-        for i, (lab, prob) in zip(todo, results):
-            out[i] = (lab, prob if prob is not None else _EMPTY_PROBS, seconds)
+        for i, (labels, probs) in zip(todo, results):
+            out[i] = Prediction(task=reads[i].task, labels=labels, probabilities=probs,
+                                read_s=reads[i].read_s, predict_s=seconds)
         return out
 
-    def predict_rows_isolated(self, rows: list[dict]) -> list[tuple[np.ndarray, np.ndarray, float, str]]:
-        """predict_rows, and where the batch raises, each row alone: a window the model cannot
-        take fails alone. Returns (labels, probabilities, seconds, error) per row ("" if fine)."""
+    def predict_windows(self, reads: list[ReadWindow]) -> list[Prediction]:
+        """`predict_batch`, and where the batch raises, each window alone: a window the model
+        cannot take fails alone, with the error in its Prediction."""
         try:
-            return [(*r, "") for r in self.predict_rows(rows)]
+            return self.predict_batch(reads)
         except (RuntimeError, ValueError):
             pass
         out = []
-        for row in rows:
+        for read in reads:
             try:
-                out.append((*self.predict_row(row), ""))
+                out.append(self.predict_one(read))
             except (RuntimeError, ValueError) as exc:  # e.g. a window the model cannot take
-                out.append((_EMPTY_LABELS, _EMPTY_PROBS, 0.0, f"predicting it failed: {exc}"))
+                out.append(Prediction.passed_on(
+                    read, error=f"chunk {list(read.task.window.index)}: predicting it failed: {exc}"))
         return out
-
-
-_EMPTY_LABELS = np.zeros((0, 0), dtype=np.uint8)
-_EMPTY_PROBS = np.zeros((0, 0, 0), dtype=np.float16)
-
-
-def _core(row: dict) -> tuple[slice, ...]:
-    return tuple(slice(int(a), int(b)) for a, b in row["core_in_window"])

@@ -13,9 +13,7 @@ in narrow stripes (`pipelines.tiling.stripe_order`) so the blocks still needed s
 from __future__ import annotations
 
 import os
-import re
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +21,10 @@ import rasterio
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
+from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, derive_real, valid_mask
 from pipelines.tiling import ChunkWindow, pad_window
 from schemas.errors import InputError
 
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 GDAL_CACHE_MB = 96
 """GDAL block cache per reading process (GDAL's default is 5 % of RAM). A stripe of 4 chunks of
 1024 px with 32-px halos over 512-px blocks of 4 uint16 bands needs 10 x 4 blocks, 80 MB."""
@@ -62,123 +60,83 @@ def close_datasets() -> None:
         _open.popitem()[1].close()
 
 
-@dataclass(frozen=True)
-class SceneInfo:
-    """What a job needs to know about one raster scene (no pixels).
+class GeoTiffReader:
+    """GeoTIFF / COG (and any other 2D raster GDAL opens) through rasterio windowed reads."""
 
-    Attributes:
-        path: the file path as given.
-        shape: (rows, cols) in px.
-        count: number of bands in the file.
-        dtype: numpy dtype name of the bands.
-        crs_wkt: the CRS as WKT2, or None when the file has no CRS.
-        crs: short CRS string ("EPSG:32633" when it has an EPSG code, else WKT).
-        transform: affine (a, b, c, d, e, f) pixel -> CRS, rasterio order.
-        nodata: the nodata value, or None.
-        block_shape: (rows, cols) of the file's internal blocks of band 1.
-    """
+    name = "geotiff"
+    suffixes = (".tif", ".tiff", ".vrt", ".jp2")
 
-    path: str
-    shape: tuple[int, int]
-    count: int
-    dtype: str
-    crs_wkt: str | None
-    crs: str | None
-    transform: tuple[float, float, float, float, float, float]
-    nodata: float | None
-    block_shape: tuple[int, int]
+    def open(self, path: str, *, policy: InputPolicy = InputPolicy()) -> SceneInfo:
+        """A scene's metadata; complex or unsupported band types per `policy` (see
+        `pipelines.readers.base.check_dtype`).
 
-    @property
-    def pixel_area_crs2(self) -> float:
-        """Area of one pixel in squared CRS units: |det(A)| of the affine."""
-        a, b, _, d, e, _ = self.transform
-        return abs(a * e - b * d)
+        Raises:
+            InputError: the file is missing, not a raster GDAL can open, has no bands, or has
+                bands the policy refuses.
+        """
+        path = str(path)
+        if "://" not in path and not Path(path).exists():
+            raise InputError(f"{path}: file not found")
+        try:
+            with rasterio.open(path) as ds:
+                if ds.count < 1:
+                    raise InputError(f"{path}: raster has no bands")
+                dtype, derive = check_dtype(path, tuple(ds.dtypes), policy)
+                crs_wkt = ds.crs.to_wkt() if ds.crs else None
+                crs = None
+                if ds.crs:
+                    epsg = ds.crs.to_epsg()
+                    crs = f"EPSG:{epsg}" if epsg else crs_wkt
+                return SceneInfo(
+                    path=path,
+                    shape=(ds.height, ds.width),
+                    count=ds.count,
+                    dtype=dtype,
+                    crs_wkt=crs_wkt,
+                    crs=crs,
+                    transform=tuple(ds.transform)[:6],
+                    nodata=ds.nodata,
+                    block_shape=tuple(ds.block_shapes[0]),
+                    format=self.name,
+                    source_dtype=np.result_type(*ds.dtypes).name,
+                    derive=derive,
+                )
+        except RasterioError as exc:
+            raise InputError(f"{path}: cannot open as a raster: {exc}") from None
 
+    def read(
+        self, info: SceneInfo, window: ChunkWindow, *, bands: tuple[int, ...] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Read one halo window of a scene and pad it to the full window.
 
-def scene_name(path: str | Path) -> str:
-    """A safe output name for a scene: the file stem with anything but [A-Za-z0-9._-] replaced.
+        Args:
+            info: from `open`.
+            window: the chunk window; its `read` slices are in bounds by construction.
+            bands: 1-based band indexes to read, in model order (default: all).
 
-    Scene names come from catalogues and file names, which are untrusted: the result can never
-    contain a path separator or be '.'/'..', so `<root>/<name>.zarr` stays under the root.
-    """
-    stem = Path(str(path)).name
-    for suffix in (".tif", ".tiff", ".TIF", ".TIFF", ".vrt", ".jp2"):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    safe = _SAFE_NAME.sub("_", stem).strip("._-")
-    return safe[:200] or "scene"
+        Returns:
+            (pixels, valid): pixels (B, H, W) of `info.dtype` (complex bands derived per the
+            policy), valid (H, W) bool (False where every band equals nodata, or is NaN), both
+            of window_shape, reflect-padded at edges.
 
+        Raises:
+            InputError: naming the file and window when the read fails (corrupt block, I/O error).
+        """
+        indexes = list(bands) if bands is not None else list(range(1, info.count + 1))
+        (r, c) = window.read
+        rio_window = Window(c.start, r.start, c.stop - c.start, r.stop - r.start)
+        try:
+            ds = _dataset(info.path)
+            out_dtype = None if info.source_dtype in (None, ds.dtypes[0]) else info.source_dtype
+            pixels = ds.read(indexes, window=rio_window, out_dtype=out_dtype)
+        except (RasterioError, OSError) as exc:
+            close_datasets()  # a failed read may leave a handle in a bad state
+            raise InputError(
+                f"{info.path}: read failed for rows {r.start}:{r.stop}, cols {c.start}:{c.stop}: {exc}"
+            ) from None
+        valid = valid_mask(pixels, info.nodata)
+        pixels = derive_real(pixels, info.derive)
+        return pad_window(pixels, window), pad_window(valid, window)
 
-def open_scene(path: str | Path) -> SceneInfo:
-    """Read a scene's metadata.
-
-    Raises:
-        InputError: the file is missing, not a raster GDAL can open, or has no bands.
-    """
-    path = str(path)
-    if "://" not in path and not Path(path).exists():
-        raise InputError(f"{path}: file not found")
-    try:
-        with rasterio.open(path) as ds:
-            if ds.count < 1:
-                raise InputError(f"{path}: raster has no bands")
-            crs_wkt = ds.crs.to_wkt() if ds.crs else None
-            crs = None
-            if ds.crs:
-                epsg = ds.crs.to_epsg()
-                crs = f"EPSG:{epsg}" if epsg else crs_wkt
-            return SceneInfo(
-                path=path,
-                shape=(ds.height, ds.width),
-                count=ds.count,
-                dtype=ds.dtypes[0],
-                crs_wkt=crs_wkt,
-                crs=crs,
-                transform=tuple(ds.transform)[:6],
-                nodata=ds.nodata,
-                block_shape=tuple(ds.block_shapes[0]),
-            )
-    except RasterioError as exc:
-        raise InputError(f"{path}: cannot open as a raster: {exc}") from None
-
-
-def read_window(
-    scene: SceneInfo, window: ChunkWindow, *, bands: tuple[int, ...] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read one halo window of a scene and pad it to the full window.
-
-    Args:
-        scene: from `open_scene`.
-        window: the chunk window; its `read` slices are in bounds by construction.
-        bands: 1-based band indexes to read, in model order (default: all).
-
-    Returns:
-        (pixels, valid): pixels (B, H, W) in the file's dtype, valid (H, W) bool (False where
-        every band equals nodata, or is NaN), both of window_shape, reflect-padded at edges.
-
-    Raises:
-        InputError: naming the file and window when the read fails (corrupt block, I/O error).
-    """
-    indexes = list(bands) if bands is not None else list(range(1, scene.count + 1))
-    (r, c) = window.read
-    rio_window = Window(c.start, r.start, c.stop - c.start, r.stop - r.start)
-    try:
-        pixels = _dataset(scene.path).read(indexes, window=rio_window)
-    except (RasterioError, OSError) as exc:
-        close_datasets()  # a failed read may leave a handle in a bad state
-        raise InputError(
-            f"{scene.path}: read failed for rows {r.start}:{r.stop}, cols {c.start}:{c.stop}: {exc}"
-        ) from None
-    valid = valid_mask(pixels, scene.nodata)
-    return pad_window(pixels, window), pad_window(valid, window)
-
-
-def valid_mask(pixels: np.ndarray, nodata: float | None) -> np.ndarray:
-    """(H, W) bool: a pixel is valid unless every band is nodata (or NaN)."""
-    invalid = np.zeros(pixels.shape[1:], dtype=bool)
-    if np.issubdtype(pixels.dtype, np.floating):
-        invalid |= np.isnan(pixels).all(axis=0)
-    if nodata is not None and not np.isnan(nodata):
-        invalid |= (pixels == np.asarray(nodata).astype(pixels.dtype)).all(axis=0)
-    return ~invalid
+    def close(self) -> None:
+        close_datasets()

@@ -31,6 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.tiling import plan_chunk
+from schemas.records import ChunkResult, ChunkTask, Prediction, ReadWindow
+
 READ_S, FORWARD_S, WRITE_S = 0.070, 0.012, 0.057
 BLOCK = 8
 WINDOW = 1088
@@ -45,6 +48,7 @@ def _log(kind: str, t0: float) -> None:
 
 
 def _window(row: dict[str, Any]) -> dict[str, Any]:
+    """A read of the Ray Data pipeline (dict rows, as Ray Data needs)."""
     t0 = time.time()
     time.sleep(READ_S)
     out = dict(row, pixels=np.zeros((4, WINDOW, WINDOW), np.uint16), valid=np.ones((WINDOW, WINDOW), bool))
@@ -53,24 +57,41 @@ def _window(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _written(row: dict[str, Any]) -> dict[str, Any]:
+    """A write of the Ray Data pipeline."""
     t0 = time.time()
     time.sleep(WRITE_S)
     _log("write", t0)
-    if row.get("fail_write"):
-        raise OSError(f"disk full (simulated) at chunk {row['index']}")
-    return {"scene_id": row["scene_id"], "key": str(row["index"]), "error": row.get("error", "")}
+    return {"scene_id": row["scene_id"], "key": str(row["index"]), "error": ""}
 
 
-def read_block(rows: list[dict[str, Any]], scenes: Any) -> list[dict[str, Any]]:
-    """Stand-in of pipelines.split._read_block."""
-    if any(row.get("fail_read") for row in rows):
+def _read(task: ChunkTask) -> ReadWindow:
+    t0 = time.time()
+    time.sleep(READ_S)
+    read = ReadWindow(task=task, pixels=np.zeros((4, WINDOW, WINDOW), np.uint16),
+                      valid=np.ones((WINDOW, WINDOW), bool), read_s=READ_S)
+    _log("read", t0)
+    return read
+
+
+def read_block(tasks: list[ChunkTask], scenes: Any) -> list[ReadWindow]:
+    """Stand-in of pipelines.split._read_block; fails for a block holding a chunk in the
+    scene's `fail_read`."""
+    if any(t.window.index in scenes[t.scene_id].fail_read for t in tasks):
         raise OSError("input gone (simulated)")
-    return [_window(row) for row in rows]
+    return [_read(task) for task in tasks]
 
 
-def write_block(rows: list[dict[str, Any]], scenes: Any) -> list[dict[str, Any]]:
-    """Stand-in of pipelines.split._write_block."""
-    return [_written(row) for row in rows]
+def write_block(predictions: list[Prediction], scenes: Any) -> list[ChunkResult]:
+    """Stand-in of pipelines.split._write_block; fails at a chunk in the scene's `fail_write`."""
+    out = []
+    for p in predictions:
+        t0 = time.time()
+        time.sleep(WRITE_S)
+        _log("write", t0)
+        if p.task.window.index in scenes[p.task.scene_id].fail_write:
+            raise OSError(f"disk full (simulated) at chunk {list(p.task.window.index)}")
+        out.append(ChunkResult(scene_id=p.task.scene_id, key=p.task.key, error=p.error))
+    return out
 
 
 class SleepActor:
@@ -79,12 +100,12 @@ class SleepActor:
     def __init__(self, *, predictor: dict[str, Any]):
         self.forward_s = float(predictor.get("forward_s", FORWARD_S))
 
-    def run(self, rows: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
+    def run(self, reads: list[ReadWindow]) -> tuple[int, list[Prediction]]:
         t0 = time.time()
-        time.sleep(self.forward_s * len(rows))
+        time.sleep(self.forward_s * len(reads))
         _log("forward", t0)
-        out = [{k: v for k, v in row.items() if k not in ("pixels", "valid")}
-               | {"labels": np.zeros((WINDOW - 64, WINDOW - 64), np.uint8)} for row in rows]
+        out = [Prediction(task=r.task, labels=np.zeros((WINDOW - 64, WINDOW - 64), np.uint8), probabilities=None,
+                          read_s=r.read_s, predict_s=self.forward_s) for r in reads]
         return len(out), out
 
 
@@ -94,38 +115,47 @@ class BrokenActor:
     def __init__(self, *, predictor: dict[str, Any]):
         raise RuntimeError("no model here (simulated)")
 
-    def run(self, rows: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
+    def run(self, reads: list[ReadWindow]) -> tuple[int, list[Prediction]]:
         raise AssertionError("never called")
 
 
-def scenes_stub() -> dict[int, Any]:
-    """What failed_record needs of a scene."""
-    return {0: SimpleNamespace(scene_id=0, info=SimpleNamespace(path="stand-in.tif"))}
+def scenes_stub(*, fail_read: tuple[tuple[int, int], ...] = (),
+                fail_write: tuple[tuple[int, int], ...] = ()) -> dict[int, Any]:
+    """What the pools need of a scene (failed_result: its path), and the stand-ins' failures."""
+    return {0: SimpleNamespace(scene_id=0, info=SimpleNamespace(path="stand-in.tif"),
+                               fail_read=set(fail_read), fail_write=set(fail_write))}
 
 
-def rows_of(n: int) -> list[dict[str, Any]]:
+def tasks_of(n: int) -> list[ChunkTask]:
+    """n chunks of a scene 16 chunks wide, in C order."""
+    shape = (-(-n // 16) * 64, 16 * 64)
+    return [ChunkTask(scene_id=0, window=plan_chunk(shape, 64, 0, (i // 16, i % 16))) for i in range(n)]
+
+
+def _dict_rows(n: int) -> list[dict[str, Any]]:
     return [{"scene_id": 0, "index": [i // 16, i % 16]} for i in range(n)]
 
 
-def _run_pool(rows: list[dict[str, Any]], cpus: float) -> int:
+def _run_pool(n: int, cpus: float) -> int:
     from pipelines.split import SplitPool
 
     tasks = max(2, int((cpus - 1) // 2))  # pipelines.job.read_concurrency with one GPU actor
     done = 0
 
-    def on_record(record: dict[str, Any]) -> None:
+    def on_record(record: ChunkResult) -> None:
         nonlocal done
         done += 1
 
     with SplitPool(predictor={}, actors=1, actor_options={"num_cpus": 1, "num_gpus": 1}, read_tasks=tasks,
                    write_tasks=tasks, stages=(SleepActor, read_block, write_block)) as pool:
-        pool.run(rows, scenes=scenes_stub(), on_record=on_record, batch_size=BLOCK)
+        pool.run(tasks_of(n), scenes=scenes_stub(), on_record=on_record, batch_size=BLOCK)
     return done
 
 
-def _run_ray_data(rows: list[dict[str, Any]], cpus: float) -> int:
+def _run_ray_data(n: int, cpus: float) -> int:
     import ray
 
+    rows = _dict_rows(n)
     ray.data.DataContext.get_current().enable_progress_bars = False
     tasks = max(2, int((cpus - 1) // 2))
     ds = (ray.data.from_items(rows, override_num_blocks=-(-len(rows) // BLOCK))
@@ -166,12 +196,11 @@ def _child(which: str, windows: int, cpus: float, events_dir: str) -> None:
     os.environ[EVENTS] = str(events)
     ray.init(address="local", num_cpus=cpus, num_gpus=1, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", runtime_env={"env_vars": {EVENTS: str(events)}})
-    rows = rows_of(windows)
     run = _run_pool if which == "pool" else _run_ray_data
     results = []
     for label in ("cold", "warm"):
         t0 = time.time()
-        n = run(rows, cpus)
+        n = run(windows, cpus)
         t1 = time.time()
         results.append({"pipeline": which, "run": label, "windows": n, "wall_s": t1 - t0,
                         **{f"{k}_in_work": v for k, v in _stage_figures(events, t0, t1).items()}})

@@ -1,0 +1,208 @@
+"""The reader protocol: what a job needs from any input format.
+
+A reader opens a scene (metadata only: n-D shape, channels, dtype, nodata, georeferencing or
+voxel geometry) and reads one halo window at a time, padded to the full window; it never reads a
+whole scene. One reader per format lives in this package, one file each
+(:mod:`pipelines.readers.geotiff`, ...), registered by file suffix in
+:mod:`pipelines.readers`; the job calls :func:`pipelines.readers.open_scene` and
+:func:`pipelines.readers.read_window` and never names a format.
+
+Input policy is decided here, when a scene is opened, so that a scene the model cannot take fails
+before any of its chunks is planned, with an error naming the file:
+
+- integer, float32 and float64 channels are read as they are (the predictor normalises them per
+  the model card);
+- complex channels (SAR single-look complex, interferograms) are refused unless the job asks for a
+  derived real channel (``complex_bands: magnitude`` or ``db``, :data:`COMPLEX_DERIVATIONS`);
+  casting complex values to real silently drops the imaginary part;
+- anything else (e.g. float16, bool) is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from schemas.errors import InputError
+
+if TYPE_CHECKING:
+    from pipelines.tiling import ChunkWindow
+
+#: How complex channels may be turned into real ones (the job spec's ``complex_bands``):
+#: ``magnitude`` = ``|z|``; ``db`` = ``10 * log10(|z|^2)`` floored at :data:`DB_FLOOR`.
+COMPLEX_DERIVATIONS = ("magnitude", "db")
+#: ``db`` of a zero sample (``|z|^2`` floored at 1e-10): finite, so the model never sees -inf.
+DB_FLOOR = -100.0
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """How a reader turns what a file holds into what the model gets.
+
+    Attributes:
+        complex_bands: ``"refuse"`` (default) or one of :data:`COMPLEX_DERIVATIONS`.
+    """
+
+    complex_bands: str = "refuse"
+
+    def __post_init__(self) -> None:
+        if self.complex_bands not in ("refuse", *COMPLEX_DERIVATIONS):
+            raise ValueError(f"complex_bands must be 'refuse' or one of {COMPLEX_DERIVATIONS}, "
+                             f"got {self.complex_bands!r}")
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    """What a job needs to know about one input scene (no pixels); small and picklable.
+
+    Attributes:
+        path: the input as given.
+        format: the name of the reader that opened it (key of ``pipelines.readers.READERS``).
+        shape: spatial size in px / voxels, ``(rows, cols)`` or ``(z, rows, cols)``.
+        count: number of channels (bands) in the file.
+        dtype: numpy dtype name of the channels as the reader returns them (after any
+            complex derivation).
+        crs_wkt: the CRS as WKT2 (2D georeferenced scenes), or None.
+        crs: short CRS string ("EPSG:32633" when it has an EPSG code, else WKT), or None.
+        transform: affine ``(a, b, c, d, e, f)`` pixel -> CRS, rasterio order (2D), or None.
+        nodata: the nodata value, or None.
+        block_shape: the file's internal block (chunk) shape, one entry per spatial axis.
+        source_dtype: numpy dtype name of the channels in the file.
+        derive: how complex channels become real (``InputPolicy.complex_bands``), or None.
+        affine: 4x4 voxel ``(i, j, k)`` -> scanner mm matrix, row-major (3D volumes), or None.
+        spacing: size of a voxel per spatial axis (mm for volumes), or None.
+        orientation: axis codes of the voxel axes (e.g. ``"RAS"``), or None.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    count: int
+    dtype: str
+    crs_wkt: str | None
+    crs: str | None
+    transform: tuple[float, float, float, float, float, float] | None
+    nodata: float | None
+    block_shape: tuple[int, ...]
+    format: str = "geotiff"
+    source_dtype: str | None = None
+    derive: str | None = None
+    affine: tuple[float, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+    orientation: str | None = None
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial axes."""
+        return len(self.shape)
+
+    @property
+    def pixel_area_crs2(self) -> float | None:
+        """Area of one pixel in squared CRS units, ``|det(A)|`` of the 2D affine; None without one."""
+        if self.transform is None:
+            return None
+        a, b, _, d, e, _ = self.transform
+        return abs(a * e - b * d)
+
+
+class Reader(Protocol):
+    """One input format. Implementations are small, stateless apart from caches of open files.
+
+    Attributes:
+        name: the format's name (stored in ``SceneInfo.format``).
+        suffixes: lower-case file suffixes it claims (``".tif"``, ``".nii.gz"``).
+    """
+
+    name: str
+    suffixes: tuple[str, ...]
+
+    def open(self, path: str, *, policy: InputPolicy) -> SceneInfo:
+        """Metadata of one scene, input policy applied.
+
+        Raises:
+            InputError: naming the file: missing, unreadable, or refused by the policy.
+        """
+        ...
+
+    def read(self, info: SceneInfo, window: ChunkWindow, *, bands: tuple[int, ...] | None) -> tuple[np.ndarray, np.ndarray]:
+        """One halo window, padded to the full window.
+
+        Args:
+            info: from :meth:`open` of this reader.
+            window: the chunk window (its ``read`` slices are inside the scene).
+            bands: 1-based channel indexes in model order (None: all).
+
+        Returns:
+            ``(pixels, valid)``: pixels ``(C, *window_shape)`` of ``info.dtype``; valid
+            ``window_shape`` bool, False where every channel is nodata or NaN.
+
+        Raises:
+            InputError: naming the file and the window when the read fails.
+        """
+        ...
+
+    def close(self) -> None:
+        """Close whatever files this process keeps open for the reader."""
+        ...
+
+
+def check_dtype(path: str, dtypes: tuple[str, ...], policy: InputPolicy) -> tuple[str, str | None]:
+    """The dtype a reader returns for channels of `dtypes`, and the derivation applied.
+
+    Returns:
+        ``(dtype, derive)``: the common dtype of the channels (``numpy.result_type``), or
+        ``"float32"`` with ``derive`` set for complex channels under a derivation policy.
+
+    Raises:
+        InputError: complex channels without a derivation, or a dtype that is neither integer,
+            float32 nor float64; the message names the file and what to set.
+    """
+    kinds = [np.dtype(d) for d in dtypes]
+    if any(d.kind == "c" for d in kinds):
+        if policy.complex_bands == "refuse":
+            raise InputError(
+                f"{path}: complex-valued bands ({', '.join(sorted({d.name for d in kinds}))}, e.g. SAR SLC); "
+                "a model takes real values: set complex_bands: magnitude (|z|) or db (10 log10 |z|^2) "
+                "in the job spec to derive them"
+            )
+        if not all(d.kind == "c" for d in kinds):
+            raise InputError(f"{path}: mixes complex and real bands ({', '.join(d.name for d in kinds)}); "
+                             "split them into separate files")
+        return "float32", policy.complex_bands
+    bad = sorted({d.name for d in kinds if not (d.kind in "iu" or d in (np.float32, np.float64))})
+    if bad:
+        raise InputError(f"{path}: bands of type {', '.join(bad)} are not supported "
+                         "(integer, float32 and float64 are)")
+    return np.result_type(*kinds).name, None
+
+
+def derive_real(values: np.ndarray, derive: str | None) -> np.ndarray:
+    """Complex samples -> the real channel the policy asked for (float32); others unchanged.
+
+    ``magnitude``: ``|z|``; ``db``: ``10 * log10(max(|z|^2, 1e-10))``, so a zero sample gives
+    :data:`DB_FLOOR` (-100 dB) instead of -inf.
+    """
+    if derive is None:
+        return values
+    power = values.real.astype(np.float64) ** 2 + values.imag.astype(np.float64) ** 2
+    if derive == "magnitude":
+        return np.sqrt(power).astype(np.float32)
+    if derive == "db":
+        return (10.0 * np.log10(np.maximum(power, 1e-10))).astype(np.float32)
+    raise ValueError(f"unknown derivation {derive!r}; expected one of {COMPLEX_DERIVATIONS}")
+
+
+def valid_mask(pixels: np.ndarray, nodata: float | None) -> np.ndarray:
+    """``pixels.shape[1:]`` bool: a pixel is valid unless every channel is nodata (or NaN).
+
+    Args:
+        pixels: ``(C, *spatial)`` values of any numeric dtype (complex included).
+        nodata: the file's nodata value, or None.
+    """
+    invalid = np.zeros(pixels.shape[1:], dtype=bool)
+    if np.issubdtype(pixels.dtype, np.floating) or np.issubdtype(pixels.dtype, np.complexfloating):
+        invalid |= np.isnan(pixels).all(axis=0)
+    if nodata is not None and not np.isnan(nodata):
+        invalid |= (pixels == np.asarray(nodata).astype(pixels.dtype)).all(axis=0)
+    return ~invalid
