@@ -13,7 +13,7 @@ import pyarrow as pa
 from pyproj import CRS, Transformer
 from pyproj.exceptions import CRSError, ProjError
 
-from pipelines.regions import MergedRegions
+from pipelines.stats.merge import MergedRegions
 from schemas.tables import REGIONS_SCHEMA
 
 Affine6 = tuple[float, float, float, float, float, float]

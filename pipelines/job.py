@@ -41,7 +41,7 @@ from pipelines.stages import (
     write_stage,
 )
 from pipelines.readers.geotiff import SceneInfo, scene_name
-from pipelines.regions import ChunkRegions
+from pipelines.stats.partials import ChunkRegions
 from pipelines.tiling import chunk_grid_shape, plan_chunks, stripe_order
 from pipelines.writers.regions_table import write_regions
 from pipelines.writers.tables import write_table, write_table_batches

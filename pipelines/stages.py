@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.readers.geotiff import SceneInfo, open_scene, read_window
-from pipelines.regions import chunk_regions, region_id_offset
+from pipelines.stats.partials import chunk_regions, region_id_offset
 from pipelines.tiling import ChunkWindow
 from pipelines.writers.zarr_masks import write_chunk
 from schemas import store as layout
