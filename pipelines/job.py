@@ -36,7 +36,7 @@ from pipelines.stages import (
     open_and_hash,
 )
 from pipelines.readers import InputPolicy, SceneInfo, scene_name
-from pipelines.regions import ChunkRegions
+from pipelines.stats.partials import ChunkRegions
 from pipelines.tiling import ChunkWindow, chunk_grid_shape, plan_chunks, stripe_order
 from pipelines.writers.atomic import atomic_write_text
 from pipelines.writers.regions_table import write_regions

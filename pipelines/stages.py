@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.readers import InputPolicy, SceneInfo, open_scene, read_window
-from pipelines.regions import chunk_regions, region_id_offset
+from pipelines.stats.partials import chunk_regions, region_id_offset
 from pipelines.writers.atomic import atomic_write_text
 from pipelines.writers.zarr_masks import write_chunk
 from schemas import store as layout

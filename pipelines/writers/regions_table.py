@@ -1,6 +1,6 @@
 """A scene's `regions` table from its chunks' partial statistics, in bounded memory.
 
-The chunk partials are merged a row of chunks at a time (`pipelines.regions.RowMerge`); each
+The chunk partials are merged a row of chunks at a time (`pipelines.stats.merge.RowMerge`); each
 region is spilled to a Parquet file in the scene's work folder as soon as it is complete.
 DuckDB then sorts the spill into region_id order (spilling to disk itself beyond its memory
 limit), and the table is written a batch at a time. The driver's memory holds one row of
@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.georef import Affine6, regions_table
-from pipelines.regions import REGION_ORDER, REGION_STAT_DTYPES, ChunkRegions, RowMerge, merged_regions_of
+from pipelines.stats.merge import RowMerge, merged_regions_of, region_order, region_stat_dtypes
+from pipelines.stats.partials import ChunkRegions
 from pipelines.writers.tables import write_table_batches
 from schemas.errors import OutputError
 
@@ -29,7 +30,8 @@ BATCH_ROWS = 16384
 #: DuckDB's memory for the sort; beyond it DuckDB spills to its temp folder in the work folder.
 SORT_MEMORY = "256MB"
 
-_SPILL_SCHEMA = pa.schema([(name, pa.from_numpy_dtype(dt)) for name, dt in REGION_STAT_DTYPES.items()])
+# the regions table is 2D (a raster scene)
+_SPILL_SCHEMA = pa.schema([(name, pa.from_numpy_dtype(dt)) for name, dt in region_stat_dtypes(2).items()])
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def write_regions(root: Path, scene: str, rows: Iterable[Sequence[ChunkRegions]]
             temporary files).
     """
     spill = work_dir / "regions.spill.parquet"
-    merger = RowMerge()
+    merger = RowMerge(ndim=2)
     class_pixels = np.zeros(len(class_names), dtype=np.int64)
     n = 0
     def completed() -> Iterator[dict[str, np.ndarray]]:  # lazily: one batch of regions at a time
@@ -100,7 +102,7 @@ def _sorted_tables(spill: Path, n: int, *, scene: str, work_dir: Path, transform
     try:
         con = duckdb.connect(config={"memory_limit": SORT_MEMORY, "threads": 1, "temp_directory": str(tmp)})
         done = 0
-        for batch in con.read_parquet(str(spill)).order(", ".join(REGION_ORDER)).to_arrow_reader(BATCH_ROWS):
+        for batch in con.read_parquet(str(spill)).order(", ".join(region_order(2))).to_arrow_reader(BATCH_ROWS):
             stats = {f.name: batch.column(f.name).to_numpy(zero_copy_only=False).astype(f.type.to_pandas_dtype())
                      for f in _SPILL_SCHEMA}
             yield table(stats, done + 1)
