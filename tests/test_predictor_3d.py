@@ -101,7 +101,8 @@ def test_pointwise_oracle_tiled_and_blended_inside_halo_windows_equals_the_whole
     np.testing.assert_array_equal(labels, threshold_oracle_numpy(x[0].numpy(), 4))
 
 
-@pytest.mark.parametrize("model", [ThresholdOracle(2, 4, radius=2), Conv3dModel(radius=1)], ids=["box-oracle-r2", "conv3-r1"])
+@pytest.mark.parametrize("model", [ThresholdOracle(2, 4, radius=2), Conv3dModel(radius=1)],
+                         ids=["box-oracle-r2", "conv3-r1"])
 def test_local_models_with_a_halo_covering_the_receptive_field_equal_the_whole_volume(model):
     # Each window in one tile, cropped to its core: exact wherever halo >= receptive radius.
     model = model.eval()
@@ -243,7 +244,9 @@ def test_predict_cores_batches_whole_3d_windows_like_one_at_a_time(with_probabil
                 (slice(2, 8),) * 3) for i in range(3)]
     windows.append((_volume((12, 10, 9), seed=30), None, None))  # several tiles: alone
     assert pred.windows_per_pass((10, 10, 10)) == 2 and pred.windows_per_pass((12, 10, 9)) == 1
-    for (pixels, valid, core), (labels, probs) in zip(windows, pred.predict_cores(windows, with_probabilities=with_probabilities)):
+    batched = pred.predict_cores(windows, with_probabilities=with_probabilities)
+    assert len(batched) == len(windows)
+    for (pixels, valid, core), (labels, probs) in zip(windows, batched):
         one_labels, one_probs = pred.predict_core(pixels, valid, core=core, with_probabilities=with_probabilities)
         np.testing.assert_array_equal(labels, one_labels)
         if with_probabilities:

@@ -69,7 +69,9 @@ class StitchWindow:
         if not self.shape or min(self.shape) <= 0:
             raise ValueError(f"window shape must have at least one axis, all > 0, got {self.shape}")
         if self.core is not None and len(self.core) != len(self.shape):
-            raise ValueError(f"core {self.core} has {len(self.core)} axes but the window {self.shape} has {len(self.shape)}")
+            raise ValueError(
+                f"core {self.core} has {len(self.core)} axes but the window {self.shape} has {len(self.shape)}"
+            )
         if self.valid is not None and tuple(self.valid.shape) != tuple(self.shape):
             raise ValueError(f"valid mask of shape {tuple(self.valid.shape)} does not match the window {self.shape}")
 
@@ -184,7 +186,9 @@ class SemanticStitcher(Stitcher[SemanticResult]):
             RuntimeError: if already finalized, or if no tile (or an uncovered voxel) was added.
         """
         if self._closed:
-            raise RuntimeError("cannot finalize: this SemanticStitcher was already finalized; make a new one per window")
+            raise RuntimeError(
+                "cannot finalize: this SemanticStitcher was already finalized; make a new one per window"
+            )
         if self._acc is not None:
             scores = self._acc.finalize()  # raises, and stays open, if a voxel got no weight
         elif self._whole is None:
