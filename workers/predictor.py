@@ -1,14 +1,19 @@
 """The predictor: one halo window in, class labels of its core out. Knows nothing of Ray.
 
-Per window: normalise (per the model card), cut into overlapping model tiles, run them in
-batches, softmax, blend with smooth weights on the device, crop to the core, argmax. The same
-object runs in tests, notebooks, the benchmark and (wrapped by `workers.actors`) Ray actors.
+A window is ``(C, *spatial)`` with 2 spatial axes ``(H, W)`` (a 2D model) or 3 ``(D, H, W)``
+(a 3D model): the number of spatial axes is ``pixels.ndim - 1`` and everything below works
+over them alike. Per window: normalise (per the model card), cut into overlapping model tiles,
+run them in batches (padded to the model's stride), softmax, then hand the tiles' outputs to
+the stitcher of the model's output kind (`workers.stitch`: for semantic models, blend with
+smooth weights on the device, crop to the core, argmax). The same object runs in tests,
+notebooks, the benchmark and (wrapped by `workers.actors`) Ray actors.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +22,17 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from schemas.model_card import ModelCard
-from schemas.store import NODATA_CLASS
 from workers.options import PredictorOptions
+from workers.stitch import SemanticStitcher, StitchWindow, argmax_classes, stitcher_factory
 from workers.tileplan import windows_per_pass
-from workers.tiles import BlendAccumulator, blend_weights, plan_tiles
-from workers.tta import augment, expand_tta, resample, scaled_size
+from workers.tiles import blend_weights, plan_tiles
+from workers.tta import SPATIAL_DIMS, augment, expand_tta, resample, scaled_size
+
+__all__ = ["Member", "Predictor", "PredictorOptions", "argmax_classes", "fold_batchnorm", "memory_format",
+           "resolve_autocast_dtype", "resolve_device"]
+
+#: (convolution, batch norm) types that `fold_batchnorm` folds, 2D and 3D.
+_FOLDABLE = ((torch.nn.Conv2d, torch.nn.BatchNorm2d), (torch.nn.Conv3d, torch.nn.BatchNorm3d))
 
 
 @dataclass(frozen=True)
@@ -41,9 +52,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` with every eval-mode BatchNorm2d that directly follows a Conv2d in an nn.Sequential
-    folded into that convolution (weight * gamma / sqrt(var + eps), bias shifted likewise) and
-    replaced by Identity: one pass over the activations less per pair, and no BN output to hold.
+    """`model` with every eval-mode BatchNorm2d (BatchNorm3d) that directly follows a Conv2d
+    (Conv3d) in an nn.Sequential folded into that convolution and replaced by Identity: one pass
+    over the activations less per pair, and no BN output to hold. Per output channel o,
+    ``w'_o = w_o * gamma_o / sqrt(var_o + eps)`` and
+    ``b'_o = (b_o - mean_o) * gamma_o / sqrt(var_o + eps) + beta_o`` (torch's fuse_conv_bn_eval).
 
     Folding works on a deep copy, so the caller's module (e.g. one still being trained) is left
     alone; `model` itself comes back when it has nothing to fold. Outputs change by float
@@ -61,8 +74,9 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _foldable_pairs(model: torch.nn.Module) -> list[tuple[torch.nn.Sequential, str, str]]:
-    """(sequential, conv name, bn name) of each Conv2d directly followed by a BatchNorm2d with
-    running statistics, both in eval mode (exact types: a subclass may change forward)."""
+    """(sequential, conv name, bn name) of each Conv2d (Conv3d) directly followed by a
+    BatchNorm2d (BatchNorm3d) with running statistics, both in eval mode (exact types: a
+    subclass may change forward)."""
     pairs = []
     for module in model.modules():
         if not isinstance(module, torch.nn.Sequential):
@@ -70,7 +84,7 @@ def _foldable_pairs(model: torch.nn.Module) -> list[tuple[torch.nn.Sequential, s
         names = list(module._modules)
         for a, b in zip(names, names[1:]):
             conv, bn = module._modules[a], module._modules[b]
-            if (type(conv) is torch.nn.Conv2d and type(bn) is torch.nn.BatchNorm2d
+            if (any(type(conv) is c and type(bn) is b for c, b in _FOLDABLE)
                     and not (conv.training or bn.training) and bn.track_running_stats
                     and bn.running_mean is not None and bn.running_var is not None
                     and conv.out_channels == bn.num_features):
@@ -78,9 +92,28 @@ def _foldable_pairs(model: torch.nn.Module) -> list[tuple[torch.nn.Sequential, s
     return pairs
 
 
-def memory_format(*, channels_last: bool) -> torch.memory_format:
-    """The memory format the model and its (N, C, H, W) inputs use (PredictorOptions.channels_last)."""
-    return torch.channels_last if channels_last else torch.contiguous_format
+def memory_format(*, channels_last: bool, spatial_dims: int = 2) -> torch.memory_format:
+    """The memory format a model and its (N, C, *spatial) inputs use (PredictorOptions.channels_last):
+    `torch.channels_last` for 2 spatial axes (4-D tensors), `torch.channels_last_3d` for 3
+    (5-D tensors), contiguous when not `channels_last`.
+
+    Raises:
+        ValueError: channels-last for another number of spatial axes (torch has no such format).
+    """
+    if not channels_last:
+        return torch.contiguous_format
+    formats = {2: torch.channels_last, 3: torch.channels_last_3d}
+    if spatial_dims not in formats:
+        raise ValueError(f"channels-last memory needs 2 or 3 spatial axes, got {spatial_dims}")
+    return formats[spatial_dims]
+
+
+def model_spatial_dims(model: torch.nn.Module) -> int | None:
+    """2 or 3 when every 4-D or 5-D parameter and buffer of `model` (convolution weights) has
+    the same rank, i.e. the model takes (N, C, H, W) or (N, C, D, H, W) inputs; None when it
+    has none (e.g. a parameter-free oracle) or both."""
+    ranks = {t.dim() for t in itertools.chain(model.parameters(), model.buffers()) if t.dim() in (4, 5)}
+    return ranks.pop() - 2 if len(ranks) == 1 else None
 
 
 def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -108,14 +141,17 @@ class Predictor:
     """Segments halo windows with one model or a weighted ensemble.
 
     Args:
-        model: maps (N, C, h, w) float32 normalised input to (N, K, h, w) logits.
-        card: the model card (bands and normalisation, classes, stride).
+        model: maps (N, C, *tile) float32 normalised input to (N, K, *tile) logits, with 2
+            spatial axes (h, w) or 3 (d, h, w); windows must have as many.
+        card: the model card (bands and normalisation, classes, stride, architecture: its
+            output kind picks the stitcher, `workers.stitch.stitcher_factory`).
         options: runtime options.
         extra_members: further ensemble members; every member's probabilities (after its own
             normalisation, TTA and scales) are averaged with the members' weights.
 
     Raises:
-        ValueError: ensemble members disagree on classes or input bands.
+        ValueError: ensemble members disagree on classes or input bands; unknown TTA names.
+        ModelCardError: a model whose output kind has no stitcher (instance models).
     """
 
     def __init__(self, model: torch.nn.Module, card: ModelCard, *, options: PredictorOptions = PredictorOptions(),
@@ -126,8 +162,9 @@ class Predictor:
         if options.torch_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(options.torch_threads)
         self.autocast_dtype = resolve_autocast_dtype(options.precision, self.device)
-        self._memory_format = memory_format(channels_last=options.channels_last)
-        self.tta = expand_tta(options.tta)
+        self._new_stitcher = stitcher_factory(card, device=self.device)
+        expand_tta(options.tta, spatial_dims=max(SPATIAL_DIMS))  # unknown names fail here, not per window
+        self._tta: dict[int, tuple[str, ...]] = {}
         if not options.scales or any(s <= 0 for s in options.scales):
             raise ValueError(f"scales must be positive factors, got {options.scales}")
         self._members = [self._prepare(m) for m in (Member(model, card, weight), *extra_members)]
@@ -145,18 +182,50 @@ class Predictor:
         if card.in_channels != self.card.in_channels:
             raise ValueError(f"ensemble member {card.name!r} takes {card.in_channels} bands, "
                              f"expected {self.card.in_channels}")
+        stitcher_factory(card)  # every member's output kind has a stitcher (raises naming the model)
         model = member.model.eval()
         if self.options.fold_batchnorm:
             model = fold_batchnorm(model)
-        model = model.to(self.device).to(memory_format=self._memory_format)
-        mean = torch.tensor([b.mean for b in card.bands], dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor([b.std for b in card.bands], dtype=torch.float32).view(1, -1, 1, 1)
-        return _PreparedMember(model=model, stride=card.stride, mean=mean.to(self.device),
-                               inv_std=(1.0 / std).to(self.device))
+        model = model.to(self.device)
+        spatial_dims = model_spatial_dims(model)
+        if spatial_dims in SPATIAL_DIMS:  # else no 4-D/5-D tensor to reorder (or both kinds)
+            model = model.to(memory_format=memory_format(channels_last=self.options.channels_last,
+                                                         spatial_dims=spatial_dims))
+        # (C,) per band; viewed as (1, C, 1, ...) to broadcast over any number of spatial axes
+        mean = torch.tensor([b.mean for b in card.bands], dtype=torch.float32)
+        std = torch.tensor([b.std for b in card.bands], dtype=torch.float32)
+        return _PreparedMember(model=model, name=card.name, stride=card.stride, spatial_dims=spatial_dims,
+                               mean=mean.to(self.device), inv_std=(1.0 / std).to(self.device))
 
     @property
     def num_classes(self) -> int:
         return self.card.num_classes
+
+    def tta_views(self, spatial_dims: int) -> tuple[str, ...]:
+        """The TTA transform names run on tiles with `spatial_dims` spatial axes (presets
+        expanded per dimension, `workers.tta.expand_tta`); identity first."""
+        if spatial_dims not in self._tta:
+            self._tta[spatial_dims] = expand_tta(self.options.tta, spatial_dims=spatial_dims)
+        return self._tta[spatial_dims]
+
+    def _check_window(self, pixels: np.ndarray, valid: np.ndarray | None) -> int:
+        """The number of spatial axes of a (C, *spatial) window, checked against the card's
+        bands, the members' models (where their weights tell) and the mask's shape."""
+        spatial_dims = pixels.ndim - 1
+        if spatial_dims not in SPATIAL_DIMS or pixels.shape[0] != self.card.in_channels:
+            raise ValueError(
+                f"window must be (C={self.card.in_channels}, H, W) or (C={self.card.in_channels}, D, H, W), "
+                f"got shape {pixels.shape}"
+            )
+        for member in self._members:
+            if member.spatial_dims is not None and member.spatial_dims != spatial_dims:
+                raise ValueError(
+                    f"model {member.name!r} takes {member.spatial_dims}D tiles, got a {spatial_dims}D window "
+                    f"of shape {pixels.shape}"
+                )
+        if valid is not None and tuple(valid.shape) != tuple(pixels.shape[1:]):
+            raise ValueError(f"valid mask of shape {valid.shape} does not match the window {pixels.shape[1:]}")
+        return spatial_dims
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         if not array.flags.writeable:  # e.g. zero-copy from Ray's object store; torch wants writable
@@ -184,14 +253,16 @@ class Predictor:
         return self._weights[tile_shape]
 
     def _forward(self, member: _PreparedMember, tiles: torch.Tensor, *, softmax: bool = True) -> torch.Tensor:
-        """(N, C, h, w) normalised -> (N, K, h, w) float32 probabilities (logits when not
-        `softmax`); pads h, w to the stride."""
-        stride = member.stride
-        h, w = tiles.shape[-2:]
-        ph, pw = (-h) % stride, (-w) % stride
-        if ph or pw:
-            tiles = F.pad(tiles, (0, pw, 0, ph), mode="replicate")
-        tiles = tiles.contiguous(memory_format=self._memory_format)
+        """(N, C, *tile) normalised -> (N, K, *tile) float32 probabilities (logits when not
+        `softmax`). Each spatial axis of size s is padded at its end to the next multiple of
+        the stride, ``s + (-s) % stride``, by replicating the last plane, and the outputs are
+        cropped back to ``tile``."""
+        spatial = tuple(tiles.shape[2:])
+        pads = [(-s) % member.stride for s in spatial]
+        if any(pads):  # F.pad lists (before, after) pairs from the last axis backwards
+            tiles = F.pad(tiles, tuple(p for pad in reversed(pads) for p in (0, pad)), mode="replicate")
+        tiles = tiles.contiguous(memory_format=memory_format(channels_last=self.options.channels_last,
+                                                             spatial_dims=len(spatial)))
         autocast = (
             torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
@@ -199,40 +270,47 @@ class Predictor:
         )
         with autocast:
             logits = member.model(tiles)
-        logits = logits[..., :h, :w].float()
+        logits = logits[(..., *(slice(0, s) for s in spatial))].float()
         return torch.softmax(logits, dim=1) if softmax else logits
 
     def _member_probabilities(self, member: _PreparedMember, tiles: torch.Tensor) -> torch.Tensor:
-        """Average over scales and TTA views of one member's probabilities, at the tile size."""
-        size = tuple(tiles.shape[-2:])
+        """Average over scales and TTA views of one member's probabilities, at the tile size:
+        ``p = mean_{s, T} R_tile(T^-1(model(T(R_s(x)))))`` with R_s the resampling to
+        ``round(tile * s)`` (bilinear in 2D, trilinear in 3D) and T the TTA transforms."""
+        size = tuple(tiles.shape[2:])
+        views = self.tta_views(len(size))
         total: torch.Tensor | None = None
         for scale in self.options.scales:
             scaled = resample(tiles, scaled_size(size, scale)) if scale != 1.0 else tiles
-            for name in self.tta:
+            for name in views:
                 forward, inverse = augment(name)
                 probs = inverse(self._forward(member, forward(scaled)))
                 probs = resample(probs, size) if scale != 1.0 else probs
                 total = probs if total is None else total + probs
-        views = len(self.options.scales) * len(self.tta)
-        return total if views == 1 else total / views
+        n = len(self.options.scales) * len(views)
+        return total if n == 1 else total / n
 
     @property
     def single_pass(self) -> bool:
-        """One member, one scale, one view: a tile's labels are the argmax of one forward pass."""
-        return len(self._members) == 1 and len(self.options.scales) == 1 and len(self.tta) == 1
+        """One member, one scale, one view: a tile's labels are the argmax of one forward pass.
+        (A TTA list has one view in 3D exactly when it has one in 2D: only the identity.)"""
+        return (len(self._members) == 1 and len(self.options.scales) == 1
+                and len(self.tta_views(max(SPATIAL_DIMS))) == 1)
 
     def _normalise(self, member: _PreparedMember, raw: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """(N, C, h, w) raw tiles (any numeric dtype) -> float32 (raw - mean) / std, 0 where
-        `valid` (bool or 0/1) is False. A float32 copy, then in place (`_forward` makes it
-        channels-last: converting and reordering in one copy measured 2x slower on CPU)."""
+        """(N, C, *tile) raw tiles (any numeric dtype) -> float32 (raw - mean) / std per band, 0
+        where `valid` ((N, 1, *tile), bool or 0/1) is False. A float32 copy, then in place
+        (`_forward` makes it channels-last: converting and reordering in one copy measured 2x
+        slower on CPU)."""
         x = raw.to(torch.float32, copy=True)
-        x.sub_(member.mean).mul_(member.inv_std)
+        bands = (1, -1) + (1,) * (raw.ndim - 2)  # broadcast over N and every spatial axis
+        x.sub_(member.mean.view(bands)).mul_(member.inv_std.view(bands))
         if valid is not None:  # nodata -> 0, i.e. the band mean after normalisation
             x.mul_(valid)
         return x
 
     def _tile_probabilities(self, raw: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """(N, C, h, w) raw float32 tiles -> (N, K, h, w) ensemble-averaged probabilities."""
+        """(N, C, *tile) raw float32 tiles -> (N, K, *tile) ensemble-averaged probabilities."""
         if len(self._members) == 1:
             return self._member_probabilities(self._members[0], self._normalise(self._members[0], raw, valid))
         total: torch.Tensor | None = None
@@ -242,12 +320,49 @@ class Predictor:
         return total
 
     def _whole_tiles(self, tiles: torch.Tensor, valid: torch.Tensor | None, *, logits_ok: bool) -> torch.Tensor:
-        """(N, C, H, W) raw windows that are each one model tile -> (N, K, H, W) probabilities,
-        or logits when `logits_ok` and the predictor makes a single pass (same argmax)."""
+        """(N, C, *window) raw windows that are each one model tile -> (N, K, *window)
+        probabilities, or logits when `logits_ok` and the predictor makes a single pass (same argmax)."""
         if logits_ok and self.single_pass:
             member = self._members[0]
             return self._forward(member, self._normalise(member, tiles, valid), softmax=False)
         return self._tile_probabilities(tiles, valid)
+
+    def _stitch_window(self, pixels: np.ndarray, valid: np.ndarray | None, window: StitchWindow, *,
+                       tile_shape: tuple[int, ...], offsets: list[tuple[int, ...]],
+                       logits_ok: bool) -> SemanticStitcher:
+        """Run a window's model tiles (planned by `plan_tiles`) and add their outputs to a new
+        stitcher of `window`; the caller finalizes it."""
+        x = self._to_device(pixels)  # the raw dtype: _normalise converts
+        v = None if valid is None else self._to_device(valid).unsqueeze(0)
+        stitcher = self._new_stitcher(window)
+        if len(offsets) == 1:  # the model takes the whole window: nothing to blend
+            stitcher.add(offsets, self._whole_tiles(x.unsqueeze(0), None if v is None else v.unsqueeze(0),
+                                                    logits_ok=logits_ok))
+            return stitcher
+        # tiles are cut and stacked in float32 (uint16 tensors have few kernels, on CUDA fewer)
+        x = x.to(torch.float32)
+        v = None if v is None else v.to(torch.float32)
+        bs = self.options.batch_size
+        for start in range(0, len(offsets), bs):
+            batch_offsets = offsets[start : start + bs]
+            regions = [(slice(None), *(slice(o, o + t) for o, t in zip(offset, tile_shape, strict=True)))
+                       for offset in batch_offsets]
+            tiles = torch.stack([x[region] for region in regions])
+            tile_valid = None if v is None else torch.stack([v[region] for region in regions])
+            stitcher.add(batch_offsets, self._tile_probabilities(tiles, tile_valid))
+        return stitcher
+
+    def _window(self, pixels: np.ndarray, valid: np.ndarray | None, core: tuple[slice, ...] | None,
+                with_probabilities: bool, *, logits_ok: bool) -> SemanticStitcher:
+        """Check a window, plan its tiles and stitch them (see `_stitch_window`)."""
+        self._check_window(pixels, valid)
+        window_shape = tuple(pixels.shape[1:])
+        tile_shape, offsets = plan_tiles(window_shape, self.options.tile_size, self.options.tile_overlap)
+        weights = None if len(offsets) == 1 else self._tile_weights(tile_shape)
+        window = StitchWindow(window_shape, core=core, valid=valid, tile_weights=weights,
+                              with_probabilities=with_probabilities)
+        return self._stitch_window(pixels, valid, window, tile_shape=tile_shape, offsets=offsets,
+                                   logits_ok=logits_ok)
 
     @torch.inference_mode()
     def predict_probabilities(self, pixels: np.ndarray, valid: np.ndarray | None = None, *,
@@ -255,39 +370,23 @@ class Predictor:
         """Blended class probabilities of a whole window.
 
         Args:
-            pixels: (C, H, W) raw band values (any numeric dtype), C == card.in_channels.
-            valid: (H, W) bool, False at nodata pixels (fed to the model as the band mean).
+            pixels: (C, *spatial) raw band values (any numeric dtype), C == card.in_channels,
+                spatial (H, W) or (D, H, W) as the model takes.
+            valid: spatial bool, False at nodata pixels (fed to the model as the band mean).
             logits_ok: the caller only needs the argmax: when the window is one tile and the
                 predictor makes a single pass (`single_pass`), return the logits and skip the
                 softmax (same argmax, one pass over K planes less).
 
         Returns:
-            (K, H, W) float32 probabilities (or logits, see `logits_ok`) on the predictor's device.
-        """
-        if pixels.ndim != 3 or pixels.shape[0] != self.card.in_channels:
-            raise ValueError(
-                f"window must be (C={self.card.in_channels}, H, W), got shape {pixels.shape}"
-            )
-        window_shape = tuple(pixels.shape[1:])
-        x = self._to_device(pixels)  # the raw dtype: _normalise converts
-        v = None if valid is None else self._to_device(valid).unsqueeze(0)
-        tile_shape, offsets = plan_tiles(window_shape, self.options.tile_size, self.options.tile_overlap)
-        if len(offsets) == 1:  # the model takes the whole window: nothing to blend
-            return self._whole_tiles(x.unsqueeze(0), None if v is None else v.unsqueeze(0), logits_ok=logits_ok)[0]
-        # tiles are cut and stacked in float32 (uint16 tensors have few kernels, on CUDA fewer)
-        x = x.to(torch.float32)
-        v = None if v is None else v.to(torch.float32)
-        weights = self._tile_weights(tile_shape)
-        acc = BlendAccumulator(window_shape, self.num_classes, device=self.device)
-        bs = self.options.batch_size
-        for start in range(0, len(offsets), bs):
-            batch_offsets = offsets[start : start + bs]
-            windows = [(slice(r, r + tile_shape[0]), slice(c, c + tile_shape[1])) for r, c in batch_offsets]
-            tiles = torch.stack([x[(slice(None), *wnd)] for wnd in windows])
-            tile_valid = None if v is None else torch.stack([v[(slice(None), *wnd)] for wnd in windows])
-            acc.add_batch(batch_offsets, self._tile_probabilities(tiles, tile_valid), weights)
-        return acc.finalize()
+            (K, *spatial) float32 probabilities (or logits, see `logits_ok`) on the predictor's
+            device: ``sum_t w_t p_t / sum_t w_t`` over the tiles t covering each pixel.
 
+        Raises:
+            ValueError: a window of the wrong bands or number of spatial axes.
+        """
+        return self._window(pixels, valid, None, False, logits_ok=logits_ok).finalize_scores()
+
+    @torch.inference_mode()
     def predict_core(
         self, pixels: np.ndarray, valid: np.ndarray | None = None, *, core: tuple[slice, ...] | None = None,
         with_probabilities: bool = False,
@@ -295,18 +394,19 @@ class Predictor:
         """Class labels (and optionally probabilities) of a window's core.
 
         Args:
-            pixels: (C, H, W) raw band values.
-            valid: (H, W) bool or None.
-            core: slices of the core inside the window (default: the whole window).
-            with_probabilities: also return (K, h, w) float16 probabilities.
+            pixels: (C, *spatial) raw band values, spatial (H, W) or (D, H, W).
+            valid: spatial bool or None.
+            core: slices of the core inside the window, one per spatial axis (default: the
+                whole window).
+            with_probabilities: also return (K, *core) float16 probabilities.
 
         Returns:
-            (labels, probs): labels (h, w) uint8 class ids, NODATA_CLASS (255) where `valid` is
-            False; probs (K, h, w) float16 (NaN at nodata) or None.
+            (labels, probs): labels core-shaped uint8 class ids, NODATA_CLASS (255) where
+            `valid` is False; probs (K, *core) float16 (NaN at nodata) or None.
         """
         valid = _none_if_all(valid)
-        probs = self.predict_probabilities(pixels, valid, logits_ok=not with_probabilities)
-        return self._finish_core(probs, valid, core, with_probabilities)
+        result = self._window(pixels, valid, core, with_probabilities, logits_ok=not with_probabilities).finalize()
+        return result.labels, result.probabilities
 
     def windows_per_pass(self, window_shape: tuple[int, ...]) -> int:
         """How many windows of `window_shape` `predict_cores` runs in one forward pass:
@@ -327,7 +427,7 @@ class Predictor:
         tiles are batched). Results equal `predict_core` window by window.
 
         Args:
-            windows: (pixels (C, H, W), valid (H, W) bool or None, core slices or None) each.
+            windows: (pixels (C, *spatial), valid spatial bool or None, core slices or None) each.
             with_probabilities: as in `predict_core`.
 
         Returns:
@@ -337,7 +437,7 @@ class Predictor:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (pixels, _, _) in enumerate(windows):
             shape = tuple(pixels.shape[1:])
-            if pixels.ndim == 3 and self.windows_per_pass(shape) > 1:
+            if pixels.ndim - 1 in SPATIAL_DIMS and self.windows_per_pass(shape) > 1:
                 groups.setdefault(shape, []).append(i)
             else:
                 out[i] = self._predict_one(windows[i], with_probabilities)
@@ -359,10 +459,10 @@ class Predictor:
 
     def _predict_stacked(self, windows: list[tuple[np.ndarray, np.ndarray | None, tuple[slice, ...] | None]],
                          with_probabilities: bool) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """Same-shape single-tile windows as one (N, C, H, W) batch."""
-        for pixels, _, _ in windows:
-            if pixels.shape[0] != self.card.in_channels:
-                raise ValueError(f"window must be (C={self.card.in_channels}, H, W), got shape {pixels.shape}")
+        """Same-shape single-tile windows as one (N, C, *spatial) batch; each window's output
+        goes to its own stitcher (its core and nodata mask)."""
+        for pixels, valid, _ in windows:
+            self._check_window(pixels, valid)
         x = self._stack_to_device([p for p, _, _ in windows])  # the raw dtype: _normalise converts
         masks = [_none_if_all(v) for _, v, _ in windows]
         v = None
@@ -370,27 +470,21 @@ class Predictor:
             ones = np.ones(windows[0][0].shape[1:], dtype=bool)
             v = self._stack_to_device([ones if m is None else m for m in masks]).unsqueeze(1)
         probs = self._whole_tiles(x, v, logits_ok=not with_probabilities)
-        return [self._finish_core(probs[i], valid, core, with_probabilities)
-                for i, ((_, _, core), valid) in enumerate(zip(windows, masks))]
-
-    def _finish_core(self, probs: torch.Tensor, valid: np.ndarray | None, core: tuple[slice, ...] | None,
-                     with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """(K, H, W) window scores -> labels (and float16 probabilities) of the core."""
-        core = core or (slice(None), slice(None))
-        core_probs = probs[(slice(None), *core)]
-        labels = argmax_classes(core_probs)
-        if valid is not None:
-            core_valid = self._to_device(np.ascontiguousarray(valid[core]))
-            labels = torch.where(core_valid, labels, torch.full_like(labels, NODATA_CLASS))
-            if with_probabilities:
-                core_probs = torch.where(core_valid, core_probs, torch.full_like(core_probs, float("nan")))
-        out_probs = core_probs.to(torch.float16).cpu().numpy() if with_probabilities else None
-        return labels.cpu().numpy(), out_probs
+        shape = tuple(windows[0][0].shape[1:])
+        origin = (0,) * len(shape)
+        results = []
+        for i, ((_, _, core), valid) in enumerate(zip(windows, masks)):
+            stitcher = self._new_stitcher(StitchWindow(shape, core=core, valid=valid,
+                                                       with_probabilities=with_probabilities))
+            stitcher.add([origin], probs[i : i + 1])
+            result = stitcher.finalize()
+            results.append((result.labels, result.probabilities))
+        return results
 
     def predict_labels(
         self, pixels: np.ndarray, valid: np.ndarray | None = None, *, core: tuple[slice, ...] | None = None
     ) -> np.ndarray:
-        """(h, w) uint8 class labels of a window's core (see `predict_core`)."""
+        """Core-shaped uint8 class labels of a window's core (see `predict_core`)."""
         return self.predict_core(pixels, valid, core=core)[0]
 
 
@@ -400,30 +494,14 @@ def _none_if_all(valid: np.ndarray | None) -> np.ndarray | None:
     return None if valid is None or bool(valid.all()) else valid
 
 
-def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
-    """(K, H, W) scores -> (H, W) uint8 index of the maximum (first on ties, like torch.argmax).
-
-    Scores in channels-last memory (the class axis innermost, stride 1) take the indices of
-    torch.max over that axis (documented to be the first maximal index, as torch.argmax; on CPU
-    15 ms against torch.argmax's 22 ms for 5 x 1024² random scores, 1 thread). Otherwise a
-    running maximum over the K class planes: each step is a contiguous elementwise pass, about
-    10x faster on CPU than torch.argmax(dim=0) over a cropped (strided) NCHW view.
-    """
-    if probs.stride(0) == 1 and probs.shape[0] > 1:
-        return torch.max(probs, dim=0).indices.to(torch.uint8)
-    best = probs[0].contiguous()
-    labels = torch.zeros(best.shape, dtype=torch.uint8, device=probs.device)
-    for k in range(1, probs.shape[0]):
-        plane = probs[k]
-        better = plane > best
-        best = torch.where(better, plane, best)
-        labels.masked_fill_(better, k)
-    return labels
-
-
 @dataclass(frozen=True)
 class _PreparedMember:
+    """A member ready to run: model on the device (folded, memory format set), its card's
+    name and stride, spatial axes its weights imply (None: unknown), (C,) band statistics."""
+
     model: torch.nn.Module
+    name: str
     stride: int
+    spatial_dims: int | None
     mean: torch.Tensor
     inv_std: torch.Tensor

@@ -4,9 +4,10 @@ They are real torch modules with a tiny state (so they load through the same che
 trained models), but their output is a fixed function of the input:
 
 * ``ThresholdOracle``: class = number of thresholds below the band mean of the normalised input,
-  smoothed over a (2r+1)^2 box (r = ``radius``, reflect padding). With radius 0 it is pointwise, so
-  tiled + blended output must equal whole-image output exactly; with radius r > 0 a chunk is
-  exact when its halo is >= r and the model sees the whole window in one tile.
+  smoothed over a (2r+1)^2 box ((2r+1)^3 for volumes; r = ``radius``, reflect padding). It
+  takes (N, C, H, W) images and (N, C, D, H, W) volumes alike. With radius 0 it is pointwise,
+  so tiled + blended output must equal whole-image output exactly; with radius r > 0 a chunk
+  is exact when its halo is >= r and the model sees the whole window in one tile.
 """
 
 from __future__ import annotations
@@ -38,18 +39,23 @@ class ThresholdOracle(torch.nn.Module):
         self.stride = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) normalised input -> (N, K, H, W) logits."""
+        """(N, C, *spatial) normalised input, spatial (H, W) or (D, H, W) -> (N, K, *spatial) logits."""
+        spatial = x.ndim - 2
+        if spatial not in (2, 3):
+            raise ValueError(f"ThresholdOracle takes (N, C, H, W) or (N, C, D, H, W), got {tuple(x.shape)}")
         v = x.mean(dim=1, keepdim=True)
         if self.radius:
             r = self.radius
-            v = F.avg_pool2d(F.pad(v, (r, r, r, r), mode="reflect"), 2 * r + 1, stride=1)
-        classes = (v > self.thresholds.view(1, -1, 1, 1)).sum(dim=1)
-        one_hot = F.one_hot(classes, num_classes=self.thresholds.numel() + 1).permute(0, 3, 1, 2)
+            pool = F.avg_pool2d if spatial == 2 else F.avg_pool3d
+            v = pool(F.pad(v, (r, r) * spatial, mode="reflect"), 2 * r + 1, stride=1)
+        classes = (v > self.thresholds.view(1, -1, *(1,) * spatial)).sum(dim=1)
+        one_hot = F.one_hot(classes, num_classes=self.thresholds.numel() + 1).movedim(-1, 1)
         return one_hot.to(x.dtype) * self.sharpness
 
 
 def threshold_oracle_numpy(normalised: np.ndarray, num_classes: int) -> np.ndarray:
-    """The pointwise (radius 0) oracle on a whole (C, H, W) normalised image -> (H, W) uint8."""
+    """The pointwise (radius 0) oracle on a whole (C, *spatial) normalised image or volume ->
+    spatial uint8."""
     thresholds = np.linspace(-1.0, 1.0, num_classes - 1, dtype=np.float32)
     v = normalised.astype(np.float32).mean(axis=0)
     return (v[..., None] > thresholds).sum(axis=-1).astype(np.uint8)
