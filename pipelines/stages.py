@@ -100,8 +100,8 @@ def read_stage(row: dict[str, Any], *, scenes: dict[int, SceneContext]) -> dict[
 
 
 def write_stage(row: dict[str, Any], *, scenes: dict[int, SceneContext]) -> dict[str, Any]:
-    """Write the chunk once, its partial stats, then its manifest marker (a fused actor, or a
-    split write task).
+    """Write the chunk (idempotent: a retry rewrites the same bytes), its partial stats, then its
+    manifest marker (a fused actor, or a split write task).
 
     Returns a small record (no pixels) for the driver.
     """
