@@ -15,11 +15,18 @@ For each synthetic scene size, one run measures:
   (blending and cropping, the "stitch", happen inside predict);
 * **peer**: MONAI ``sliding_window_inference`` over the whole scene held in memory (same
   model, tile, overlap, Gaussian blending, batch, device), in a child process so that its
-  peak RSS is its own, with the agreement of its labels with tessera's stored classes.
+  peak RSS is its own, with the agreement of its labels with tessera's stored classes;
+* **equal redundancy**: the two sides compute different model px per output px (tessera: the
+  halo, less the chunks skipped as nodata; the peer: its tile overlap), so the output-px ratio
+  is also given per model px computed and factored into pipeline x plan x nodata skip
+  (:func:`peer_comparison`, :func:`nodata_skip_gain`), and the peer runs a second time at the
+  overlap that matches tessera's redundancy without the skip (:func:`monai_overlap_for_redundancy`).
 
 The maths (:func:`redundancy_factor`, :func:`model_tile_shape`, :func:`throughput_ratios`,
 :func:`predict_model_share`, :func:`breakdown_shares`, :func:`scaling_summary`,
-:func:`monai_memory_estimate`, :func:`monai_skip_reason`, :func:`parse_sizes`) is pure; the
+:func:`monai_memory_estimate`, :func:`monai_skip_reason`, :func:`parse_sizes`,
+:func:`monai_redundancy`, :func:`monai_overlap_for_redundancy`, :func:`nodata_skip_gain`,
+:func:`peer_comparison`) is pure; the
 rest is thin orchestration (:func:`run_bench`). Scene generation is never part of a
 measurement. See docs/benchmarks.md for what each figure means.
 """
@@ -83,6 +90,8 @@ class BenchConfig:
             inference.precision: on CPU auto is fp32, bf16 autocasts, fp16 is refused).
         monai: run the MONAI whole-scene peer.
         monai_max_side: skip the peer above this scene side (it holds the scene in memory).
+        monai_equal_redundancy: also run the peer at the overlap whose model px per output px
+            equal tessera's plan without nodata skipping (:func:`monai_overlap_for_redundancy`).
         seed: synthetic scene seed.
         out_dir: folder for scenes (inputs/), job outputs (runs/) and result JSON files.
         raw_batches: distinct input batches put on the device for the raw measurement.
@@ -112,6 +121,7 @@ class BenchConfig:
     precision: str = "auto"
     monai: bool = True
     monai_max_side: int = 16384
+    monai_equal_redundancy: bool = True
     seed: int = 7
     out_dir: Path = Path("tessera-bench")
     raw_batches: int = 2
@@ -252,6 +262,118 @@ def throughput_ratios(raw_px_s: float, e2e_px_s: float, redundancy: float) -> di
         )
     ratio = e2e_px_s / raw_px_s
     return {"ratio": ratio, "ideal_ratio": 1.0 / redundancy, "efficiency": ratio * redundancy}
+
+
+def monai_redundancy(shape: Sequence[int], roi: int, overlap: float, *, stride: int = 1) -> float:
+    """Model px per output px of MONAI's ``sliding_window_inference`` over a whole scene.
+
+    As MONAI 1.x plans it (``_get_scan_interval``, ``dense_patch_slices``): per axis the image
+    is padded up to the roi if smaller, ``S = max(shape, roi)``; the interval is
+    ``i = int(roi * (1 - overlap))`` (at least 1; ``roi`` when ``roi == S``); there are
+    ``n = max(0, ceil((S - roi) / i)) + 1`` windows, the last shifted back to end at ``S``. Each
+    window costs ``roi`` rounded up to the stride (the peer pads tiles as the predictor does):
+    ``redundancy = prod_a(n_a * stride_padded(roi)) / prod(shape)``.
+
+    Example: roi 1088, overlap 0.25 on 16384: i = 816, n = 20, (20 * 1088 / 16384)^2 = 1.764.
+    """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+    if roi < 1:
+        raise ValueError(f"roi must be >= 1 px, got {roi!r}")
+    model_px = 1
+    for n_px in shape:
+        size = max(int(n_px), roi)
+        interval = roi if roi == size else max(1, int(roi * (1 - overlap)))
+        windows = max(0, -(-(size - roi) // interval)) + 1
+        model_px *= windows * stride_padded((roi,), stride)[0]
+    return model_px / math.prod(int(n) for n in shape)
+
+
+def monai_overlap_for_redundancy(shape: Sequence[int], roi: int, target: float, *, stride: int = 1) -> float:
+    """The peer's overlap whose redundancy (:func:`monai_redundancy`) is closest to ``target``.
+
+    MONAI's plan depends on the overlap only through the integer interval
+    ``int(roi * (1 - overlap))``, so every interval from ``roi`` (overlap 0) down to 1 is tried;
+    ties go to the smaller overlap. The overlap returned is ``0.0`` for ``interval == roi`` and
+    ``1 - (interval + 0.5) / roi`` otherwise, which MONAI turns back into exactly that interval.
+    """
+    if target <= 0:
+        raise ValueError(f"target redundancy must be > 0, got {target!r}")
+    best: tuple[float, float] | None = None
+    for interval in range(roi, 0, -1):
+        overlap = 0.0 if interval == roi else 1 - (interval + 0.5) / roi
+        gap = abs(monai_redundancy(shape, roi, overlap, stride=stride) - target)
+        if best is None or gap < best[0] - 1e-12:
+            best = (gap, overlap)
+    assert best is not None
+    return best[1]
+
+
+def nodata_skip_gain(
+    shape: Sequence[int], chunk: int, halo: int, tile: int, overlap: float, *, stride: int = 1,
+    skipped: Collection[Sequence[int]] = (), raw_px_s: float | None = None,
+) -> dict[str, float | None]:
+    """What skipping wholly nodata chunks saves, on its own (pure; from the plan).
+
+    Returns:
+        skipped_chunk_share: skipped chunks / chunks.
+        skipped_px_share: scene px in the cores of skipped chunks / scene px.
+        redundancy_without_skip: :func:`redundancy_factor` had every chunk been computed.
+        skip_model_px_saved_share: ``1 - redundancy / redundancy_without_skip``, the share of
+            model work the skip saves.
+        skip_gain: ``redundancy_without_skip / redundancy``, the factor by which the skip cuts
+            the model work (the speed-up of a model-bound job; inf when every chunk is skipped).
+        skip_model_s_saved: bare-model seconds saved, ``(redundancy_without_skip - redundancy) *
+            scene px / raw_px_s`` (None without raw_px_s).
+    """
+    skip = {tuple(int(i) for i in index) for index in skipped}
+    windows = plan_chunks(tuple(shape), chunk, halo)
+    scene_px = math.prod(int(n) for n in shape)
+    skipped_px = sum(math.prod(w.core_shape) for w in windows if w.index in skip)
+    with_skip = redundancy_factor(shape, chunk, halo, tile, overlap, stride=stride, skipped=skip)
+    without = redundancy_factor(shape, chunk, halo, tile, overlap, stride=stride)
+    return {
+        "skipped_chunk_share": sum(1 for w in windows if w.index in skip) / len(windows),
+        "skipped_px_share": skipped_px / scene_px,
+        "redundancy_without_skip": without,
+        "skip_model_px_saved_share": 1 - with_skip / without,
+        "skip_gain": without / with_skip if with_skip > 0 else math.inf,
+        "skip_model_s_saved": None if not raw_px_s else (without - with_skip) * scene_px / raw_px_s,
+    }
+
+
+def peer_comparison(
+    *, e2e_px_s: float, redundancy: float, redundancy_without_skip: float, monai_px_s: float | None,
+    monai_redundancy: float,
+) -> dict[str, float | None]:
+    """tessera against the peer per output px, and split into where the difference comes from.
+
+    Output px/s hides that the two compute different amounts of model work per output px
+    (tessera: the halo, less skipped nodata chunks; the peer: its tile overlap over the whole
+    scene). Per model px computed, ``tessera_model_px_s = e2e_px_s * redundancy`` and
+    ``monai_model_px_s = monai_px_s * monai_redundancy``, and the output-px ratio factors
+    exactly into three:
+
+        tessera_vs_monai = per_model_px * plan_gain * skip_gain
+
+    with ``per_model_px = tessera_model_px_s / monai_model_px_s`` (how fast each side turns
+    model work into results, the pipeline's own cost and gain), ``plan_gain = monai_redundancy
+    / redundancy_without_skip`` (halo crop against overlapping tiles) and ``skip_gain =
+    redundancy_without_skip / redundancy`` (nodata chunks not computed; reported by
+    :func:`nodata_skip_gain`, not here). The peer's figures are None without a peer.
+    """
+    if redundancy <= 0 or redundancy_without_skip <= 0 or monai_redundancy <= 0:
+        raise ValueError(f"redundancies must be > 0, got {redundancy}, {redundancy_without_skip}, {monai_redundancy}")
+    if not monai_px_s:
+        return {"tessera_model_px_s": e2e_px_s * redundancy, "monai_model_px_s": None,
+                "tessera_vs_monai_per_model_px": None, "plan_gain_vs_monai": None}
+    monai_model_px_s = monai_px_s * monai_redundancy
+    return {
+        "tessera_model_px_s": e2e_px_s * redundancy,
+        "monai_model_px_s": monai_model_px_s,
+        "tessera_vs_monai_per_model_px": e2e_px_s * redundancy / monai_model_px_s,
+        "plan_gain_vs_monai": monai_redundancy / redundancy_without_skip,
+    }
 
 
 def predict_model_share(*, model_px: float, raw_px_s: float, predict_s: float, actors: int = 1) -> float | None:
@@ -837,6 +959,10 @@ class _Resolved:
                 "tessera_total_peak_mib counts shared pages (Ray's object store) once per process: an upper bound",
                 "tessera_job_pss_peak_mib: summed PSS of the driver and the Ray worker processes (Ray's "
                 "daemons apart, in tessera_system_pss_peak_mib); compared with the peer's RSS",
+                "tessera_all_pss_peak_mib: peak of the summed PSS of the driver, workers and Ray's daemons "
+                "sampled together; memory_all_vs_monai compares it with the peer's RSS",
+                "tessera_vs_monai = tessera_vs_monai_per_model_px * plan_gain_vs_monai * skip_gain; "
+                "tessera_vs_monai_eq: against the peer run at tessera's redundancy without nodata skipping",
             ],
         }
 
@@ -946,23 +1072,39 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
     estimate = monai_memory_estimate(shape, channels=card.in_channels, classes=card.num_classes, input_itemsize=2)
     monai_skipped = monai_skip_reason(size, enabled=c.monai, max_side=c.monai_max_side, estimate_bytes=estimate,
                                       available_bytes=psutil.virtual_memory().available)
+    skip = nodata_skip_gain(shape, c.chunk_size, r.halo, r.tile, c.tile_overlap, stride=card.stride,
+                            skipped=skipped, raw_px_s=raw["px_s"])
+    peer_redundancy = monai_redundancy(shape, r.tile, c.tile_overlap, stride=card.stride)
+    eq_overlap = monai_overlap_for_redundancy(shape, r.tile, skip["redundancy_without_skip"], stride=card.stride)
+    eq_redundancy = monai_redundancy(shape, r.tile, eq_overlap, stride=card.stride)
+
+    def run_peer(overlap: float) -> dict[str, Any]:
+        return _in_child(
+            "run_monai_peer", malloc_tuning=c.malloc_tuning, card_path=str(r.card_path), scene_path=str(scene), tile_size=r.tile,
+            overlap=overlap, batch_size=r.batch, device=r.device, precision=c.precision,
+            threads=r.model_threads, zarr_path=str(outcome.context.zarr_path), channels_last=c.channels_last,
+            fold_bn=c.fold_batchnorm,
+        )
+
     peer: dict[str, Any] = {}
+    peer_eq: dict[str, Any] = {}
     if monai_skipped:
         say(f"{size}^2: MONAI peer skipped: {monai_skipped}")
     else:
         say(f"{size}^2: MONAI sliding_window_inference over the whole scene (separate process)")
-        peer = _in_child(
-            "run_monai_peer", malloc_tuning=c.malloc_tuning, card_path=str(r.card_path), scene_path=str(scene), tile_size=r.tile,
-            overlap=c.tile_overlap, batch_size=r.batch, device=r.device, precision=c.precision,
-            threads=r.model_threads, zarr_path=str(outcome.context.zarr_path), channels_last=c.channels_last,
-            fold_bn=c.fold_batchnorm,
-        )
+        peer = run_peer(c.tile_overlap)
+        if c.monai_equal_redundancy:
+            say(f"{size}^2: MONAI again at equal redundancy: overlap {eq_overlap:.4f}, "
+                f"{eq_redundancy:.3f} model px per output px (tessera {skip['redundancy_without_skip']:.3f} "
+                "without nodata skipping)")
+            peer_eq = run_peer(eq_overlap)
 
     seconds = {stage: float(outcome.row[f"{stage}_s"]) for stage in BREAKDOWN_STAGES}
     e2e_px_s = size * size / wall_s
     peaks = memory.peaks
     tessera_total, monai_rss = _mib(peaks.total_rss), _mib(peer.get("peak_rss_bytes"))
     tessera_job = _mib(peaks.job_pss)
+    tessera_all = _mib(peaks.all_pss)
     row = {
         "size": size,
         "scene_px": size * size,
@@ -990,6 +1132,7 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
         "tessera_job_pss_peak_mib": tessera_job,
         "tessera_job_rss_peak_mib": _mib(peaks.job_rss),
         "tessera_system_pss_peak_mib": _mib(peaks.system_pss),
+        "tessera_all_pss_peak_mib": tessera_all,
         "tessera_gpu_peak_mib": gpu.increase_mib,
         "tessera_gpu_busy": gpu.busy,
         "raw_gpu_peak_mib": _mib(raw["gpu_peak_bytes"]),
@@ -1003,6 +1146,21 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
         "monai_skipped": monai_skipped,
         "tessera_vs_monai": _safe_div(e2e_px_s, peer.get("px_s")),
         "memory_vs_monai": _safe_div(tessera_job, monai_rss),
+        "memory_all_vs_monai": _safe_div(tessera_all, monai_rss),
+        # nodata skipping as its own gain, and the peer per model px computed
+        **skip,
+        "monai_redundancy": peer_redundancy,
+        **peer_comparison(e2e_px_s=e2e_px_s, redundancy=redundancy,
+                          redundancy_without_skip=skip["redundancy_without_skip"],
+                          monai_px_s=peer.get("px_s"), monai_redundancy=peer_redundancy),
+        # the peer run again at tessera's redundancy (without the skip)
+        "monai_eq_overlap": eq_overlap if peer_eq else None,
+        "monai_eq_redundancy": eq_redundancy if peer_eq else None,
+        "monai_eq_px_s": peer_eq.get("px_s"),
+        "monai_eq_s": peer_eq.get("seconds"),
+        "monai_eq_peak_rss_mib": _mib(peer_eq.get("peak_rss_bytes")),
+        "monai_eq_agreement": peer_eq.get("agreement"),
+        "tessera_vs_monai_eq": _safe_div(e2e_px_s, peer_eq.get("px_s")),
     }
     say(f"{size}^2: e2e {e2e_px_s / 1e6:.3f} Mpx/s, raw {raw['px_s'] / 1e6:.3f} Mpx/s, "
         f"redundancy {redundancy:.3f}, wall {wall_s:.1f} s")
@@ -1072,7 +1230,8 @@ def _fmt(value: float | None, spec: str = ".3f", scale: float = 1.0, suffix: str
 
 
 def render_tables(result: Mapping[str, Any]) -> list[Any]:
-    """Rich tables of a result: throughput, memory, the MONAI peer, and the stage breakdown."""
+    """Rich tables of a result: throughput, memory, the MONAI peer, the peer at equal redundancy
+    with the nodata skip apart, and the stage breakdown."""
     from rich.table import Table
 
     def table(title: str, *columns: str) -> Table:
@@ -1090,9 +1249,14 @@ def render_tables(result: Mapping[str, Any]) -> list[Any]:
         "1st chunk s", "after it Mpx/s",
     )
     memory = table("peak memory, MiB", "size", "driver RSS", "largest worker RSS", "job PSS (driver+workers)",
-                   "Ray daemons PSS", "all RSS (upper bound)", "x smallest (job)", "GPU")
+                   "Ray daemons PSS", "all PSS (job+daemons)", "all RSS (upper bound)", "x smallest (job)", "GPU")
     peer = table("MONAI sliding_window_inference, whole scene in memory",
-                 "size", "Mpx/s", "tessera / MONAI", "RSS MiB", "GPU MiB", "memory tessera / MONAI", "agreement")
+                 "size", "Mpx/s", "tessera / MONAI", "RSS MiB", "GPU MiB", "memory tessera / MONAI",
+                 "memory incl. daemons / MONAI", "agreement")
+    fair = table("tessera / MONAI at equal redundancy (model px per output px) and the nodata skip",
+                 "size", "redund. tessera", "w/o skip", "redund. MONAI", "per model px", "plan gain",
+                 "skip gain", "chunks skipped", "px skipped", "model s saved", "MONAI eq. overlap",
+                 "MONAI eq. Mpx/s", "tessera / MONAI eq.", "eq. agreement")
     stages = table("where the job's busy seconds go (stitch runs inside predict)",
                    "size", *BREAKDOWN_STAGES, "predictor busy", "model share of predict", "GPU busy")
     skipped: list[str] = []
@@ -1107,6 +1271,7 @@ def render_tables(result: Mapping[str, Any]) -> list[Any]:
         memory.add_row(
             size, _fmt(r["tessera_driver_peak_mib"], ".0f"), _fmt(r["tessera_worker_peak_mib"], ".0f"),
             _fmt(r["tessera_job_pss_peak_mib"], ".0f"), _fmt(r["tessera_system_pss_peak_mib"], ".0f"),
+            _fmt(r.get("tessera_all_pss_peak_mib"), ".0f"),
             _fmt(r["tessera_total_peak_mib"], ".0f"), _fmt(r["memory_vs_smallest"], ".2f"),
             _fmt(r["tessera_gpu_peak_mib"], ".0f"),
         )
@@ -1114,15 +1279,27 @@ def render_tables(result: Mapping[str, Any]) -> list[Any]:
             peer.add_row(
                 size, _fmt(r["monai_px_s"], ".3f", 1e6), _fmt(r["tessera_vs_monai"], ".2f"),
                 _fmt(r["monai_peak_rss_mib"], ".0f"), _fmt(r["monai_gpu_peak_mib"], ".0f"),
-                _fmt(r["memory_vs_monai"], ".2f"), _fmt(r["monai_agreement"], ".4f"),
+                _fmt(r["memory_vs_monai"], ".2f"), _fmt(r.get("memory_all_vs_monai"), ".2f"),
+                _fmt(r["monai_agreement"], ".4f"),
             )
         else:
-            peer.add_row(size, "skipped", *(["-"] * 5))
+            peer.add_row(size, "skipped", *(["-"] * 6))
             skipped.append(f"{size}: {r['monai_skipped']}")
+        fair.add_row(
+            size, _fmt(r["redundancy"]), _fmt(r.get("redundancy_without_skip")), _fmt(r.get("monai_redundancy")),
+            _fmt(r.get("tessera_vs_monai_per_model_px"), ".2f"), _fmt(r.get("plan_gain_vs_monai"), ".2f"),
+            _fmt(r.get("skip_gain"), ".2f"), _fmt(r.get("skipped_chunk_share"), ".1%"),
+            _fmt(r.get("skipped_px_share"), ".1%"), _fmt(r.get("skip_model_s_saved"), ".1f"),
+            _fmt(r.get("monai_eq_overlap"), ".4f"), _fmt(r.get("monai_eq_px_s"), ".3f", 1e6),
+            _fmt(r.get("tessera_vs_monai_eq"), ".2f"), _fmt(r.get("monai_eq_agreement"), ".4f"),
+        )
         stages.add_row(size, *(_fmt(r["breakdown"][s], ".1%") for s in BREAKDOWN_STAGES),
                        _fmt(r["predictor_busy"], ".1%"), _fmt(r["predict_model_share"], ".1%"),
                        _fmt(r.get("tessera_gpu_busy"), ".1%"))
     if skipped:
         peer.caption = "\n".join(skipped)
         peer.caption_justify = "left"
-    return [speed, memory, peer, stages]
+    fair.caption = ("tessera / MONAI = per model px x plan gain x skip gain; "
+                    "MONAI eq.: the peer at the overlap giving tessera's redundancy without the skip")
+    fair.caption_justify = "left"
+    return [speed, memory, peer, fair, stages]

@@ -201,6 +201,9 @@ def bench(
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (autocast on GPU).")] = "auto",
     monai: Annotated[bool, typer.Option("--monai/--no-monai", help="Run the MONAI whole-scene peer.")] = True,
     monai_max_side: Annotated[int, typer.Option(help="Skip the MONAI peer above this scene side.")] = 16384,
+    monai_equal_redundancy: Annotated[bool, typer.Option(
+        "--monai-equal-redundancy/--no-monai-equal-redundancy",
+        help="Also run the peer at the overlap that gives tessera's model px per output px.")] = True,
     malloc_tuning: Annotated[bool, typer.Option(
         "--malloc-tuning/--no-malloc-tuning",
         help="Job, bare model and peer with the malloc tunables of workers.runtime (the job default).")] = True,
@@ -223,7 +226,7 @@ def bench(
             sizes=parse_sizes(size or ["4096"]), model=model, chunk_size=chunk_size, halo=halo,
             tile_size=tile_size, tile_overlap=overlap, batch_size=batch_size, actors=actors,
             torch_threads=torch_threads, device=device, precision=precision, monai=monai,
-            monai_max_side=monai_max_side, seed=seed, out_dir=out, malloc_tuning=malloc_tuning,
+            monai_max_side=monai_max_side, monai_equal_redundancy=monai_equal_redundancy, seed=seed, out_dir=out, malloc_tuning=malloc_tuning,
             channels_last=channels_last, fold_batchnorm=fold_batchnorm,
         )
         result = run_bench(config, on_progress=lambda line: console.print(f"[dim]{line}[/]"))

@@ -1,11 +1,11 @@
 """The Ray wiring of a job: plan -> read -> predict -> write chunk + partial stats -> merge.
 
 Everything Ray lives here. The stream runs over the chunk plans of every scene: read windows
--> predictor actors (GPU/CPU, model loaded once per actor) -> write each chunk exactly once to
-Zarr with its partial region statistics and a manifest marker. On CPU one fused actor per core
-does all three for its chunks (`pipelines.fused`); on GPUs read and write tasks run beside the
-predictor actors (`pipelines.split`). The driver holds plans and small records, never pixels;
-it merges partial statistics per scene.
+-> predictor actors (GPU/CPU, model loaded once per actor) -> write each chunk to Zarr
+(idempotent: a retry rewrites the same bytes) with its partial region statistics and a manifest
+marker. On CPU one fused actor per core does all three for its chunks (`pipelines.fused`); on
+GPUs read and write tasks run beside the predictor actors (`pipelines.split`). The driver holds
+plans and small records, never pixels; it merges partial statistics per scene.
 
 Resumability: each finished chunk leaves `<root>/_work/<scene>/<fingerprint>/<index>.json`
 (written last, atomically) beside its partial stats. A re-run with the same fingerprint computes
@@ -532,7 +532,7 @@ def run_job(
     ray_address: str | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> JobResult:
-    """Run a job: every scene in the spec, each chunk computed and written at most once.
+    """Run a job: every scene in the spec; each chunk owned by one task per attempt, written idempotently.
 
     Args:
         spec: the validated job spec.

@@ -26,6 +26,9 @@ class MemoryPeaks:
         system_pss: peak of the summed PSS of the other descendants: Ray's fixed daemons
             (GCS, raylet, dashboard, agents, log monitor), which do not grow with the job.
         job_rss: peak of the summed RSS of the processes counted in job_pss.
+        all_pss: peak of the summed PSS of every process counted (this process, the Ray
+            workers and Ray's daemons), sampled together: what the whole local tessera job
+            holds; at most ``job_pss + system_pss``.
     """
 
     driver_rss: int
@@ -34,6 +37,7 @@ class MemoryPeaks:
     job_pss: int = 0
     system_pss: int = 0
     job_rss: int = 0
+    all_pss: int = 0
 
 
 def is_ray_worker(process: psutil.Process) -> bool:
@@ -97,6 +101,7 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tessera-memory", daemon=True)
         self._driver = self._child = self._total = self._job_pss = self._system_pss = self._job_rss = 0
+        self._all_pss = 0
         self.peaks: MemoryPeaks | None = None
 
     def _sample(self) -> None:
@@ -122,6 +127,7 @@ class MemorySampler:
         self._job_pss = max(self._job_pss, job_pss)
         self._job_rss = max(self._job_rss, job_rss)
         self._system_pss = max(self._system_pss, system_pss)
+        self._all_pss = max(self._all_pss, job_pss + system_pss)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -137,4 +143,4 @@ class MemorySampler:
         self._thread.join()
         self._sample()
         self.peaks = MemoryPeaks(self._driver, self._child, self._total, self._job_pss, self._system_pss,
-                                 self._job_rss)
+                                 self._job_rss, self._all_pss)

@@ -74,7 +74,7 @@ def read_stage(task: ChunkTask, *, scenes: dict[int, SceneContext]) -> ReadWindo
 
 
 def write_stage(prediction: Prediction, *, scenes: dict[int, SceneContext]) -> ChunkResult:
-    """Write the chunk (idempotent: a retry writes the same bytes), its partial stats, then its
+    """Write the chunk (idempotent: a retry rewrites the same bytes), its partial stats, then its
     manifest marker (a fused actor, or a split write task).
 
     Returns a small record (no pixels) for the driver.

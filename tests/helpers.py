@@ -12,7 +12,7 @@ from rasterio.transform import from_origin
 from schemas import store as layout
 from schemas.job import JobSpec
 from workers.checkpoints import save_checkpoint
-from workers.models.oracles import ThresholdOracle
+from workers.models.oracles import RampOracle, ThresholdOracle
 
 UTM33N = "EPSG:32633"
 
@@ -56,6 +56,25 @@ def oracle_checkpoint(out_dir: Path, *, bands: int = 4, num_classes: int = 4, ra
     fields = {
         "architecture": "oracle_threshold",
         "arch_args": {"radius": radius},
+        "in_channels": bands,
+        "classes": [{"id": i, "name": f"class{i}"} for i in range(num_classes)],
+        "bands": [{"name": f"b{i + 1}", "mean": mean, "std": std} for i in range(bands)],
+        "tile_size": tile_size,
+        "halo": halo,
+        "stride": 1,
+    }
+    return save_checkpoint(model, fields, out_dir, name=name)
+
+
+def ramp_oracle_checkpoint(out_dir: Path, *, bands: int = 4, num_classes: int = 3, slope: float = 8.0,
+                           gain: float = 1.0, mean: float = 10000.0, std: float = 3000.0, tile_size: int = 32,
+                           halo: int = 8, name: str = "ramp-oracle") -> Path:
+    """A RampOracle (position-dependent scores, see workers.models.oracles) saved with a valid
+    card; returns the card path."""
+    model = RampOracle(bands, num_classes, slope=slope, gain=gain)
+    fields = {
+        "architecture": "oracle_ramp",
+        "arch_args": {"slope": slope, "gain": gain},
         "in_channels": bands,
         "classes": [{"id": i, "name": f"class{i}"} for i in range(num_classes)],
         "bands": [{"name": f"b{i + 1}", "mean": mean, "std": std} for i in range(bands)],

@@ -17,8 +17,12 @@ from pipelines.bench import (
     breakdown_shares,
     model_tile_shape,
     monai_memory_estimate,
+    monai_overlap_for_redundancy,
+    monai_redundancy,
     monai_skip_reason,
+    nodata_skip_gain,
     parse_sizes,
+    peer_comparison,
     predict_model_share,
     redundancy_factor,
     render_tables,
@@ -70,6 +74,79 @@ def test_model_tile_shape_and_stride_padding():
     assert model_tile_shape((1088, 1088), 4096, 0.25) == (1088, 1088)
     assert model_tile_shape((72, 72), 80, 0.25, stride=16) == (80, 80)
     assert stride_padded((1, 16, 17), 16) == (16, 16, 32)
+
+
+# ----------------------------------------------------------------------------- the peer's redundancy
+
+
+def test_monai_redundancy_of_the_default_peer():
+    # roi 1088, overlap 0.25: interval 816; 16384 needs 20 windows per axis -> (20 * 1088 / 16384)^2
+    assert monai_redundancy((16384, 16384), 1088, 0.25) == (20 * 1088 / 16384) ** 2 == 1.763916015625
+    # overlap 0 on a multiple of 1024: 16 abutting 1088-px windows, the halo cost exactly
+    assert monai_redundancy((16384, 16384), 1088, 0.0) == (1088 / 1024) ** 2
+    # an axis smaller than the roi is padded up to it (one window); 300 px at interval 64: 4 windows
+    assert monai_redundancy((100, 300), 128, 0.5) == 128 * (4 * 128) / (100 * 300)
+    # stride padding of the roi
+    assert monai_redundancy((64,), 60, 0.0, stride=16) == 2 * 64 / 64
+
+
+@pytest.mark.parametrize(("shape", "roi", "overlap"), [
+    ((16384, 16384), 1088, 0.25), ((4096, 8192), 1088, 0.25), ((1000, 999), 64, 0.5), ((300, 77), 100, 0.1),
+    ((256, 256), 64, 1 - 47.5 / 64), ((50, 60), 64, 0.25),
+])
+def test_monai_redundancy_equals_monais_own_plan(shape, roi, overlap):
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    padded = tuple(max(n, roi) for n in shape)
+    interval = _get_scan_interval(padded, (roi,) * len(shape), len(shape), (overlap,) * len(shape))
+    windows = dense_patch_slices(padded, (roi,) * len(shape), interval)
+    assert monai_redundancy(shape, roi, overlap) == pytest.approx(len(windows) * roi ** len(shape) / math.prod(shape))
+
+
+def test_monai_overlap_for_redundancy_matches_the_target():
+    # 16k scene, 1088 roi: overlap 0 gives exactly tessera's (1 + 2 * 32 / 1024)^2
+    assert monai_overlap_for_redundancy((16384, 16384), 1088, 1.12890625) == 0.0
+    # 256 scene, roi 64, target 2.25 = (6 * 64 / 256)^2: intervals 39..47 give 6 windows; the
+    # largest (least overlap) wins, and MONAI turns the overlap back into that interval
+    overlap = monai_overlap_for_redundancy((256, 256), 64, 2.25)
+    assert int(64 * (1 - overlap)) == 47
+    assert monai_redundancy((256, 256), 64, overlap) == 2.25
+    with pytest.raises(ValueError, match="> 0"):
+        monai_overlap_for_redundancy((256, 256), 64, 0.0)
+
+
+def test_nodata_skip_gain():
+    # 256^2, chunk 128, halo 16, tile 64 (3 x 3 tiles per 160-px window): redundancy 2.25 unskipped
+    got = nodata_skip_gain((256, 256), 128, 16, 64, 0.25, skipped=[(0, 0)], raw_px_s=1e6)
+    assert got == {
+        "skipped_chunk_share": 0.25, "skipped_px_share": 0.25, "redundancy_without_skip": 2.25,
+        "skip_model_px_saved_share": 0.25, "skip_gain": pytest.approx(4 / 3),
+        # 0.5625 model px per output px saved over 65536 px at 1 Mpx/s
+        "skip_model_s_saved": pytest.approx(0.5625 * 256**2 / 1e6),
+    }
+    # an edge chunk is smaller: 100 x 100 in 64-px chunks, skipping (1, 1) skips its 36 x 36 core
+    edge = nodata_skip_gain((100, 100), 64, 0, 64, 0.0, skipped=[(1, 1)])
+    assert edge["skipped_px_share"] == 36 * 36 / 100**2 and edge["skipped_chunk_share"] == 0.25
+    assert edge["skip_model_s_saved"] is None
+    assert nodata_skip_gain((100, 100), 64, 0, 64, 0.0)["skip_gain"] == 1.0
+
+
+def test_peer_comparison_factors_the_output_ratio():
+    # tessera 6 Mpx/s at redundancy 0.9 (1.129 without the skip); the peer 2 Mpx/s at 1.764
+    got = peer_comparison(e2e_px_s=6e6, redundancy=0.9, redundancy_without_skip=1.129, monai_px_s=2e6,
+                          monai_redundancy=1.764)
+    assert got["tessera_model_px_s"] == pytest.approx(5.4e6)
+    assert got["monai_model_px_s"] == pytest.approx(3.528e6)
+    assert got["tessera_vs_monai_per_model_px"] == pytest.approx(5.4 / 3.528)
+    assert got["plan_gain_vs_monai"] == pytest.approx(1.764 / 1.129)
+    skip_gain = 1.129 / 0.9
+    assert got["tessera_vs_monai_per_model_px"] * got["plan_gain_vs_monai"] * skip_gain == pytest.approx(6 / 2)
+    none = peer_comparison(e2e_px_s=6e6, redundancy=0.9, redundancy_without_skip=1.129, monai_px_s=None,
+                           monai_redundancy=1.764)
+    assert none["monai_model_px_s"] is None and none["tessera_vs_monai_per_model_px"] is None
+    with pytest.raises(ValueError, match="> 0"):
+        peer_comparison(e2e_px_s=1.0, redundancy=0.0, redundancy_without_skip=1.0, monai_px_s=1.0, monai_redundancy=1.0)
 
 
 # ----------------------------------------------------------------------------- ratios and shares
@@ -201,7 +278,18 @@ def test_bench_smoke_run(card, tmp_path, ray_local):
     if card == "oracle":
         # pointwise oracle, one-hot probabilities: tiling and blending cannot change a label
         assert row["monai_agreement"] == 1.0
-    assert len(render_tables(result)) == 4
+    # the peer at equal redundancy: tessera's plan (3 x 3 tiles of 64 per 160-px window) costs 2.25
+    assert row["redundancy_without_skip"] == 2.25 and row["monai_redundancy"] == monai_redundancy((256, 256), 64, 0.25)
+    assert row["monai_eq_redundancy"] == 2.25 and row["monai_eq_px_s"] > 0 and row["monai_eq_agreement"] > 0.9
+    assert row["tessera_vs_monai_eq"] == pytest.approx(row["e2e_px_s"] / row["monai_eq_px_s"])
+    assert row["tessera_vs_monai_per_model_px"] * row["plan_gain_vs_monai"] * row["skip_gain"] == pytest.approx(
+        row["tessera_vs_monai"])
+    assert row["skipped_chunk_share"] == row["n_chunks_skipped"] / row["n_chunks"]
+    # memory over every process, Ray's daemons included, sampled together
+    assert row["tessera_job_pss_peak_mib"] < row["tessera_all_pss_peak_mib"] <= (
+        row["tessera_job_pss_peak_mib"] + row["tessera_system_pss_peak_mib"] + 1e-6)
+    assert row["memory_all_vs_monai"] == pytest.approx(row["tessera_all_pss_peak_mib"] / row["monai_peak_rss_mib"])
+    assert len(render_tables(result)) == 5
 
 
 def test_gpu_sampler_reads_memory_and_utilization_from_nvidia_smi(tmp_path, monkeypatch):

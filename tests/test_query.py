@@ -57,15 +57,19 @@ def test_queries_write_no_file_anywhere(root: Path, tmp_path_factory: pytest.Tem
     assert list(outside.iterdir()) == []
 
 
-@pytest.mark.parametrize("sql", [
-    "SELECT * FROM read_csv('{secret}')",
-    "SELECT * FROM read_parquet('{root}/tables/chunks/a.parquet')",  # even the tables' own files: use the views
-    "SET enable_external_access = true",
+@pytest.mark.parametrize(("sql", "error", "message"), [
+    ("SELECT * FROM read_csv('{secret}')", duckdb.PermissionException,
+     r'Cannot access file ".*secret\.csv" - file system operations are disabled by configuration'),
+    # even the tables' own files: use the views
+    ("SELECT * FROM read_parquet('{root}/tables/chunks/a.parquet')", duckdb.PermissionException,
+     r'Cannot access file ".*/tables/chunks/a\.parquet" - file system operations are disabled by configuration'),
+    ("SET enable_external_access = true", duckdb.InvalidInputException,
+     r'Cannot change configuration option "enable_external_access" - the configuration has been locked'),
 ])
-def test_queries_read_nothing_but_the_views(root: Path, tmp_path: Path, sql: str) -> None:
+def test_queries_read_nothing_but_the_views(root: Path, tmp_path: Path, sql: str, error: type, message: str) -> None:
     secret = tmp_path / "secret.csv"
     secret.write_text("token\nhunter2\n")
-    with pytest.raises(duckdb.Error):
+    with pytest.raises(error, match=message):
         run_query(root, sql.format(root=root, secret=secret))
 
 

@@ -27,6 +27,7 @@ SEMANTIC_CASES = [
     pytest.param("unet", {}, id="unet"),
     pytest.param("unet", {"depth": 2, "upsample": "bilinear", "base_channels": 4}, id="unet-bilinear"),
     pytest.param("oracle_threshold", {"radius": 1}, id="oracle_threshold"),
+    pytest.param("oracle_ramp", {"slope": 6.0}, id="oracle_ramp"),
     pytest.param("lraspp", {}, id="lraspp"),
     pytest.param("deeplabv3", {"backbone": "mobilenet_v3_large"}, id="deeplabv3-mobilenet"),
     pytest.param("deeplabv3plus", {}, id="deeplabv3plus"),
@@ -101,8 +102,8 @@ def test_semantic_cases_cover_every_semantic_architecture():
 
 def test_registry_names_and_kinds():
     assert architectures() == (
-        "deeplabv3", "deeplabv3plus", "fcn_resnet50", "lraspp", "maskrcnn", "oracle_threshold", "pspnet",
-        "unet", "unet_smp",
+        "deeplabv3", "deeplabv3plus", "fcn_resnet50", "lraspp", "maskrcnn", "oracle_ramp", "oracle_threshold",
+        "pspnet", "unet", "unet_smp",
     )
     assert {name: model_kind(name) for name in architectures()}["maskrcnn"] == "instance"
     assert [name for name in architectures() if model_kind(name) == "instance"] == ["maskrcnn"]
@@ -115,6 +116,7 @@ def test_registry_names_and_kinds():
         ("unet", {}, 16),
         ("unet", {"depth": 2}, 4),
         ("oracle_threshold", {}, 1),
+        ("oracle_ramp", {"gain": 0.5}, 1),
         ("fcn_resnet50", {}, 1),
         ("deeplabv3", {"backbone": "resnet101"}, 1),
         ("lraspp", {}, 1),

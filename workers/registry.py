@@ -9,6 +9,8 @@ Registered names (arch_args, defaults; native stride in px):
 
 * ``unet``: our U-Net (``base_channels=16, depth=4, upsample="transpose"|"bilinear"``); ``2**depth``.
 * ``oracle_threshold``: test oracle (``radius=0, sharpness=50.0``); 1.
+* ``oracle_ramp``: test oracle whose scores depend on the position inside the tile, for checking
+  the blend (``slope=8.0, gain=1.0``; 2 classes); 1.
 * ``fcn_resnet50``: torchvision FCN ResNet-50 (no arch_args); 1.
 * ``deeplabv3``: torchvision DeepLabV3 (``backbone="resnet50"|"resnet101"|"mobilenet_v3_large"``); 1.
 * ``lraspp``: torchvision LR-ASPP MobileNetV3-Large (no arch_args); 1.
@@ -113,6 +115,12 @@ def _build_threshold_oracle(in_channels: int, num_classes: int, **arch_args: Any
     return ThresholdOracle(in_channels, num_classes, **arch_args)
 
 
+def _build_ramp_oracle(in_channels: int, num_classes: int, **arch_args: Any) -> torch.nn.Module:
+    from workers.models.oracles import RampOracle
+
+    return RampOracle(in_channels, num_classes, **arch_args)
+
+
 def _bind_arch_args(factory: Callable[..., Any], arch_args: Mapping[str, Any]) -> dict[str, Any]:
     """arch_args completed with the factory's defaults (TypeError for an unknown name)."""
     bound = inspect.signature(factory).bind(1, 1, **arch_args)
@@ -130,6 +138,13 @@ def _oracle_stride(arch_args: Mapping[str, Any]) -> int:
     from workers.models.oracles import ThresholdOracle
 
     _bind_arch_args(ThresholdOracle, arch_args)
+    return 1
+
+
+def _ramp_oracle_stride(arch_args: Mapping[str, Any]) -> int:
+    from workers.models.oracles import RampOracle
+
+    _bind_arch_args(RampOracle, arch_args)
     return 1
 
 
@@ -167,6 +182,7 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {
     "unet": _Entry(_build_unet, "semantic", _unet_stride),
     "oracle_threshold": _Entry(_build_threshold_oracle, "semantic", _oracle_stride),
+    "oracle_ramp": _Entry(_build_ramp_oracle, "semantic", _ramp_oracle_stride),
     "fcn_resnet50": _Entry(_lazy_zoo("build_fcn_resnet50"), "semantic", _interpolating_stride("build_fcn_resnet50")),
     "deeplabv3": _Entry(_lazy_zoo("build_deeplabv3"), "semantic", _interpolating_stride("build_deeplabv3")),
     "lraspp": _Entry(_lazy_zoo("build_lraspp"), "semantic", _interpolating_stride("build_lraspp")),

@@ -42,7 +42,11 @@ def test_query_formats(job_root):
     as_json = runner.invoke(app, ["query", "--root", str(job_root), "--format", "json", sql])
     assert [json.loads(line)["n"] for line in as_json.stdout.splitlines()] == [int(r["n"]) for r in rows]
     as_table = runner.invoke(app, ["query", "--root", str(job_root), "SELECT scene, status FROM scenes"])
-    assert "complete" in as_table.stdout and "a" in as_table.stdout
+    assert as_table.exit_code == 0, as_table.output
+    # rich's table: a header row of the column names, then one row per scene
+    cells = [[c.strip() for c in line.strip("┃│").split(line[0])]
+             for line in as_table.stdout.splitlines() if line[:1] in ("┃", "│")]
+    assert cells == [["scene", "status"], ["a", "complete"]]
 
 
 def test_query_errors(job_root, tmp_path):

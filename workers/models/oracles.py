@@ -8,6 +8,10 @@ trained models), but their output is a fixed function of the input:
   takes (N, C, H, W) images and (N, C, D, H, W) volumes alike. With radius 0 it is pointwise,
   so tiled + blended output must equal whole-image output exactly; with radius r > 0 a chunk
   is exact when its halo is >= r and the model sees the whole window in one tile.
+* ``RampOracle``: two classes whose logit difference is a ramp over the pixel's position *inside
+  the tile it is predicted in*, plus the band mean. Where tiles overlap, each tile scores the same
+  pixel differently, so the blended label depends on the blend weights: tiled output checks the
+  blend itself (a pointwise oracle gives the same argmax whatever the weights).
 """
 
 from __future__ import annotations
@@ -51,6 +55,48 @@ class ThresholdOracle(torch.nn.Module):
         classes = (v > self.thresholds.view(1, -1, *(1,) * spatial)).sum(dim=1)
         one_hot = F.one_hot(classes, num_classes=self.thresholds.numel() + 1).movedim(-1, 1)
         return one_hot.to(x.dtype) * self.sharpness
+
+
+class RampOracle(torch.nn.Module):
+    """Class scores that ramp with the pixel's position inside its tile, plus the band mean.
+
+    For a tile of ``h x w`` px and a pixel at ``(row, col)`` inside it (0-based),
+    ``ramp = (row / (h - 1) + col / (w - 1)) / 2`` in ``[0, 1]`` (an axis of size 1 counts 0),
+    ``v`` the band mean of the normalised input and ``d = slope * (ramp - 0.5) + gain * v``.
+    With ``K - 1`` thresholds ``tau_j = slope * ((j + 1) / K - 0.5)``, ``j = 0 .. K - 2``, the
+    logits are ordinal: ``logit_k = sum_{j < k} (d - tau_j)`` (``logit_0 = 0``), so the argmax
+    of one tile is the number of thresholds below ``d`` (for ``K = 2``: ``(0, d)``, class 1 where
+    ``d > 0``). The output depends on where the tile starts, so a tiled window's labels are
+    defined by its tile plan and blend weights (checked in ``tests/integration/test_blend.py``).
+
+    Args:
+        in_channels: input bands.
+        num_classes: output classes K >= 2.
+        slope: logit change of ``d`` from the tile's top-left to its bottom-right corner.
+        gain: logit change of ``d`` per unit of the normalised band mean.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, slope: float = 8.0, gain: float = 1.0):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        # a tiny state, so that it saves and loads through the checkpoint path like a real model
+        self.register_buffer("scale", torch.tensor([float(slope), float(gain)]))
+        taus = float(slope) * (torch.arange(1, num_classes, dtype=torch.float32) / num_classes - 0.5)
+        # logit_k = k * d - sum_{j < k} tau_j
+        self.register_buffer("offsets", torch.cat([torch.zeros(1), torch.cumsum(taus, 0)]))
+        self.stride = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) normalised input -> (N, K, H, W) logits."""
+        h, w = x.shape[-2:]
+        rows = torch.arange(h, dtype=x.dtype, device=x.device) / max(h - 1, 1)
+        cols = torch.arange(w, dtype=x.dtype, device=x.device) / max(w - 1, 1)
+        ramp = (rows.view(-1, 1) + cols.view(1, -1)) / 2
+        slope, gain = self.scale.to(x.dtype)
+        d = slope * (ramp - 0.5) + gain * x.mean(dim=1, keepdim=True)  # (N, 1, H, W)
+        k = torch.arange(self.offsets.numel(), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return k * d - self.offsets.to(x.dtype).view(1, -1, 1, 1)
 
 
 def threshold_oracle_numpy(normalised: np.ndarray, num_classes: int) -> np.ndarray:
