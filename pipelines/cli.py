@@ -71,7 +71,7 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a job spec: tile, predict, stitch and write every scene it names."""
-    from pipelines.job import run_job
+    from pipelines.run.job import run_job
     from pipelines.spec import load_job_spec
 
     _setup_logging(verbose)
@@ -98,7 +98,7 @@ def demo(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate a synthetic satellite scene and segment it end to end on a local Ray."""
-    from pipelines.demo import run_demo
+    from pipelines.tools.demo import run_demo
 
     _setup_logging(verbose)
     threads = torch_threads or (max(1, (os.cpu_count() or 1) // actors) if actors else None)
@@ -174,7 +174,7 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Optimiser steps (default: the preset's).")] = None,
 ) -> None:
     """Train a model preset and write safetensors weights + a model card."""
-    from pipelines.train import train_demo_model
+    from pipelines.tools.train import train_demo_model
 
     if preset != "demo":
         _fail(ValueError(f"unknown preset {preset!r}; presets: demo"))
@@ -218,7 +218,7 @@ def bench(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Benchmark the bare model vs the whole job vs MONAI on synthetic scenes; write a JSON report."""
-    from pipelines.bench import BenchConfig, parse_sizes, render_tables, run_bench
+    from pipelines.tools.bench import BenchConfig, parse_sizes, render_tables, run_bench
 
     _setup_logging(verbose)
     try:
@@ -256,7 +256,7 @@ def seams(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Measure the seam effect: tiled vs whole-scene agreement and mIoU per architecture."""
-    from pipelines.seams import DEFAULT_ARCHITECTURES, measure_seams, parse_arch, render_table, write_report
+    from pipelines.tools.seams import DEFAULT_ARCHITECTURES, measure_seams, parse_arch, render_table, write_report
 
     _setup_logging(verbose)
     try:

@@ -57,7 +57,7 @@ def test_a_process_with_the_tunables_keeps_large_blocks_mapped():
 def test_driver_modules_do_not_import_torch():
     # The driver (tessera run / bench / demo) plans, reads cards and collects results; only
     # the predictor actors need torch (about 0.5 GB per process with the CUDA wheel).
-    code = ("import sys; import pipelines.cli, pipelines.job, pipelines.fused, pipelines.bench, pipelines.demo, "
+    code = ("import sys; import pipelines.cli, pipelines.run.job, pipelines.run.fused, pipelines.tools.bench, pipelines.tools.demo, "
             "workers.actors, workers.checkpoints, workers.registry, workers.tileplan; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -71,7 +71,7 @@ def test_a_local_ray_started_by_tessera_prestarts_no_idle_workers():
     import sys
 
     code = (
-        "import time, psutil; from pipelines.job import ensure_ray; import ray\n"
+        "import time, psutil; from pipelines.run.cluster import ensure_ray; import ray\n"
         "ensure_ray(num_cpus=2); time.sleep(3)\n"
         "workers = [p for p in psutil.Process().children(recursive=True)\n"
         "           if ' '.join(p.cmdline()).startswith('ray::IDLE')]\n"
@@ -104,7 +104,7 @@ def test_a_local_ray_started_with_the_tunables_gives_them_to_actors_without_a_ru
     # one that must not have them gets the driver's own (empty) GLIBC_TUNABLES; the driver
     # process itself keeps its environment.
     code = (
-        "import os, ray; from pipelines.job import ensure_ray, _actor_remote_args\n"
+        "import os, ray; from pipelines.run.cluster import ensure_ray; from pipelines.run.job import _actor_remote_args\n"
         "from workers.runtime import with_malloc_tunables\n"
         "class Res:\n"
         "    def __init__(self, m): self.malloc_tuning = m\n"
@@ -154,12 +154,12 @@ def test_with_ray_address_set_ensure_ray_connects_to_that_cluster(tmp_path):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         code = (
-            "import sys, ray; from pathlib import Path; from pipelines.job import ensure_ray, inherited_worker_env\n"
+            "import sys, ray; from pathlib import Path; from pipelines.run.cluster import ensure_ray, inherited_worker_env\n"
             "from workers.runtime import with_malloc_tunables\n"
             "ensure_ray(sys.argv[1] or None, worker_env=with_malloc_tunables())\n"
             "print('cpus', ray.cluster_resources().get('CPU'), 'inherited', inherited_worker_env())\n"
             "if sys.argv[1]:\n"
-            "    from pipelines.job import run_job\n"
+            "    from pipelines.run.job import run_job\n"
             "    from tests.helpers import job_spec, oracle_checkpoint, smooth_scene, write_geotiff\n"
             "    d = Path(sys.argv[2])\n"
             "    scene = write_geotiff(d / 'c.tif', smooth_scene((96, 160), seed=3))\n"
@@ -198,7 +198,7 @@ def test_ensure_ray_starts_a_local_ray_despite_a_stale_cluster_address_file(tmp_
         Path(temp_dir, "ray").mkdir()
         Path(temp_dir, "ray", "ray_current_cluster").write_text("127.0.0.1:9\n")  # Ray reads $RAY_TMPDIR/ray/
         code = (
-            "import ray; from pipelines.job import ensure_ray\n"
+            "import ray; from pipelines.run.cluster import ensure_ray\n"
             "ensure_ray(num_cpus=1); print('cpus', ray.cluster_resources().get('CPU')); ray.shutdown()\n"
         )
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

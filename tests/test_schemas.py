@@ -117,7 +117,7 @@ def test_documented_example_spec_is_valid():
 
 
 def test_gpu_default_follows_the_cluster(tmp_path):
-    from pipelines.job import place_on_cluster, resolve_job
+    from pipelines.run.resolve import place_on_cluster, resolve_job
     from tests.helpers import oracle_checkpoint
 
     card = oracle_checkpoint(tmp_path)
@@ -137,7 +137,7 @@ def test_gpu_default_follows_the_cluster(tmp_path):
 
 
 def test_batch_default_follows_the_device(tmp_path):
-    from pipelines.job import place_on_cluster, resolve_job
+    from pipelines.run.resolve import place_on_cluster, resolve_job
     from tests.helpers import oracle_checkpoint
 
     spec = JobSpec.model_validate({"inputs": ["a.tif"], "model": {"card": str(oracle_checkpoint(tmp_path))},
@@ -148,7 +148,7 @@ def test_batch_default_follows_the_device(tmp_path):
 
 
 def test_actor_default_follows_the_cluster(tmp_path):
-    from pipelines.job import ACTOR_MEMORY_BYTES, place_on_cluster, resolve_job
+    from pipelines.run.resolve import ACTOR_MEMORY_BYTES, place_on_cluster, resolve_job
     from tests.helpers import oracle_checkpoint
 
     def job(**resources):
@@ -170,7 +170,8 @@ def test_actor_default_follows_the_cluster(tmp_path):
 
 
 def test_split_read_tasks_follow_the_free_cpus_on_gpu(tmp_path):
-    from pipelines.job import place_on_cluster, read_concurrency, resolve_job
+    from pipelines.run.job import read_concurrency
+    from pipelines.run.resolve import place_on_cluster, resolve_job
     from tests.helpers import oracle_checkpoint
 
     def job(**resources):

@@ -1,5 +1,5 @@
 """A thin shell over the plain Predictor for the actors of both stage layouts
-(`pipelines.fused.FusedChunkActor`, `pipelines.split.SplitPredictActor`).
+(`pipelines.run.fused.FusedChunkActor`, `pipelines.run.split.SplitPredictActor`).
 
 The model loads once per actor in __init__; `predict_windows` maps read windows
 (`schemas.records.ReadWindow`) to predictions of their cores (`schemas.records.Prediction`),

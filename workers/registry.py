@@ -29,7 +29,6 @@ Any name containing ':' is a plugin, ``"package.module:callable"`` (see
 
 from __future__ import annotations
 
-
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass

@@ -25,7 +25,7 @@ from pipelines.readers.base import COMPLEX_DERIVATIONS, InputPolicy, Reader, Sce
 from pipelines.readers.geotiff import GeoTiffReader
 
 if TYPE_CHECKING:
-    from pipelines.tiling import ChunkWindow
+    from pipelines.plan.chunks import ChunkWindow
 
 __all__ = [
     "COMPLEX_DERIVATIONS",

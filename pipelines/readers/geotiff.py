@@ -7,7 +7,7 @@ A halo window touches blocks its neighbours also need: with 512-px blocks a 1024
 a 32-px halo decodes 4 x 4 blocks for 2 x 2 blocks of core, 4x the decoding. So each process keeps
 its last few datasets open (keyed by path, size and mtime: a replaced file is reopened) and GDAL's
 block cache, capped at `GDAL_CACHE_MB`, serves the blocks neighbours share; the job orders chunks
-in narrow stripes (`pipelines.tiling.stripe_order`) so the blocks still needed stay in that cache.
+in narrow stripes (`pipelines.plan.chunks.stripe_order`) so the blocks still needed stay in that cache.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import rasterio
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
+from pipelines.plan.chunks import ChunkWindow, pad_window
 from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, derive_real, valid_mask
-from pipelines.tiling import ChunkWindow, pad_window
 from schemas.errors import InputError
 
 GDAL_CACHE_MB = 96

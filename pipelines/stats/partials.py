@@ -338,7 +338,7 @@ def region_id_offset(chunk_index: Sequence[int], grid_shape: Sequence[int], chun
 
     Args:
         chunk_index: Index of the chunk in the grid, one entry per axis.
-        grid_shape: Chunks per axis (``pipelines.tiling.chunk_grid_shape``).
+        grid_shape: Chunks per axis (``pipelines.plan.chunks.chunk_grid_shape``).
         chunk_shape: Regular chunk size in pixels per axis (edge chunks may be smaller).
 
     Returns:

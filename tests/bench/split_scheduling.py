@@ -2,9 +2,9 @@
 
     python -m tests.bench.split_scheduling [--windows 256] [--cpus 16]
 
-Runs the split stages' own scheduler (`pipelines.split.SplitPool`) and, side by side, the Ray
+Runs the split stages' own scheduler (`pipelines.run.split.SplitPool`) and, side by side, the Ray
 Data pipeline it replaced (read map -> `map_batches` actor pool -> write map, as
-`pipelines.job` built it before), on stand-in stages that sleep instead of working: a read of
+`pipelines.run.job` built it before), on stand-in stages that sleep instead of working: a read of
 70 ms and a write (statistics and Zarr) of 57 ms per window on a CPU, a forward pass of 12 ms
 per window on the "GPU" (the per-window times measured on the NVIDIA H200 machine with the
 bundled U-Net). Ray is started with `--cpus` logical CPUs and one logical GPU, so the
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.tiling import plan_chunk
+from pipelines.plan.chunks import plan_chunk
 from schemas.records import ChunkResult, ChunkTask, Prediction, ReadWindow
 
 READ_S, FORWARD_S, WRITE_S = 0.070, 0.012, 0.057
@@ -74,7 +74,7 @@ def _read(task: ChunkTask) -> ReadWindow:
 
 
 def read_block(tasks: list[ChunkTask], scenes: Any) -> list[ReadWindow]:
-    """Stand-in of pipelines.split._read_block; fails for a block holding a chunk in the
+    """Stand-in of pipelines.run.split._read_block; fails for a block holding a chunk in the
     scene's `fail_read`."""
     if any(t.window.index in scenes[t.scene_id].fail_read for t in tasks):
         raise OSError("input gone (simulated)")
@@ -82,7 +82,7 @@ def read_block(tasks: list[ChunkTask], scenes: Any) -> list[ReadWindow]:
 
 
 def write_block(predictions: list[Prediction], scenes: Any) -> list[ChunkResult]:
-    """Stand-in of pipelines.split._write_block; fails at a chunk in the scene's `fail_write`."""
+    """Stand-in of pipelines.run.split._write_block; fails at a chunk in the scene's `fail_write`."""
     out = []
     for p in predictions:
         t0 = time.time()
@@ -95,7 +95,7 @@ def write_block(predictions: list[Prediction], scenes: Any) -> list[ChunkResult]
 
 
 class SleepActor:
-    """Stand-in of pipelines.split.SplitPredictActor: FORWARD_S per window."""
+    """Stand-in of pipelines.run.split.SplitPredictActor: FORWARD_S per window."""
 
     def __init__(self, *, predictor: dict[str, Any]):
         self.forward_s = float(predictor.get("forward_s", FORWARD_S))
@@ -137,9 +137,9 @@ def _dict_rows(n: int) -> list[dict[str, Any]]:
 
 
 def _run_pool(n: int, cpus: float) -> int:
-    from pipelines.split import SplitPool
+    from pipelines.run.split import SplitPool
 
-    tasks = max(2, int((cpus - 1) // 2))  # pipelines.job.read_concurrency with one GPU actor
+    tasks = max(2, int((cpus - 1) // 2))  # pipelines.run.job.read_concurrency with one GPU actor
     done = 0
 
     def on_record(record: ChunkResult) -> None:

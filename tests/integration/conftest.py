@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.job import run_job
+from pipelines.run.job import run_job
 from tests.helpers import job_spec, oracle_checkpoint, smooth_scene, write_geotiff
 
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 import zarr
 
-from pipelines.job import run_job
+from pipelines.run.job import run_job
 from schemas import store as layout
 from schemas.errors import ModelCardError
 from schemas.job import JobSpec
 from tests.helpers import smooth_scene, write_geotiff
-from tests.test_registry import NUM_CLASSES, SEMANTIC_CASES, card_fields
+from tests.workers.test_registry import NUM_CLASSES, SEMANTIC_CASES, card_fields
 from workers.checkpoints import save_checkpoint
 from workers.registry import build_model
 

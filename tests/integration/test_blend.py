@@ -4,7 +4,7 @@ The pointwise oracles give the same label whatever the blend weights (every tile
 pixel). `RampOracle` scores a pixel by where it sits inside its tile, so neighbouring tiles
 disagree in their overlap and the label there is decided by the weights. The reference below
 re-implements, independently of `workers/`, the documented maths: chunk windows reflect-padded
-at scene edges (`pipelines.tiling`), the tile plan of `workers.tileplan.plan_tiles`, the Gaussian
+at scene edges (`pipelines.plan.chunks`), the tile plan of `workers.tileplan.plan_tiles`, the Gaussian
 map of `blend_weights`, the weighted average of softmax probabilities, the crop to each core and
 the argmax.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.job import run_job
+from pipelines.run.job import run_job
 from tests.helpers import job_spec, ramp_oracle_checkpoint, read_classes, smooth_scene, write_geotiff
 
 pytestmark = pytest.mark.usefixtures("ray_local")

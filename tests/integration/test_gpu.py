@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.job import resolve_job, run_job, windows_per_call
+from pipelines.run.job import run_job, windows_per_call
+from pipelines.run.resolve import resolve_job
 from schemas.job import JobSpec
 from tests.helpers import job_spec, oracle_checkpoint, read_classes
 
@@ -35,7 +36,7 @@ def test_gpu_split_job_equals_the_cpu_job(oracle_run, tmp_path, batch):
 def test_gpu_bundled_unet_in_bf16_agrees_with_cpu_fp32(tmp_path):
     # The bundled U-Net on a synthetic 2048^2 scene (4 chunks of 1024, whole-window tiles):
     # GPU autocast (precision auto: bf16 where supported) against the CPU's fp32.
-    from pipelines.synthetic import SceneSpec, write_scene
+    from pipelines.tools.synthetic import SceneSpec, write_scene
 
     scene = tmp_path / "synthetic.tif"
     write_scene(SceneSpec(height=2048, width=2048, seed=5), scene)

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.job import run_job
+from pipelines.run.job import run_job
 from tests.helpers import job_spec, oracle_checkpoint, read_classes, smooth_scene, write_geotiff
 
 pytestmark = pytest.mark.usefixtures("ray_local")

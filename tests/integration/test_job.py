@@ -13,8 +13,9 @@ import torch
 import zarr
 from skimage.measure import label, regionprops
 
-from pipelines.job import resolve_job, run_job, windows_per_call
 from pipelines.query import run_query
+from pipelines.run.job import run_job, windows_per_call
+from pipelines.run.resolve import resolve_job
 from pipelines.writers.zarr_masks import read_store_state
 from schemas import store as layout
 from schemas.errors import JobSpecError, ModelCardError

@@ -10,6 +10,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import measure
 
+from pipelines.plan.chunks import chunk_grid_shape, plan_chunks
 from pipelines.stats import (
     ChunkRegions,
     MergedRegions,
@@ -21,7 +22,6 @@ from pipelines.stats import (
     region_id_offset,
     region_rank,
 )
-from pipelines.tiling import chunk_grid_shape, plan_chunks
 
 NODATA = 255
 

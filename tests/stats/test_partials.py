@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from skimage import measure
 
-from pipelines.stats import NPZ_FORMAT_VERSION, ChunkRegions, chunk_regions, label_chunk, merge_regions, region_id_offset
+from pipelines.stats import (
+    NPZ_FORMAT_VERSION,
+    ChunkRegions,
+    chunk_regions,
+    label_chunk,
+    merge_regions,
+    region_id_offset,
+)
 from pipelines.stats.partials import _first_positions
 from tests.stats.cases import NODATA, blobby_mask
 

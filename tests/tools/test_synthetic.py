@@ -1,4 +1,4 @@
-"""Tests of the synthetic scene generator (pipelines.synthetic)."""
+"""Tests of the synthetic scene generator (pipelines.tools.synthetic)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 
-from pipelines.synthetic import (
+from pipelines.tools.synthetic import (
     BAND_NAMES,
     CLASS_NAMES,
     NODATA_CLASS,

@@ -1,6 +1,6 @@
 """Train segmentation models on synthetic scenes, on the fly, and write their weights and card.
 
-Training windows are rendered from :mod:`pipelines.synthetic` over several scene seeds into a
+Training windows are rendered from :mod:`pipelines.tools.synthetic` over several scene seeds into a
 small pool that is partly re-rendered every step; random crops of the pool, flipped and
 rotated, make the batches. Validation uses windows of a scene seed never seen in training.
 Inputs are normalised per band, ``x_norm = (x - mean) / std``, with mean and std of the valid
@@ -9,7 +9,7 @@ pixels of the first pool; both are written into the card.
 Two entry points share that loop and its loss:
 
 * :func:`train_demo_model`: the bundled demo U-Net (``unet-demo``). Run
-  ``python -m pipelines.train --out workers/weights`` to (re)build the shipped model.
+  ``python -m pipelines.tools.train --out workers/weights`` to (re)build the shipped model.
 * :func:`train_model`: any semantic architecture of :mod:`workers.registry` (or a plugin),
   written through :func:`workers.checkpoints.save_checkpoint`.
 """
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from pipelines.synthetic import BAND_NAMES, CLASS_NAMES, NODATA_CLASS, SceneSpec, render_window
+from pipelines.tools.synthetic import BAND_NAMES, CLASS_NAMES, NODATA_CLASS, SceneSpec, render_window
 from workers.checkpoints import save_checkpoint
 from workers.models.unet import UNet
 from workers.registry import build_model, model_kind, native_stride
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = "unet-demo"
 CARD_VERSION = 1
 CLASS_COLORS: tuple[str, ...] = ("#1f77b4", "#2ca02c", "#7f7f7f", "#d62728", "#8c564b")
-"""Display colours, in :data:`pipelines.synthetic.CLASS_NAMES` order."""
+"""Display colours, in :data:`pipelines.tools.synthetic.CLASS_NAMES` order."""
 TILE_SIZE_PX = 512
 HALO_PX = 32
 DEMO_TILE_SIZE_PX = 1024 + 2 * HALO_PX
@@ -357,7 +357,7 @@ def _training_record(
         )
     training.update({
         "dtype": dtype,
-        "generator": "pipelines.synthetic",
+        "generator": "pipelines.tools.synthetic",
         "batch_size": settings.batch_size,
         "patch_px": patch_px,
         "learning_rate": settings.learning_rate,
@@ -664,7 +664,7 @@ def _save_weights(model: torch.nn.Module, path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m pipelines.train --out workers/weights``."""
+    """Command line: ``python -m pipelines.tools.train --out workers/weights``."""
     parser = argparse.ArgumentParser(description="Train the demo U-Net on synthetic scenes.")
     parser.add_argument("--out", type=Path, required=True, help="folder for unet-demo.safetensors and .json")
     parser.add_argument("--seed", type=int, default=0, help="training seed (torch and numpy)")

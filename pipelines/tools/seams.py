@@ -21,7 +21,7 @@ every pixel is compared and valid masks play no part). For each architecture:
   :data:`SEAM_WIDTH_PX` of the scene border, not seam) and the *interior* (everything else);
 * **mIoU** of each prediction against the generator's truth.
 
-Models are trained briefly here (:func:`pipelines.train.train_model`, a time budget per
+Models are trained briefly here (:func:`pipelines.tools.train.train_model`, a time budget per
 architecture, the checkpoint cached under ``out_dir`` for re-runs); parameter-free models (the
 threshold oracle) are saved untrained; ``builtin:<name>`` or a card path is used as it is.
 
@@ -47,10 +47,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.metrics import confusion_matrix, mean_iou
-from pipelines.synthetic import BAND_NAMES, CLASS_NAMES, NODATA_VALUE, SceneSpec, render_window
-from pipelines.tiling import pad_window, plan_chunks
-from pipelines.train import TrainSettings, segmentation_loss, train_model
+from pipelines.plan.chunks import pad_window, plan_chunks
+from pipelines.tools.metrics import confusion_matrix, mean_iou
+from pipelines.tools.synthetic import BAND_NAMES, CLASS_NAMES, NODATA_VALUE, SceneSpec, render_window
+from pipelines.tools.train import TrainSettings, segmentation_loss, train_model
 from schemas.job import BUILTIN_PREFIX, default_batch_size
 from workers.checkpoints import (
     build_from_checkpoint,
@@ -263,8 +263,8 @@ def predict_tiled(
 ) -> np.ndarray:
     """Labels of the scene as the pipeline makes them: halo windows, predicted, cropped, stitched.
 
-    Per :func:`pipelines.tiling.plan_chunks` window: the read region of ``bands`` and ``valid``,
-    reflect-padded to the window at scene edges (:func:`pipelines.tiling.pad_window`, as the
+    Per :func:`pipelines.plan.chunks.plan_chunks` window: the read region of ``bands`` and ``valid``,
+    reflect-padded to the window at scene edges (:func:`pipelines.plan.chunks.pad_window`, as the
     GeoTIFF reader does), ``predictor.predict_labels(..., core=window.core_in_window)`` written
     to the core.
 
@@ -339,7 +339,7 @@ def prepare_checkpoint(
     * ``builtin:<name>`` or a path ending in ``.json``: used as is (``source = "card"``).
     * a parameter-free architecture (the threshold oracle, a plugin without parameters): saved
       untrained with the band statistics of :data:`DEMO_CARD` (``source = "untrained"``).
-    * anything else: :func:`pipelines.train.train_model` for ``steps`` optimiser steps, cut to
+    * anything else: :func:`pipelines.tools.train.train_model` for ``steps`` optimiser steps, cut to
       ``train_budget_s / probe_step_seconds`` (at least :data:`MIN_TRAIN_STEPS`) when a budget is
       given (``source = "trained"``); a card already in ``out_dir`` under
       :func:`checkpoint_name` is reused (``cached = True``).

@@ -4,7 +4,7 @@ For each synthetic scene size, one run measures:
 
 * **raw**: output px/s of the bare forward pass on tiles already on the device (same model,
   tile, batch, precision and torch threads as the job's predictors), in a child process;
-* **end to end**: scene px / wall s of :func:`pipelines.job.run_job` (plan, read, predict,
+* **end to end**: scene px / wall s of :func:`pipelines.run.job.run_job` (plan, read, predict,
   blend, write, stats, merge, tables), Ray already up, peak RSS of the driver and its Ray
   processes (and GPU memory from ``nvidia-smi`` on GPU);
 * **redundancy**: model px computed / output px, exactly from the plan (halos, tile overlap,
@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.tiling import plan_chunks
+from pipelines.plan.chunks import plan_chunks
 from schemas.job import default_batch_size
 from workers.runtime import with_malloc_tunables
 from workers.tileplan import plan_tiles
@@ -215,7 +215,7 @@ def redundancy_factor(
     """Model px computed per output px for a job plan.
 
     ``redundancy = sum_w n_tiles(w) * prod(tile_w) / prod(shape)`` over the chunk windows ``w``
-    of :func:`pipelines.tiling.plan_chunks` that are not skipped, with the tiles of
+    of :func:`pipelines.plan.chunks.plan_chunks` that are not skipped, with the tiles of
     :func:`workers.tiles.plan_tiles` (``tile_w = min(tile, window)`` per axis, rounded up to
     the model stride as the predictor pads it). A fully convolutional model taking each whole
     window costs ``(1 + 2h/c)^2`` (1.1289 for h=32, c=1024); 512-px tiles at 25% overlap on the
@@ -481,7 +481,7 @@ def ensure_bench_scene(inputs_dir: Path, *, size: int, seed: int) -> tuple[Path,
     Returns:
         (path, seconds spent generating: 0.0 when reused).
     """
-    from pipelines.synthetic import SceneSpec, write_scene
+    from pipelines.tools.synthetic import SceneSpec, write_scene
 
     inputs_dir.mkdir(parents=True, exist_ok=True)
     image = inputs_dir / f"bench-{size}-seed{seed}.tif"
@@ -603,7 +603,7 @@ def _in_child(name: str, *, malloc_tuning: bool = False, **kwargs: Any) -> dict[
         args, out = Path(tmp) / "args.json", Path(tmp) / "result.json"
         args.write_text(json.dumps({"name": name, "kwargs": kwargs}))
         proc = subprocess.run(
-            [sys.executable, "-c", "import sys; from pipelines.bench import _child_main; _child_main(*sys.argv[1:])",
+            [sys.executable, "-c", "import sys; from pipelines.tools.bench import _child_main; _child_main(*sys.argv[1:])",
              str(args), str(out)],
             env=env, capture_output=True, text=True, check=False,
         )
@@ -983,19 +983,19 @@ def _warm_ray(*, malloc_tuning: bool) -> None:
     A local Ray started here gives its workers the jobs' malloc tunables, as `tessera run` does."""
     import ray
 
-    from pipelines.job import ensure_ray
+    from pipelines.run.cluster import ensure_ray
 
     ensure_ray(worker_env=with_malloc_tunables() if malloc_tuning else None)
     ray.get(ray.remote(num_cpus=0)(lambda: None).remote())
 
 
 def _run_job(spec: Any, base_dir: Path) -> Any:
-    """Run a one-scene job and return its pipelines.job.JobResult.
+    """Run a one-scene job and return its pipelines.run.job.JobResult.
 
     Raises:
         RuntimeError: the scene failed (its error quoted).
     """
-    from pipelines.job import run_job
+    from pipelines.run.job import run_job
     from schemas.tables import STATUS_COMPLETE
 
     result = run_job(spec, base_dir=base_dir)
@@ -1040,7 +1040,7 @@ def _bench_size(r: _Resolved, size: int, raw_by_tile: dict[tuple[int, ...], dict
     """Measure one scene size: the job (timed, memory sampled), raw (once per tile shape), the peer."""
     import psutil
 
-    from pipelines.monitor import MemorySampler
+    from pipelines.tools.monitor import MemorySampler
 
     c, card = r.config, r.card
     scene, generate_s = ensure_bench_scene(r.out_dir / "inputs", size=size, seed=c.seed)

@@ -17,7 +17,14 @@ from schemas.errors import ModelCardError
 from workers.checkpoints import build_from_checkpoint, load_checkpoint, save_checkpoint
 from workers.models.plugins import NumpyModel
 from workers.models.zoo import adapt_first_conv, extend_band_stats, first_conv
-from workers.registry import ALLOW_PLUGINS_ENV, architectures, build_model, check_plugin_allowed, model_kind, native_stride
+from workers.registry import (
+    ALLOW_PLUGINS_ENV,
+    architectures,
+    build_model,
+    check_plugin_allowed,
+    model_kind,
+    native_stride,
+)
 
 SLOW = pytest.mark.slow
 
@@ -480,7 +487,7 @@ def test_registry_import_loads_no_model_library():
         "bad = [m for m in ('torchvision', 'segmentation_models_pytorch', 'timm') if m in sys.modules]; "
         "sys.exit(1 if bad else 0)"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
 
 

@@ -1,4 +1,4 @@
-"""Tests of the demo training pipeline (pipelines.train) on a tiny, fast configuration."""
+"""Tests of the demo training pipeline (pipelines.tools.train) on a tiny, fast configuration."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.synthetic import BAND_NAMES, CLASS_NAMES, NODATA_CLASS
-from pipelines.train import TrainSettings, class_boundaries, segmentation_loss, train_demo_model
+from pipelines.tools.synthetic import BAND_NAMES, CLASS_NAMES, NODATA_CLASS
+from pipelines.tools.train import TrainSettings, class_boundaries, segmentation_loss, train_demo_model
 from workers.models.unet import UNet
 
 TINY = TrainSettings(
@@ -61,7 +61,7 @@ def test_card_fields(tiny_card: tuple) -> None:
     assert all(0 < b["mean"] < 10000 and b["std"] > 0 for b in card["bands"])
     assert (card["tile_size"], card["halo"], card["stride"]) == (1088, 32, 4)
     training = card["training"]
-    assert (training["seed"], training["steps"], training["generator"]) == (3, 4, "pipelines.synthetic")
+    assert (training["seed"], training["steps"], training["generator"]) == (3, 4, "pipelines.tools.synthetic")
     assert training["dtype"] == "float32"
     assert 0.0 <= training["val_miou"] <= 1.0
     assert set(training["val_iou_per_class"]) <= set(CLASS_NAMES)

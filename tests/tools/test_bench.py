@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.bench import (
-    steady_state,
+from pipelines.tools.bench import (
     BenchConfig,
     GpuSampler,
     breakdown_shares,
@@ -28,6 +27,7 @@ from pipelines.bench import (
     render_tables,
     run_bench,
     scaling_summary,
+    steady_state,
     stride_padded,
     throughput_ratios,
 )

@@ -1,4 +1,4 @@
-"""Seam measurement (pipelines.seams) and the generic trainer (pipelines.train.train_model), tiny sizes."""
+"""Seam measurement (pipelines.tools.seams) and the generic trainer (pipelines.tools.train.train_model), tiny sizes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.seams import (
+from pipelines.tools.seams import (
     agreement_stats,
     arch_label,
     checkpoint_name,
@@ -18,8 +18,8 @@ from pipelines.seams import (
     seam_zones,
     write_report,
 )
-from pipelines.synthetic import CLASS_NAMES
-from pipelines.train import TrainSettings, train_demo_model, train_model
+from pipelines.tools.synthetic import CLASS_NAMES
+from pipelines.tools.train import TrainSettings, train_demo_model, train_model
 from schemas.errors import ModelCardError
 from workers.checkpoints import build_from_checkpoint, load_checkpoint
 from workers.registry import native_stride
@@ -129,7 +129,7 @@ def test_one_chunk_has_no_seam_zone(tmp_path) -> None:
 
 def test_global_pooling_model_shows_seams(tmp_path) -> None:
     rows = measure_seams(
-        [("tests.test_seams:GlobalContextNet", {}), ("maskrcnn", {})], out_dir=tmp_path, **TINY_SCENE
+        [("tests.tools.test_seams:GlobalContextNet", {}), ("maskrcnn", {})], out_dir=tmp_path, **TINY_SCENE
     )
     row, skipped = rows
     assert row["params"] == 0 and row["stride"] == 1

@@ -1,4 +1,4 @@
-"""The actor pools in a real local Ray. The split stages' scheduler (pipelines.split.SplitPool)
+"""The actor pools in a real local Ray. The split stages' scheduler (pipelines.run.split.SplitPool)
 on the sleeping stand-in stages of tests/bench/split_scheduling.py: every chunk's record exactly
 once, and a failed read or write task fails only its block's chunks, naming the scene's file.
 Both pools: actors that cannot be built fail the job with one clear error."""
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.fused import FusedPool
-from pipelines.split import SplitPool
+from pipelines.run.fused import FusedPool
+from pipelines.run.split import SplitPool
 from schemas.errors import TesseraError
 from tests.bench import split_scheduling as standin
 

@@ -1,6 +1,6 @@
 """Fused stages: one actor does a chunk's whole path: read, predict, write, partial statistics.
 
-On CPU nodes the read and write tasks of the split stages (`pipelines.split`) run
+On CPU nodes the read and write tasks of the split stages (`pipelines.run.split`) run
 on the same cores as the model, and a torch thread pre-empted by a Ray task stalls its peers at
 every OpenMP barrier: on the 2-core development VM the model ran at about half its bare speed
 inside the job. Running one single-threaded fused actor per core instead keeps every core busy
@@ -22,8 +22,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipelines.pools import ActorPool, actor_died, error_line, failed_result
-from pipelines.stages import SceneContext, read_stage, write_stage
+from pipelines.run.pools import ActorPool, actor_died, error_line, failed_result
+from pipelines.run.stages import SceneContext, read_stage, write_stage
 from schemas.records import ChunkResult, ChunkTask, ReadWindow
 from workers.actors import PredictorActor  # torch-free until an actor starts
 
@@ -81,7 +81,7 @@ class BatchQueue:
 
 
 class FusedPool(ActorPool):
-    """A pool of FusedChunkActor (see pipelines.pools.ActorPool: they start as soon as it is made).
+    """A pool of FusedChunkActor (see pipelines.run.pools.ActorPool: they start as soon as it is made).
 
     Use as a context manager: the actors are killed on exit.
     """

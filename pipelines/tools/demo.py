@@ -13,10 +13,11 @@ import rasterio
 import zarr
 from rasterio.windows import Window
 
-from pipelines.job import WORK_DIR, JobResult, run_job
-from pipelines.metrics import confusion_matrix, iou_per_class, mean_iou
-from pipelines.monitor import MemoryPeaks, MemorySampler
-from pipelines.synthetic import CLASS_NAMES, SceneSpec, write_scene
+from pipelines.run.job import JobResult, run_job
+from pipelines.run.scenes import WORK_DIR
+from pipelines.tools.metrics import confusion_matrix, iou_per_class, mean_iou
+from pipelines.tools.monitor import MemoryPeaks, MemorySampler
+from pipelines.tools.synthetic import CLASS_NAMES, SceneSpec, write_scene
 from schemas import store as layout
 from schemas.job import JobSpec
 from schemas.tables import TABLE_NAMES

@@ -4,7 +4,7 @@ A GPU actor runs a window's forward pass in a few milliseconds, while reading (d
 window and writing its chunk with its statistics take tens of milliseconds of a CPU each. So
 reads and writes run as Ray tasks on the CPUs beside the actors, and the actors only predict.
 
-The driver schedules the three stages itself, like the fused pool (`pipelines.fused`), rather
+The driver schedules the three stages itself, like the fused pool (`pipelines.run.fused`), rather
 than through Ray Data. Ray Data's streaming executor ran the write tasks about 2 at a time
 with 15 CPUs free on the H200 machine (docs/benchmarks.md, GPU results), and a sleep-only
 simulation of this pipeline on 16 logical CPUs and 1 logical GPU (reads 70 ms, forward 12 ms,
@@ -32,8 +32,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipelines.pools import ActorPool, actor_died, error_line, failed_result
-from pipelines.stages import SceneContext, read_stage, write_stage
+from pipelines.run.pools import ActorPool, actor_died, error_line, failed_result
+from pipelines.run.stages import SceneContext, read_stage, write_stage
 from schemas.records import ChunkResult, ChunkTask, Prediction, ReadWindow
 from workers.actors import PredictorActor  # torch-free until an actor starts
 

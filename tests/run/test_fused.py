@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from pipelines.fused import BatchQueue, FusedChunkActor
-from pipelines.job import SceneOutcome, _prepare_scene, resolve_job
-from pipelines.stages import done_chunk_keys, open_and_hash
-from pipelines.tiling import plan_chunks
+from pipelines.plan.chunks import plan_chunks
+from pipelines.run.fused import BatchQueue, FusedChunkActor
+from pipelines.run.resolve import resolve_job
+from pipelines.run.scenes import SceneOutcome, prepare_scene
+from pipelines.run.stages import done_chunk_keys, open_and_hash
 from schemas.job import JobSpec
 from schemas.records import ChunkTask, Prediction, ReadWindow
 from tests.helpers import oracle_checkpoint, smooth_scene, write_geotiff
@@ -31,7 +31,7 @@ def fused(tmp_path, request):
     outcome = SceneOutcome(name="s", source=str(scene))
     info, sha, error = open_and_hash(str(scene))
     assert error is None
-    _prepare_scene(job, outcome, 0, info, sha)
+    prepare_scene(job, outcome, 0, info, sha)
     # batch 3: whole 80-px windows (one tile each) go 3 to a forward pass
     predictor = {"card_path": str(card), "options": replace(job.predictor_options, batch_size=request.param)}
     actor = FusedChunkActor(predictor=predictor)
@@ -117,8 +117,8 @@ def test_split_actor_call_isolates_a_failing_window_and_the_write_names_the_file
     # The split stages' predictor actor (SplitPredictActor.run) on a block of read rows: one
     # window's prediction raises; only its row carries the error, the rows come back without
     # pixels, and write_stage puts the scene's file in front of the error.
-    from pipelines.split import SplitPredictActor
-    from pipelines.stages import read_stage, write_stage
+    from pipelines.run.split import SplitPredictActor
+    from pipelines.run.stages import read_stage, write_stage
 
     fused_actor, rows, ctx = fused
     actor = SplitPredictActor.__new__(SplitPredictActor)  # the fixture's predictor, not built twice

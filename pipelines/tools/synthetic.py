@@ -334,7 +334,7 @@ def write_scene(
         num_threads="ALL_CPUS",
         bigtiff="IF_SAFER",
     )
-    tags = dict(generator="pipelines.synthetic", seed=str(spec.seed), classes=",".join(CLASS_NAMES))
+    tags = dict(generator="pipelines.tools.synthetic", seed=str(spec.seed), classes=",".join(CLASS_NAMES))
     image = rasterio.open(
         image_path, "w", count=len(BAND_NAMES), dtype="uint16", nodata=NODATA_VALUE, interleave="pixel", **common
     )

@@ -1,4 +1,4 @@
-"""Tests of pipelines.tiling: chunk grids, halo windows and window padding."""
+"""Tests of pipelines.plan.chunks: chunk grids, halo windows and window padding."""
 
 from __future__ import annotations
 
@@ -11,8 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.tiling import (
-    PAD_MODES, ChunkWindow, chunk_grid_shape, pad_window, plan_chunk, plan_chunks, stripe_order,
+from pipelines.plan.chunks import (
+    PAD_MODES,
+    ChunkWindow,
+    chunk_grid_shape,
+    pad_window,
+    plan_chunk,
+    plan_chunks,
+    stripe_order,
 )
 
 

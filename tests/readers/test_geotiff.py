@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipelines.plan.chunks import plan_chunks
 from pipelines.readers import open_scene, read_window, scene_name
-from pipelines.tiling import plan_chunks
 from schemas.errors import InputError
 from tests.helpers import smooth_scene, write_geotiff
 

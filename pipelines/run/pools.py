@@ -1,4 +1,4 @@
-"""What the two stage layouts' actor pools share (`pipelines.fused`, `pipelines.split`): the
+"""What the two stage layouts' actor pools share (`pipelines.run.fused`, `pipelines.run.split`): the
 actors' lifetime, and the record of a chunk that failed."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pipelines.stages import SceneContext
+from pipelines.run.stages import SceneContext
 from schemas.errors import TesseraError
 from schemas.records import ChunkResult, ChunkTask
 

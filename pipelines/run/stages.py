@@ -3,7 +3,7 @@
 They take and return the records of `schemas.records` (ChunkTask -> ReadWindow; Prediction ->
 ChunkResult).
 
-Kept apart from `pipelines.job` so that the task workers import rasterio, zarr and numpy but not
+Kept apart from `pipelines.run.job` so that the task workers import rasterio, zarr and numpy but not
 torch (the predictor actors are the only processes that need it): smaller worker processes.
 Every function here is plain Python, testable without Ray.
 """

@@ -1,0 +1,48 @@
+"""Scenes of a job: input patterns -> paths, safe unique scene names, and each scene's fingerprint."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipelines.readers import scene_name
+
+
+def expand_inputs(patterns: tuple[str, ...], *, base_dir: Path) -> tuple[list[str], list[str]]:
+    """Expand paths/globs (relative ones against base_dir).
+
+    Returns:
+        (paths, unmatched): sorted unique existing paths, and patterns that matched nothing.
+    """
+    paths: set[str] = set()
+    unmatched: list[str] = []
+    for pattern in patterns:
+        full = pattern if os.path.isabs(os.path.expanduser(pattern)) else str(base_dir / pattern)
+        full = os.path.expanduser(full)
+        if glob.has_magic(full):
+            found = [p for p in glob.glob(full, recursive=True) if os.path.isfile(p)]
+        else:
+            found = [full] if os.path.exists(full) else []
+        if not found:
+            unmatched.append(pattern)
+        paths.update(os.path.normpath(p) for p in found)
+    return sorted(paths), unmatched
+
+def assign_scene_names(paths: list[str]) -> list[str]:
+    """Safe, unique scene names in input order (a repeated stem gets '-2', '-3', ...)."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        base = scene_name(path)
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
+
+def scene_fingerprint(parameters: dict[str, Any], input_sha256: str) -> str:
+    """SHA-256 of the job parameters that change output bytes and the input's checksum."""
+    payload = json.dumps({**parameters, "input_sha256": input_sha256}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()

@@ -1,0 +1,338 @@
+"""The Ray wiring of a job: plan -> read -> predict -> write chunk + partial stats -> merge.
+
+Everything Ray lives here. The stream runs over the chunk plans of every scene: read windows
+-> predictor actors (GPU/CPU, model loaded once per actor) -> write each chunk to Zarr
+(idempotent: a retry rewrites the same bytes) with its partial region statistics and a manifest
+marker. On CPU one fused actor per core does all three for its chunks (`pipelines.run.fused`); on
+GPUs read and write tasks run beside the predictor actors (`pipelines.run.split`). The driver holds
+plans and small records, never pixels; it merges partial statistics per scene.
+
+Resumability: each finished chunk leaves `<root>/_work/<scene>/<fingerprint>/<index>.json`
+(written last, atomically) beside its partial stats. A re-run with the same fingerprint computes
+only chunks without a marker; a complete scene is not touched at all."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipelines.plan.chunks import stripe_order
+from pipelines.plan.scenes import assign_scene_names, expand_inputs
+from pipelines.readers import InputPolicy, SceneInfo, scene_name
+from pipelines.run.cluster import ensure_ray, inherited_worker_env
+from pipelines.run.resolve import (
+    ResolvedJob,
+    cluster_fit_problem,
+    fused_stages,
+    input_policy,
+    place_on_cluster,
+    resolve_job,
+)
+from pipelines.run.scenes import SceneOutcome, finish_scene, prepare_scene, scene_row
+from pipelines.run.stages import (
+    SceneContext,
+    done_chunk_keys,
+    open_and_hash,
+)
+from pipelines.writers.atomic import atomic_write_text
+from pipelines.writers.tables import write_table
+from schemas.errors import InputError, JobSpecError, TesseraError
+from schemas.job import JobSpec
+from schemas.records import ChunkResult, ChunkTask, chunk_key
+from schemas.tables import STATUS_FAILED
+from workers.runtime import GLIBC_TUNABLES, actor_env, with_malloc_tunables
+
+log = logging.getLogger("tessera")
+
+
+
+READ_STRIPE_CHUNKS = 4  # chunks per read stripe (pipelines.plan.chunks.stripe_order)
+
+FUSED_BATCH = READ_STRIPE_CHUNKS  # consecutive chunks per fused-actor call (one stripe row)
+
+READ_BLOCK_CHUNKS = 2 * READ_STRIPE_CHUNKS  # split stages: consecutive chunks per read task (two stripe rows)
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a job did: one outcome per scene, the output root and the wall time."""
+
+    root: Path
+    scenes: tuple[SceneOutcome, ...]
+    wall_s: float
+    model_name: str
+    phases: dict[str, float] = field(default_factory=dict)
+    """Driver wall seconds: setup_s (model, Ray, spec), open_s (open and hash the scenes, plan),
+    first_chunk_s and chunks_s (from the start of the chunk stream to its first and last chunk
+    record), finish_s (merge statistics, tables). The actors start during open_s. With split
+    stages also split_reads_in_flight, split_calls_in_flight, split_writes_in_flight: tasks
+    in flight per stage on average over the stream (counts, not seconds)."""
+
+    @property
+    def failed(self) -> tuple[SceneOutcome, ...]:
+        return tuple(s for s in self.scenes if s.status == STATUS_FAILED)
+
+def run_job(
+    spec: JobSpec,
+    *,
+    base_dir: Path,
+    ray_address: str | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> JobResult:
+    """Run a job: every scene in the spec; each chunk owned by one task per attempt, written idempotently.
+
+    Args:
+        spec: the validated job spec.
+        base_dir: folder that relative paths in the spec are relative to (the spec's folder).
+        ray_address: Ray cluster to connect to (default: RAY_ADDRESS or a local instance).
+        on_chunk: progress callback (chunks done, chunks total).
+
+    Returns:
+        JobResult with one outcome per scene; failed scenes carry their error and are also in
+        `tables/scenes`. Raises only for job-level problems (model, output root).
+    """
+    import ray
+
+    t_start = time.perf_counter()
+    started_at = datetime.now(timezone.utc)
+    job = resolve_job(spec, base_dir=base_dir)
+    job.root.mkdir(parents=True, exist_ok=True)
+    paths, unmatched = expand_inputs(spec.inputs, base_dir=base_dir)
+    outcomes = [SceneOutcome(name=n, source=p) for n, p in zip(assign_scene_names(paths), paths)]
+    for pattern in unmatched:
+        name = scene_name(pattern)
+        outcomes.append(SceneOutcome(name=name, source=pattern, status=STATUS_FAILED,
+                                     error=f"{pattern}: no such file (or the pattern matched nothing)"))
+
+    ensure_ray(ray_address, worker_env=with_malloc_tunables() if spec.resources.malloc_tuning else None)
+    cluster = ray.cluster_resources()
+    job = place_on_cluster(job, cluster)
+    local_cluster = not (ray_address or os.environ.get("RAY_ADDRESS"))
+    if job.predictor_options.device == "cpu" and job.predictor_options.precision == "fp16":
+        raise JobSpecError("inference.precision: fp16 needs GPU actors, and this job runs on CPU "
+                           "(no GPU in the cluster, or resources.num_gpus_per_actor: 0); use bf16 or fp32")
+    problem = cluster_fit_problem(job, cluster)
+    if problem:
+        if not local_cluster:
+            log.warning("%s (waiting for the cluster to grow)", problem)
+        else:
+            raise JobSpecError(problem)
+    _save_resolved_spec(job)
+    phases = {"setup_s": time.perf_counter() - t_start}
+    pending = [o for o in outcomes if o.status != STATUS_FAILED]
+    # the actors start (import torch, load the model, on a GPU its context) while the scenes are hashed
+    pool = None
+    if pending:
+        pool = _fused_pool(job) if fused_stages(job) else _split_pool(job, cluster_cpus=cluster.get("CPU", 1.0))
+    with pool or contextlib.nullcontext():
+        t0 = time.perf_counter()
+        sources = [o.source for o in pending]
+        if local_cluster:  # this machine holds the inputs: no worker process to start for it
+            opened = _open_local(sources, policy=input_policy(spec))
+        else:
+            opened = _open_all(sources, policy=input_policy(spec), cpus=cluster.get("CPU", 1.0),
+                               task_cpus=0.0 if pool else 0.5)  # the pool holds the CPUs; hashing is I/O
+        scenes: dict[int, SceneContext] = {}
+        for scene_id, (outcome, (info, sha, error)) in enumerate(zip(pending, opened)):
+            try:
+                if error is not None:
+                    raise InputError(error)
+                prepare_scene(job, outcome, scene_id, info, sha)
+            except TesseraError as exc:
+                outcome.status, outcome.error = STATUS_FAILED, str(exc)
+                log.error("scene %s failed: %s", outcome.name, exc)
+                continue
+            if outcome.context is not None and not outcome.already_complete:
+                scenes[scene_id] = outcome.context
+
+        by_id = {o.context.scene_id: o for o in outcomes if o.context is not None}
+        tasks = []
+        for scene_id, ctx in scenes.items():
+            done = done_chunk_keys(Path(ctx.work_dir))
+            for w in stripe_order(by_id[scene_id].plan, READ_STRIPE_CHUNKS):
+                if chunk_key(w.index) not in done:
+                    tasks.append(ChunkTask(scene_id=scene_id, window=w))
+        phases["open_s"] = time.perf_counter() - t0
+        progress = _Progress(len(tasks), by_id, on_chunk)
+        if tasks:
+            phases.update(_stream(job, tasks, scenes, progress, pool))
+        phases.update(progress.phases())
+
+    t0 = time.perf_counter()
+    for outcome in outcomes:
+        if outcome.status == "running":
+            try:
+                finish_scene(job, outcome, started_at, t_start)
+            except (TesseraError, OSError, ValueError) as exc:
+                outcome.status, outcome.error = STATUS_FAILED, str(exc)
+        if outcome.status == STATUS_FAILED:
+            outcome.row = scene_row(job, outcome, started_at, t_start)
+            write_table(job.root, "scenes", outcome.name, [outcome.row])
+    phases["finish_s"] = time.perf_counter() - t0
+    return JobResult(root=job.root, scenes=tuple(outcomes), wall_s=time.perf_counter() - t_start,
+                     model_name=job.card.name, phases=phases)
+
+def _predictor_kwargs(job: ResolvedJob) -> dict[str, Any]:
+    """PredictorActor keyword arguments of the job."""
+    return {
+        "card_path": str(job.checkpoint.card_path),
+        "options": job.predictor_options,
+        "weight": job.spec.model.weight,
+        "ensemble": tuple((str(c.card_path), w) for c, w in job.ensemble),
+        "with_probabilities": job.spec.output.write_probabilities,
+    }
+
+def _fused_pool(job: ResolvedJob) -> Any:
+    """The fused actor pool of the job (pipelines.run.fused.FusedPool); its actors start now."""
+    from pipelines.run.fused import FusedPool
+
+    res = job.spec.resources
+    return FusedPool(predictor=_predictor_kwargs(job), actors=job.actors,
+                     actor_options={"num_cpus": res.cpus_per_actor, "num_gpus": job.num_gpus_per_actor,
+                                    **_actor_remote_args(res)})
+
+def _split_pool(job: ResolvedJob, *, cluster_cpus: float) -> Any:
+    """The split stages of the job (pipelines.run.split.SplitPool); its actors start now."""
+    from pipelines.run.split import SplitPool
+
+    res = job.spec.resources
+    tasks = read_concurrency(job, cluster_cpus=cluster_cpus)
+    return SplitPool(predictor=_predictor_kwargs(job), actors=job.actors,
+                     actor_options={"num_cpus": res.cpus_per_actor, "num_gpus": job.num_gpus_per_actor,
+                                    **_actor_remote_args(res)},
+                     read_tasks=tasks, write_tasks=tasks)
+
+def split_block_rows(job: ResolvedJob) -> int:
+    """Consecutive chunks per read task, actor call and write task of the split stages:
+    READ_BLOCK_CHUNKS (two stripe rows, whose windows share input blocks), or more when one
+    forward pass takes more windows (windows_per_call)."""
+    return max(READ_BLOCK_CHUNKS, windows_per_call(job))
+
+def _stream(job: ResolvedJob, tasks: list[ChunkTask], scenes: dict[int, SceneContext],
+            progress: _Progress, pool: Any) -> dict[str, float]:
+    """Compute every planned chunk on the job's pool (fused actors, or the split stages);
+    returns the split stages' tasks in flight on average (SplitPool.run), for the job's phases."""
+    progress.start()
+    if fused_stages(job):
+        # batches of FUSED_BATCH consecutive chunks (one stripe row), stripe affinity per actor
+        pool.run(tasks, scenes=scenes, on_record=progress, batch_size=FUSED_BATCH)
+        return {}
+    return pool.run(tasks, scenes=scenes, on_record=progress, batch_size=split_block_rows(job))
+
+def windows_per_call(job: ResolvedJob) -> int:
+    """Windows per predictor-actor call in the split pipeline: the batch size when the model
+    takes a whole chunk window as one tile (one forward pass then runs `batch_size` windows,
+    which a GPU needs), else 1 (the window's own tiles fill the batches)."""
+    from workers.tileplan import windows_per_pass
+
+    o = job.predictor_options
+    return windows_per_pass((job.chunk_size + 2 * job.halo,) * 2, o.tile_size, o.tile_overlap, o.batch_size)
+
+def _open_all(paths: list[str], *, policy: InputPolicy, cpus: float,
+              task_cpus: float = 0.5) -> list[tuple[SceneInfo | None, str | None, str | None]]:
+    """open_and_hash every path in Ray tasks (on the workers, which read the inputs), in order.
+
+    One task per group of paths, at most one group per cluster CPU; each task's worker process
+    exits when it is done (max_calls=1), so no idle worker holding rasterio and the hashed
+    file's pages stays beside the predictor actors for the rest of the job.
+    """
+    import ray
+
+    if not paths:
+        return []
+    groups = max(1, min(len(paths), int(cpus)))
+    size = -(-len(paths) // groups)
+    task = ray.remote(num_cpus=task_cpus, max_calls=1)(_open_group)
+    parts = ray.get([task.remote(paths[i:i + size], policy) for i in range(0, len(paths), size)])
+    return [item for part in parts for item in part]
+
+def _open_local(paths: list[str], *, policy: InputPolicy) -> list[tuple[SceneInfo | None, str | None, str | None]]:
+    """open_and_hash every path in this process's threads, in order (a local Ray on this
+    machine: the inputs are here). Starting a task worker for it would cost a second of a core
+    while the actors start; hashlib releases the GIL, so threads hash in parallel.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not paths:
+        return []
+    with ThreadPoolExecutor(max_workers=min(4, len(paths)), thread_name_prefix="tessera-open") as pool:
+        return list(pool.map(lambda p: open_and_hash(p, policy), paths))
+
+def _open_group(paths: list[str], policy: InputPolicy) -> list[tuple[SceneInfo | None, str | None, str | None]]:
+    return [open_and_hash(p, policy) for p in paths]
+
+class _Progress:
+    """Counts chunk records as they arrive; a failed chunk fails its scene (the first error is kept)."""
+
+    def __init__(self, total: int, by_id: dict[int, SceneOutcome], on_chunk: Callable[[int, int], None] | None):
+        self.total, self.by_id, self.on_chunk, self.done = total, by_id, on_chunk, 0
+        self.t_start = self.t_first = self.t_last = 0.0
+
+    def start(self) -> None:
+        self.t_start = time.perf_counter()
+
+    def phases(self) -> dict[str, float]:
+        """first_chunk_s: stream start -> first record (what is left of actor start-up, first batch);
+        chunks_s: stream start -> last record."""
+        if not self.done:
+            return {"first_chunk_s": 0.0, "chunks_s": 0.0}
+        return {"first_chunk_s": self.t_first - self.t_start, "chunks_s": self.t_last - self.t_start}
+
+    def __call__(self, record: ChunkResult) -> None:
+        self.t_last = time.perf_counter()
+        if not self.done:
+            self.t_first = self.t_last
+        self.done += 1
+        if self.on_chunk:
+            self.on_chunk(self.done, self.total)
+        if record.error:
+            outcome = self.by_id[record.scene_id]
+            if outcome.status != STATUS_FAILED:
+                log.error("scene %s failed: %s", outcome.name, record.error)
+            outcome.status = STATUS_FAILED
+            outcome.error = outcome.error or record.error
+
+def read_concurrency(job: ResolvedJob, *, cluster_cpus: float) -> int:
+    """Concurrent read tasks of the split stages (and as many write tasks): resources.read_tasks;
+    else on GPU actors half of the CPUs the actors leave free (the other half writes and
+    computes statistics), at least 2 per actor; on CPU actors 1 per actor (a read costs a
+    fraction of a CPU pass).
+
+    On a GPU a read costs far more time than the window's forward pass, so 2 readers per
+    actor would leave the GPU waiting; on CPU, few readers keep consecutive windows (which
+    share input blocks) in one process's block cache.
+    """
+    res = job.spec.resources
+    if res.read_tasks is not None:
+        return res.read_tasks
+    if job.num_gpus_per_actor <= 0:
+        return job.actors
+    free = max(0.0, cluster_cpus - job.actors * res.cpus_per_actor)
+    return max(2 * job.actors, int(free // 2))
+
+def _actor_remote_args(res: Any) -> dict[str, Any]:
+    """Extra Ray options of the predictor actors: a runtime environment with the malloc tunables
+    (resources.malloc_tuning), unless the local Ray this process started gives its workers the
+    wanted environment already (ensure_ray's worker_env). Without malloc tuning, an actor of
+    such a Ray whose workers inherit tunables gets this process's own GLIBC_TUNABLES instead;
+    on any other Ray it inherits what the workers have, as before."""
+    inherited = inherited_worker_env()
+    if res.malloc_tuning:
+        env = actor_env(with_malloc_tunables(), inherited)
+    elif inherited is not None:
+        env = actor_env({GLIBC_TUNABLES: os.environ.get(GLIBC_TUNABLES, "")}, inherited)
+    else:
+        env = {}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+def _save_resolved_spec(job: ResolvedJob) -> None:
+    """Save the resolved spec beside the outputs (what ran, with defaults filled in)."""
+    resolved = job.spec.model_dump(mode="json") | {"resolved": job.parameters()}
+    atomic_write_text(job.root / "job.resolved.json", json.dumps(resolved, indent=2, sort_keys=True))

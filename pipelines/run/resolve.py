@@ -1,0 +1,209 @@
+"""A job spec resolved: the model card loaded and checked, defaults filled in, the job placed on
+the cluster (actors, GPUs), and the checks a scene must pass before any of its chunks is planned.
+Fails before any actor starts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pipelines.readers import InputPolicy, SceneInfo
+from schemas.errors import InputError, ModelCardError
+from schemas.job import JobSpec, default_batch_size
+from schemas.model_card import ModelCard
+from workers.checkpoints import Checkpoint, load_checkpoint, resolve_card_path
+from workers.options import PredictorOptions
+from workers.registry import check_plugin_allowed, model_kind
+
+log = logging.getLogger("tessera")
+
+
+# Bump when the meaning of output bytes changes for the same inputs and parameters.
+OUTPUT_FORMAT_VERSION = 1
+
+@dataclass(frozen=True)
+class ResolvedJob:
+    """A job spec with its model loaded and every default filled in."""
+
+    spec: JobSpec
+    root: Path
+    checkpoint: Checkpoint
+    ensemble: tuple[tuple[Checkpoint, float], ...]
+    chunk_size: int
+    halo: int
+    predictor_options: PredictorOptions
+    num_gpus_per_actor: float = 0.0
+    actors: int = 1  # resources.actors, or the cluster's default (place_on_cluster)
+
+    @property
+    def card(self) -> ModelCard:
+        return self.checkpoint.card
+
+    def parameters(self) -> dict[str, Any]:
+        """Everything that changes output bytes, except the input itself."""
+        o = self.predictor_options
+        return {
+            "format": OUTPUT_FORMAT_VERSION,
+            "model_sha256": self.card.weights_sha256,
+            "model_name": self.card.name,
+            "model_weight": self.spec.model.weight,
+            "ensemble": [[c.card.weights_sha256, w] for c, w in self.ensemble],
+            "tta": list(o.tta),
+            "scales": list(o.scales),
+            "write_probabilities": self.spec.output.write_probabilities,
+            "bands": list(self.spec.bands) if self.spec.bands else None,
+            # only when set: jobs without complex inputs keep the fingerprints they had
+            **({"complex_bands": self.spec.complex_bands} if self.spec.complex_bands != "refuse" else {}),
+            "chunk_size": self.chunk_size,
+            "halo": self.halo,
+            "tile_size": o.tile_size,
+            "tile_overlap": o.tile_overlap,
+            "blend": o.blend,
+            "precision": o.precision,
+            "channels_last": o.channels_last,
+            "fold_batchnorm": o.fold_batchnorm,
+            # GPU autocast changes output bytes: CPU and GPU results never share a fingerprint.
+            "device_type": "cuda" if o.device.startswith("cuda") else "cpu",
+        }
+
+def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
+    """Load and check the model, fill defaults from its card. Fails before any actor starts.
+
+    Raises:
+        ModelCardError: missing or invalid card/weights, or a job setting the card rejects.
+    """
+    card_path = resolve_card_path(spec.model.card, base_dir=base_dir)
+    checkpoint = load_checkpoint(card_path)
+    card = checkpoint.card
+    check_plugin_allowed(card.architecture, where=str(card_path))
+    if model_kind(card.architecture) != "semantic":
+        raise ModelCardError(
+            f"{card_path}: {card.architecture!r} is an instance model; this pipeline runs semantic "
+            "segmentation models only (instance stitching is not built yet)"
+        )
+    if spec.model.architecture is not None and spec.model.architecture != card.architecture:
+        raise ModelCardError(
+            f"{card_path}: job asks for architecture {spec.model.architecture!r} "
+            f"but the card is {card.architecture!r}"
+        )
+    if spec.bands is not None and len(spec.bands) != card.in_channels:
+        raise ModelCardError(
+            f"job bands {list(spec.bands)} give {len(spec.bands)} channels, model {card.name!r} "
+            f"({card_path}) expects {card.in_channels}"
+        )
+    ensemble = []
+    for member in spec.model.ensemble:
+        extra = load_checkpoint(resolve_card_path(member.card, base_dir=base_dir))
+        check_plugin_allowed(extra.card.architecture, where=str(extra.card_path))
+        if extra.card.class_names != card.class_names or extra.card.in_channels != card.in_channels:
+            raise ModelCardError(
+                f"{extra.card_path}: ensemble member has classes {list(extra.card.class_names)} and "
+                f"{extra.card.in_channels} bands; {card_path} has {list(card.class_names)} and "
+                f"{card.in_channels} (ensemble members must agree)"
+            )
+        ensemble.append((extra, member.weight))
+    tiling = spec.tiling
+    tile_size = tiling.tile_size if tiling.tile_size is not None else card.tile_size
+    options = PredictorOptions(
+        device="cuda" if (spec.resources.num_gpus_per_actor or 0) > 0 else "cpu",
+        precision=spec.inference.precision,
+        batch_size=spec.resources.batch_size or default_batch_size(
+            "cuda" if (spec.resources.num_gpus_per_actor or 0) > 0 else "cpu"),
+        tile_size=tile_size,
+        tile_overlap=tiling.tile_overlap,
+        blend=tiling.blend,
+        torch_threads=spec.resources.torch_threads or max(1, int(spec.resources.cpus_per_actor)),
+        tta=spec.inference.tta,
+        scales=spec.inference.scales,
+        channels_last=spec.inference.channels_last,
+        fold_batchnorm=spec.inference.fold_batchnorm,
+    )
+    root = Path(spec.output.root).expanduser()
+    if not root.is_absolute():
+        root = base_dir / root
+    return ResolvedJob(
+        spec=spec,
+        root=root.resolve(),
+        checkpoint=checkpoint,
+        ensemble=tuple(ensemble),
+        chunk_size=tiling.chunk_size,
+        halo=tiling.halo if tiling.halo is not None else card.halo,
+        predictor_options=options,
+        num_gpus_per_actor=spec.resources.num_gpus_per_actor or 0.0,
+    )
+
+ACTOR_MEMORY_BYTES = 1.5 * 2**30
+
+"""Memory budgeted per predictor actor when choosing their number (measured on CPU: about 1 GB
+PSS for the bundled U-Net on 1088-px tiles: torch alone is about 0.5 GB)."""
+
+def place_on_cluster(job: ResolvedJob, cluster: dict[str, float]) -> ResolvedJob:
+    """Fill the defaults that depend on the cluster's resources.
+
+    GPU: 1 GPU per actor when the cluster has GPUs (else CPU). Actors (unless set): one per GPU;
+    on CPU one per CPU (cpus_per_actor each, 0.5 CPU left for the split pipeline's tasks), at
+    most one per ACTOR_MEMORY_BYTES of the cluster's memory, at least 1.
+    """
+    res = job.spec.resources
+    gpus = cluster.get("GPU", 0.0)
+    if res.num_gpus_per_actor is None and gpus > 0:
+        batch = res.batch_size or default_batch_size("cuda")
+        job = replace(job, num_gpus_per_actor=1.0,
+                      predictor_options=replace(job.predictor_options, device="cuda", batch_size=batch))
+    if res.actors is not None:
+        return replace(job, actors=res.actors)
+    if job.num_gpus_per_actor > 0:
+        actors = int(gpus // job.num_gpus_per_actor)
+    else:
+        tasks = 0.0 if fused_stages(job) else 0.5
+        actors = int((cluster.get("CPU", 1.0) - tasks) // res.cpus_per_actor)
+        if cluster.get("memory"):
+            actors = min(actors, int(cluster["memory"] // ACTOR_MEMORY_BYTES))
+    return replace(job, actors=max(1, actors))
+
+def fused_stages(job: ResolvedJob) -> bool:
+    """Whether the actors read and write their chunks themselves (resources.stages)."""
+    stages = job.spec.resources.stages
+    return stages == "fused" or (stages == "auto" and job.num_gpus_per_actor <= 0)
+
+def cluster_fit_problem(job: ResolvedJob, cluster: dict[str, float]) -> str | None:
+    """Why the actor pool cannot start on `cluster` (Ray would wait forever), or None.
+
+    The actors take actors x cpus_per_actor CPUs (and GPUs) for the whole job; the read and write
+    tasks need 0.5 CPU besides.
+    """
+    res = job.spec.resources
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    tasks = 0.0 if fused_stages(job) else 0.5
+    need_cpu = job.actors * res.cpus_per_actor + tasks
+    if need_cpu > cpus:
+        besides = f" plus {tasks:g} CPU for the read and write tasks" if tasks else ""
+        return (f"resources: {job.actors} actor(s) x {res.cpus_per_actor} CPU{besides} need {need_cpu:g} CPUs, "
+                f"the Ray cluster has {cpus:g}; lower resources.actors or resources.cpus_per_actor")
+    need_gpu = job.actors * job.num_gpus_per_actor
+    if need_gpu > gpus:
+        return (f"resources: {job.actors} actor(s) x {job.num_gpus_per_actor:g} GPU need {need_gpu:g} GPUs, "
+                f"the Ray cluster has {gpus:g}; lower resources.actors or resources.num_gpus_per_actor")
+    return None
+
+def input_policy(spec: JobSpec) -> InputPolicy:
+    """The readers' input policy of a job (complex bands)."""
+    return InputPolicy(complex_bands=spec.complex_bands)
+
+def check_scene_fits_model(info: SceneInfo, *, bands: tuple[int, ...] | None, card: ModelCard) -> None:
+    """Raise InputError (naming the file and the fix) when a scene cannot feed the model."""
+    if bands is not None:
+        bad = [b for b in bands if b > info.count]
+        if bad:
+            raise InputError(f"{info.path}: has {info.count} bands, job asks for bands {bad}")
+    elif info.count != card.in_channels:
+        hint = list(range(1, card.in_channels + 1))
+        raise InputError(
+            f"{info.path}: {info.count} bands, model {card.name!r} expects {card.in_channels} "
+            f"(set bands: {hint} in the job spec to choose them)"
+        )
+    if info.transform[1] != 0 or info.transform[3] != 0:
+        log.warning("%s: rotated/sheared geotransform; x/y coordinates in the store are approximate, "
+                    "GeoTransform is exact", info.path)

@@ -1,0 +1,188 @@
+"""One scene's life in a job, on the driver: prepare (validate, fingerprint, plan once, create or
+resume its store) and finish (merge partial statistics, write its tables, mark it complete).
+
+Resumability: each finished chunk leaves `<root>/_work/<scene>/<fingerprint>/<index>.json`
+(written last, atomically) beside its partial stats. A re-run with the same fingerprint computes
+only chunks without a marker; a complete scene is not touched at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.georef import crs_linear_unit
+from pipelines.plan.chunks import ChunkWindow, chunk_grid_shape, plan_chunks
+from pipelines.plan.scenes import scene_fingerprint
+from pipelines.readers import SceneInfo
+from pipelines.run.resolve import ResolvedJob, check_scene_fits_model
+from pipelines.run.stages import (
+    SceneContext,
+    done_chunk_keys,
+)
+from pipelines.stats.partials import ChunkRegions
+from pipelines.writers.regions_table import write_regions
+from pipelines.writers.tables import write_table, write_table_batches
+from pipelines.writers.zarr_masks import (
+    create_scene_store,
+    mark_complete,
+    read_store_state,
+    remove_store,
+)
+from schemas import store as layout
+from schemas.errors import OutputError
+from schemas.records import chunk_key
+from schemas.tables import CHUNK_SKIPPED_NODATA, SCHEMAS, STATUS_COMPLETE
+
+WORK_DIR = "_work"
+
+@dataclass
+class SceneOutcome:
+    """The driver's record of one scene during a job."""
+
+    name: str
+    source: str
+    context: SceneContext | None = None
+    input_sha256: str | None = None
+    status: str = "pending"
+    error: str | None = None
+    plan: tuple[ChunkWindow, ...] = ()  # the scene's chunk windows, planned once (prepare_scene)
+    n_chunks: int = 0
+    n_todo: int = 0
+    already_complete: bool = False
+    row: dict[str, Any] | None = None
+
+def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: SceneInfo, sha: str) -> None:
+    """Validate a scene, create or resume its store, and list the chunks still to compute."""
+    spec = job.spec
+    check_scene_fits_model(info, bands=spec.bands, card=job.card)
+    fingerprint = scene_fingerprint(job.parameters(), sha)
+    zarr_path = job.root / f"{outcome.name}.zarr"
+    work_root = job.root / WORK_DIR / outcome.name
+    state = read_store_state(zarr_path)
+    if state is not None and state.get(layout.KEY_FINGERPRINT) != fingerprint:
+        if not spec.output.overwrite:
+            raise OutputError(
+                f"{zarr_path}: holds results of another job fingerprint "
+                f"({str(state.get(layout.KEY_FINGERPRINT))[:12]}..., this job {fingerprint[:12]}...); "
+                "use another output root, or set output.overwrite: true to replace it"
+            )
+        remove_store(zarr_path)
+        remove_store(work_root)
+        state = None
+    chunk_shape = (job.chunk_size,) * len(info.shape)
+    windows = tuple(plan_chunks(info.shape, job.chunk_size, job.halo))
+    work_dir = work_root / fingerprint[:16]
+    outcome.context = SceneContext(
+        scene_id=scene_id, name=outcome.name, info=info, bands=spec.bands, zarr_path=str(zarr_path),
+        work_dir=str(work_dir), fingerprint=fingerprint,
+        grid_shape=chunk_grid_shape(info.shape, job.chunk_size), chunk_shape=chunk_shape,
+    )
+    outcome.input_sha256 = sha
+    outcome.plan = windows
+    outcome.n_chunks = len(windows)
+    if state is not None and state.get(layout.KEY_STATUS) == layout.STORE_STATUS_COMPLETE:
+        outcome.already_complete = True
+        outcome.status = STATUS_COMPLETE
+        return
+    if state is None:
+        create_scene_store(
+            zarr_path,
+            shape=info.shape,
+            chunk_shape=chunk_shape,
+            transform=info.transform,
+            crs_wkt=info.crs_wkt,
+            class_names=job.card.class_names,
+            with_probabilities=spec.output.write_probabilities,
+            provenance={
+                layout.KEY_FINGERPRINT: fingerprint,
+                layout.KEY_MODEL: {"name": job.card.name, "architecture": job.card.architecture,
+                                   "sha256": job.card.weights_sha256,
+                                   "ensemble": [{"name": c.card.name, "sha256": c.card.weights_sha256, "weight": w}
+                                                for c, w in job.ensemble]},
+                layout.KEY_HALO: job.halo,
+                layout.KEY_SOURCE: os.path.basename(info.path),
+                layout.KEY_INPUT_SHA256: sha,
+            },
+        )
+    work_dir.mkdir(parents=True, exist_ok=True)
+    done = done_chunk_keys(work_dir)
+    outcome.n_todo = sum(1 for w in windows if chunk_key(w.index) not in done)
+    outcome.status = "running"
+
+def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_start: float) -> None:
+    """Merge partial stats, write the scene's tables, and mark its store complete."""
+    ctx = outcome.context
+    if ctx is None:
+        raise OutputError(f"scene {outcome.name}: cannot finish a scene that was never prepared")
+    t0 = time.perf_counter()
+    work_dir = Path(ctx.work_dir)
+    windows = outcome.plan
+    missing = [w.index for w in windows if not (work_dir / f"{chunk_key(w.index)}.json").is_file()]
+    if missing:
+        raise OutputError(f"{ctx.zarr_path}: {len(missing)} chunks have no manifest marker, e.g. {list(missing[0])}")
+    grid_rows: dict[int, list[tuple[int, ...]]] = {}
+    for w in windows:
+        grid_rows.setdefault(w.index[0], []).append(w.index)
+
+    def parts_by_row():  # read lazily: one row of chunk partials in memory at a time
+        for i in sorted(grid_rows):
+            yield [ChunkRegions.from_npz(work_dir / f"{chunk_key(index)}.npz") for index in grid_rows[i]]
+
+    regions = write_regions(job.root, ctx.name, parts_by_row(), work_dir=work_dir, transform=ctx.info.transform,
+                            crs_wkt=ctx.info.crs_wkt, class_names=job.card.class_names)
+    merge_s = time.perf_counter() - t0
+    pixel_area = ctx.info.pixel_area_crs2
+    class_areas = [{"class_id": class_id, "class_name": name, "pixel_count": count, "area_crs2": count * pixel_area}
+                   for class_id, (name, count) in enumerate(zip(job.card.class_names, regions.class_pixels))]
+    totals = dict.fromkeys(("n_chunks_skipped_nodata", "valid_pixels", "read_s", "predict_s", "write_s", "stats_s"), 0)
+
+    def manifest_by_row():  # the chunks table a row of chunks at a time, totals on the way
+        for i in sorted(grid_rows):
+            rows = [json.loads((work_dir / f"{chunk_key(index)}.json").read_text()) for index in grid_rows[i]]
+            for m in rows:
+                totals["n_chunks_skipped_nodata"] += m["status"] == CHUNK_SKIPPED_NODATA
+                for name in ("valid_pixels", "read_s", "predict_s", "write_s", "stats_s"):
+                    totals[name] += m[name]
+            yield pa.Table.from_pylist(rows, schema=SCHEMAS["chunks"])
+
+    write_table_batches(job.root, "chunks", ctx.name, manifest_by_row())
+    outcome.status = STATUS_COMPLETE
+    outcome.row = scene_row(job, outcome, started_at, t_start) | totals | {
+        "n_regions": regions.n_regions,
+        "valid_pixels": int(totals["valid_pixels"]),
+        "class_areas": class_areas,
+        "merge_s": merge_s,
+    }
+    write_table(job.root, "scenes", ctx.name, [outcome.row])
+    mark_complete(Path(ctx.zarr_path))
+
+def scene_row(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_start: float) -> dict[str, Any]:
+    ctx = outcome.context
+    info = ctx.info if ctx else None
+    return {
+        "scene": outcome.name,
+        "source": outcome.source,
+        "status": outcome.status,
+        "error": outcome.error,
+        "fingerprint": ctx.fingerprint if ctx else None,
+        "input_sha256": outcome.input_sha256,
+        "model_name": job.card.name,
+        "model_sha256": job.card.weights_sha256,
+        "shape": list(info.shape) if info else None,
+        "crs": info.crs if info else None,
+        "crs_linear_unit": crs_linear_unit(info.crs_wkt) if info else None,
+        "pixel_area_crs2": info.pixel_area_crs2 if info else None,
+        "n_chunks": outcome.n_chunks if ctx else None,
+        "n_chunks_computed": outcome.n_todo if ctx else None,
+        "zarr_path": f"{outcome.name}.zarr" if ctx else None,
+        "started_at": started_at,
+        "finished_at": datetime.now(timezone.utc),
+        "wall_s": time.perf_counter() - t_start,
+    }
