@@ -177,7 +177,8 @@ class VolumeGrid:
             raise ValueError(f"VolumeGrid.affine: last row must be [0, 0, 0, 1], got {list(rows[3])}")
         linear = np.array(rows, dtype=np.float64)[:3, :3]
         if np.linalg.matrix_rank(linear) < 3:
-            raise ValueError(f"VolumeGrid.affine: singular 3x3 part {linear.tolist()} (voxel axes must be independent)")
+            raise ValueError(f"VolumeGrid.affine: singular 3x3 part {linear.tolist()} "
+                             "(the voxel axes must be independent)")
         norms = np.linalg.norm(linear, axis=0)
         if self.spacing_mm is None:
             spacing = tuple(float(n) for n in norms)
