@@ -1,25 +1,52 @@
-"""Zarr layout of one scene's output, `<root>/<scene>.zarr` (Zarr v3).
+"""Zarr layout of one scene's output, `<root>/<scene>.zarr` (Zarr v3), and its grid geometry.
 
-Layout (2D):
+The caller chooses the layout by the grid it passes to the store writer: a `GeoGrid` (2D
+georeferenced scene) or a `VolumeGrid` (3D volume in scanner millimetres).
+
+Layout (2D, GeoGrid): GeoZarr-style CF metadata that xarray + rioxarray read.
   classes       (y, x) uint8, fill 255 = nodata / not predicted; chunks = job chunk_size.
   probabilities (class, y, x) float16, optional (output.write_probabilities); NaN fill.
   x, y          1-D float64 pixel-centre coordinates in the scene CRS.
   spatial_ref   0-d int32 CF grid-mapping variable: crs_wkt, spatial_ref, GeoTransform.
+  `classes` carries `grid_mapping`, `flag_values`, `flag_meanings`; attrs[TESSERA_ATTR] holds
+  `crs_wkt` and `transform`.
 
-`classes` carries CF/GeoZarr-style attributes (`grid_mapping`, `flag_values`, `flag_meanings`)
-that xarray + rioxarray understand, and the tessera provenance under the TESSERA_ATTR key.
+Layout (3D, VolumeGrid): OME-Zarr 0.5 as far as it fits a store that holds no source image.
+  classes       (z, y, x) uint8, fill 255; dimension_names == the OME axes names.
+  probabilities (class, z, y, x) float16, optional; NaN fill (not part of the OME image).
+  Root attrs[OME_ATTR] = {"version": "0.5", "multiscales": [one level whose dataset path is
+  `classes`, axes z/y/x of type space in millimeter, a `scale` (= spacing) and, when the
+  affine is axis-aligned, a `translation`]} (see `VolumeGrid.ome_attributes`).
+  attrs[TESSERA_ATTR] holds the exact 4x4 `affine` (float64, row-major) and `spacing_mm`.
+  No x/y/z coordinate arrays and no spatial_ref: an oblique affine has no 1-D coordinates.
+  `classes` stays at the root, not under `labels/<name>`: OME-Zarr 0.5 nests a "labels" group
+  inside an *image* group whose resolution levels the label image must match, and these
+  stores hold no source image. Moving the label volume to `labels/classes` (with
+  `image-label` colours from class ids) is a follow-up for when the store also carries the
+  image, or a `source` link to it; until then both layouts keep `classes` at the root and
+  `write_chunk` needs no per-store path.
+
+Both layouts keep the tessera provenance under the TESSERA_ATTR key of the root group.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
 CLASSES = "classes"
-PROBABILITIES = "probabilities"  # optional (class, y, x) float16, NaN = nodata / not predicted
+PROBABILITIES = "probabilities"  # optional (class, *spatial) float16, NaN = nodata / not predicted
 PROBABILITIES_DTYPE = "float16"
 CLASS_DIM = "class"
 X = "x"
 Y = "y"
+Z = "z"
 SPATIAL_REF = "spatial_ref"
 DIMENSIONS_2D = (Y, X)
+DIMENSIONS_3D = (Z, Y, X)
 
 CLASSES_DTYPE = "uint8"
 NODATA_CLASS = 255
@@ -35,8 +62,199 @@ KEY_CHUNK_SHAPE = "chunk_shape"
 KEY_HALO = "halo"
 KEY_SOURCE = "source"
 KEY_INPUT_SHA256 = "input_sha256"
-KEY_CRS_WKT = "crs_wkt"
-KEY_TRANSFORM = "transform"  # affine (a, b, c, d, e, f) as rasterio/affine orders it
+KEY_CRS_WKT = "crs_wkt"  # 2D
+KEY_TRANSFORM = "transform"  # 2D: affine (a, b, c, d, e, f) as rasterio/affine orders it
+KEY_AFFINE = "affine"  # 3D: 4x4 voxel (i, j, k) -> scanner RAS mm, row-major, float64
+KEY_SPACING_MM = "spacing_mm"  # 3D: voxel size per array axis (z, y, x), mm
 
 STORE_STATUS_PARTIAL = "partial"
 STORE_STATUS_COMPLETE = "complete"
+
+# OME-Zarr 0.5 (https://ngff.openmicroscopy.org/0.5/): root group attribute and field values.
+OME_ATTR = "ome"
+OME_VERSION = "0.5"
+OME_SPACE_UNIT = "millimeter"
+
+# Relative tolerance between a VolumeGrid's spacing and its affine's column norms: NIfTI keeps
+# pixdim and the sform apart, both float32, so they agree only to a few float32 ulps.
+SPACING_RTOL = 1e-4
+
+
+def _finite_float(value: Any, field: str) -> float:
+    """`value` as a Python float; ValueError naming `field` if it is not a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{field}: expected a finite number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{field}: expected a finite number, got {value!r}")
+    return number
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...] | None:
+    """A sequence or 1-D array as a tuple; None for anything else (a string, a scalar)."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        return tuple(np.asarray(value, dtype=object).reshape(-1)) if np.ndim(value) == 1 else None
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class GeoGrid:
+    """A 2D georeferenced grid: pixel (col, row) corner -> CRS (x, y), array axes (y, x).
+
+    Attributes:
+        transform: affine ``(a, b, c, d, e, f)`` in rasterio order, ``x = a*col + b*row + c``,
+            ``y = d*col + e*row + f``; six finite numbers with ``a*e - b*d != 0``. Stored as
+            Python floats (an int such as 1 becomes 1.0).
+        crs_wkt: WKT of the CRS, or None (an empty string is kept as given and means no CRS).
+    """
+
+    transform: tuple[float, float, float, float, float, float]
+    crs_wkt: str | None = None
+
+    def __post_init__(self) -> None:
+        values = _as_tuple(self.transform)
+        if values is None or len(values) != 6:
+            raise ValueError(f"GeoGrid.transform: expected 6 numbers (a, b, c, d, e, f), got {self.transform!r}")
+        numbers = tuple(_finite_float(v, f"GeoGrid.transform[{i}]") for i, v in enumerate(values))
+        a, b, _, d, e, _ = numbers
+        if a * e - b * d == 0:
+            raise ValueError(f"GeoGrid.transform: singular affine (a*e - b*d == 0) in {numbers!r}")
+        if self.crs_wkt is not None and not isinstance(self.crs_wkt, str):
+            raise ValueError(f"GeoGrid.crs_wkt: expected WKT text or None, got {type(self.crs_wkt).__name__}")
+        object.__setattr__(self, "transform", numbers)
+
+    @property
+    def dimension_names(self) -> tuple[str, ...]:
+        """Names of the array axes, ``(y, x)``."""
+        return DIMENSIONS_2D
+
+    def tessera_attributes(self) -> dict[str, Any]:
+        """The grid's keys inside attrs[TESSERA_ATTR], in their stored order."""
+        return {KEY_CRS_WKT: self.crs_wkt, KEY_TRANSFORM: list(self.transform)}
+
+    def group_attributes(self) -> dict[str, Any]:
+        """Root group attributes beside TESSERA_ATTR: none in 2D."""
+        return {}
+
+    def variable_attributes(self, attributes: dict[str, Any]) -> dict[str, Any]:
+        """CF attributes of a data array: `attributes` between `grid_mapping` and `coordinates`
+        (the key order the 2D stores have always had)."""
+        # CF: `coordinates` makes spatial_ref a coordinate in xarray.
+        return {"grid_mapping": SPATIAL_REF, **attributes, "coordinates": SPATIAL_REF}
+
+
+@dataclass(frozen=True)
+class VolumeGrid:
+    """A 3D voxel grid in scanner space: array axes ``(z, y, x)``, millimetres, RAS.
+
+    Attributes:
+        affine: 4x4 matrix, voxel index ``(i, j, k)`` in the array's axis order (z, y, x) ->
+            scanner ``(R, A, S, 1)`` in mm; finite, last row exactly ``0 0 0 1``, invertible.
+            Any (4, 4) array-like (or 16 numbers, row-major); stored as a tuple of 4 row tuples
+            of Python floats (float64, exact).
+        spacing_mm: voxel size per array axis (z, y, x), each > 0 and equal to the norm of the
+            affine's matching column within SPACING_RTOL; None derives it from those norms.
+    """
+
+    affine: tuple[tuple[float, float, float, float], ...]
+    spacing_mm: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            matrix = np.array(self.affine, dtype=object)
+        except ValueError:
+            matrix = None
+        if matrix is None or matrix.size != 16 or matrix.ndim not in (1, 2) or (
+                matrix.ndim == 2 and matrix.shape != (4, 4)):
+            raise ValueError(f"VolumeGrid.affine: expected a 4x4 matrix, got {self.affine!r}")
+        matrix = matrix.reshape(4, 4)
+        rows = tuple(tuple(_finite_float(matrix[r, c], f"VolumeGrid.affine[{r}][{c}]") for c in range(4))
+                     for r in range(4))
+        if rows[3] != (0.0, 0.0, 0.0, 1.0):
+            raise ValueError(f"VolumeGrid.affine: last row must be [0, 0, 0, 1], got {list(rows[3])}")
+        linear = np.array(rows, dtype=np.float64)[:3, :3]
+        if np.linalg.matrix_rank(linear) < 3:
+            raise ValueError(f"VolumeGrid.affine: singular 3x3 part {linear.tolist()} "
+                             "(the voxel axes must be independent)")
+        norms = np.linalg.norm(linear, axis=0)
+        if self.spacing_mm is None:
+            spacing = tuple(float(n) for n in norms)
+        else:
+            values = _as_tuple(self.spacing_mm)
+            if values is None or len(values) != 3:
+                raise ValueError(f"VolumeGrid.spacing_mm: expected 3 numbers (z, y, x) in mm, got {self.spacing_mm!r}")
+            spacing = tuple(_finite_float(v, f"VolumeGrid.spacing_mm[{i}]") for i, v in enumerate(values))
+            for axis, (given, norm) in enumerate(zip(spacing, norms)):
+                if given <= 0:
+                    raise ValueError(f"VolumeGrid.spacing_mm[{axis}]: must be > 0 mm, got {given!r}")
+                if not math.isclose(given, float(norm), rel_tol=SPACING_RTOL):
+                    raise ValueError(
+                        f"VolumeGrid.spacing_mm[{axis}]: {given!r} mm does not match the norm of the "
+                        f"affine's column {axis} ({float(norm)!r} mm, rel. tolerance {SPACING_RTOL}); "
+                        "fix the affine or pass spacing_mm=None to derive it")
+        object.__setattr__(self, "affine", rows)
+        object.__setattr__(self, "spacing_mm", spacing)
+
+    @property
+    def dimension_names(self) -> tuple[str, ...]:
+        """Names of the array axes, ``(z, y, x)``."""
+        return DIMENSIONS_3D
+
+    @property
+    def origin_mm(self) -> tuple[float, float, float]:
+        """Scanner (R, A, S) position of the centre of voxel (0, 0, 0), mm."""
+        return tuple(row[3] for row in self.affine[:3])
+
+    @property
+    def is_axis_aligned(self) -> bool:
+        """Whether each array axis runs along the scanner axis of its name, in the + direction.
+
+        Array axis z (0) along S (affine row 2), y (1) along A (row 1), x (2) along R (row 0):
+        column ``a`` of the affine's 3x3 part is zero except a positive entry in row ``2 - a``.
+        Exactly zero, so the OME scale + translation is the affine itself (the scale being the
+        spacing, equal to the column norms within SPACING_RTOL). A diagonal affine is *not*
+        axis-aligned in this sense: its array axis "z" runs along R.
+        """
+        for axis in range(3):
+            for row in range(3):
+                value = self.affine[row][axis]
+                if (value <= 0) if row == 2 - axis else (value != 0):
+                    return False
+        return True
+
+    def ome_attributes(self, dataset_path: str) -> dict[str, Any]:
+        """The OME-Zarr 0.5 `ome` object of a root group whose one image level is `dataset_path`.
+
+        Axes z, y, x, type space, unit millimeter; physical axis z is scanner S, y is A, x is R.
+        The dataset's `coordinateTransformations` are a `scale` (= spacing_mm) and, only when
+        the affine is axis-aligned (see `is_axis_aligned`), a `translation` (= the origin as
+        (S, A, R)). OME-Zarr 0.5 has no rotation or flip, so an oblique or flipped affine gets
+        the scale alone: OME readers then place the volume in index * spacing space, and the
+        exact 4x4 affine is only in attrs[TESSERA_ATTR][KEY_AFFINE].
+        """
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": list(self.spacing_mm)}]
+        if self.is_axis_aligned:
+            r, a, s = self.origin_mm
+            transforms.append({"type": "translation", "translation": [s, a, r]})
+        axes = [{"name": name, "type": "space", "unit": OME_SPACE_UNIT} for name in DIMENSIONS_3D]
+        multiscale = {"name": dataset_path, "axes": axes,
+                      "datasets": [{"path": dataset_path, "coordinateTransformations": transforms}]}
+        return {"version": OME_VERSION, "multiscales": [multiscale]}
+
+    def tessera_attributes(self) -> dict[str, Any]:
+        """The grid's keys inside attrs[TESSERA_ATTR]: the exact affine and the spacing."""
+        return {KEY_AFFINE: [list(row) for row in self.affine], KEY_SPACING_MM: list(self.spacing_mm)}
+
+    def group_attributes(self) -> dict[str, Any]:
+        """Root group attributes beside TESSERA_ATTR: the OME-Zarr image of `classes`."""
+        return {OME_ATTR: self.ome_attributes(CLASSES)}
+
+    def variable_attributes(self, attributes: dict[str, Any]) -> dict[str, Any]:
+        """Attributes of a data array: as given (no CF grid mapping in scanner space)."""
+        return dict(attributes)
+
+
+Grid = GeoGrid | VolumeGrid

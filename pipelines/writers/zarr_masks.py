@@ -1,21 +1,28 @@
 """Zarr v3 mask stores: create a scene's store, write one chunk, mark it complete.
 
-The store is georeferenced the way xarray + rioxarray read it: `classes` has dimension names
-(y, x), 1-D `x`/`y` pixel-centre coordinates, and a CF `spatial_ref` grid-mapping variable
-holding `crs_wkt` and a GDAL `GeoTransform`.
+The grid passed to `create_scene_store` chooses the layout (`schemas.store`):
+- `GeoGrid` (2D): georeferenced the way xarray + rioxarray read it: `classes` has dimension
+  names (y, x), 1-D `x`/`y` pixel-centre coordinates, and a CF `spatial_ref` grid-mapping
+  variable holding `crs_wkt` and a GDAL `GeoTransform`.
+- `VolumeGrid` (3D): OME-Zarr 0.5 root attributes (`ome.multiscales` over `classes (z, y, x)`
+  in millimetres), with the exact 4x4 affine in the tessera attributes.
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 
 from schemas import store as layout
+
+if TYPE_CHECKING:
+    from pipelines.readers.base import SceneInfo
 
 
 def read_store_state(path: Path) -> dict[str, Any] | None:
@@ -32,55 +39,90 @@ def remove_store(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def scene_grid(info: SceneInfo) -> layout.Grid:
+    """The store grid of a scene: a VolumeGrid when the reader gave a 4x4 affine, else a GeoGrid.
+
+    Raises:
+        ValueError: the scene has neither (names the file), or its geometry is invalid.
+    """
+    if info.affine is not None:
+        return layout.VolumeGrid(affine=info.affine, spacing_mm=info.spacing)
+    if info.transform is not None:
+        return layout.GeoGrid(transform=info.transform, crs_wkt=info.crs_wkt)
+    raise ValueError(f"{info.path}: the reader gave neither a transform (2D) nor an affine (3D)")
+
+
 def create_scene_store(
     path: Path,
     *,
-    shape: tuple[int, int],
-    chunk_shape: tuple[int, int],
-    transform: tuple[float, float, float, float, float, float],
-    crs_wkt: str | None,
+    shape: tuple[int, ...],
+    chunk_shape: tuple[int, ...],
+    grid: layout.Grid | None = None,
     class_names: tuple[str, ...],
     provenance: dict[str, Any],
     with_probabilities: bool = False,
+    transform: tuple[float, float, float, float, float, float] | None = None,
+    crs_wkt: str | None = None,
 ) -> None:
-    """Create an empty 2D scene store (status 'partial'); arrays are filled chunk by chunk.
+    """Create an empty scene store (status 'partial'); arrays are filled chunk by chunk.
+
+    The grid decides the layout (see `schemas.store`): a `GeoGrid` writes the 2D GeoZarr/CF
+    store (`classes (y, x)`, `x`, `y`, `spatial_ref`), a `VolumeGrid` the 3D OME-Zarr 0.5 store
+    (`classes (z, y, x)`, root `ome` multiscales with scale/translation, the exact affine in
+    attrs['tessera']; an oblique affine gets no OME translation, see
+    `VolumeGrid.ome_attributes`).
 
     Args:
         path: the `<root>/<scene>.zarr` folder (must not hold a store yet).
-        shape: (rows, cols) of the scene.
-        chunk_shape: Zarr chunk shape == the job's output chunk.
-        transform: affine (a, b, c, d, e, f), pixel (col, row) -> CRS (x, y).
-        crs_wkt: WKT of the CRS, or None.
+        shape: scene size per array axis, (rows, cols) or (z, rows, cols), px / voxels.
+        chunk_shape: Zarr chunk shape == the job's output chunk, one entry per axis.
+        grid: the scene geometry, GeoGrid (2D) or VolumeGrid (3D).
         class_names: class names, index == class id.
         provenance: fingerprint, model, source... (stored under attrs['tessera']).
-        with_probabilities: also create `probabilities` (class, y, x) float16, NaN fill.
+        with_probabilities: also create `probabilities` (class, *shape) float16, NaN fill.
+        transform, crs_wkt: legacy 2D form of ``grid=GeoGrid(transform, crs_wkt)``; kept until
+            the job passes `grid`, then to be removed. Not allowed together with `grid`.
+
+    Raises:
+        ValueError: no grid or two, a shape or chunk shape that does not fit the grid.
     """
-    a, b, c, d, e, f = transform
+    if grid is None and transform is not None:
+        grid = layout.GeoGrid(transform=transform, crs_wkt=crs_wkt)
+    elif grid is None or transform is not None or crs_wkt is not None:
+        raise ValueError(f"{path}: pass the scene geometry as grid=GeoGrid(...) or grid=VolumeGrid(...), "
+                         "not transform/crs_wkt beside it (and not neither)")
+    if not isinstance(grid, (layout.GeoGrid, layout.VolumeGrid)):
+        raise ValueError(f"{path}: grid must be a GeoGrid or a VolumeGrid, got {type(grid).__name__}")
+    dims = grid.dimension_names
+    for field, value in (("shape", shape), ("chunk_shape", chunk_shape)):
+        if len(value) != len(dims) or not all(isinstance(n, (int, np.integer)) and n > 0 for n in value):
+            raise ValueError(f"{path}: {field} must be {len(dims)} positive integers {dims} for a "
+                             f"{type(grid).__name__}, got {tuple(value)!r}")
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
     attrs = {
         **provenance,
         layout.KEY_STATUS: layout.STORE_STATUS_PARTIAL,
         layout.KEY_CLASS_NAMES: list(class_names),
         layout.KEY_CHUNK_SHAPE: list(chunk_shape),
-        layout.KEY_CRS_WKT: crs_wkt,
-        layout.KEY_TRANSFORM: [a, b, c, d, e, f],
+        **grid.tessera_attributes(),
     }
     group.attrs[layout.TESSERA_ATTR] = attrs
+    extra = grid.group_attributes()
+    if extra:  # 2D has none: its zarr.json stays byte for byte as before
+        group.attrs.update(extra)
     group.create_array(
         layout.CLASSES,
         shape=shape,
         chunks=chunk_shape,
         dtype=layout.CLASSES_DTYPE,
         fill_value=layout.NODATA_CLASS,
-        dimension_names=layout.DIMENSIONS_2D,
-        attributes={
-            "grid_mapping": layout.SPATIAL_REF,
+        dimension_names=dims,
+        attributes=grid.variable_attributes({
             "long_name": "class id",
             "flag_values": list(range(len(class_names))),
             "flag_meanings": " ".join(n.replace(" ", "_") for n in class_names),
             "nodata": layout.NODATA_CLASS,
-            "coordinates": layout.SPATIAL_REF,  # CF: makes spatial_ref a coordinate in xarray
-        },
+        }),
     )
     if with_probabilities:
         group.create_array(
@@ -89,10 +131,22 @@ def create_scene_store(
             chunks=(len(class_names), *chunk_shape),
             dtype=layout.PROBABILITIES_DTYPE,
             fill_value=float("nan"),
-            dimension_names=(layout.CLASS_DIM, *layout.DIMENSIONS_2D),
-            attributes={"grid_mapping": layout.SPATIAL_REF, "long_name": "class probability",
-                        "class_names": list(class_names), "coordinates": layout.SPATIAL_REF},
+            dimension_names=(layout.CLASS_DIM, *dims),
+            attributes=grid.variable_attributes({"long_name": "class probability",
+                                                 "class_names": list(class_names)}),
         )
+    _write_grid_arrays(grid, group, tuple(shape))
+
+
+@functools.singledispatch
+def _write_grid_arrays(grid: layout.Grid, group: zarr.Group, shape: tuple[int, ...]) -> None:
+    """Arrays that describe the grid beside the data arrays (none unless registered below)."""
+
+
+@_write_grid_arrays.register
+def _(grid: layout.GeoGrid, group: zarr.Group, shape: tuple[int, ...]) -> None:
+    """x, y pixel-centre coordinates and the CF `spatial_ref` grid mapping (2D)."""
+    a, b, c, d, e, f = grid.transform
     rows, cols = shape
     # Pixel-centre coordinates; exact for north-up grids (b == d == 0). Rotated grids keep the
     # GeoTransform below, which rioxarray prefers over the coordinate arrays.
@@ -103,18 +157,37 @@ def create_scene_store(
     group.create_array(layout.Y, data=y, chunks=(max(1, rows),), dimension_names=(layout.Y,),
                        attributes={"standard_name": "projection_y_coordinate", "axis": "Y"})
     ref_attrs: dict[str, Any] = {"GeoTransform": f"{c!r} {a!r} {b!r} {f!r} {d!r} {e!r}"}
-    if crs_wkt:
-        ref_attrs.update(crs_wkt=crs_wkt, spatial_ref=crs_wkt)
+    if grid.crs_wkt:
+        ref_attrs.update(crs_wkt=grid.crs_wkt, spatial_ref=grid.crs_wkt)
     group.create_array(layout.SPATIAL_REF, data=np.array(0, dtype=np.int32), attributes=ref_attrs)
+
+
+def read_store_grid(path: Path) -> layout.Grid:
+    """The grid a store was created with, rebuilt from attrs['tessera'] (exact float64)."""
+    attrs = zarr.open_group(str(path), mode="r").attrs[layout.TESSERA_ATTR]
+    if layout.KEY_AFFINE in attrs:
+        return layout.VolumeGrid(affine=attrs[layout.KEY_AFFINE], spacing_mm=attrs[layout.KEY_SPACING_MM])
+    return layout.GeoGrid(transform=attrs[layout.KEY_TRANSFORM], crs_wkt=attrs[layout.KEY_CRS_WKT])
 
 
 def write_chunk(path: Path, core: tuple[slice, ...], labels: np.ndarray, *,
                 probabilities: np.ndarray | None = None) -> None:
-    """Write one output chunk of `classes` (and `probabilities` (K, h, w) float16 if given).
+    """Write one output chunk of `classes` (and `probabilities` (K, *core shape) float16 if given).
 
-    `core` is aligned with the Zarr chunks, so each chunk has exactly one writer: no races.
+    `core` has one slice per array axis (2 in 2D, 3 in 3D) and is aligned with the Zarr chunks,
+    so each chunk has exactly one writer: no races, and the same call twice writes the same bytes.
+
+    Raises:
+        ValueError: `core` has the wrong number of axes or does not start on a chunk boundary.
     """
-    zarr.open_array(str(path), path=layout.CLASSES, mode="r+")[core] = labels
+    classes = zarr.open_array(str(path), path=layout.CLASSES, mode="r+")
+    if len(core) != classes.ndim:
+        raise ValueError(f"{path}: core {core!r} has {len(core)} axes, `{layout.CLASSES}` has {classes.ndim}")
+    for axis, (s, chunk) in enumerate(zip(core, classes.chunks)):
+        if (s.start or 0) % chunk:
+            raise ValueError(f"{path}: core {core!r} starts inside a chunk on axis {axis} "
+                             f"(chunk {chunk}); chunk writes must be chunk-aligned")
+    classes[core] = labels
     if probabilities is not None:
         zarr.open_array(str(path), path=layout.PROBABILITIES, mode="r+")[(slice(None), *core)] = probabilities
 
