@@ -34,6 +34,7 @@ from pipelines.writers.zarr_masks import (
     mark_complete,
     read_store_state,
     remove_store,
+    scene_grid,
 )
 from schemas import store as layout
 from schemas.errors import OutputError
@@ -96,8 +97,7 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
             zarr_path,
             shape=info.shape,
             chunk_shape=chunk_shape,
-            transform=info.transform,
-            crs_wkt=info.crs_wkt,
+            grid=scene_grid(info),
             class_names=job.card.class_names,
             with_probabilities=spec.output.write_probabilities,
             provenance={

@@ -57,12 +57,10 @@ def create_scene_store(
     *,
     shape: tuple[int, ...],
     chunk_shape: tuple[int, ...],
-    grid: layout.Grid | None = None,
+    grid: layout.Grid,
     class_names: tuple[str, ...],
     provenance: dict[str, Any],
     with_probabilities: bool = False,
-    transform: tuple[float, float, float, float, float, float] | None = None,
-    crs_wkt: str | None = None,
 ) -> None:
     """Create an empty scene store (status 'partial'); arrays are filled chunk by chunk.
 
@@ -80,17 +78,10 @@ def create_scene_store(
         class_names: class names, index == class id.
         provenance: fingerprint, model, source... (stored under attrs['tessera']).
         with_probabilities: also create `probabilities` (class, *shape) float16, NaN fill.
-        transform, crs_wkt: legacy 2D form of ``grid=GeoGrid(transform, crs_wkt)``; kept until
-            the job passes `grid`, then to be removed. Not allowed together with `grid`.
 
     Raises:
-        ValueError: no grid or two, a shape or chunk shape that does not fit the grid.
+        ValueError: a grid of another type, a shape or chunk shape that does not fit the grid.
     """
-    if grid is None and transform is not None:
-        grid = layout.GeoGrid(transform=transform, crs_wkt=crs_wkt)
-    elif grid is None or transform is not None or crs_wkt is not None:
-        raise ValueError(f"{path}: pass the scene geometry as grid=GeoGrid(...) or grid=VolumeGrid(...), "
-                         "not transform/crs_wkt beside it (and not neither)")
     if not isinstance(grid, (layout.GeoGrid, layout.VolumeGrid)):
         raise ValueError(f"{path}: grid must be a GeoGrid or a VolumeGrid, got {type(grid).__name__}")
     dims = grid.dimension_names

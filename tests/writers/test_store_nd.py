@@ -94,8 +94,7 @@ def _cores(shape: tuple[int, ...], chunk: tuple[int, ...]) -> list[tuple[slice, 
     ((10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0), None, False),
     ((0.5, 0.25, 1234.5, 0.125, -0.5, -987.25), WKT, False),  # rotated grid
 ])
-@pytest.mark.parametrize("call", ["grid", "legacy_keywords"])
-def test_2d_store_bytes_equal_reference_writer(tmp_path, transform, crs_wkt, with_probabilities, call):
+def test_2d_store_bytes_equal_reference_writer(tmp_path, transform, crs_wkt, with_probabilities):
     ref = _load_reference_writer(tmp_path)
     shape, chunk = (37, 29), (16, 16)
     rng = np.random.default_rng(3)
@@ -104,9 +103,7 @@ def test_2d_store_bytes_equal_reference_writer(tmp_path, transform, crs_wkt, wit
     common = dict(shape=shape, chunk_shape=chunk, class_names=CLASS_NAMES, provenance=PROVENANCE,
                   with_probabilities=with_probabilities)
     ref.create_scene_store(tmp_path / "ref.zarr", transform=transform, crs_wkt=crs_wkt, **common)
-    geometry = ({"grid": GeoGrid(transform, crs_wkt)} if call == "grid"
-                else {"transform": transform, "crs_wkt": crs_wkt})
-    create_scene_store(tmp_path / "new.zarr", **geometry, **common)
+    create_scene_store(tmp_path / "new.zarr", grid=GeoGrid(transform, crs_wkt), **common)
     assert _tree_bytes(tmp_path / "new.zarr") == _tree_bytes(tmp_path / "ref.zarr")
 
     for core in _cores(shape, chunk):
@@ -289,12 +286,10 @@ def test_store_rejects_shapes_and_geometry_that_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match=r"chunk_shape must be 2 positive integers"):
         create_scene_store(tmp_path / "b.zarr", shape=(4, 5), chunk_shape=(0, 5),
                            grid=GeoGrid((1.0, 0.0, 0.0, 0.0, -1.0, 0.0)), **common)
-    with pytest.raises(ValueError, match=r"grid=GeoGrid"):
-        create_scene_store(tmp_path / "c.zarr", shape=(4, 5), chunk_shape=(4, 5), **common)
-    with pytest.raises(ValueError, match=r"not transform/crs_wkt beside it"):
-        create_scene_store(tmp_path / "d.zarr", shape=(4, 5), chunk_shape=(4, 5), crs_wkt=WKT,
-                           grid=GeoGrid((1.0, 0.0, 0.0, 0.0, -1.0, 0.0)), **common)
-    assert not any((tmp_path / n).exists() for n in ("a.zarr", "b.zarr", "c.zarr", "d.zarr"))
+    with pytest.raises(ValueError, match=r"grid must be a GeoGrid or a VolumeGrid, got tuple"):
+        create_scene_store(tmp_path / "c.zarr", shape=(4, 5), chunk_shape=(4, 5),
+                           grid=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0), **common)
+    assert not any((tmp_path / n).exists() for n in ("a.zarr", "b.zarr", "c.zarr"))
 
     path = tmp_path / "v.zarr"
     _create_volume(path, volume, (6, 8, 8), (3, 4, 4))
