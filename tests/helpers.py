@@ -52,18 +52,9 @@ def oracle_checkpoint(out_dir: Path, *, bands: int = 4, num_classes: int = 4, ra
                       mean: float = 10000.0, std: float = 3000.0, tile_size: int = 64, halo: int = 8,
                       name: str = "oracle") -> Path:
     """A ThresholdOracle saved with a valid card; returns the card path."""
-    model = ThresholdOracle(bands, num_classes, radius=radius)
-    fields = {
-        "architecture": "oracle_threshold",
-        "arch_args": {"radius": radius},
-        "in_channels": bands,
-        "classes": [{"id": i, "name": f"class{i}"} for i in range(num_classes)],
-        "bands": [{"name": f"b{i + 1}", "mean": mean, "std": std} for i in range(bands)],
-        "tile_size": tile_size,
-        "halo": halo,
-        "stride": 1,
-    }
-    return save_checkpoint(model, fields, out_dir, name=name)
+    return _save_oracle(ThresholdOracle(bands, num_classes, radius=radius), "oracle_threshold", {"radius": radius},
+                        bands=bands, num_classes=num_classes, mean=mean, std=std, tile_size=tile_size, halo=halo,
+                        out_dir=out_dir, name=name)
 
 
 def ramp_oracle_checkpoint(out_dir: Path, *, bands: int = 4, num_classes: int = 3, slope: float = 8.0,
@@ -71,10 +62,16 @@ def ramp_oracle_checkpoint(out_dir: Path, *, bands: int = 4, num_classes: int = 
                            halo: int = 8, name: str = "ramp-oracle") -> Path:
     """A RampOracle (position-dependent scores, see workers.models.oracles) saved with a valid
     card; returns the card path."""
-    model = RampOracle(bands, num_classes, slope=slope, gain=gain)
+    return _save_oracle(RampOracle(bands, num_classes, slope=slope, gain=gain), "oracle_ramp",
+                        {"slope": slope, "gain": gain}, bands=bands, num_classes=num_classes, mean=mean, std=std,
+                        tile_size=tile_size, halo=halo, out_dir=out_dir, name=name)
+
+
+def _save_oracle(model, architecture: str, arch_args: dict, *, bands: int, num_classes: int, mean: float,
+                 std: float, tile_size: int, halo: int, out_dir: Path, name: str) -> Path:
     fields = {
-        "architecture": "oracle_ramp",
-        "arch_args": {"slope": slope, "gain": gain},
+        "architecture": architecture,
+        "arch_args": arch_args,
         "in_channels": bands,
         "classes": [{"id": i, "name": f"class{i}"} for i in range(num_classes)],
         "bands": [{"name": f"b{i + 1}", "mean": mean, "std": std} for i in range(bands)],
@@ -137,3 +134,16 @@ def crash_once_checkpoint(out_dir: Path, marker: Path, *, bands: int = 4, num_cl
         "stride": 1,
     }
     return save_checkpoint(model, fields, out_dir, name="crash-once")
+
+
+def assert_batched_equals_one_by_one(pred, windows, *, with_probabilities: bool) -> None:
+    """`Predictor.predict_cores` of `windows` (pixels, valid, core) equals `predict_core` of each."""
+    batched = pred.predict_cores(windows, with_probabilities=with_probabilities)
+    assert len(batched) == len(windows)
+    for (pixels, valid, core), (labels, probs) in zip(windows, batched, strict=True):
+        one_labels, one_probs = pred.predict_core(pixels, valid, core=core, with_probabilities=with_probabilities)
+        np.testing.assert_array_equal(labels, one_labels)
+        if with_probabilities:
+            np.testing.assert_allclose(probs.astype(np.float32), one_probs.astype(np.float32), atol=1e-3)
+        else:
+            assert probs is None and one_probs is None

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from schemas.model_card import ModelCard
-from tests.helpers import smooth_scene
+from tests.helpers import assert_batched_equals_one_by_one, smooth_scene
 from workers.models.oracles import ThresholdOracle
 from workers.predictor import Member, Predictor, PredictorOptions, resolve_autocast_dtype
 
@@ -188,15 +188,7 @@ def test_predict_cores_batches_whole_windows_like_one_at_a_time(with_probabiliti
     windows.insert(2, (smooth_scene((70, 90), seed=3), None, None))
     windows.append((smooth_scene((40, 24), seed=4), None, None))
     assert pred.windows_per_pass((40, 40)) == 2 and pred.windows_per_pass((70, 90)) == 1
-    batched = pred.predict_cores(windows, with_probabilities=with_probabilities)
-    assert len(batched) == len(windows)
-    for (pixels, valid, core), (labels, probs) in zip(windows, batched):
-        one_labels, one_probs = pred.predict_core(pixels, valid, core=core, with_probabilities=with_probabilities)
-        np.testing.assert_array_equal(labels, one_labels)
-        if with_probabilities:
-            np.testing.assert_allclose(probs.astype(np.float32), one_probs.astype(np.float32), atol=1e-3)
-        else:
-            assert probs is None and one_probs is None
+    assert_batched_equals_one_by_one(pred, windows, with_probabilities=with_probabilities)
 
 
 def test_an_all_valid_mask_gives_what_no_mask_gives(window, monkeypatch):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from schemas.model_card import ModelCard
+from tests.helpers import assert_batched_equals_one_by_one
 from workers.models.oracles import ThresholdOracle, threshold_oracle_numpy
 from workers.predictor import Predictor, PredictorOptions, argmax_classes, fold_batchnorm, memory_format
 from workers.tiles import plan_tiles
@@ -244,13 +245,7 @@ def test_predict_cores_batches_whole_3d_windows_like_one_at_a_time(with_probabil
                 (slice(2, 8),) * 3) for i in range(3)]
     windows.append((_volume((12, 10, 9), seed=30), None, None))  # several tiles: alone
     assert pred.windows_per_pass((10, 10, 10)) == 2 and pred.windows_per_pass((12, 10, 9)) == 1
-    batched = pred.predict_cores(windows, with_probabilities=with_probabilities)
-    assert len(batched) == len(windows)
-    for (pixels, valid, core), (labels, probs) in zip(windows, batched):
-        one_labels, one_probs = pred.predict_core(pixels, valid, core=core, with_probabilities=with_probabilities)
-        np.testing.assert_array_equal(labels, one_labels)
-        if with_probabilities:
-            np.testing.assert_allclose(probs.astype(np.float32), one_probs.astype(np.float32), atol=1e-3)
+    assert_batched_equals_one_by_one(pred, windows, with_probabilities=with_probabilities)
 
 
 def test_channels_last_3d_keeps_the_contiguous_results():
