@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from pipelines.plan.chunks import ChunkWindow
+    from schemas.window import ChunkWindow
 
 
 def chunk_key(index: tuple[int, ...]) -> str:
@@ -30,7 +30,7 @@ class ChunkTask:
 
     Attributes:
         scene_id: index of the scene in the job's scene table.
-        window: the chunk's :class:`pipelines.plan.chunks.ChunkWindow` (core, read region, padding).
+        window: the chunk's :class:`schemas.window.ChunkWindow` (core, read region, padding).
     """
 
     scene_id: int

@@ -1,6 +1,6 @@
 """Model tiles inside one window, and blending their predictions back together.
 
-Used inside the predictor (CPU or GPU). A window (see ``pipelines.plan.chunks.ChunkWindow``) that
+Used inside the predictor (CPU or GPU). A window (see ``schemas.window.ChunkWindow``) that
 is larger than the model's tile is covered by overlapping tiles (:func:`plan_tiles`); each
 tile's class probabilities are weighted by a smooth map that is highest in the tile centre
 (:func:`blend_weights`) and accumulated (:class:`BlendAccumulator`):

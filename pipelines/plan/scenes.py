@@ -6,10 +6,11 @@ import glob
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-from pipelines.readers import scene_name
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def expand_inputs(patterns: tuple[str, ...], *, base_dir: Path) -> tuple[list[str], list[str]]:
@@ -32,15 +33,36 @@ def expand_inputs(patterns: tuple[str, ...], *, base_dir: Path) -> tuple[list[st
         paths.update(os.path.normpath(p) for p in found)
     return sorted(paths), unmatched
 
-def assign_scene_names(paths: list[str]) -> list[str]:
-    """Safe, unique scene names in input order (a repeated stem gets '-2', '-3', ...)."""
+
+def scene_name(path: str | Path, *, suffixes: tuple[str, ...] = ()) -> str:
+    """A safe output name for a scene: the file name without the longest of `suffixes` it ends
+    with (case-insensitive; the readers' suffixes, `pipelines.readers.known_suffixes`), anything
+    but [A-Za-z0-9._-] replaced.
+
+    Scene names come from catalogues and file names, which are untrusted: the result can never
+    contain a path separator or be '.'/'..', so `<root>/<name>.zarr` stays under the root.
+    """
+    stem = Path(str(path)).name
+    lower = stem.lower()
+    for suffix in sorted(suffixes, key=len, reverse=True):
+        if lower.endswith(suffix.lower()):
+            stem = stem[: -len(suffix)]
+            break
+    safe = _SAFE_NAME.sub("_", stem).strip("._-")
+    return safe[:200] or "scene"
+
+
+def assign_scene_names(paths: list[str], *, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """Safe, unique scene names in input order (a repeated stem gets '-2', '-3', ...); see
+    `scene_name`."""
     seen: dict[str, int] = {}
     names = []
     for path in paths:
-        base = scene_name(path)
+        base = scene_name(path, suffixes=suffixes)
         seen[base] = seen.get(base, 0) + 1
         names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
     return names
+
 
 def scene_fingerprint(parameters: dict[str, Any], input_sha256: str) -> str:
     """SHA-256 of the job parameters that change output bytes and the input's checksum."""

@@ -15,7 +15,6 @@ geotiff    .tif .tiff .vrt .jp2 (and any other suffix:   :mod:`.geotiff` (raster
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +24,7 @@ from pipelines.readers.base import COMPLEX_DERIVATIONS, InputPolicy, Reader, Sce
 from pipelines.readers.geotiff import GeoTiffReader
 
 if TYPE_CHECKING:
-    from pipelines.plan.chunks import ChunkWindow
+    from schemas.window import ChunkWindow
 
 __all__ = [
     "COMPLEX_DERIVATIONS",
@@ -37,7 +36,7 @@ __all__ = [
     "open_scene",
     "read_window",
     "reader_for",
-    "scene_name",
+    "known_suffixes",
     "valid_mask",
 ]
 
@@ -45,7 +44,6 @@ __all__ = [
 READERS: dict[str, Reader] = {r.name: r for r in (GeoTiffReader(),)}
 #: The reader for a path no reader claims by suffix (GDAL recognises its formats by content).
 FALLBACK_FORMAT = "geotiff"
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def reader_for(path: str | Path) -> Reader:
@@ -78,18 +76,6 @@ def close_readers() -> None:
         reader.close()
 
 
-def scene_name(path: str | Path) -> str:
-    """A safe output name for a scene: the file name without a reader's suffix, anything but
-    [A-Za-z0-9._-] replaced.
-
-    Scene names come from catalogues and file names, which are untrusted: the result can never
-    contain a path separator or be '.'/'..', so `<root>/<name>.zarr` stays under the root.
-    """
-    stem = Path(str(path)).name
-    lower = stem.lower()
-    for suffix in sorted((s for r in READERS.values() for s in r.suffixes), key=len, reverse=True):
-        if lower.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    safe = _SAFE_NAME.sub("_", stem).strip("._-")
-    return safe[:200] or "scene"
+def known_suffixes() -> tuple[str, ...]:
+    """Every file suffix a reader claims (what a scene's name drops: `pipelines.plan.scenes.scene_name`)."""
+    return tuple(s for r in READERS.values() for s in r.suffixes)

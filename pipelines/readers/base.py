@@ -28,7 +28,7 @@ import numpy as np
 from schemas.errors import InputError
 
 if TYPE_CHECKING:
-    from pipelines.plan.chunks import ChunkWindow
+    from schemas.window import ChunkWindow
 
 #: How complex channels may be turned into real ones (the job spec's ``complex_bands``):
 #: ``magnitude`` = ``|z|``; ``db`` = ``10 * log10(|z|^2)`` floored at :data:`DB_FLOOR`.

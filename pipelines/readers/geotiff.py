@@ -21,9 +21,10 @@ import rasterio
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from pipelines.plan.chunks import ChunkWindow, pad_window
+from pipelines.plan.chunks import pad_window
 from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, derive_real, valid_mask
 from schemas.errors import InputError
+from schemas.window import ChunkWindow
 
 GDAL_CACHE_MB = 96
 """GDAL block cache per reading process (GDAL's default is 5 % of RAM). A stripe of 4 chunks of

@@ -14,6 +14,7 @@ _local_ray: tuple[str, dict[str, str]] | None = None
 """(GCS address, the environment its worker processes inherit) of the local Ray this process
 started (ensure_ray), so that actors needing no other environment get no runtime env."""
 
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
                worker_env: Mapping[str, str] | None = None) -> None:
     """Connect to Ray (an address, RAY_ADDRESS, or a new local instance) unless connected.
@@ -48,6 +49,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
         ray.init(address="local", num_cpus=num_cpus, _system_config={"prestart_worker_first_driver": False},
                  **kwargs)
     _local_ray = (ray.get_runtime_context().gcs_address, inherited)
+
 
 def inherited_worker_env() -> dict[str, str] | None:
     """The environment the connected Ray's workers inherit, when this process started that Ray

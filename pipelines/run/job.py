@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.plan.chunks import stripe_order
-from pipelines.plan.scenes import assign_scene_names, expand_inputs
-from pipelines.readers import InputPolicy, SceneInfo, scene_name
+from pipelines.plan.scenes import assign_scene_names, expand_inputs, scene_name
+from pipelines.readers import InputPolicy, SceneInfo, known_suffixes
 from pipelines.run.cluster import ensure_ray, inherited_worker_env
 from pipelines.run.resolve import (
     ResolvedJob,
@@ -53,12 +53,13 @@ from workers.runtime import GLIBC_TUNABLES, actor_env, with_malloc_tunables
 log = logging.getLogger("tessera")
 
 
-
 READ_STRIPE_CHUNKS = 4  # chunks per read stripe (pipelines.plan.chunks.stripe_order)
+
 
 FUSED_BATCH = READ_STRIPE_CHUNKS  # consecutive chunks per fused-actor call (one stripe row)
 
 READ_BLOCK_CHUNKS = 2 * READ_STRIPE_CHUNKS  # split stages: consecutive chunks per read task (two stripe rows)
+
 
 @dataclass(frozen=True)
 class JobResult:
@@ -78,6 +79,7 @@ class JobResult:
     @property
     def failed(self) -> tuple[SceneOutcome, ...]:
         return tuple(s for s in self.scenes if s.status == STATUS_FAILED)
+
 
 def run_job(
     spec: JobSpec,
@@ -105,9 +107,9 @@ def run_job(
     job = resolve_job(spec, base_dir=base_dir)
     job.root.mkdir(parents=True, exist_ok=True)
     paths, unmatched = expand_inputs(spec.inputs, base_dir=base_dir)
-    outcomes = [SceneOutcome(name=n, source=p) for n, p in zip(assign_scene_names(paths), paths)]
+    outcomes = [SceneOutcome(name=n, source=p) for n, p in zip(assign_scene_names(paths, suffixes=known_suffixes()), paths)]
     for pattern in unmatched:
-        name = scene_name(pattern)
+        name = scene_name(pattern, suffixes=known_suffixes())
         outcomes.append(SceneOutcome(name=name, source=pattern, status=STATUS_FAILED,
                                      error=f"{pattern}: no such file (or the pattern matched nothing)"))
 
@@ -179,6 +181,7 @@ def run_job(
     return JobResult(root=job.root, scenes=tuple(outcomes), wall_s=time.perf_counter() - t_start,
                      model_name=job.card.name, phases=phases)
 
+
 def _predictor_kwargs(job: ResolvedJob) -> dict[str, Any]:
     """PredictorActor keyword arguments of the job."""
     return {
@@ -189,6 +192,7 @@ def _predictor_kwargs(job: ResolvedJob) -> dict[str, Any]:
         "with_probabilities": job.spec.output.write_probabilities,
     }
 
+
 def _fused_pool(job: ResolvedJob) -> Any:
     """The fused actor pool of the job (pipelines.run.fused.FusedPool); its actors start now."""
     from pipelines.run.fused import FusedPool
@@ -197,6 +201,7 @@ def _fused_pool(job: ResolvedJob) -> Any:
     return FusedPool(predictor=_predictor_kwargs(job), actors=job.actors,
                      actor_options={"num_cpus": res.cpus_per_actor, "num_gpus": job.num_gpus_per_actor,
                                     **_actor_remote_args(res)})
+
 
 def _split_pool(job: ResolvedJob, *, cluster_cpus: float) -> Any:
     """The split stages of the job (pipelines.run.split.SplitPool); its actors start now."""
@@ -209,11 +214,13 @@ def _split_pool(job: ResolvedJob, *, cluster_cpus: float) -> Any:
                                     **_actor_remote_args(res)},
                      read_tasks=tasks, write_tasks=tasks)
 
+
 def split_block_rows(job: ResolvedJob) -> int:
     """Consecutive chunks per read task, actor call and write task of the split stages:
     READ_BLOCK_CHUNKS (two stripe rows, whose windows share input blocks), or more when one
     forward pass takes more windows (windows_per_call)."""
     return max(READ_BLOCK_CHUNKS, windows_per_call(job))
+
 
 def _stream(job: ResolvedJob, tasks: list[ChunkTask], scenes: dict[int, SceneContext],
             progress: _Progress, pool: Any) -> dict[str, float]:
@@ -226,6 +233,7 @@ def _stream(job: ResolvedJob, tasks: list[ChunkTask], scenes: dict[int, SceneCon
         return {}
     return pool.run(tasks, scenes=scenes, on_record=progress, batch_size=split_block_rows(job))
 
+
 def windows_per_call(job: ResolvedJob) -> int:
     """Windows per predictor-actor call in the split pipeline: the batch size when the model
     takes a whole chunk window as one tile (one forward pass then runs `batch_size` windows,
@@ -234,6 +242,7 @@ def windows_per_call(job: ResolvedJob) -> int:
 
     o = job.predictor_options
     return windows_per_pass((job.chunk_size + 2 * job.halo,) * 2, o.tile_size, o.tile_overlap, o.batch_size)
+
 
 def _open_all(paths: list[str], *, policy: InputPolicy, cpus: float,
               task_cpus: float = 0.5) -> list[tuple[SceneInfo | None, str | None, str | None]]:
@@ -253,6 +262,7 @@ def _open_all(paths: list[str], *, policy: InputPolicy, cpus: float,
     parts = ray.get([task.remote(paths[i:i + size], policy) for i in range(0, len(paths), size)])
     return [item for part in parts for item in part]
 
+
 def _open_local(paths: list[str], *, policy: InputPolicy) -> list[tuple[SceneInfo | None, str | None, str | None]]:
     """open_and_hash every path in this process's threads, in order (a local Ray on this
     machine: the inputs are here). Starting a task worker for it would cost a second of a core
@@ -265,8 +275,10 @@ def _open_local(paths: list[str], *, policy: InputPolicy) -> list[tuple[SceneInf
     with ThreadPoolExecutor(max_workers=min(4, len(paths)), thread_name_prefix="tessera-open") as pool:
         return list(pool.map(lambda p: open_and_hash(p, policy), paths))
 
+
 def _open_group(paths: list[str], policy: InputPolicy) -> list[tuple[SceneInfo | None, str | None, str | None]]:
     return [open_and_hash(p, policy) for p in paths]
+
 
 class _Progress:
     """Counts chunk records as they arrive; a failed chunk fails its scene (the first error is kept)."""
@@ -299,6 +311,7 @@ class _Progress:
             outcome.status = STATUS_FAILED
             outcome.error = outcome.error or record.error
 
+
 def read_concurrency(job: ResolvedJob, *, cluster_cpus: float) -> int:
     """Concurrent read tasks of the split stages (and as many write tasks): resources.read_tasks;
     else on GPU actors half of the CPUs the actors leave free (the other half writes and
@@ -317,6 +330,7 @@ def read_concurrency(job: ResolvedJob, *, cluster_cpus: float) -> int:
     free = max(0.0, cluster_cpus - job.actors * res.cpus_per_actor)
     return max(2 * job.actors, int(free // 2))
 
+
 def _actor_remote_args(res: Any) -> dict[str, Any]:
     """Extra Ray options of the predictor actors: a runtime environment with the malloc tunables
     (resources.malloc_tuning), unless the local Ray this process started gives its workers the
@@ -331,6 +345,7 @@ def _actor_remote_args(res: Any) -> dict[str, Any]:
     else:
         env = {}
     return {"runtime_env": {"env_vars": env}} if env else {}
+
 
 def _save_resolved_spec(job: ResolvedJob) -> None:
     """Save the resolved spec beside the outputs (what ran, with defaults filled in)."""

@@ -23,6 +23,7 @@ log = logging.getLogger("tessera")
 # Bump when the meaning of output bytes changes for the same inputs and parameters.
 OUTPUT_FORMAT_VERSION = 1
 
+
 @dataclass(frozen=True)
 class ResolvedJob:
     """A job spec with its model loaded and every default filled in."""
@@ -67,6 +68,7 @@ class ResolvedJob:
             # GPU autocast changes output bytes: CPU and GPU results never share a fingerprint.
             "device_type": "cuda" if o.device.startswith("cuda") else "cpu",
         }
+
 
 def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
     """Load and check the model, fill defaults from its card. Fails before any actor starts.
@@ -134,10 +136,12 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
         num_gpus_per_actor=spec.resources.num_gpus_per_actor or 0.0,
     )
 
+
 ACTOR_MEMORY_BYTES = 1.5 * 2**30
 
 """Memory budgeted per predictor actor when choosing their number (measured on CPU: about 1 GB
 PSS for the bundled U-Net on 1088-px tiles: torch alone is about 0.5 GB)."""
+
 
 def place_on_cluster(job: ResolvedJob, cluster: dict[str, float]) -> ResolvedJob:
     """Fill the defaults that depend on the cluster's resources.
@@ -163,10 +167,12 @@ def place_on_cluster(job: ResolvedJob, cluster: dict[str, float]) -> ResolvedJob
             actors = min(actors, int(cluster["memory"] // ACTOR_MEMORY_BYTES))
     return replace(job, actors=max(1, actors))
 
+
 def fused_stages(job: ResolvedJob) -> bool:
     """Whether the actors read and write their chunks themselves (resources.stages)."""
     stages = job.spec.resources.stages
     return stages == "fused" or (stages == "auto" and job.num_gpus_per_actor <= 0)
+
 
 def cluster_fit_problem(job: ResolvedJob, cluster: dict[str, float]) -> str | None:
     """Why the actor pool cannot start on `cluster` (Ray would wait forever), or None.
@@ -188,9 +194,11 @@ def cluster_fit_problem(job: ResolvedJob, cluster: dict[str, float]) -> str | No
                 f"the Ray cluster has {gpus:g}; lower resources.actors or resources.num_gpus_per_actor")
     return None
 
+
 def input_policy(spec: JobSpec) -> InputPolicy:
     """The readers' input policy of a job (complex bands)."""
     return InputPolicy(complex_bands=spec.complex_bands)
+
 
 def check_scene_fits_model(info: SceneInfo, *, bands: tuple[int, ...] | None, card: ModelCard) -> None:
     """Raise InputError (naming the file and the fix) when a scene cannot feed the model."""

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.georef import crs_linear_unit
-from pipelines.plan.chunks import ChunkWindow, chunk_grid_shape, plan_chunks
+from pipelines.plan.chunks import chunk_grid_shape, plan_chunks
 from pipelines.plan.scenes import scene_fingerprint
 from pipelines.readers import SceneInfo
 from pipelines.run.resolve import ResolvedJob, check_scene_fits_model
@@ -40,8 +40,10 @@ from schemas import store as layout
 from schemas.errors import OutputError
 from schemas.records import chunk_key
 from schemas.tables import CHUNK_SKIPPED_NODATA, SCHEMAS, STATUS_COMPLETE
+from schemas.window import ChunkWindow
 
 WORK_DIR = "_work"
+
 
 @dataclass
 class SceneOutcome:
@@ -58,6 +60,7 @@ class SceneOutcome:
     n_todo: int = 0
     already_complete: bool = False
     row: dict[str, Any] | None = None
+
 
 def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: SceneInfo, sha: str) -> None:
     """Validate a scene, create or resume its store, and list the chunks still to compute."""
@@ -116,6 +119,7 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
     outcome.n_todo = sum(1 for w in windows if chunk_key(w.index) not in done)
     outcome.status = "running"
 
+
 def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_start: float) -> None:
     """Merge partial stats, write the scene's tables, and mark its store complete."""
     ctx = outcome.context
@@ -162,6 +166,7 @@ def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, 
     }
     write_table(job.root, "scenes", ctx.name, [outcome.row])
     mark_complete(Path(ctx.zarr_path))
+
 
 def scene_row(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_start: float) -> dict[str, Any]:
     ctx = outcome.context

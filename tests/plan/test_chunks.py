@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 
 from pipelines.plan.chunks import (
     PAD_MODES,
-    ChunkWindow,
     chunk_grid_shape,
     pad_window,
     plan_chunk,
     plan_chunks,
     stripe_order,
 )
+from schemas.window import ChunkWindow
 
 
 @st.composite

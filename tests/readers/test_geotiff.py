@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pipelines.plan.chunks import plan_chunks
-from pipelines.readers import open_scene, read_window, scene_name
+from pipelines.plan.scenes import scene_name
+from pipelines.readers import known_suffixes, open_scene, read_window
 from schemas.errors import InputError
 from tests.helpers import smooth_scene, write_geotiff
 
@@ -41,7 +42,7 @@ def test_unreadable_inputs_name_the_file(tmp_path):
      ("..tif", "scene"), ("x/.hidden.tiff", "hidden"), ("/data/ünïcode scene.tif", "n_code_scene")],
 )
 def test_scene_names_are_safe(path, name):
-    assert scene_name(path) == name
+    assert scene_name(path, suffixes=known_suffixes()) == name
 
 
 def test_the_reader_is_chosen_by_suffix_and_remembered(tmp_path):
