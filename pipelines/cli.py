@@ -218,7 +218,9 @@ def bench(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Benchmark the bare model vs the whole job vs MONAI on synthetic scenes; write a JSON report."""
-    from pipelines.tools.bench import BenchConfig, parse_sizes, render_tables, run_bench
+    from pipelines.tools.bench.config import BenchConfig, parse_sizes
+    from pipelines.tools.bench.report import render_tables
+    from pipelines.tools.bench.run import run_bench
 
     _setup_logging(verbose)
     try:

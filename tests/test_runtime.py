@@ -57,7 +57,8 @@ def test_a_process_with_the_tunables_keeps_large_blocks_mapped():
 def test_driver_modules_do_not_import_torch():
     # The driver (tessera run / bench / demo) plans, reads cards and collects results; only
     # the predictor actors need torch (about 0.5 GB per process with the CUDA wheel).
-    code = ("import sys; import pipelines.cli, pipelines.run.job, pipelines.run.fused, pipelines.tools.bench, pipelines.tools.demo, "
+    code = ("import sys; import pipelines.cli, pipelines.run.job, pipelines.run.fused, pipelines.tools.demo, "
+            "pipelines.tools.bench.run, pipelines.tools.bench.report, "
             "workers.actors, workers.checkpoints, workers.registry, workers.tileplan; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
