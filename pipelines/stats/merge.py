@@ -318,7 +318,8 @@ def _reduce_stats(stats: dict[str, np.ndarray], comp: np.ndarray, n: int, ndim: 
     np.add.at(count, comp, stats["pixel_count"])
     out = {"pixel_count": count}
     out |= {f"sum_{a}": np.bincount(comp, weights=stats[f"sum_{a}"], minlength=n) for a in axes}
-    out[AREA_M2] = np.bincount(comp, weights=stats[AREA_M2], minlength=n).astype(np.float64, copy=False)  # int64 if empty
+    # float64 (bincount of nothing gives int64); NaN (unknown) in a partial stays NaN
+    out[AREA_M2] = np.bincount(comp, weights=stats[AREA_M2], minlength=n).astype(np.float64, copy=False)
     for a in axes:
         out[f"min_{a}"] = np.full(n, INT64_MAX, dtype=np.int64)
         np.minimum.at(out[f"min_{a}"], comp, stats[f"min_{a}"])
