@@ -38,11 +38,19 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _human_area(m2: float, unit: str | None) -> str:
-    if unit in ("metre", "meter") and m2 >= 1e6:
-        return f"{m2 / 1e6:,.2f} km²"
-    suffix = "m²" if unit in ("metre", "meter") else f"{unit or 'CRS unit'}²"
-    return f"{m2:,.0f} {suffix}"
+def _human_area(m2: float) -> str:
+    """An area in m² as km² from 1 km² up, in m² below."""
+    return f"{m2 / 1e6:,.2f} km²" if m2 >= 1e6 else f"{m2:,.0f} m²"
+
+
+def _class_area_text(area: dict, unit: str | None) -> str:
+    """One class area of the scenes table for the summary: its ellipsoidal m², else its CRS area
+    where the CRS unit is the metre, else its pixel count (a degree² figure would mislead)."""
+    if area.get("area_m2") is not None:
+        return _human_area(area["area_m2"])
+    if unit in ("metre", "meter"):
+        return _human_area(area["area_crs2"])
+    return f"{area['pixel_count']:,} px"
 
 
 def _print_result(result, *, extra_rows: list[tuple[str, str]] | None = None) -> None:
@@ -54,7 +62,7 @@ def _print_result(result, *, extra_rows: list[tuple[str, str]] | None = None) ->
         detail = s.error or ""
         if not detail and row.get("class_areas"):
             unit = row.get("crs_linear_unit")
-            detail = ", ".join(f"{c['class_name']} {_human_area(c['area_crs2'], unit)}" for c in row["class_areas"])
+            detail = ", ".join(f"{c['class_name']} {_class_area_text(c, unit)}" for c in row["class_areas"])
         if s.already_complete:
             detail = "already complete for this fingerprint: nothing recomputed"
         table.add_row(s.name, s.status, f"{s.n_todo}/{s.n_chunks}", str(row.get("n_regions", "")), detail)
@@ -118,10 +126,10 @@ def demo(
     root = report.result.root
     console.print("\n[bold]try:[/]")
     console.print(f'  tessera query --root {root} "SELECT class_name, count(*) AS regions, '
-                  f'round(sum(area_crs2)/1e6, 3) AS km2 FROM regions GROUP BY 1 ORDER BY km2 DESC"')
+                  f'round(sum(area_m2)/1e6, 3) AS km2 FROM regions GROUP BY 1 ORDER BY km2 DESC"')
     console.print(f'  tessera query --root {root} "SELECT scene, status, wall_s, predict_s FROM scenes"')
-    console.print(f'  tessera query --root {root} --format csv "SELECT region_id, class_name, area_crs2, '
-                  f'centroid_lon, centroid_lat FROM regions ORDER BY area_crs2 DESC LIMIT 5"')
+    console.print(f'  tessera query --root {root} --format csv "SELECT region_id, class_name, area_m2, '
+                  f'centroid_lon, centroid_lat FROM regions ORDER BY area_m2 DESC LIMIT 5"')
 
 
 @app.command()

@@ -26,6 +26,7 @@ REGIONS_SCHEMA = pa.schema(
         pa.field("class_name", pa.string(), nullable=False),
         pa.field("pixel_count", pa.int64(), nullable=False),
         pa.field("area_crs2", pa.float64(), nullable=False),
+        pa.field("area_m2", pa.float64(), nullable=True),
         pa.field("min_row", pa.int64(), nullable=False),
         pa.field("min_col", pa.int64(), nullable=False),
         pa.field("max_row", pa.int64(), nullable=False),
@@ -44,7 +45,8 @@ REGIONS_SCHEMA = pa.schema(
     metadata={
         b"description": b"One row per connected region (8-connectivity) of one class in one scene.",
         b"units": b"rows/cols: pixel indices (inclusive bbox); *_crs: scene CRS units; "
-        b"area_crs2: squared CRS linear units (m2 for UTM); lon/lat: degrees WGS84 "
+        b"area_crs2: squared CRS linear units (m2 for UTM); area_m2: m2 on the CRS's ellipsoid, "
+        b"sum of the pixels' geodesic areas (null without a usable CRS); lon/lat: degrees WGS84 "
         b"(null when the CRS cannot be transformed)",
     },
 )
@@ -55,6 +57,7 @@ CLASS_AREA_TYPE = pa.struct(
         pa.field("class_name", pa.string(), nullable=False),
         pa.field("pixel_count", pa.int64(), nullable=False),
         pa.field("area_crs2", pa.float64(), nullable=False),
+        pa.field("area_m2", pa.float64(), nullable=True),
     ]
 )
 

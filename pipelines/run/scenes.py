@@ -143,8 +143,10 @@ def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, 
                             crs_wkt=ctx.info.crs_wkt, class_names=job.card.class_names)
     merge_s = time.perf_counter() - t0
     pixel_area = ctx.info.pixel_area_crs2
-    class_areas = [{"class_id": class_id, "class_name": name, "pixel_count": count, "area_crs2": count * pixel_area}
-                   for class_id, (name, count) in enumerate(zip(job.card.class_names, regions.class_pixels))]
+    class_areas = [{"class_id": class_id, "class_name": name, "pixel_count": count, "area_crs2": count * pixel_area,
+                    "area_m2": area_m2}
+                   for class_id, (name, count, area_m2) in enumerate(
+                       zip(job.card.class_names, regions.class_pixels, regions.class_area_m2, strict=True))]
     totals = dict.fromkeys(("n_chunks_skipped_nodata", "valid_pixels", "read_s", "predict_s", "write_s", "stats_s"), 0)
 
     def manifest_by_row():  # the chunks table a row of chunks at a time, totals on the way

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.georef import scene_row_areas_m2
 from pipelines.readers import InputPolicy, SceneInfo, open_scene, read_window
 from pipelines.stats.partials import chunk_regions, region_id_offset
 from pipelines.writers.atomic import atomic_write_text
@@ -73,6 +74,16 @@ def read_stage(task: ChunkTask, *, scenes: dict[int, SceneContext]) -> ReadWindo
     return ReadWindow(task=task, pixels=pixels, valid=valid, read_s=time.perf_counter() - t0)
 
 
+def chunk_row_areas_m2(info: SceneInfo, core: tuple[slice, ...]) -> np.ndarray | None:
+    """m² of one pixel per row of a chunk core of a 2D scene with a CRS (cached per chunk row,
+    at the scene's centre column: see ``scene_row_areas_m2``); None for volumes or without a CRS."""
+    if len(core) != 2 or info.transform is None or not info.crs_wkt:
+        return None
+    rows = core[0]
+    return scene_row_areas_m2(tuple(info.transform), info.crs_wkt, row0=rows.start, n_rows=rows.stop - rows.start,
+                              width=info.shape[-1])
+
+
 def write_stage(prediction: Prediction, *, scenes: dict[int, SceneContext]) -> ChunkResult:
     """Write the chunk (idempotent: a retry rewrites the same bytes), its partial stats, then its
     manifest marker (a fused actor, or a split write task).
@@ -104,6 +115,7 @@ def write_stage(prediction: Prediction, *, scenes: dict[int, SceneContext]) -> C
             origin=tuple(s.start for s in window.core),
             id_offset=region_id_offset(window.index, ctx.grid_shape, ctx.chunk_shape),
             nodata=layout.NODATA_CLASS,
+            pixel_area_m2_by_row=chunk_row_areas_m2(ctx.info, window.core),
         )
         work = Path(ctx.work_dir)
         parts.to_npz(work / f"{key}.npz")

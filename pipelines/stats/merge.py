@@ -2,7 +2,8 @@
 
 :func:`merge_regions` pairs the face ids of neighbouring chunks that touch (full connectivity:
 across faces, edges and corners of the chunks; equal class), solves connected components on that
-small id graph, adds up the partials (counts and coordinate sums add, bbox mins and maxes reduce)
+small id graph, adds up the partials (counts, coordinate sums and m² areas add, bbox mins and maxes
+reduce)
 and numbers the final regions 1..N in raster order of their first voxel. The result
 (:class:`MergedRegions`) also holds the relabel table from chunk ids to region ids
 (:meth:`MergedRegions.relabel`). :class:`RowMerge` gives the same regions one slab of chunks
@@ -24,6 +25,7 @@ from types import MappingProxyType
 import numpy as np
 
 from pipelines.stats.partials import (
+    AREA_M2,
     INT64_MAX,
     ArrayRecord,
     ChunkRegions,
@@ -64,12 +66,13 @@ def region_order(ndim: int) -> tuple[str, ...]:
 def merged_array_dtypes(ndim: int) -> Mapping[str, np.dtype]:
     """name -> dtype of the per-region arrays of an ``ndim``-D :class:`MergedRegions`:
     region_id, class_id, pixel_count, ``centroid_<axis>`` float64, ``min_<axis>``,
-    ``max_<axis>``, ``first_<axis>`` int64."""
+    ``max_<axis>``, ``first_<axis>`` int64, ``area_m2`` float64."""
     axes = axis_names(ndim)
     out = {"region_id": np.dtype(np.int64), "class_id": np.dtype(np.uint8), "pixel_count": np.dtype(np.int64)}
     out |= {f"centroid_{a}": np.dtype(np.float64) for a in axes}
     for stat in ("min", "max", "first"):
         out |= {f"{stat}_{a}": np.dtype(np.int64) for a in axes}
+    out[AREA_M2] = np.dtype(np.float64)
     return MappingProxyType(out)
 
 
@@ -91,7 +94,9 @@ class MergedRegions(ArrayRecord):
             ``class_id`` uint8; ``pixel_count`` int64 voxels; ``centroid_<axis>`` float64 mean
             index (voxel ``p`` is at ``p``, not at its corner); ``min_<axis>``/``max_<axis>``
             int64 bbox, inclusive scene indices; ``first_<axis>`` int64 the region's first
-            voxel in raster order (an anchor surely inside the region, unlike the centroid).
+            voxel in raster order (an anchor surely inside the region, unlike the centroid);
+            ``area_m2`` float64 sum of its chunk partials' ellipsoidal areas in m², NaN when
+            any is unknown.
             And the relabel table: ``source_id`` ``(M,)`` int64 every chunk-level id of the
             input, strictly increasing; ``source_region_id`` ``(M,)`` int64 the ``region_id``
             each ``source_id`` was merged into.
@@ -302,15 +307,19 @@ def _components(class_id: np.ndarray, src: np.ndarray, dst: np.ndarray) -> tuple
 
 
 def _reduce_stats(stats: dict[str, np.ndarray], comp: np.ndarray, n: int, ndim: int) -> dict[str, np.ndarray]:
-    """Per component: counts and coordinate sums add, bbox mins and maxes reduce, the class is
-    shared, the first voxel is the smallest in raster order. Exact in any grouping or order
-    (the float64 sums hold integers below 2**53)."""
+    """Per component: counts, coordinate sums and m² areas add, bbox mins and maxes reduce, the
+    class is shared, the first voxel is the smallest in raster order. Exact in any grouping or
+    order (the float64 sums hold integers below 2**53), but for ``area_m2``: a float64 sum of
+    real numbers, equal across groupings to rounding (about 1e-16 relative per addition); NaN
+    (unknown) in any partial makes the region's area NaN."""
     axes = axis_names(ndim)
     m = len(comp)
     count = np.zeros(n, dtype=np.int64)
     np.add.at(count, comp, stats["pixel_count"])
     out = {"pixel_count": count}
     out |= {f"sum_{a}": np.bincount(comp, weights=stats[f"sum_{a}"], minlength=n) for a in axes}
+    # float64 (bincount of nothing gives int64); NaN (unknown) in a partial stays NaN
+    out[AREA_M2] = np.bincount(comp, weights=stats[AREA_M2], minlength=n).astype(np.float64, copy=False)
     for a in axes:
         out[f"min_{a}"] = np.full(n, INT64_MAX, dtype=np.int64)
         np.minimum.at(out[f"min_{a}"], comp, stats[f"min_{a}"])
@@ -348,6 +357,7 @@ def merged_regions_of(stats: Mapping[str, np.ndarray]) -> MergedRegions:
     arrays |= {f"centroid_{a}": stats[f"sum_{a}"] / count if n else np.zeros(0) for a in axes}
     for stat in ("min", "max", "first"):
         arrays |= {f"{stat}_{a}": stats[f"{stat}_{a}"] for a in axes}
+    arrays[AREA_M2] = stats[AREA_M2]
     arrays |= {name: np.zeros(0, dtype=dt) for name, dt in _TABLE_DTYPES.items()}
     return MergedRegions(ndim=ndim, arrays=arrays)
 
@@ -374,7 +384,7 @@ def merge_regions(parts: Iterable[ChunkRegions], *, ndim: int = 2) -> MergedRegi
     face, edge or corner (full connectivity: 8 in 2D, 26 in 3D) and have the same class. Those
     pairs form a small graph on the chunk ids, solved with
     ``scipy.sparse.csgraph.connected_components``; partials then merge algebraically:
-    ``pixel_count`` and coordinate sums add, bbox mins and maxes reduce,
+    ``pixel_count``, coordinate sums and ``area_m2`` add, bbox mins and maxes reduce,
     ``centroid = sum / pixel_count``. Chunks may be missing (e.g. skipped as all nodata); they
     join nothing. The result equals labelling the whole scene with
     ``skimage.measure.label(classes, background=nodata, connectivity=ndim)``.

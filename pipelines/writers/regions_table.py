@@ -36,10 +36,15 @@ _SPILL_SCHEMA = pa.schema([(name, pa.from_numpy_dtype(dt)) for name, dt in regio
 
 @dataclass(frozen=True)
 class RegionsSummary:
-    """What the scenes table needs from the merge: the region count and pixels per class."""
+    """What the scenes table needs from the merge: the region count, and pixels and m² per class.
+
+    ``class_area_m2[c]``: the sum of ``area_m2`` over the regions of class ``c`` (0.0 for a class
+    without pixels), None where a region's area is unknown (no usable CRS).
+    """
 
     n_regions: int
     class_pixels: tuple[int, ...]
+    class_area_m2: tuple[float | None, ...]
 
 
 def write_regions(root: Path, scene: str, rows: Iterable[Sequence[ChunkRegions]], *, work_dir: Path,
@@ -60,6 +65,7 @@ def write_regions(root: Path, scene: str, rows: Iterable[Sequence[ChunkRegions]]
     spill = work_dir / "regions.spill.parquet"
     merger = RowMerge(ndim=2)
     class_pixels = np.zeros(len(class_names), dtype=np.int64)
+    class_area_m2 = np.zeros(len(class_names), dtype=np.float64)
     n = 0
     def completed() -> Iterator[dict[str, np.ndarray]]:  # lazily: one batch of regions at a time
         for row in rows:
@@ -74,13 +80,16 @@ def write_regions(root: Path, scene: str, rows: Iterable[Sequence[ChunkRegions]]
             n += k
             class_pixels += np.bincount(closed["class_id"], weights=closed["pixel_count"],
                                         minlength=len(class_names)).astype(np.int64)[:len(class_names)]
+            class_area_m2 += np.bincount(closed["class_id"], weights=closed["area_m2"],
+                                         minlength=len(class_names))[:len(class_names)]
             writer.write_table(pa.table({f.name: closed[f.name] for f in _SPILL_SCHEMA}, schema=_SPILL_SCHEMA))
     try:
         write_table_batches(root, "regions", scene, _sorted_tables(
             spill, n, scene=scene, work_dir=work_dir, transform=transform, crs_wkt=crs_wkt, class_names=class_names))
     finally:
         spill.unlink(missing_ok=True)
-    return RegionsSummary(n_regions=n, class_pixels=tuple(int(c) for c in class_pixels))
+    return RegionsSummary(n_regions=n, class_pixels=tuple(int(c) for c in class_pixels),
+                          class_area_m2=tuple(None if np.isnan(a) else float(a) for a in class_area_m2))
 
 
 def _sorted_tables(spill: Path, n: int, *, scene: str, work_dir: Path, transform: Affine6, crs_wkt: str | None,

@@ -121,7 +121,7 @@ def test_3d_chunk_regions_by_hand_and_faces():
     assert part.face(0, False).tolist() == [[101, 0], [0, 0]]  # face_plane_lo: (H, W)
     assert part.face_col_hi.tolist() == [[0, 0], [0, 101]]  # (D, H)
     assert part.face_row_lo.shape == (2, 2) and part.ndim == 3
-    assert part.nbytes == 15 * 8 - 7 + 6 * 4 * 8  # 15 per-region arrays (class_id uint8), 6 faces
+    assert part.nbytes == 16 * 8 - 7 + 6 * 4 * 8  # 16 per-region arrays (class_id uint8), 6 faces
 
 
 def test_3d_npz_and_pickle_round_trip(tmp_path):
