@@ -35,6 +35,7 @@ import cc3d
 import numpy as np
 
 from schemas.checks import as_int
+from schemas.store import NODATA_CLASS
 
 __all__ = [
     "NPZ_FORMAT_VERSION",
@@ -395,7 +396,7 @@ def _check_classes(classes: object, nodata: object) -> tuple[np.ndarray, int]:
     return classes, value
 
 
-def label_chunk(classes: np.ndarray, *, id_offset: int, nodata: int = 255) -> np.ndarray:
+def label_chunk(classes: np.ndarray, *, id_offset: int, nodata: int = NODATA_CLASS) -> np.ndarray:
     """Label the connected regions of each class in one chunk core, with scene-unique ids.
 
     The regions of ``skimage.measure.label(classes, background=nodata, connectivity=ndim)``
@@ -450,7 +451,7 @@ def chunk_regions(
     chunk_index: tuple[int, ...],
     origin: tuple[int, ...],
     id_offset: int,
-    nodata: int = 255,
+    nodata: int = NODATA_CLASS,
     labels: np.ndarray | None = None,
     pixel_area_m2_by_row: np.ndarray | None = None,
 ) -> ChunkRegions:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from schemas.store import NODATA_CLASS
 
-def confusion_matrix(truth: np.ndarray, pred: np.ndarray, *, num_classes: int, ignore: int = 255) -> np.ndarray:
+
+def confusion_matrix(truth: np.ndarray, pred: np.ndarray, *, num_classes: int, ignore: int = NODATA_CLASS) -> np.ndarray:
     """(K, K) int64 counts, rows = truth, cols = prediction; pixels where either is `ignore` skip.
 
     Raises:
