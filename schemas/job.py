@@ -68,6 +68,11 @@ class TilingSpec(_Frozen):
         default=1024, ge=16, le=16384,
         description="Output chunk side in px; also the Zarr chunk side. The unit of work.",
     )
+    volume_chunk_size: int = Field(
+        default=128, ge=8, le=1024,
+        description="Output chunk side in voxels for 3D volumes (CT, MR); also their Zarr chunk side. "
+        "A volume's unit of work is a cube: 128^3 voxels hold as much as a 1448^2 image.",
+    )
     halo: int | None = Field(
         default=None, ge=0, le=4096,
         description="Context read around each chunk, px per side. Default: the model card's halo.",
@@ -202,6 +207,13 @@ class OutputSpec(_Frozen):
     write_probabilities: bool = Field(
         default=False,
         description="Also write a float16 `probabilities` array (class, y, x); K times the size of `classes`.",
+    )
+    export: tuple[Literal["nifti"], ...] = Field(
+        default=(),
+        description="Extra copies of the label arrays, written when a scene completes: `nifti` writes "
+        "<root>/<scene>.nii.gz for every 3D volume, with the input's voxel-to-scanner affine exactly "
+        "(sform and qform), so viewers overlay it on the input voxel for voxel. 2D scenes have no export.",
+        examples=[["nifti"]],
     )
     overwrite: bool = Field(
         default=False,

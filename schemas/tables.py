@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-TABLE_NAMES = ("regions", "scenes", "chunks")
+TABLE_NAMES = ("regions", "volume_regions", "scenes", "chunks")
 
 # Scene statuses: a scene is complete only when every chunk is written and its tables are in.
 STATUS_COMPLETE = "complete"
@@ -51,6 +51,44 @@ REGIONS_SCHEMA = pa.schema(
     },
 )
 
+VOLUME_REGIONS_SCHEMA = pa.schema(
+    [
+        pa.field("scene", pa.string(), nullable=False),
+        pa.field("region_id", pa.int64(), nullable=False),
+        pa.field("class_id", pa.uint8(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("voxel_count", pa.int64(), nullable=False),
+        pa.field("volume_mm3", pa.float64(), nullable=False),
+        pa.field("min_plane", pa.int64(), nullable=False),
+        pa.field("min_row", pa.int64(), nullable=False),
+        pa.field("min_col", pa.int64(), nullable=False),
+        pa.field("max_plane", pa.int64(), nullable=False),
+        pa.field("max_row", pa.int64(), nullable=False),
+        pa.field("max_col", pa.int64(), nullable=False),
+        pa.field("centroid_plane", pa.float64(), nullable=False),
+        pa.field("centroid_row", pa.float64(), nullable=False),
+        pa.field("centroid_col", pa.float64(), nullable=False),
+        pa.field("centroid_r_mm", pa.float64(), nullable=False),
+        pa.field("centroid_a_mm", pa.float64(), nullable=False),
+        pa.field("centroid_s_mm", pa.float64(), nullable=False),
+    ],
+    metadata={
+        b"description": b"One row per connected region (26-connectivity) of one class in one volume.",
+        b"units": b"plane/row/col: voxel indices of the volume's (z, y, x) array axes (inclusive bbox); "
+        b"volume_mm3: voxel_count x |det| of the voxel-to-scanner affine; centroid_{r,a,s}_mm: the mean "
+        b"voxel centre in scanner coordinates, mm, RAS (right, anterior, superior)",
+    },
+)
+
+CLASS_VOLUME_TYPE = pa.struct(
+    [
+        pa.field("class_id", pa.uint8(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("voxel_count", pa.int64(), nullable=False),
+        pa.field("volume_mm3", pa.float64(), nullable=False),
+    ]
+)
+
 CLASS_AREA_TYPE = pa.struct(
     [
         pa.field("class_id", pa.uint8(), nullable=False),
@@ -81,6 +119,7 @@ SCENES_SCHEMA = pa.schema(
         pa.field("n_regions", pa.int64(), nullable=True),
         pa.field("valid_pixels", pa.int64(), nullable=True),
         pa.field("class_areas", pa.list_(CLASS_AREA_TYPE), nullable=True),
+        pa.field("class_volumes", pa.list_(CLASS_VOLUME_TYPE), nullable=True),
         pa.field("zarr_path", pa.string(), nullable=True),
         pa.field("started_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -120,6 +159,7 @@ CHUNKS_SCHEMA = pa.schema(
 
 SCHEMAS: dict[str, pa.Schema] = {
     "regions": REGIONS_SCHEMA,
+    "volume_regions": VOLUME_REGIONS_SCHEMA,
     "scenes": SCENES_SCHEMA,
     "chunks": CHUNKS_SCHEMA,
 }

@@ -42,8 +42,14 @@ class ResolvedJob:
     def card(self) -> ModelCard:
         return self.checkpoint.card
 
-    def parameters(self) -> dict[str, Any]:
-        """Everything that changes output bytes, except the input itself."""
+    def chunk_size_for(self, ndim: int) -> int:
+        """The output chunk side of a scene with `ndim` spatial axes: `tiling.chunk_size` for 2D
+        scenes, `tiling.volume_chunk_size` for 3D volumes."""
+        return self.spec.tiling.volume_chunk_size if ndim == 3 else self.chunk_size
+
+    def parameters(self, ndim: int = 2) -> dict[str, Any]:
+        """Everything that changes output bytes of a scene with `ndim` spatial axes, except the
+        input itself."""
         o = self.predictor_options
         return {
             "format": OUTPUT_FORMAT_VERSION,
@@ -57,7 +63,7 @@ class ResolvedJob:
             "bands": list(self.spec.bands) if self.spec.bands else None,
             # only when set: jobs without complex inputs keep the fingerprints they had
             **({"complex_bands": self.spec.complex_bands} if self.spec.complex_bands != "refuse" else {}),
-            "chunk_size": self.chunk_size,
+            "chunk_size": self.chunk_size_for(ndim),
             "halo": self.halo,
             "tile_size": o.tile_size,
             "tile_overlap": o.tile_overlap,

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from pipelines.georef import crs_linear_unit
@@ -27,7 +29,8 @@ from pipelines.run.stages import (
     done_chunk_keys,
 )
 from pipelines.stats.partials import ChunkRegions
-from pipelines.writers.regions_table import write_regions
+from pipelines.writers.nifti_export import export_nifti
+from pipelines.writers.regions_table import RegionsSummary, write_regions
 from pipelines.writers.tables import write_table, write_table_batches
 from pipelines.writers.zarr_masks import (
     create_scene_store,
@@ -39,6 +42,7 @@ from pipelines.writers.zarr_masks import (
 from schemas import store as layout
 from schemas.errors import OutputError
 from schemas.records import chunk_key
+from schemas.store import Grid, VolumeGrid
 from schemas.tables import CHUNK_SKIPPED_NODATA, SCHEMAS, STATUS_COMPLETE
 from schemas.window import ChunkWindow
 
@@ -66,7 +70,7 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
     """Validate a scene, create or resume its store, and list the chunks still to compute."""
     spec = job.spec
     check_scene_fits_model(info, bands=spec.bands, card=job.card)
-    fingerprint = scene_fingerprint(job.parameters(), sha)
+    fingerprint = scene_fingerprint(job.parameters(info.ndim), sha)
     zarr_path = job.root / f"{outcome.name}.zarr"
     work_root = job.root / WORK_DIR / outcome.name
     state = read_store_state(zarr_path)
@@ -80,13 +84,14 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
         remove_store(zarr_path)
         remove_store(work_root)
         state = None
-    chunk_shape = (job.chunk_size,) * len(info.shape)
-    windows = tuple(plan_chunks(info.shape, job.chunk_size, job.halo))
+    chunk_size = job.chunk_size_for(info.ndim)
+    chunk_shape = (chunk_size,) * info.ndim
+    windows = tuple(plan_chunks(info.shape, chunk_size, job.halo))
     work_dir = work_root / fingerprint[:16]
     outcome.context = SceneContext(
         scene_id=scene_id, name=outcome.name, info=info, bands=spec.bands, zarr_path=str(zarr_path),
         work_dir=str(work_dir), fingerprint=fingerprint,
-        grid_shape=chunk_grid_shape(info.shape, job.chunk_size), chunk_shape=chunk_shape,
+        grid_shape=chunk_grid_shape(info.shape, chunk_size), chunk_shape=chunk_shape,
     )
     outcome.input_sha256 = sha
     outcome.plan = windows
@@ -94,6 +99,7 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
     if state is not None and state.get(layout.KEY_STATUS) == layout.STORE_STATUS_COMPLETE:
         outcome.already_complete = True
         outcome.status = STATUS_COMPLETE
+        export_missing(job, outcome.name, zarr_path, scene_grid(info))  # e.g. an export asked for later
         return
     if state is None:
         create_scene_store(
@@ -139,14 +145,10 @@ def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, 
         for i in sorted(grid_rows):
             yield [ChunkRegions.from_npz(work_dir / f"{chunk_key(index)}.npz") for index in grid_rows[i]]
 
-    regions = write_regions(job.root, ctx.name, parts_by_row(), work_dir=work_dir, transform=ctx.info.transform,
-                            crs_wkt=ctx.info.crs_wkt, class_names=job.card.class_names)
+    grid = scene_grid(ctx.info)
+    regions = write_regions(job.root, ctx.name, parts_by_row(), work_dir=work_dir, grid=grid,
+                            class_names=job.card.class_names)
     merge_s = time.perf_counter() - t0
-    pixel_area = ctx.info.pixel_area_crs2
-    class_areas = [{"class_id": class_id, "class_name": name, "pixel_count": count, "area_crs2": count * pixel_area,
-                    "area_m2": area_m2}
-                   for class_id, (name, count, area_m2) in enumerate(
-                       zip(job.card.class_names, regions.class_pixels, regions.class_area_m2, strict=True))]
     totals = dict.fromkeys(("n_chunks_skipped_nodata", "valid_pixels", "read_s", "predict_s", "write_s", "stats_s"), 0)
 
     def manifest_by_row():  # the chunks table a row of chunks at a time, totals on the way
@@ -163,10 +165,11 @@ def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, 
     outcome.row = scene_row(job, outcome, started_at, t_start) | totals | {
         "n_regions": regions.n_regions,
         "valid_pixels": int(totals["valid_pixels"]),
-        "class_areas": class_areas,
+        **class_summary(grid, job.card.class_names, regions),
         "merge_s": merge_s,
     }
     write_table(job.root, "scenes", ctx.name, [outcome.row])
+    export_missing(job, ctx.name, Path(ctx.zarr_path), grid, replace=True)
     mark_complete(Path(ctx.zarr_path))
 
 
@@ -193,3 +196,25 @@ def scene_row(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_s
         "finished_at": datetime.now(timezone.utc),
         "wall_s": time.perf_counter() - t_start,
     }
+
+
+def export_missing(job: ResolvedJob, name: str, zarr_path: Path, grid: Grid, *, replace: bool = False) -> None:
+    """Write the exports the job asks for (`output.export`) that apply to this scene: `nifti` for a
+    volume, `<root>/<scene>.nii.gz`; with `replace`, even where the file exists (a fresh result)."""
+    out = job.root / f"{name}.nii.gz"
+    if "nifti" in job.spec.output.export and isinstance(grid, VolumeGrid) and (replace or not out.exists()):
+        export_nifti(zarr_path, out, grid=grid)
+
+
+def class_summary(grid: Grid, class_names: Sequence[str], regions: RegionsSummary) -> dict[str, Any]:
+    """The scenes table's per-class totals: `class_areas` of a 2D scene (pixels, squared CRS units,
+    m² on the ellipsoid) or `class_volumes` of a volume (voxels, mm³)."""
+    per_class = enumerate(zip(class_names, regions.class_pixels, regions.class_area_m2, strict=True))
+    if isinstance(grid, VolumeGrid):
+        voxel_mm3 = abs(float(np.linalg.det(np.asarray(grid.affine, dtype=np.float64)[:3, :3])))
+        return {"class_volumes": [{"class_id": k, "class_name": name, "voxel_count": count,
+                                   "volume_mm3": count * voxel_mm3} for k, (name, count, _) in per_class]}
+    a, b, _, d, e, _ = grid.transform
+    pixel_area = abs(a * e - b * d)
+    return {"class_areas": [{"class_id": k, "class_name": name, "pixel_count": count, "area_crs2": count * pixel_area,
+                             "area_m2": area_m2} for k, (name, count, area_m2) in per_class]}

@@ -8,6 +8,7 @@ import pytest
 
 from pipelines.stats import merge_regions
 from pipelines.stats.partials import ChunkRegions, chunk_regions, label_chunk, region_id_offset
+from schemas.store import GeoGrid
 from tests.stats.cases import NODATA, row_merge
 
 X = NODATA
@@ -106,7 +107,7 @@ def test_write_regions_writes_areas_and_class_sums(tmp_path) -> None:
     parts = _parts()
     work = tmp_path / "work"
     work.mkdir()
-    geo = dict(transform=(0.001, 0.0, 10.0, 0.0, -0.001, 60.0), crs_wkt="EPSG:4326")
+    geo = dict(grid=GeoGrid((0.001, 0.0, 10.0, 0.0, -0.001, 60.0), "EPSG:4326"))
     summary = write_regions(tmp_path, "s", [parts[:2], parts[2:]], work_dir=work, class_names=["a", "b", "c"], **geo)
     assert summary.class_area_m2 == (0.0, AREA_1, AREA_2)
     table = pq.read_table(table_path(tmp_path, "regions", "s"))

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from pipelines.stats import ChunkRegions, MergedRegions, RowMerge, chunk_regions, merge_regions
+from schemas.store import GeoGrid
 from tests.stats.cases import NODATA, assert_matches_golden, blobby_mask, chunk_parts, row_merge
 
 
@@ -239,7 +240,8 @@ def test_write_regions_streams_the_same_table_as_the_in_memory_merge(tmp_path, m
     work = tmp_path / "work"
     work.mkdir()
     summary = rt.write_regions(tmp_path, "s", ([p for p in parts if p.chunk_index[0] == i] for i in grid_rows),
-                               work_dir=work, **geo)
+                               work_dir=work, grid=GeoGrid(geo["transform"], geo["crs_wkt"]),
+                               class_names=geo["class_names"])
     got = pq.read_table(table_path(tmp_path, "regions", "s"))
     merged = merge_regions(parts)
     want = regions_table("s", merged, **geo)
@@ -257,7 +259,7 @@ def test_write_regions_of_a_scene_without_regions(tmp_path):
 
     parts = chunk_parts(np.full((16, 16), NODATA, dtype=np.uint8), 8)[0]
     summary = write_regions(tmp_path, "empty", [parts[:2], parts[2:]], work_dir=tmp_path,
-                            transform=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0), crs_wkt=None, class_names=["a"])
+                            grid=GeoGrid((1.0, 0.0, 0.0, 0.0, -1.0, 0.0)), class_names=["a"])
     assert summary.n_regions == 0 and summary.class_pixels == (0,)
     assert pq.read_table(table_path(tmp_path, "regions", "empty")).num_rows == 0
 
@@ -276,7 +278,7 @@ def test_write_regions_turns_a_failed_sort_into_an_output_error_and_leaves_no_ta
     parts = chunk_parts(blobby_mask((16, 16), 1), 8)[0]
     with pytest.raises(OutputError, match="sorting the scene's regions failed: No space left"):
         write_regions(tmp_path, "s", [parts[:2], parts[2:]], work_dir=tmp_path,
-                      transform=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0), crs_wkt=None, class_names=[f"c{k}" for k in range(8)])
+                      grid=GeoGrid((1.0, 0.0, 0.0, 0.0, -1.0, 0.0)), class_names=[f"c{k}" for k in range(8)])
     assert not table_path(tmp_path, "regions", "s").exists()
     assert list(table_path(tmp_path, "regions", "s").parent.iterdir()) == []  # no temp file left
     assert not (tmp_path / "regions.spill.parquet").exists()

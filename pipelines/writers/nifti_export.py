@@ -1,0 +1,70 @@
+"""Export a volume's label array as NIfTI-1, with the input's exact voxel-to-scanner affine, so
+3D Slicer, ITK-SNAP and nibabel overlay it on the input voxel for voxel.
+
+The store's ``classes`` array is ``(z, y, x)`` in C order; a NIfTI file holds ``(i, j, k)`` in
+Fortran order, ``i`` fastest. With ``(i, j, k) = (x, y, z)`` the two byte orders are the same, so
+the labels are streamed slab by slab along ``z`` (one Zarr chunk row of planes at a time) straight
+into the (gzip) file: memory holds one slab, never the volume. The affine's first three columns
+are put back in NIfTI's axis order, so the file's sform and qform are the input's affine exactly
+(``sform_code`` and ``qform_code`` 1, scanner coordinates). Labels are uint8, 255 = nodata / not
+predicted (as in the store).
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipelines.writers.atomic import atomic_path
+from schemas import store as layout
+from schemas.store import VolumeGrid
+
+
+def nifti_affine(grid: VolumeGrid) -> np.ndarray:
+    """The 4x4 NIfTI affine ``(i, j, k) -> RAS mm`` of a grid whose affine takes ``(z, y, x)``."""
+    affine = np.asarray(grid.affine, dtype=np.float64)
+    out = affine.copy()
+    out[:, :3] = affine[:, [2, 1, 0]]
+    return out
+
+
+def export_nifti(zarr_path: Path, out_path: Path, *, grid: VolumeGrid) -> Path:
+    """Write the store's ``classes`` as `out_path` (``.nii`` or ``.nii.gz``), atomically.
+
+    Args:
+        zarr_path: a complete volume store (`pipelines.writers.zarr_masks`).
+        out_path: the NIfTI file to write (replaced atomically: never half a file).
+        grid: the store's geometry (its affine becomes the file's sform and qform).
+
+    Returns:
+        `out_path`.
+
+    Raises:
+        ValueError: the store's classes array is not 3D.
+    """
+    import nibabel as nib
+
+    classes = zarr.open_array(str(zarr_path), path=layout.CLASSES, mode="r")
+    if classes.ndim != 3:
+        raise ValueError(f"{zarr_path}: classes has {classes.ndim} axes; a NIfTI export needs a (z, y, x) volume")
+    nz, ny, nx = classes.shape
+    header = nib.Nifti1Header()
+    header.set_data_shape((nx, ny, nz))
+    header.set_data_dtype(np.uint8)
+    affine = nifti_affine(grid)
+    header.set_sform(affine, code=1)
+    header.set_qform(affine, code=1)
+    header.set_xyzt_units(xyz="mm")
+    header["vox_offset"] = 352
+    slab = int(classes.chunks[0])
+    opener = gzip.open if out_path.name.endswith(".gz") else open
+    with atomic_path(out_path) as tmp:
+        with opener(tmp, "wb") as fh:
+            fh.write(header.binaryblock)
+            fh.write(b"\x00" * (352 - len(header.binaryblock)))  # no extensions
+            for z0 in range(0, nz, slab):
+                fh.write(np.ascontiguousarray(classes[z0:z0 + slab], dtype=np.uint8).tobytes(order="C"))
+    return out_path
