@@ -186,3 +186,20 @@ def test_split_read_tasks_follow_the_free_cpus_on_gpu(tmp_path):
     cpu = place_on_cluster(job(), {"CPU": 8})
     assert read_concurrency(cpu, cluster_cpus=8) == cpu.actors  # one reader per CPU actor
     assert read_concurrency(place_on_cluster(job(read_tasks=3), {"CPU": 16, "GPU": 1}), cluster_cpus=16) == 3
+
+
+def test_a_directory_input_has_a_checksum_of_its_files(tmp_path):
+    from workers.hashing import file_sha256, input_sha256
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for name, data in (("a.dcm", b"one"), ("b.dcm", b"two")):
+        (series / name).write_bytes(data)
+    first = input_sha256(series)
+    assert input_sha256(series / "a.dcm") == file_sha256(series / "a.dcm")
+    (series / "b.dcm").write_bytes(b"changed")
+    assert input_sha256(series) != first
+    (series / "b.dcm").write_bytes(b"two")
+    assert input_sha256(series) == first
+    (series / "b.dcm").rename(series / "c.dcm")
+    assert input_sha256(series) != first

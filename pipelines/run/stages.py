@@ -26,7 +26,7 @@ from schemas import store as layout
 from schemas.errors import InputError
 from schemas.records import ChunkResult, ChunkTask, Prediction, ReadWindow
 from schemas.tables import CHUNK_SKIPPED_NODATA, CHUNK_WRITTEN
-from workers.hashing import file_sha256
+from workers.hashing import input_sha256
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def open_and_hash(path: str, policy: InputPolicy = InputPolicy()) -> tuple[Scene
     """(info, sha256, error) of one input; errors are returned, not raised (one scene fails alone)."""
     try:
         info = open_scene(path, policy=policy)
-        return info, file_sha256(Path(path)), None
+        return info, input_sha256(Path(path)), None
     except InputError as exc:
         return None, None, str(exc)
     except OSError as exc:

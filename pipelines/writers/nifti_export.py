@@ -5,8 +5,10 @@ The store's ``classes`` array is ``(z, y, x)`` in C order; a NIfTI file holds ``
 Fortran order, ``i`` fastest. With ``(i, j, k) = (x, y, z)`` the two byte orders are the same, so
 the labels are streamed slab by slab along ``z`` (one Zarr chunk row of planes at a time) straight
 into the (gzip) file: memory holds one slab, never the volume. The affine's first three columns
-are put back in NIfTI's axis order, so the file's sform and qform are the input's affine exactly
-(``sform_code`` and ``qform_code`` 1, scanner coordinates). Labels are uint8, 255 = nodata / not
+are put back in NIfTI's axis order, so the file's sform is the input's affine (``sform_code`` 1,
+scanner coordinates; the qform, a rotation and zooms, as close as it can be). NIfTI-1 stores the
+sform as float32: an affine that came from a NIfTI input (float32 already) is kept bit for bit,
+one from elsewhere (DICOM) to float32 precision (about 1e-5 mm at 100 mm). Labels are uint8, 255 = nodata / not
 predicted (as in the store).
 """
 

@@ -70,8 +70,9 @@ def test_nifti_export_carries_the_affine_and_the_labels_voxel_for_voxel(tmp_path
     img = nib.load(out)
     assert img.shape == (13, 11, 9) and img.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asarray(img.dataobj), labels.transpose(2, 1, 0))
-    # the file's affine takes (i, j, k) = (x, y, z) where the grid takes (z, y, x): the same points
-    assert np.array_equal(img.affine[:, [2, 1, 0, 3]], AFFINE)
+    # the file's affine takes (i, j, k) = (x, y, z) where the grid takes (z, y, x): the same points;
+    # NIfTI-1 stores the sform in float32 (an affine read from a NIfTI file is float32 already)
+    assert np.array_equal(img.affine[:, [2, 1, 0, 3]], AFFINE.astype(np.float32).astype(np.float64))
     assert int(img.header["sform_code"]) == 1
     # a label at a known scanner point lands on the same voxel
     z, y, x = 5, 3, 7
