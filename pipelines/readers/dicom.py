@@ -451,24 +451,31 @@ _slice_cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
 _slice_cache_bytes = 0
 
 
-def _series(info: SceneInfo) -> DicomSeries:
-    """The series index of a scene in this process, rescanned once per directory change and
-    checked against what :meth:`DicomReader.open` saw."""
-    directory = info.path
+def _series_key(directory: str) -> tuple[str, int]:
     try:
-        key = (directory, os.stat(directory).st_mtime_ns)
+        return directory, os.stat(directory).st_mtime_ns
     except OSError as exc:
         raise InputError(f"{directory}: cannot read the series directory: {exc}") from None
+
+
+def _remember(key: tuple[str, int], series: DicomSeries) -> None:
+    _series_cache[key] = series
+    _series_cache.move_to_end(key)
+    while len(_series_cache) > MAX_CACHED_SERIES:
+        _series_cache.popitem(last=False)
+
+
+def _series(info: SceneInfo) -> DicomSeries:
+    """The series index of a scene in this process: scanned again in a process that did not open
+    it, or after the directory changed, and then checked against what :meth:`DicomReader.open` saw."""
+    key = _series_key(info.path)
     series = _series_cache.get(key)
     if series is None:
-        series = scan_series(directory)
+        series = scan_series(info.path)
         if (series.shape, series.affine, series.dtype) != (info.shape, info.affine, info.dtype):
-            raise InputError(f"{directory}: the series changed since it was opened (now shape {series.shape}, "
+            raise InputError(f"{info.path}: the series changed since it was opened (now shape {series.shape}, "
                              f"dtype {series.dtype}; then {info.shape}, {info.dtype}); run the job again")
-        _series_cache[key] = series
-        while len(_series_cache) > MAX_CACHED_SERIES:
-            _series_cache.popitem(last=False)
-    _series_cache.move_to_end(key)
+    _remember(key, series)
     return series
 
 
@@ -515,7 +522,10 @@ class DicomReader:
         Raises:
             InputError: naming the directory and file: see the module docstring.
         """
+        key = _series_key(str(path)) if os.path.isdir(path) else None
         series = scan_series(str(path), policy=policy)
+        if key is not None:
+            _remember(key, series)
         return SceneInfo(
             path=str(path),
             shape=series.shape,

@@ -8,6 +8,7 @@ InstanceNumbers, so that only the positions can give the right order."""
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 import shutil
 
@@ -53,12 +54,12 @@ def _stored_volume(shape=SHAPE, seed=0) -> np.ndarray:
 
 
 def _slice_dataset(stored: np.ndarray, *, ipp, iop, series_uid: str, study_uid: str, instance: int,
-                   slope: float, intercept: float, transfer_syntax: str = ExplicitVRLittleEndian) -> Dataset:
+                   slope: float, intercept: float, bits_stored: int = 16, signed: bool = True) -> Dataset:
     sop_uid = generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = transfer_syntax
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = CTImageStorage
@@ -68,8 +69,8 @@ def _slice_dataset(stored: np.ndarray, *, ipp, iop, series_uid: str, study_uid: 
     ds.Modality = "CT"
     ds.InstanceNumber = instance
     ds.Rows, ds.Columns = stored.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = int(signed)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.PixelSpacing = list(PIXEL_SPACING)
@@ -78,13 +79,17 @@ def _slice_dataset(stored: np.ndarray, *, ipp, iop, series_uid: str, study_uid: 
     ds.ImageOrientationPatient = [*iop[0], *iop[1]]
     ds.RescaleSlope = slope
     ds.RescaleIntercept = intercept
-    ds.PixelData = stored.astype("<i2").tobytes()
+    ds.PixelData = stored.astype("<i2" if signed else "<u2").tobytes()
     return ds
 
 
 def write_series(directory, stored: np.ndarray, *, orientation="oblique", slopes=None, intercepts=None,
-                 seed=0, series_uid=None, names=None, transfer_syntax=ExplicitVRLittleEndian):
+                 seed=0, series_uid=None, names=None, transfer_syntax=ExplicitVRLittleEndian, step=None,
+                 bits_stored=16):
     """Write `stored` (z, y, x) as one slice per file, in shuffled order and shuffled InstanceNumbers.
+
+    `step` is the LPS offset (mm) between slice origins (default: the normal times SLICE_MM);
+    unsigned `stored` is written with PixelRepresentation 0.
 
     Returns:
         The LPS origin (ImagePositionPatient as written) of each slice, in z order, (z, 3) float64.
@@ -100,10 +105,12 @@ def write_series(directory, stored: np.ndarray, *, orientation="oblique", slopes
     instances = rng.permutation(n) + 1
     series_uid = series_uid or generate_uid()
     study_uid = generate_uid()
-    ipps = np.array([np.round(np.array(IPP0) + k * SLICE_MM * normal, 6) for k in range(n)])
+    step = np.asarray(step if step is not None else SLICE_MM * normal, dtype=np.float64)
+    ipps = np.array([np.round(np.array(IPP0) + k * step, 6) for k in range(n)])
     for i, k in enumerate(file_order):
         ds = _slice_dataset(stored[k], ipp=ipps[k], iop=(row, col), series_uid=series_uid, study_uid=study_uid,
-                            instance=int(instances[i]), slope=slopes[k], intercept=intercepts[k])
+                            instance=int(instances[i]), slope=slopes[k], intercept=intercepts[k],
+                            bits_stored=bits_stored, signed=stored.dtype.kind == "i")
         if transfer_syntax == RLELossless:
             ds.compress(RLELossless, stored[k])
         elif transfer_syntax != ExplicitVRLittleEndian:
@@ -144,6 +151,7 @@ def test_every_window_equals_the_rescaled_volume_and_the_affine_places_voxels(tm
     assert info.format == "dicom" and info.shape == SHAPE and info.count == 1 and info.nodata is None
     assert info.dtype == "float32" and info.source_dtype == "int16" and info.block_shape == (1, 40, 48)
     np.testing.assert_allclose(info.spacing, (SLICE_MM, *PIXEL_SPACING), rtol=1e-12)
+    assert pickle.loads(pickle.dumps(info)) == info  # what the driver sends to the readers
 
     # Every halo window equals the same window of the reflect-padded expected volume.
     expected = _expected_values(stored, slopes, intercepts)
@@ -191,6 +199,43 @@ def test_without_rescale_the_stored_integers_come_back_unchanged(tmp_path):
     pixels, valid = read_window(info, window)
     np.testing.assert_array_equal(pixels[0], stored)
     assert pixels.dtype == np.int16 and valid.all()
+
+
+@pytest.mark.parametrize(("dtype", "bits_stored", "low", "high"),
+                         [("int16", 12, -2048, 2048), ("uint16", 12, 0, 4096), ("uint16", 16, 0, 65536)])
+def test_stored_types_and_bit_depths_come_back_as_stored(tmp_path, dtype, bits_stored, low, high):
+    rng = np.random.default_rng(9)
+    stored = rng.integers(low, high, size=(4, 9, 11)).astype(dtype)
+    write_series(tmp_path / "s", stored, orientation="axial", intercepts=[0.0] * 4, bits_stored=bits_stored)
+    info = open_scene(tmp_path / "s")
+    assert info.dtype == info.source_dtype == dtype
+    (window,) = plan_chunks(info.shape, 16, 0)
+    np.testing.assert_array_equal(read_window(info, window)[0][0], stored)
+
+
+def test_a_gantry_tilt_gives_a_sheared_affine_that_still_places_every_voxel(tmp_path):
+    tilt_step = (0.0, 0.5, SLICE_MM)  # LPS: each slice 0.5 mm further posterior, 2.5 mm superior
+    stored = _stored_volume((6, 10, 12), seed=7)
+    ipps = write_series(tmp_path / "tilt", stored, orientation="axial", step=tilt_step)
+    info = open_scene(tmp_path / "tilt")
+    affine = np.array(info.affine).reshape(4, 4)
+    assert info.spacing[0] == pytest.approx(np.hypot(0.5, SLICE_MM))
+    for k, r, c in [(0, 0, 0), (5, 9, 11), (3, 4, 7)]:
+        lps = ipps[k] + c * PIXEL_SPACING[1] * np.array([1.0, 0, 0]) + r * PIXEL_SPACING[0] * np.array([0, 1.0, 0])
+        np.testing.assert_allclose((affine @ [k, r, c, 1.0])[:3], lps * [-1, -1, 1], atol=1e-6)
+    VolumeGrid(affine=info.affine, spacing_mm=info.spacing)
+
+
+def test_a_slice_off_the_line_of_origins_is_refused(tmp_path):
+    series = tmp_path / "off"
+    write_series(series, _stored_volume((5, 8, 8)), orientation="axial")
+    index = dicom_reader.scan_series(str(series))
+    ds = dicom_reader.pydicom.dcmread(series / index.files[2])
+    ds.ImagePositionPatient = [IPP0[0] + 3.0, IPP0[1], IPP0[2] + 2 * SLICE_MM]  # 3 mm to the patient's left
+    ds.save_as(series / index.files[2], enforce_file_format=True)
+    with pytest.raises(InputError, match=rf"off/{re.escape(index.files[2])}: ImagePositionPatient .* is 3\.0000 mm "
+                                         r"off the line through the first"):
+        open_scene(series)
 
 
 def test_rle_lossless_slices_decode_natively(tmp_path):
@@ -364,3 +409,15 @@ def test_reader_for_takes_dicom_directories_by_content_and_nothing_else(tmp_path
     assert reader_for(geo).name == "geotiff"
     assert reader_for(geo / "a.tif").name == "geotiff"
     assert reader_for(tmp_path / "missing").name == "geotiff"
+
+
+def test_a_series_changed_after_open_is_refused_at_read(tmp_path):
+    series = tmp_path / "s"
+    write_series(series, _stored_volume((5, 8, 8)), orientation="axial")
+    info = open_scene(series)
+    index = dicom_reader.scan_series(str(series))
+    (series / index.files[-1]).unlink()
+    dicom_reader.clear_caches()  # as in a worker process that did not open the series
+    (window,) = plan_chunks(info.shape, 8, 0)
+    with pytest.raises(InputError, match=r"s: the series changed since it was opened \(now shape \(4, 8, 8\)"):
+        read_window(info, window)
