@@ -293,55 +293,9 @@ def _slice_positions(directory: str, names: list[str], ipps: np.ndarray, normal:
     return order, spacing
 
 
-def scan_series(directory: str, *, policy: InputPolicy = InputPolicy()) -> DicomSeries:
-    """Read every header of a series directory, check it is one evenly spaced volume, sort it.
-
-    Args:
-        directory: a directory of single-frame DICOM slices of one series.
-        policy: the job's input policy (integer and float32 values pass it).
-
-    Returns:
-        The series index (see :class:`DicomSeries`).
-
-    Raises:
-        InputError: naming the directory (and file): see the module docstring for what is refused.
-    """
-    if not os.path.exists(directory):
-        raise InputError(f"{directory}: directory not found")
-    if not os.path.isdir(directory):
-        if directory.lower().endswith(DICOM_SUFFIX) or _has_magic(directory):
-            raise InputError(f"{directory}: a single DICOM file; a series is read from its directory: "
-                             f"pass {os.path.dirname(directory) or '.'} (one series per directory)")
-        raise InputError(f"{directory}: not a directory of DICOM files")
-    try:
-        entries = _files(directory)
-    except OSError as exc:
-        raise InputError(f"{directory}: cannot list the series directory: {exc}") from None
-    headers: dict[str, pydicom.Dataset] = {}
-    ignored: list[str] = []
-    for name in entries:
-        path = os.path.join(directory, name)
-        if not _has_magic(path):
-            if name.lower().endswith(DICOM_SUFFIX):
-                raise InputError(f"{path}: no DICOM preamble ('DICM' at byte 128); rewrite it as a "
-                                 "DICOM Part 10 file or move it out of the series directory")
-            ignored.append(name)
-            continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            raise InputError(f"{path}: unreadable DICOM header: {exc}") from None
-        if "Rows" not in ds:
-            ignored.append(name)
-            continue
-        headers[name] = ds
-    if not headers:
-        raise InputError(f"{directory}: no DICOM image files ({len(ignored)} other files ignored)")
-    if ignored:
-        logger.warning("%s: ignored %d entries that are not DICOM images: %s%s", directory, len(ignored),
-                       ", ".join(ignored[:QUOTE_NAMES]), ", ..." if len(ignored) > QUOTE_NAMES else "")
-    _group_by_series(directory, headers)
-
+def _check_slices(directory: str, headers: dict[str, pydicom.Dataset]) -> None:
+    """Refuse multi-frame, colour, Modality LUT and unplaceable (no position, orientation or
+    pixel spacing) slices, naming the file."""
     for name, ds in headers.items():
         where = f"{directory}/{name}"
         frames = ds.get("NumberOfFrames")
@@ -358,23 +312,20 @@ def scan_series(directory: str, *, policy: InputPolicy = InputPolicy()) -> Dicom
             if keyword not in ds:
                 raise InputError(f"{where}: no {keyword}; the slice cannot be placed in a volume")
 
-    uid_by_file = {}
-    for name, ds in headers.items():
-        uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-        if not uid:
-            raise InputError(f"{directory}/{name}: the file meta has no TransferSyntaxUID")
-        uid_by_file[name] = str(uid)
-    _check_decodable(directory, uid_by_file)
 
-    rows = int(_check_equal(directory, headers, "Rows"))
-    cols = int(_check_equal(directory, headers, "Columns"))
-    bits = int(_check_equal(directory, headers, "BitsAllocated"))
-    signed = int(_check_equal(directory, headers, "PixelRepresentation"))
-    _check_equal(directory, headers, "PhotometricInterpretation")
-    if bits not in (8, 16, 32):
-        raise InputError(f"{directory}: BitsAllocated {bits}; 8, 16 and 32 are supported")
-    source_dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}").name
 
+def _volume_geometry(directory: str, headers: dict[str, pydicom.Dataset],
+                     ) -> tuple[tuple[str, ...], np.ndarray, tuple[float, float, float]]:
+    """Sort the slices along their normal and build the voxel -> RAS affine (module docstring).
+
+    Returns:
+        ``(files, ras, spacing)``: file names in z order; the 4x4 float64 affine, voxel
+        ``(z, y, x)`` -> RAS mm; ``(|step|, between rows, between columns)`` in mm.
+
+    Raises:
+        InputError: unequal orientation or pixel spacing, a non-orthonormal orientation, uneven
+            or duplicated positions, origins off one line, or one slice without a thickness.
+    """
     names = list(headers)
     iops = np.array([_float_tuple(headers[n], "ImageOrientationPatient", 6, f"{directory}/{n}") for n in names])
     spacings = np.array([_float_tuple(headers[n], "PixelSpacing", 2, f"{directory}/{n}") for n in names])
@@ -425,7 +376,77 @@ def scan_series(directory: str, *, policy: InputPolicy = InputPolicy()) -> Dicom
     lps[:3, 2] = col_spacing * row_cos
     lps[:3, 3] = origins[0]
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    spacing = (float(np.linalg.norm(step)), float(row_spacing), float(col_spacing))
+    return files, ras, spacing
 
+def scan_series(directory: str, *, policy: InputPolicy = InputPolicy()) -> DicomSeries:
+    """Read every header of a series directory, check it is one evenly spaced volume, sort it.
+
+    Args:
+        directory: a directory of single-frame DICOM slices of one series.
+        policy: the job's input policy (integer and float32 values pass it).
+
+    Returns:
+        The series index (see :class:`DicomSeries`).
+
+    Raises:
+        InputError: naming the directory (and file): see the module docstring for what is refused.
+    """
+    if not os.path.exists(directory):
+        raise InputError(f"{directory}: directory not found")
+    if not os.path.isdir(directory):
+        if directory.lower().endswith(DICOM_SUFFIX) or _has_magic(directory):
+            raise InputError(f"{directory}: a single DICOM file; a series is read from its directory: "
+                             f"pass {os.path.dirname(directory) or '.'} (one series per directory)")
+        raise InputError(f"{directory}: not a directory of DICOM files")
+    try:
+        entries = _files(directory)
+    except OSError as exc:
+        raise InputError(f"{directory}: cannot list the series directory: {exc}") from None
+    headers: dict[str, pydicom.Dataset] = {}
+    ignored: list[str] = []
+    for name in entries:
+        path = os.path.join(directory, name)
+        if not _has_magic(path):
+            if name.lower().endswith(DICOM_SUFFIX):
+                raise InputError(f"{path}: no DICOM preamble ('DICM' at byte 128); rewrite it as a "
+                                 "DICOM Part 10 file or move it out of the series directory")
+            ignored.append(name)
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise InputError(f"{path}: unreadable DICOM header: {exc}") from None
+        if "Rows" not in ds:
+            ignored.append(name)
+            continue
+        headers[name] = ds
+    if not headers:
+        raise InputError(f"{directory}: no DICOM image files ({len(ignored)} other files ignored)")
+    if ignored:
+        logger.warning("%s: ignored %d entries that are not DICOM images: %s%s", directory, len(ignored),
+                       ", ".join(ignored[:QUOTE_NAMES]), ", ..." if len(ignored) > QUOTE_NAMES else "")
+    _group_by_series(directory, headers)
+    _check_slices(directory, headers)
+
+    uid_by_file = {}
+    for name, ds in headers.items():
+        uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        if not uid:
+            raise InputError(f"{directory}/{name}: the file meta has no TransferSyntaxUID")
+        uid_by_file[name] = str(uid)
+    _check_decodable(directory, uid_by_file)
+
+    rows = int(_check_equal(directory, headers, "Rows"))
+    cols = int(_check_equal(directory, headers, "Columns"))
+    bits = int(_check_equal(directory, headers, "BitsAllocated"))
+    signed = int(_check_equal(directory, headers, "PixelRepresentation"))
+    _check_equal(directory, headers, "PhotometricInterpretation")
+    if bits not in (8, 16, 32):
+        raise InputError(f"{directory}: BitsAllocated {bits}; 8, 16 and 32 are supported")
+    source_dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}").name
+
+    files, ras, spacing = _volume_geometry(directory, headers)
     slopes = tuple(_scalar(headers[f], "RescaleSlope", 1.0, f"{directory}/{f}") for f in files)
     intercepts = tuple(_scalar(headers[f], "RescaleIntercept", 0.0, f"{directory}/{f}") for f in files)
     rescaled = any(s != 1.0 or i != 0.0 for s, i in zip(slopes, intercepts, strict=True))
@@ -435,11 +456,11 @@ def scan_series(directory: str, *, policy: InputPolicy = InputPolicy()) -> Dicom
         files=files,
         slopes=slopes,
         intercepts=intercepts,
-        shape=(n, rows, cols),
+        shape=(len(files), rows, cols),
         source_dtype=source_dtype,
         dtype=dtype,
         affine=tuple(float(v) for v in ras.ravel()),
-        spacing=(float(np.linalg.norm(step)), float(row_spacing), float(col_spacing)),
+        spacing=spacing,
         orientation=_axis_codes(ras),
         transfer_syntaxes=tuple(sorted(set(uid_by_file.values()))),
         ignored=tuple(ignored),
