@@ -1,7 +1,8 @@
 """Readers by input format, behind one protocol (:class:`pipelines.readers.base.Reader`).
 
 The job opens and reads every scene through :func:`open_scene` and :func:`read_window`; the
-reader is chosen by the file's suffix (:func:`reader_for`), and a scene remembers the reader that
+reader is chosen by the file's suffix (:func:`reader_for`), or for a directory no suffix claims,
+by its content (a DICOM series), and a scene remembers the reader that
 opened it (``SceneInfo.format``). Adding a format is one new module with a reader class and one
 entry in :data:`READERS`.
 
@@ -10,6 +11,8 @@ format     suffixes                                      module
 =========  ============================================  ===========================
 geotiff    .tif .tiff .vrt .jp2 (and any other suffix:   :mod:`.geotiff` (rasterio)
            GDAL tells the formats it opens by content)
+dicom      a directory of one series' slices (.dcm       :mod:`.dicom` (pydicom)
+           names, or files with the DICOM preamble)
 =========  ============================================  ===========================
 """
 
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipelines.readers.base import COMPLEX_DERIVATIONS, InputPolicy, Reader, SceneInfo, valid_mask
+from pipelines.readers.dicom import DicomReader, is_dicom_series_dir
 from pipelines.readers.geotiff import GeoTiffReader
 
 if TYPE_CHECKING:
@@ -41,17 +45,20 @@ __all__ = [
 ]
 
 #: Every reader by format name; the first whose suffixes match a path opens it.
-READERS: dict[str, Reader] = {r.name: r for r in (GeoTiffReader(),)}
+READERS: dict[str, Reader] = {r.name: r for r in (GeoTiffReader(), DicomReader())}
 #: The reader for a path no reader claims by suffix (GDAL recognises its formats by content).
 FALLBACK_FORMAT = "geotiff"
 
 
 def reader_for(path: str | Path) -> Reader:
-    """The reader of a path, by its (lower-case) suffix; GDAL's for any other suffix."""
+    """The reader of a path, by its (lower-case) suffix; a directory no suffix claims that holds
+    DICOM files is a DICOM series; GDAL's for any other path."""
     name = Path(str(path)).name.lower()
     for reader in READERS.values():
         if any(name.endswith(s) for s in reader.suffixes):
             return reader
+    if is_dicom_series_dir(path):
+        return READERS[DicomReader.name]
     return READERS[FALLBACK_FORMAT]
 
 
