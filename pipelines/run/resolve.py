@@ -218,6 +218,6 @@ def check_scene_fits_model(info: SceneInfo, *, bands: tuple[int, ...] | None, ca
             f"{info.path}: {info.count} bands, model {card.name!r} expects {card.in_channels} "
             f"(set bands: {hint} in the job spec to choose them)"
         )
-    if info.transform[1] != 0 or info.transform[3] != 0:
+    if info.transform is not None and (info.transform[1] != 0 or info.transform[3] != 0):
         log.warning("%s: rotated/sheared geotransform; x/y coordinates in the store are approximate, "
                     "GeoTransform is exact", info.path)

@@ -18,12 +18,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,
-    UID,
     generate_uid,
 )
 
