@@ -171,6 +171,18 @@ def _slab_planes(shape_xyz: tuple[int, ...], itemsize: int) -> int:
     return max(1, min(SLAB_PLANES, int(shape_xyz[2]), SLAB_BYTES // max(plane, 1)))
 
 
+def _read_stream(path: str, read):
+    """``read()``, with a short or corrupt gzip stream reported as the file's InputError."""
+    try:
+        return read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InputError(f"{path}: truncated or corrupt .nii.gz (the gzip stream fails its checks: {exc}); "
+                         "replace the file") from None
+    except ValueError as exc:  # nibabel: fewer bytes than the header's shape needs
+        raise InputError(f"{path}: truncated or corrupt .nii.gz (the image data end early: {exc}); "
+                         "replace the file") from None
+
+
 def convert_gz(path: str, img: nib.Nifti1Image, entry: Path) -> None:
     """Stream a ``.nii.gz`` into a Zarr array ``(C, z, y, x)`` at `entry` (see module docstring).
 
@@ -196,7 +208,7 @@ def convert_gz(path: str, img: nib.Nifti1Image, entry: Path) -> None:
                 for k0 in range(0, shape[2], planes):
                     k1 = min(k0 + planes, shape[2])
                     key = (slice(None), slice(None), slice(k0, k1), *((c,) if len(shape) == 4 else ()))
-                    slab = np.asarray(proxy[key])  # (x, y, k), F order: its .T is C-contiguous (k, y, x)
+                    slab = _read_stream(path, lambda: np.asarray(proxy[key]))  # (x, y, k), F order
                     slab = slab.astype(slab.dtype.newbyteorder("="), copy=False)
                     if array is None:
                         array = zarr.create_array(
@@ -205,18 +217,14 @@ def convert_gz(path: str, img: nib.Nifti1Image, entry: Path) -> None:
                             dtype=slab.dtype, fill_value=0, dimension_names=("c", "z", "y", "x"),
                             attributes={"tessera_input_cache": {"source": os.path.abspath(path)}},
                         )
-                    slab = slab.T  # (k, y, x)
+                    slab = slab.T  # (k, y, x), C-contiguous
                     step_y, step_x = array.chunks[2:]
                     for y0 in range(0, shape[1], step_y):  # one chunk at a time: zarr encodes one buffer
                         for x0 in range(0, shape[0], step_x):
                             array[c, k0:k1, y0:y0 + step_y, x0:x0 + step_x] = slab[:, y0:y0 + step_y, x0:x0 + step_x]
                     del slab
-            while raw.read(1 << 20):  # to the end: gzip checks the stream's CRC and length
+            while _read_stream(path, lambda: raw.read(1 << 20)):  # to the end: gzip checks CRC and length
                 pass
-    except (EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise InputError(f"{path}: truncated or corrupt .nii.gz (the image data end early or fail "
-                         f"gzip's checks: {exc}); replace the file") from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -263,6 +271,8 @@ def _check_shape(path: str, img: nib.Nifti1Image, policy: InputPolicy) -> int:
     if len(shape) < 3:
         raise InputError(f"{path}: NIfTI with {len(shape)} axes {list(shape)}; tessera reads 3D volumes "
                          "(4D: channels on the 4th axis)")
+    if min(shape) < 1:
+        raise InputError(f"{path}: NIfTI of shape {list(shape)} holds no voxels")
     count = shape[3] if len(shape) == 4 else 1
     if count > 1 and policy.bands is None:
         raise InputError(
@@ -315,7 +325,8 @@ class NiftiReader:
             read_dtype = np.dtype(array.dtype)
             block = tuple(int(n) for n in array.chunks[1:])
         else:
-            needed = int(img.dataobj.offset) + int(np.prod(img.shape)) * source.itemsize  # the proxy has the file's offset
+            # the proxy keeps the file's data offset (the loaded header's is reset)
+            needed = int(img.dataobj.offset) + int(np.prod(img.shape)) * source.itemsize
             if os.path.getsize(path) < needed:
                 raise InputError(f"{path}: truncated NIfTI ({os.path.getsize(path)} bytes, the header "
                                  f"needs {needed}); replace the file")

@@ -35,11 +35,10 @@ def write_ome(path, data: np.ndarray, *, scale, translation, unit="millimeter", 
     low = group.create_array("s1", shape=half.shape, dtype=data.dtype, dimension_names=names)
     low[...] = half + 1
     lead = [1.0] if channels else []
+    shift = {"type": "translation", "translation": [0.0] * len(lead) + list(translation)}
     datasets = [
-        {"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": lead + list(scale)},
-                                                     {"type": "translation", "translation": [0.0] * len(lead) + list(translation)}]},
-        {"path": "s1", "coordinateTransformations": [{"type": "scale", "scale": lead + [2 * s for s in scale]},
-                                                     {"type": "translation", "translation": [0.0] * len(lead) + list(translation)}]},
+        {"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": lead + list(scale)}, shift]},
+        {"path": "s1", "coordinateTransformations": [{"type": "scale", "scale": lead + [2 * s for s in scale]}, shift]},
     ]
     group.attrs.update({"ome": {"version": "0.5", "multiscales": [
         {"name": "image", "axes": ome_axes(channels, unit), "datasets": datasets}]}, **(extra_attrs or {})})
