@@ -13,7 +13,13 @@ geotiff    .tif .tiff .vrt .jp2 (and any other suffix:   :mod:`.geotiff` (raster
            GDAL tells the formats it opens by content)
 dicom      a directory of one series' slices (.dcm       :mod:`.dicom` (pydicom)
            names, or files with the DICOM preamble)
+nifti      .nii .nii.gz (3D; 4D = channels, ``bands:``   :mod:`.nifti` (nibabel; .nii.gz
+           required; .nii.gz converted once to Zarr)      cached as Zarr)
+zarr       .zarr (OME-Zarr 0.5 image, or a plain         :mod:`.zarr_volume` (zarr v3)
+           (z, y, x) / (c, z, y, x) Zarr v3 array)
 =========  ============================================  ===========================
+
+The longest matching suffix wins (``.nii.gz`` over any reader claiming ``.gz``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import numpy as np
 from pipelines.readers.base import COMPLEX_DERIVATIONS, InputPolicy, Reader, SceneInfo, valid_mask
 from pipelines.readers.dicom import DicomReader, is_dicom_series_dir
 from pipelines.readers.geotiff import GeoTiffReader
+from pipelines.readers.nifti import NiftiReader
+from pipelines.readers.zarr_volume import ZarrVolumeReader
 
 if TYPE_CHECKING:
     from schemas.window import ChunkWindow
@@ -44,19 +52,21 @@ __all__ = [
     "valid_mask",
 ]
 
-#: Every reader by format name; the first whose suffixes match a path opens it.
-READERS: dict[str, Reader] = {r.name: r for r in (GeoTiffReader(), DicomReader())}
+#: Every reader by format name; the one with the longest suffix matching a path opens it.
+READERS: dict[str, Reader] = {
+    r.name: r for r in (GeoTiffReader(), DicomReader(), NiftiReader(), ZarrVolumeReader())
+}
 #: The reader for a path no reader claims by suffix (GDAL recognises its formats by content).
 FALLBACK_FORMAT = "geotiff"
 
 
 def reader_for(path: str | Path) -> Reader:
-    """The reader of a path, by its (lower-case) suffix; a directory no suffix claims that holds
-    DICOM files is a DICOM series; GDAL's for any other path."""
+    """The reader of a path, by its longest matching (lower-case) suffix; a directory no suffix
+    claims that holds DICOM files is a DICOM series; GDAL's for any other path."""
     name = Path(str(path)).name.lower()
-    for reader in READERS.values():
-        if any(name.endswith(s) for s in reader.suffixes):
-            return reader
+    matches = [(len(s), reader) for reader in READERS.values() for s in reader.suffixes if name.endswith(s)]
+    if matches:
+        return max(matches, key=lambda m: m[0])[1]
     if is_dicom_series_dir(path):
         return READERS[DicomReader.name]
     return READERS[FALLBACK_FORMAT]

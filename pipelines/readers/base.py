@@ -43,14 +43,28 @@ class InputPolicy:
 
     Attributes:
         complex_bands: ``"refuse"`` (default) or one of :data:`COMPLEX_DERIVATIONS`.
+        bands: the job's 1-based channel choice (``bands:`` in the job spec), or None. A reader
+            whose format is ambiguous without one (a 4D NIfTI: channels or time points?) refuses
+            a file when it is None; the others ignore it.
+        cache_dir: folder for converted copies of inputs that cannot be read by window in place
+            (a ``.nii.gz``: see :mod:`pipelines.readers.nifti`); the job sets
+            ``<root>/_work/inputs``. None: a ``tessera-inputs`` folder in the system temp dir.
     """
 
     complex_bands: str = "refuse"
+    bands: tuple[int, ...] | None = None
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.complex_bands not in ("refuse", *COMPLEX_DERIVATIONS):
             raise ValueError(f"complex_bands must be 'refuse' or one of {COMPLEX_DERIVATIONS}, "
                              f"got {self.complex_bands!r}")
+        if self.bands is not None:
+            bands = tuple(self.bands)
+            if not bands or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1
+                                for b in bands):
+                raise ValueError(f"bands must be 1-based channel indexes (ints >= 1), got {self.bands!r}")
+            object.__setattr__(self, "bands", tuple(int(b) for b in bands))
 
 
 @dataclass(frozen=True)
@@ -71,9 +85,14 @@ class SceneInfo:
         block_shape: the file's internal block (chunk) shape, one entry per spatial axis.
         source_dtype: numpy dtype name of the channels in the file.
         derive: how complex channels become real (``InputPolicy.complex_bands``), or None.
-        affine: 4x4 voxel ``(i, j, k)`` -> scanner mm matrix, row-major (3D volumes), or None.
+        affine: 4x4 voxel index -> scanner RAS mm matrix, row-major (3D volumes), or None; the
+            index is in the array's axis order ``(z, y, x)`` (as ``schemas.store.VolumeGrid``).
         spacing: size of a voxel per spatial axis (mm for volumes), or None.
-        orientation: axis codes of the voxel axes (e.g. ``"RAS"``), or None.
+        orientation: axis codes of the array axes (e.g. ``"SAR"``: z runs to S, y to A, x to R),
+            or None.
+        data_path: where the reader reads the pixels when that is not ``path`` itself (a
+            ``.nii.gz`` converted to a Zarr cache, the image array inside an OME-Zarr group),
+            or None. Set by the reader's ``open``, so that ``read`` in another process finds it.
     """
 
     path: str
@@ -91,6 +110,7 @@ class SceneInfo:
     affine: tuple[float, ...] | None = None
     spacing: tuple[float, ...] | None = None
     orientation: str | None = None
+    data_path: str | None = None
 
     @property
     def ndim(self) -> int:
