@@ -7,14 +7,19 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def expand_inputs(patterns: tuple[str, ...], *, base_dir: Path) -> tuple[list[str], list[str]]:
+def expand_inputs(patterns: tuple[str, ...], *, base_dir: Path,
+                  is_input_dir: Callable[[str], bool] = lambda path: False) -> tuple[list[str], list[str]]:
     """Expand paths/globs (relative ones against base_dir).
+
+    A glob matches files, and the directories `is_input_dir` accepts (a DICOM series, a Zarr
+    store: `pipelines.readers.is_input_dir`); a plain path may be either.
 
     Returns:
         (paths, unmatched): sorted unique existing paths, and patterns that matched nothing.
@@ -25,7 +30,7 @@ def expand_inputs(patterns: tuple[str, ...], *, base_dir: Path) -> tuple[list[st
         full = pattern if os.path.isabs(os.path.expanduser(pattern)) else str(base_dir / pattern)
         full = os.path.expanduser(full)
         if glob.has_magic(full):
-            found = [p for p in glob.glob(full, recursive=True) if os.path.isfile(p)]
+            found = [p for p in glob.glob(full, recursive=True) if os.path.isfile(p) or is_input_dir(p)]
         else:
             found = [full] if os.path.exists(full) else []
         if not found:

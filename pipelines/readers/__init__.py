@@ -48,6 +48,7 @@ __all__ = [
     "open_scene",
     "read_window",
     "reader_for",
+    "is_input_dir",
     "known_suffixes",
     "valid_mask",
 ]
@@ -70,6 +71,15 @@ def reader_for(path: str | Path) -> Reader:
     if is_dicom_series_dir(path):
         return READERS[DicomReader.name]
     return READERS[FALLBACK_FORMAT]
+
+
+def is_input_dir(path: str | Path) -> bool:
+    """Whether a directory is one input (a DICOM series, or a store a reader claims by suffix,
+    such as `.zarr`), so that a glob over inputs matches it."""
+    if not Path(path).is_dir():
+        return False
+    name = Path(str(path)).name.lower()
+    return any(name.endswith(s) for reader in READERS.values() for s in reader.suffixes) or is_dicom_series_dir(path)
 
 
 def open_scene(path: str | Path, *, policy: InputPolicy = InputPolicy()) -> SceneInfo:

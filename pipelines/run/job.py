@@ -26,7 +26,7 @@ from typing import Any
 
 from pipelines.plan.chunks import stripe_order
 from pipelines.plan.scenes import assign_scene_names, expand_inputs, scene_name
-from pipelines.readers import InputPolicy, SceneInfo, known_suffixes
+from pipelines.readers import InputPolicy, SceneInfo, is_input_dir, known_suffixes
 from pipelines.run.cluster import ensure_ray, inherited_worker_env
 from pipelines.run.resolve import (
     ResolvedJob,
@@ -106,7 +106,7 @@ def run_job(
     started_at = datetime.now(timezone.utc)
     job = resolve_job(spec, base_dir=base_dir)
     job.root.mkdir(parents=True, exist_ok=True)
-    paths, unmatched = expand_inputs(spec.inputs, base_dir=base_dir)
+    paths, unmatched = expand_inputs(spec.inputs, base_dir=base_dir, is_input_dir=is_input_dir)
     outcomes = [SceneOutcome(name=n, source=p) for n, p in zip(assign_scene_names(paths, suffixes=known_suffixes()), paths)]
     for pattern in unmatched:
         name = scene_name(pattern, suffixes=known_suffixes())
@@ -137,9 +137,9 @@ def run_job(
         t0 = time.perf_counter()
         sources = [o.source for o in pending]
         if local_cluster:  # this machine holds the inputs: no worker process to start for it
-            opened = _open_local(sources, policy=input_policy(spec))
+            opened = _open_local(sources, policy=input_policy(job))
         else:
-            opened = _open_all(sources, policy=input_policy(spec), cpus=cluster.get("CPU", 1.0),
+            opened = _open_all(sources, policy=input_policy(job), cpus=cluster.get("CPU", 1.0),
                                task_cpus=0.0 if pool else 0.5)  # the pool holds the CPUs; hashing is I/O
         scenes: dict[int, SceneContext] = {}
         for scene_id, (outcome, (info, sha, error)) in enumerate(zip(pending, opened)):

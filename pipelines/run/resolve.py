@@ -22,6 +22,8 @@ log = logging.getLogger("tessera")
 
 # Bump when the meaning of output bytes changes for the same inputs and parameters.
 OUTPUT_FORMAT_VERSION = 1
+WORK_DIR = "_work"  # <root>/_work/: per-scene resume state, the readers' input cache
+INPUT_CACHE_DIR = "inputs"
 
 
 @dataclass(frozen=True)
@@ -201,9 +203,13 @@ def cluster_fit_problem(job: ResolvedJob, cluster: dict[str, float]) -> str | No
     return None
 
 
-def input_policy(spec: JobSpec) -> InputPolicy:
-    """The readers' input policy of a job (complex bands)."""
-    return InputPolicy(complex_bands=spec.complex_bands)
+def input_policy(job: ResolvedJob) -> InputPolicy:
+    """The readers' input policy of a job: complex bands, the chosen bands (a 4D NIfTI needs them),
+    and where readers may cache converted inputs (`<root>/_work/inputs`, e.g. a `.nii.gz`
+    converted once to a chunked Zarr)."""
+    spec = job.spec
+    return InputPolicy(complex_bands=spec.complex_bands, bands=spec.bands,
+                       cache_dir=str(job.root / WORK_DIR / INPUT_CACHE_DIR))
 
 
 def check_scene_fits_model(info: SceneInfo, *, bands: tuple[int, ...] | None, card: ModelCard) -> None:

@@ -23,7 +23,7 @@ from pipelines.georef import crs_linear_unit
 from pipelines.plan.chunks import chunk_grid_shape, plan_chunks
 from pipelines.plan.scenes import scene_fingerprint
 from pipelines.readers import SceneInfo
-from pipelines.run.resolve import ResolvedJob, check_scene_fits_model
+from pipelines.run.resolve import WORK_DIR, ResolvedJob, check_scene_fits_model
 from pipelines.run.stages import (
     SceneContext,
     done_chunk_keys,
@@ -45,8 +45,6 @@ from schemas.records import chunk_key
 from schemas.store import Grid, VolumeGrid
 from schemas.tables import CHUNK_SKIPPED_NODATA, SCHEMAS, STATUS_COMPLETE
 from schemas.window import ChunkWindow
-
-WORK_DIR = "_work"
 
 
 @dataclass

@@ -14,7 +14,7 @@ import zarr
 from rasterio.windows import Window
 
 from pipelines.run.job import JobResult, run_job
-from pipelines.run.scenes import WORK_DIR
+from pipelines.run.resolve import WORK_DIR
 from pipelines.tools.metrics import confusion_matrix, iou_per_class, mean_iou
 from pipelines.tools.monitor import MemoryPeaks, MemorySampler
 from pipelines.tools.synthetic import CLASS_NAMES, SceneSpec, write_scene

@@ -79,3 +79,40 @@ def test_a_dicom_series_runs_to_a_volume_store_regions_in_mm3_and_a_nifti_export
     np.testing.assert_array_equal(np.asarray(img.dataobj), classes.transpose(2, 1, 0))
     np.testing.assert_allclose(img.affine[:, [2, 1, 0, 3]], affine, atol=1e-4)  # float32 sform
     assert not (root / "broken-series.nii.gz").exists()
+
+
+def test_nifti_volumes_in_ras_and_lps_run_and_export_on_their_own_affine(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    inputs = tmp_path / "nifti"
+    inputs.mkdir()
+    volumes = {}
+    for name, flips in (("ras", (1, 1, 1)), ("lps", (-1, -1, 1))):
+        data = (_ct(shape=(18, 15, 11), seed=7) - 1024).astype(np.int16).transpose(2, 1, 0)  # (i, j, k)
+        affine = np.diag([0.8 * flips[0], 0.9 * flips[1], 2.5 * flips[2], 1.0]).astype(np.float32)
+        affine[:3, 3] = (12.5, -40.25, 7.0)
+        nib.save(nib.Nifti1Image(data, affine.astype(np.float64)), inputs / f"{name}.nii.gz")
+        volumes[name] = (data, nib.load(inputs / f"{name}.nii.gz").affine)
+    good = (inputs / "ras.nii.gz").read_bytes()
+    (inputs / "cut.nii.gz").write_bytes(good[: len(good) // 2])  # truncated in the data
+    card = oracle_checkpoint(tmp_path / "model", bands=1, mean=0.0, std=500.0, tile_size=8, halo=2)
+    root = tmp_path / "out"
+    spec = JobSpec.model_validate({
+        "inputs": ["nifti/*.nii.gz"], "model": {"card": str(card)},
+        "tiling": {"volume_chunk_size": 8, "halo": 2, "tile_size": 8},
+        "resources": {"actors": 1, "torch_threads": 1},
+        "output": {"root": str(root), "export": ["nifti"]},
+    })
+    result = run_job(spec, base_dir=tmp_path)
+    status = {s.name: (s.status, s.error) for s in result.scenes}
+    assert status["ras"] == status["lps"] == ("complete", None)
+    assert status["cut"][0] == "failed" and "cut.nii.gz" in status["cut"][1] and "truncated" in status["cut"][1]
+    for name, (data, affine) in volumes.items():
+        expected = threshold_oracle_numpy((data.astype(np.float32) / 500.0)[None], 4)  # (i, j, k)
+        img = nib.load(root / f"{name}.nii.gz")
+        np.testing.assert_array_equal(np.asarray(img.dataobj), expected)
+        assert np.array_equal(img.affine, affine)  # the input's affine, bit for bit
+        assert nib.aff2axcodes(img.affine) == nib.aff2axcodes(affine) == tuple(name.upper())
+        # a voxel at a known scanner point: the same voxel in the input and in the export
+        ras = affine @ np.array([3, 4, 5, 1.0])
+        assert tuple(np.rint(np.linalg.inv(img.affine) @ ras)[:3].astype(int)) == (3, 4, 5)
+    assert (root / "_work" / "inputs").is_dir()  # the .nii.gz inputs' one-time conversion

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from pipelines.plan.chunks import plan_chunks
-from pipelines.readers import READERS, InputPolicy, open_scene, read_window, reader_for
-from pipelines.readers import nifti
+from pipelines.readers import READERS, InputPolicy, nifti, open_scene, read_window, reader_for
 from pipelines.writers.zarr_masks import scene_grid
 from schemas.errors import InputError
 
