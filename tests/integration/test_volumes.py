@@ -116,3 +116,33 @@ def test_nifti_volumes_in_ras_and_lps_run_and_export_on_their_own_affine(tmp_pat
         ras = affine @ np.array([3, 4, 5, 1.0])
         assert tuple(np.rint(np.linalg.inv(img.affine) @ ras)[:3].astype(int)) == (3, 4, 5)
     assert (root / "_work" / "inputs").is_dir()  # the .nii.gz inputs' one-time conversion
+
+
+def test_the_real_totalsegmentator_ct_runs_chunked_and_exports_on_its_affine(tmp_path):
+    from tests.conftest import SHARED_DATA
+
+    ct = SHARED_DATA / "medical" / "totalseg_ct" / "example_ct.nii.gz"
+    if not ct.is_file():
+        pytest.skip(f"{ct} not present (shared test data)")
+    nib = pytest.importorskip("nibabel")
+    card = oracle_checkpoint(tmp_path / "model", bands=1, mean=0.0, std=400.0, tile_size=32, halo=2)
+    root = tmp_path / "out"
+    spec = JobSpec.model_validate({
+        "inputs": [str(ct)], "model": {"card": str(card)},
+        "tiling": {"volume_chunk_size": 48, "halo": 2, "tile_size": 32},
+        "resources": {"actors": 1, "torch_threads": 1},
+        "output": {"root": str(root), "export": ["nifti"]},
+    })
+    result = run_job(spec, base_dir=tmp_path)
+    assert [s.status for s in result.scenes] == ["complete"], result.scenes[0].error
+    source = nib.load(ct)
+    hu = np.asarray(source.dataobj, dtype=np.float32)  # (i, j, k) int32 HU
+    expected = threshold_oracle_numpy((hu / np.float32(400.0))[None], 4)
+    out = nib.load(root / "example_ct.nii.gz")
+    assert out.shape == source.shape == (122, 101, 112)
+    assert np.array_equal(out.affine, source.affine)
+    np.testing.assert_array_equal(np.asarray(out.dataobj), expected)
+    table = pq.read_table(root / "tables" / "volume_regions" / "example_ct.parquet")
+    voxel_mm3 = abs(np.linalg.det(source.affine[:3, :3]))
+    assert sum(table.column("voxel_count").to_pylist()) == expected.size
+    np.testing.assert_allclose(sum(table.column("volume_mm3").to_pylist()), expected.size * voxel_mm3, rtol=1e-9)
