@@ -14,6 +14,8 @@ Normalisation layers: MONAI's ``UNet`` and ``BasicUNet`` use instance norm, ``Se
 norm. Both normalise with statistics of the tile being segmented (not running statistics), so a
 voxel's logits depend on the whole tile's content: keep the tile size of training, and let the
 tile overlap and blending smooth the seams. The predictor's BatchNorm folding leaves them alone.
+Instance norm also needs more than one voxel at the coarsest level: give ``monai_unet`` and
+``monai_basicunet`` tiles of at least twice their stride (``BasicUNet`` fails on 16^3).
 """
 
 from __future__ import annotations
