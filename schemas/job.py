@@ -18,13 +18,15 @@ from schemas.model_card import format_validation_errors
 JOB_SPEC_VERSION = 1
 BUILTIN_PREFIX = "builtin:"
 
-# Test-time augmentations: exact dihedral transforms of the square, and named sets of them.
-TTA_TRANSFORMS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose")
+# Test-time augmentations: exact dihedral transforms of the square (of the axial plane of a
+# volume), the depth flip of volumes (3D only), and named sets of them.
+D4_TRANSFORMS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose")
+TTA_TRANSFORMS = (*D4_TRANSFORMS, "dflip")
 TTA_PRESETS: dict[str, tuple[str, ...]] = {
     "none": ("identity",),
     "flips": ("identity", "hflip", "vflip"),
     "rot90": ("identity", "rot90", "rot180", "rot270"),
-    "d4": TTA_TRANSFORMS,
+    "d4": D4_TRANSFORMS,
 }
 
 
@@ -160,8 +162,9 @@ class InferenceSpec(_Frozen):
     tta: tuple[str, ...] = Field(
         default=(),
         description="Test-time augmentations averaged in probability space: hflip, vflip, rot90, "
-        "rot180, rot270, transpose, antitranspose, or presets flips, rot90, d4; the un-augmented "
-        "view is always included. () = none.",
+        "rot180, rot270, transpose, antitranspose, dflip (depth flip, 3D models only), or presets "
+        "flips (each axis's flip: 2 in 2D, 3 in 3D), rot90, d4; the un-augmented view is always "
+        "included. () = none.",
         examples=[["flips"], ["d4"], ["hflip", "rot90"]],
     )
     scales: tuple[float, ...] = Field(

@@ -7,14 +7,18 @@ starts, so a mismatch (bands, classes, missing file, wrong checksum) fails early
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import ModelCardError
 
 CARD_VERSION = 1
+
+#: A finite spacing > 0 (mm).
+SpacingMm = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class ClassInfo(BaseModel):
@@ -28,13 +32,51 @@ class ClassInfo(BaseModel):
 
 
 class BandInfo(BaseModel):
-    """One input band and its normalisation: x_norm = (x - mean) / std."""
+    """One input band and its normalisation.
+
+    Without a window: ``x_norm = (x - mean) / std``. With ``window: [lo, hi]`` the raw value is
+    clipped first: ``x_norm = (min(max(x, lo), hi) - mean) / std``. CT windowing to [0, 1] is
+    ``window: [lo, hi], mean: lo, std: hi - lo``; a z-score of the clipped values is
+    ``window: [lo, hi]`` with the mean and std the training set had after clipping.
+
+    mean and std are fixed statistics of the training data, never of the window being
+    segmented: a z-score of each chunk's (or tile's) own voxels would make a chunk's labels
+    depend on what else it holds and on where the chunk grid falls, so the same volume would
+    segment differently with another chunk size. Cards therefore have no per-window z-score.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(min_length=1, description="Band name.", examples=["nir"])
-    mean: float = Field(description="Mean of the raw band values (input units, e.g. DN).")
-    std: float = Field(gt=0, description="Standard deviation of the raw band values (input units).")
+    name: str = Field(min_length=1, description="Band name.", examples=["nir", "ct"])
+    mean: float = Field(description="Mean of the raw band values (input units, e.g. DN or HU), after "
+                        "clipping to `window` where set; subtracted from every value.")
+    std: float = Field(gt=0, description="Standard deviation of the raw band values (input units), after "
+                       "clipping to `window` where set; values are divided by it.")
+    window: tuple[float, float] | None = Field(
+        default=None,
+        description="Clip window [lo, hi] in input units (e.g. HU), applied before the mean and std: "
+        "x_norm = (min(max(x, lo), hi) - mean) / std. CT windowing to [0, 1]: mean = lo, std = hi - lo. "
+        "None (default): no clipping, x_norm = (x - mean) / std.",
+        examples=[[-1000.0, 1000.0], [-160.0, 240.0]],
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_window_statistics(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "zscore" in data:
+            raise ValueError(
+                "per-window z-score is not supported: statistics of each chunk's own voxels would make its "
+                "labels depend on the chunk grid. Put the training set's mean and std in the band's "
+                "'mean' and 'std' (a fixed z-score), after clipping to 'window' where set, and drop 'zscore'"
+            )
+        return data
+
+    @field_validator("window")
+    @classmethod
+    def _ordered_window(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not (math.isfinite(value[0]) and math.isfinite(value[1]) and value[0] < value[1]):
+            raise ValueError(f"window must be [lo, hi] with finite lo < hi (input units), got {list(value)}")
+        return value
 
 
 class ModelCard(BaseModel):
@@ -52,6 +94,12 @@ class ModelCard(BaseModel):
     tile_size: int = Field(ge=8, description="Native model tile size in px.")
     halo: int = Field(ge=0, description="Recommended halo in px (>= useful receptive-field radius).")
     stride: int = Field(default=1, ge=1, description="Tile sides must be a multiple of this (px).")
+    spacing_mm: tuple[SpacingMm, ...] | None = Field(
+        default=None, min_length=2, max_length=3,
+        description="Pixel or voxel spacing the model was trained at, in mm per spatial axis: (z, y, x) "
+        "for a 3D model, (y, x) for a 2D one. Informational: inputs are not resampled to it. None: unknown.",
+        examples=[[1.5, 0.8, 0.8]],
+    )
     weights: str = Field(description="Weights file name, relative to the card's folder.")
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the weights file.")
     training: dict[str, Any] = Field(default_factory=dict, description="Free-form provenance.")

@@ -194,8 +194,14 @@ class Predictor:
         # (C,) per band; viewed as (1, C, 1, ...) to broadcast over any number of spatial axes
         mean = torch.tensor([b.mean for b in card.bands], dtype=torch.float32)
         std = torch.tensor([b.std for b in card.bands], dtype=torch.float32)
+        clip_lo = clip_hi = None
+        if any(b.window is not None for b in card.bands):  # bands without a window: (-inf, inf)
+            windows = [(-np.inf, np.inf) if b.window is None else b.window for b in card.bands]
+            clip_lo = torch.tensor([w[0] for w in windows], dtype=torch.float32).to(self.device)
+            clip_hi = torch.tensor([w[1] for w in windows], dtype=torch.float32).to(self.device)
         return _PreparedMember(model=model, name=card.name, stride=card.stride, spatial_dims=spatial_dims,
-                               mean=mean.to(self.device), inv_std=(1.0 / std).to(self.device))
+                               mean=mean.to(self.device), inv_std=(1.0 / std).to(self.device),
+                               clip_lo=clip_lo, clip_hi=clip_hi)
 
     @property
     def num_classes(self) -> int:
@@ -298,12 +304,16 @@ class Predictor:
                 and len(self.tta_views(max(SPATIAL_DIMS))) == 1)
 
     def _normalise(self, member: _PreparedMember, raw: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """(N, C, *tile) raw tiles (any numeric dtype) -> float32 (raw - mean) / std per band, 0
-        where `valid` ((N, 1, *tile), bool or 0/1) is False. A float32 copy, then in place
-        (`_forward` makes it channels-last: converting and reordering in one copy measured 2x
-        slower on CPU)."""
+        """(N, C, *tile) raw tiles (any numeric dtype) -> float32 per band
+        ``(min(max(raw, lo), hi) - mean) * (1 / std)`` where the card gives the band a clip
+        `window` [lo, hi], else ``(raw - mean) * (1 / std)``; 0 where `valid` ((N, 1, *tile),
+        bool or 0/1) is False. All in float32 on the device, 2D and 3D alike. A float32 copy,
+        then in place (`_forward` makes it channels-last: converting and reordering in one
+        copy measured 2x slower on CPU)."""
         x = raw.to(torch.float32, copy=True)
         bands = (1, -1) + (1,) * (raw.ndim - 2)  # broadcast over N and every spatial axis
+        if member.clip_lo is not None:  # cards without windows skip this: the same bytes as before
+            x.clamp_(min=member.clip_lo.view(bands), max=member.clip_hi.view(bands))
         x.sub_(member.mean.view(bands)).mul_(member.inv_std.view(bands))
         if valid is not None:  # nodata -> 0, i.e. the band mean after normalisation
             x.mul_(valid)
@@ -497,7 +507,9 @@ def _none_if_all(valid: np.ndarray | None) -> np.ndarray | None:
 @dataclass(frozen=True)
 class _PreparedMember:
     """A member ready to run: model on the device (folded, memory format set), its card's
-    name and stride, spatial axes its weights imply (None: unknown), (C,) band statistics."""
+    name and stride, spatial axes its weights imply (None: unknown), (C,) float32 band
+    statistics, and (C,) float32 clip bounds (-inf, inf for bands without a window; None when
+    no band has one)."""
 
     model: torch.nn.Module
     name: str
@@ -505,3 +517,5 @@ class _PreparedMember:
     spatial_dims: int | None
     mean: torch.Tensor
     inv_std: torch.Tensor
+    clip_lo: torch.Tensor | None = None
+    clip_hi: torch.Tensor | None = None

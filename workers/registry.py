@@ -2,10 +2,11 @@
 
 A builder takes (in_channels, num_classes, **arch_args) and returns a torch.nn.Module. A
 "semantic" model maps (N, in_channels, H, W) float32 to (N, num_classes, H, W) logits at the
-input resolution; an "instance" model (``maskrcnn``) returns torchvision's list of dicts
-(boxes, labels, scores, masks), see :func:`model_kind`.
+input resolution (a 3D model, :func:`model_spatial_dims`: (N, in_channels, D, H, W) to
+(N, num_classes, D, H, W)); an "instance" model (``maskrcnn``) returns torchvision's list of
+dicts (boxes, labels, scores, masks), see :func:`model_kind`.
 
-Registered names (arch_args, defaults; native stride in px):
+Registered names (arch_args, defaults; native stride in px or voxels):
 
 * ``unet``: our U-Net (``base_channels=16, depth=4, upsample="transpose"|"bilinear"``); ``2**depth``.
 * ``oracle_threshold``: test oracle (``radius=0, sharpness=50.0``); 1.
@@ -22,6 +23,16 @@ Registered names (arch_args, defaults; native stride in px):
   ``2**encoder_depth``.
 * ``maskrcnn``: torchvision Mask R-CNN ResNet-50 FPN, instance (``min_size=800, max_size=1333,
   image_mean=None, image_std=None, box_score_thresh=0.05, box_detections_per_img=100``); 1.
+
+3D (volumes ``(N, C, D, H, W)``):
+
+* ``unet3d``: our U-Net in 3D (``base_channels=16, depth=4, upsample="transpose"|"trilinear"``);
+  ``2**depth``.
+* ``monai_unet``: MONAI UNet (``channels=(16, 32, 64, 128), strides=(2, 2, 2),
+  num_res_units=2``); the product of ``strides``.
+* ``monai_basicunet``: MONAI BasicUNet (``features=(16, 16, 32, 64, 128, 16)``); 16.
+* ``monai_segresnet``: MONAI SegResNet (``init_filters=8, blocks_down=(1, 2, 2, 4),
+  blocks_up=(1, 1, 1)``); ``2**(len(blocks_down) - 1)``.
 
 Any name containing ':' is a plugin, ``"package.module:callable"`` (see
 :mod:`workers.models.plugins`); plugins are semantic.
@@ -108,6 +119,18 @@ def _build_unet(in_channels: int, num_classes: int, **arch_args: Any) -> torch.n
     return UNet(in_channels, num_classes, **arch_args)
 
 
+def _unet3d_signature(in_channels: int, num_classes: int, *, base_channels: int = 16, depth: int = 4,
+                      upsample: str = "transpose") -> None:
+    """The arch_args ``unet3d`` takes (UNet's, less ``spatial_dims``, which the name fixes)."""
+
+
+def _build_unet3d(in_channels: int, num_classes: int, **arch_args: Any) -> torch.nn.Module:
+    from workers.models.unet import UNet
+
+    _bind_arch_args(_unet3d_signature, arch_args)
+    return UNet(in_channels, num_classes, spatial_dims=3, **arch_args)
+
+
 def _build_threshold_oracle(in_channels: int, num_classes: int, **arch_args: Any) -> torch.nn.Module:
     from workers.models.oracles import ThresholdOracle
 
@@ -131,6 +154,31 @@ def _unet_stride(arch_args: Mapping[str, Any]) -> int:
     from workers.models.unet import UNet
 
     return 2 ** _bind_arch_args(UNet, arch_args)["depth"]
+
+
+def _unet3d_stride(arch_args: Mapping[str, Any]) -> int:
+    return 2 ** _bind_arch_args(_unet3d_signature, arch_args)["depth"]
+
+
+def _monai_stride(name: str) -> Callable[[Mapping[str, Any]], int]:
+    """`workers.models.monai_zoo.<name>`, imported on first use."""
+
+    def stride(arch_args: Mapping[str, Any]) -> int:
+        from workers.models import monai_zoo
+
+        return getattr(monai_zoo, name)(arch_args)
+
+    return stride
+
+
+def _lazy_monai(name: str) -> Builder:
+    def build(*args: Any, **kwargs: Any) -> Any:
+        from workers.models import monai_zoo
+
+        return getattr(monai_zoo, name)(*args, **kwargs)
+
+    build.__name__ = name
+    return build
 
 
 def _oracle_stride(arch_args: Mapping[str, Any]) -> int:
@@ -169,13 +217,18 @@ def _unet_smp_stride(arch_args: Mapping[str, Any]) -> int:
     return 2 ** _bind_arch_args(_zoo("build_smp_unet"), arch_args)["encoder_depth"]
 
 
+SpatialDims = Literal[2, 3]
+
+
 @dataclass(frozen=True)
 class _Entry:
-    """A registered architecture: its builder, kind and native stride (of its arch_args)."""
+    """A registered architecture: its builder, kind, native stride (of its arch_args) and
+    number of spatial axes of its inputs."""
 
     build: Builder
     kind: ModelKind
     stride: Callable[[Mapping[str, Any]], int]
+    spatial_dims: SpatialDims = 2
 
 
 _REGISTRY: dict[str, _Entry] = {
@@ -189,6 +242,13 @@ _REGISTRY: dict[str, _Entry] = {
     "pspnet": _Entry(_lazy_zoo("build_smp_pspnet"), "semantic", _pspnet_stride),
     "unet_smp": _Entry(_lazy_zoo("build_smp_unet"), "semantic", _unet_smp_stride),
     "maskrcnn": _Entry(_lazy_zoo("build_maskrcnn"), "instance", _interpolating_stride("build_maskrcnn")),
+    "unet3d": _Entry(_build_unet3d, "semantic", _unet3d_stride, spatial_dims=3),
+    "monai_unet": _Entry(_lazy_monai("build_monai_unet"), "semantic", _monai_stride("monai_unet_stride"),
+                         spatial_dims=3),
+    "monai_basicunet": _Entry(_lazy_monai("build_monai_basicunet"), "semantic",
+                              _monai_stride("monai_basicunet_stride"), spatial_dims=3),
+    "monai_segresnet": _Entry(_lazy_monai("build_monai_segresnet"), "semantic",
+                              _monai_stride("monai_segresnet_stride"), spatial_dims=3),
 }
 
 
@@ -217,13 +277,39 @@ def model_kind(architecture: str) -> ModelKind:
     return _entry(architecture).kind
 
 
+def model_spatial_dims(architecture: str, arch_args: Mapping[str, Any] | None = None) -> SpatialDims:
+    """2 when the architecture takes images ``(N, C, H, W)``, 3 when it takes volumes
+    ``(N, C, D, H, W)``, without building it (the arch_args, when given, are checked as
+    :func:`native_stride` checks them).
+
+    A registered name answers its entry (``unet3d`` and the ``monai_*`` models: 3); a plugin
+    answers its factory's ``spatial_dims`` attribute (2 or 3), or 2. (`workers.predictor` has a
+    namesake that reads the number from a built model's weights.)
+
+    Raises:
+        ModelCardError: unknown architecture, arch_args it does not take, or a plugin's
+            ``spatial_dims`` that is not 2 or 3.
+    """
+    if is_plugin_reference(architecture):
+        from workers.models.plugins import plugin_spatial_dims
+
+        return plugin_spatial_dims(architecture)
+    entry = _entry(architecture)
+    if arch_args is not None:
+        native_stride(architecture, arch_args)  # checks the arch_args' names
+    return entry.spatial_dims
+
+
 def native_stride(architecture: str, arch_args: Mapping[str, Any] | None = None) -> int:
-    """Input H and W must be multiples of this (px) for the architecture with these arch_args.
+    """Input H and W (D, H and W) must be multiples of this (px, voxels) for the architecture
+    with these arch_args.
 
     Write it as the model card's ``stride``. Models that resize their logits back to the input
     size (torchvision FCN, DeepLabV3, LR-ASPP, Mask R-CNN) take any size and answer 1; our UNet
     and smp models answer their encoder's downsampling (e.g. 16 for ``unet`` depth 4, 32 for
-    ``unet_smp`` with 5 levels). A plugin answers its factory's int ``stride`` attribute, or 1.
+    ``unet_smp`` with 5 levels), the MONAI models theirs (the product of ``monai_unet``'s
+    strides, 16 for ``monai_basicunet``, ``2**(len(blocks_down) - 1)`` for ``monai_segresnet``).
+    A plugin answers its factory's int ``stride`` attribute, or 1.
 
     Raises:
         ModelCardError: unknown architecture, or arch_args it does not take.
@@ -236,7 +322,7 @@ def native_stride(architecture: str, arch_args: Mapping[str, Any] | None = None)
     entry = _entry(architecture)
     try:
         stride = entry.stride(arch_args)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ModelCardError(f"architecture {architecture!r} rejected arch_args {arch_args}: {exc}") from None
     if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
         raise ModelCardError(

@@ -55,8 +55,8 @@ SPATIAL_DIMS = (2, 3)
 FLIPS = {2: ("vflip", "hflip"), 3: ("dflip", "vflip", "hflip")}
 
 TTA_NAMES = tuple(_TRANSFORMS)
-# One list of names, in schemas; the job spec's names must all be implemented here. `dflip`
-# (3D only) is not in the job spec's list yet: a job spec cannot ask for it, the Predictor can.
+# One list of names, in schemas; the job spec's names must all be implemented here (`dflip`
+# included: a 2D window refuses it in `expand_tta`).
 if not set(TTA_TRANSFORMS) <= set(_TRANSFORMS):
     raise ImportError(f"workers.tta implements {sorted(_TRANSFORMS)}, schemas names {sorted(TTA_TRANSFORMS)}")
 

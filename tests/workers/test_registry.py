@@ -23,6 +23,7 @@ from workers.registry import (
     build_model,
     check_plugin_allowed,
     model_kind,
+    model_spatial_dims,
     native_stride,
 )
 
@@ -102,15 +103,16 @@ def test_semantic_builds_forwards_and_round_trips(architecture, arch_args, in_ch
 
 
 def test_semantic_cases_cover_every_semantic_architecture():
+    """Every 2D one; the 3D ones are covered by tests/workers/test_models3d.py."""
     covered = {p.values[0] for p in SEMANTIC_CASES}
-    semantic = {name for name in architectures() if model_kind(name) == "semantic"}
+    semantic = {name for name in architectures() if model_kind(name) == "semantic" and model_spatial_dims(name) == 2}
     assert covered == semantic
 
 
 def test_registry_names_and_kinds():
     assert architectures() == (
-        "deeplabv3", "deeplabv3plus", "fcn_resnet50", "lraspp", "maskrcnn", "oracle_ramp", "oracle_threshold",
-        "pspnet", "unet", "unet_smp",
+        "deeplabv3", "deeplabv3plus", "fcn_resnet50", "lraspp", "maskrcnn", "monai_basicunet", "monai_segresnet",
+        "monai_unet", "oracle_ramp", "oracle_threshold", "pspnet", "unet", "unet3d", "unet_smp",
     )
     assert {name: model_kind(name) for name in architectures()}["maskrcnn"] == "instance"
     assert [name for name in architectures() if model_kind(name) == "instance"] == ["maskrcnn"]
@@ -339,6 +341,15 @@ def torch_factory(*, in_channels, num_classes, width=4):
 torch_factory.stride = 4
 
 
+def volume_factory(*, in_channels, num_classes):
+    return torch.nn.Conv3d(in_channels, num_classes, 1)
+
+
+volume_factory.spatial_dims = 3
+bad_dims_factory = lambda *, in_channels, num_classes: torch.nn.Identity()  # noqa: E731
+bad_dims_factory.spatial_dims = 4
+
+
 def numpy_factory(*, in_channels, num_classes, scale=1.0):
     def predict(x):
         mean = x.mean(axis=1, keepdims=True)
@@ -473,18 +484,25 @@ def test_plugin_errors(plugin_module, target, arch_args, match):
         build_model(target.format(mod=plugin_module), in_channels=2, num_classes=2, arch_args=arch_args)
 
 
+def test_plugin_spatial_dims_attribute(plugin_module):
+    assert model_spatial_dims(f"{plugin_module}:torch_factory") == 2  # no attribute: images
+    assert model_spatial_dims(f"{plugin_module}:volume_factory") == 3
+    with pytest.raises(ModelCardError, match="'spatial_dims' must be 2 .* or 3 .*got 4"):
+        model_spatial_dims(f"{plugin_module}:bad_dims_factory")
+
+
 def test_plugin_bad_stride_attribute(plugin_module):
     with pytest.raises(ModelCardError, match="'stride' must be an int >= 1"):
         native_stride(f"{plugin_module}:bad_stride_factory")
 
 
 def test_registry_import_loads_no_model_library():
-    """Importing the registry imports neither torchvision nor smp (checked in a fresh process)."""
+    """Importing the registry imports neither torchvision, smp nor MONAI (checked in a fresh process)."""
     import subprocess
 
     code = (
         "import sys, workers.registry; "
-        "bad = [m for m in ('torchvision', 'segmentation_models_pytorch', 'timm') if m in sys.modules]; "
+        "bad = [m for m in ('torchvision', 'segmentation_models_pytorch', 'timm', 'monai') if m in sys.modules]; "
         "sys.exit(1 if bad else 0)"
     )
     root = Path(__file__).resolve().parents[2]

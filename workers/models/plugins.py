@@ -10,7 +10,9 @@ returns either
   logits or probabilities, wrapped in :class:`NumpyModel`.
 
 A factory may declare the side multiple its inputs need with an int attribute ``stride`` (px,
-default 1); :func:`plugin_stride` reads it.
+default 1); :func:`plugin_stride` reads it. A factory of a 3D model (``(N, C, D, H, W)`` inputs)
+says so with an int attribute ``spatial_dims = 3`` (default 2); :func:`plugin_spatial_dims`
+reads it.
 """
 
 from __future__ import annotations
@@ -106,6 +108,22 @@ def plugin_stride(reference: str) -> int:
             f"{stride!r}; set an int 'stride' on the factory or drop it (default 1)"
         )
     return stride
+
+
+def plugin_spatial_dims(reference: str) -> int:
+    """The factory's ``spatial_dims`` attribute (2: images, 3: volumes), 2 when it has none.
+
+    Raises:
+        ModelCardError: see :func:`load_plugin_factory`; or ``spatial_dims`` is not 2 or 3.
+    """
+    factory = load_plugin_factory(reference)
+    spatial_dims = getattr(factory, "spatial_dims", 2)
+    if type(spatial_dims) is not int or spatial_dims not in (2, 3):
+        raise ModelCardError(
+            f"plugin architecture {reference!r}: attribute 'spatial_dims' must be 2 (images) or 3 "
+            f"(volumes), got {spatial_dims!r}; set it on the factory or drop it (default 2)"
+        )
+    return spatial_dims
 
 
 class NumpyModel(torch.nn.Module):
