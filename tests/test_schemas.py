@@ -203,3 +203,23 @@ def test_a_directory_input_has_a_checksum_of_its_files(tmp_path):
     assert input_sha256(series) == first
     (series / "b.dcm").rename(series / "c.dcm")
     assert input_sha256(series) != first
+
+
+def test_a_scene_whose_dimensions_the_model_does_not_take_is_refused_before_planning():
+    from pipelines.readers import SceneInfo
+    from pipelines.run.resolve import check_scene_fits_model
+    from schemas.errors import InputError
+    from workers.checkpoints import load_checkpoint, resolve_card_path
+
+    card = load_checkpoint(resolve_card_path("builtin:unet-demo")).card
+    volume = SceneInfo(path="ct.nii.gz", shape=(40, 64, 64), count=4, dtype="float32", crs_wkt=None, crs=None,
+                       transform=None, nodata=None, block_shape=(40, 64, 64), format="nifti")
+    with pytest.raises(InputError, match=r"ct.nii.gz: a volume of shape \(40, 64, 64\), but model 'unet-demo' "
+                                         r"\(unet\) takes 2-D inputs"):
+        check_scene_fits_model(volume, bands=None, card=card)
+    image = SceneInfo(path="s.tif", shape=(64, 64), count=4, dtype="uint16", crs_wkt=None, crs=None,
+                      transform=(10.0, 0.0, 0.0, 0.0, -10.0, 0.0), nodata=0, block_shape=(64, 64))
+    check_scene_fits_model(image, bands=None, card=card)  # fits
+    three_d = card.model_copy(update={"architecture": "unet3d", "arch_args": {}})
+    with pytest.raises(InputError, match=r"s.tif: an image of shape \(64, 64\), but model 'unet-demo' \(unet3d\) takes 3-D"):
+        check_scene_fits_model(image, bands=None, card=three_d)

@@ -229,11 +229,12 @@ class _Entry:
     kind: ModelKind
     stride: Callable[[Mapping[str, Any]], int]
     spatial_dims: SpatialDims = 2
+    any_dims: bool = False  # takes images and volumes alike (the threshold oracle)
 
 
 _REGISTRY: dict[str, _Entry] = {
     "unet": _Entry(_build_unet, "semantic", _unet_stride),
-    "oracle_threshold": _Entry(_build_threshold_oracle, "semantic", _oracle_stride),
+    "oracle_threshold": _Entry(_build_threshold_oracle, "semantic", _oracle_stride, any_dims=True),
     "oracle_ramp": _Entry(_build_ramp_oracle, "semantic", _ramp_oracle_stride),
     "fcn_resnet50": _Entry(_lazy_zoo("build_fcn_resnet50"), "semantic", _interpolating_stride("build_fcn_resnet50")),
     "deeplabv3": _Entry(_lazy_zoo("build_deeplabv3"), "semantic", _interpolating_stride("build_deeplabv3")),
@@ -298,6 +299,15 @@ def model_spatial_dims(architecture: str, arch_args: Mapping[str, Any] | None = 
     if arch_args is not None:
         native_stride(architecture, arch_args)  # checks the arch_args' names
     return entry.spatial_dims
+
+
+def takes_spatial_dims(architecture: str, ndim: int, arch_args: Mapping[str, Any] | None = None) -> bool:
+    """Whether the architecture takes inputs with `ndim` spatial axes: its
+    :func:`model_spatial_dims`, or any of 2 and 3 for a dimension-agnostic entry (the threshold
+    oracle)."""
+    if not is_plugin_reference(architecture) and _entry(architecture).any_dims:
+        return ndim in (2, 3)
+    return model_spatial_dims(architecture, arch_args) == ndim
 
 
 def native_stride(architecture: str, arch_args: Mapping[str, Any] | None = None) -> int:

@@ -15,7 +15,7 @@ from schemas.job import JobSpec, default_batch_size
 from schemas.model_card import ModelCard
 from workers.checkpoints import Checkpoint, load_checkpoint, resolve_card_path
 from workers.options import PredictorOptions
-from workers.registry import check_plugin_allowed, model_kind
+from workers.registry import check_plugin_allowed, model_kind, model_spatial_dims, takes_spatial_dims
 
 log = logging.getLogger("tessera")
 
@@ -44,6 +44,11 @@ class ResolvedJob:
     def card(self) -> ModelCard:
         return self.checkpoint.card
 
+    def _band_windows(self) -> list:
+        """The clip window of every band of the card and of each ensemble member, in order."""
+        cards = (self.card, *(c.card for c, _ in self.ensemble))
+        return [list(b.window) if b.window is not None else None for card in cards for b in card.bands]
+
     def chunk_size_for(self, ndim: int) -> int:
         """The output chunk side of a scene with `ndim` spatial axes: `tiling.chunk_size` for 2D
         scenes, `tiling.volume_chunk_size` for 3D volumes."""
@@ -65,6 +70,9 @@ class ResolvedJob:
             "bands": list(self.spec.bands) if self.spec.bands else None,
             # only when set: jobs without complex inputs keep the fingerprints they had
             **({"complex_bands": self.spec.complex_bands} if self.spec.complex_bands != "refuse" else {}),
+            # clip windows change output bytes; only cards that set one carry them (the others'
+            # fingerprints stay as they were)
+            **({"band_windows": self._band_windows()} if any(w is not None for w in self._band_windows()) else {}),
             "chunk_size": self.chunk_size_for(ndim),
             "halo": self.halo,
             "tile_size": o.tile_size,
@@ -224,6 +232,11 @@ def check_scene_fits_model(info: SceneInfo, *, bands: tuple[int, ...] | None, ca
             f"{info.path}: {info.count} bands, model {card.name!r} expects {card.in_channels} "
             f"(set bands: {hint} in the job spec to choose them)"
         )
+    if not takes_spatial_dims(card.architecture, info.ndim, card.arch_args):
+        kind = {2: "an image", 3: "a volume"}.get(info.ndim, f"{info.ndim}-D")
+        model_dims = model_spatial_dims(card.architecture, card.arch_args)
+        raise InputError(f"{info.path}: {kind} of shape {tuple(info.shape)}, but model {card.name!r} "
+                         f"({card.architecture}) takes {model_dims}-D inputs; use a {info.ndim}-D model for it")
     if info.transform is not None and (info.transform[1] != 0 or info.transform[3] != 0):
         log.warning("%s: rotated/sheared geotransform; x/y coordinates in the store are approximate, "
                     "GeoTransform is exact", info.path)
