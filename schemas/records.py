@@ -73,6 +73,13 @@ class ReadWindow:
         """Slices of the chunk's core inside ``pixels``' spatial axes."""
         return self.task.window.core_in_window
 
+    def core_intensity(self) -> np.ndarray | None:
+        """The first channel's values on the core as float32 for a volume (3 spatial axes), the
+        input of its regions' mean intensity; None for an image or a window without pixels."""
+        if not self.needs_prediction or self.pixels.ndim != 4:
+            return None
+        return np.ascontiguousarray(self.pixels[(0, *self.core_in_window)], dtype=np.float32)
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -86,6 +93,8 @@ class Prediction:
         predict_s: seconds of the predictor's work for this chunk (a batch's time shared equally).
         skip: the chunk's core is wholly nodata (nothing was predicted).
         error: why reading or predicting failed, "" if nothing did.
+        intensity: ``core_shape`` float32 input values of the first channel on the core, for the
+            region statistics' mean intensity (volumes: HU of a CT); None for images.
     """
 
     task: ChunkTask
@@ -95,6 +104,7 @@ class Prediction:
     predict_s: float
     skip: bool = False
     error: str = ""
+    intensity: np.ndarray | None = None
 
     @classmethod
     def passed_on(cls, read: ReadWindow, *, error: str = "") -> Prediction:

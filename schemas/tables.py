@@ -71,6 +71,7 @@ VOLUME_REGIONS_SCHEMA = pa.schema(
         pa.field("centroid_r_mm", pa.float64(), nullable=False),
         pa.field("centroid_a_mm", pa.float64(), nullable=False),
         pa.field("centroid_s_mm", pa.float64(), nullable=False),
+        pa.field("mean_intensity", pa.float64(), nullable=True),
     ],
     metadata={
         b"description": b"One row per connected region (26-connectivity) of one class in one volume.",

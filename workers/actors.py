@@ -49,7 +49,7 @@ class PredictorActor:
         labels, probs = self.predictor.predict_core(read.pixels, read.valid, core=read.core_in_window,
                                                     with_probabilities=self.with_probabilities)
         return Prediction(task=read.task, labels=labels, probabilities=probs, read_s=read.read_s,
-                          predict_s=time.perf_counter() - t0)
+                          predict_s=time.perf_counter() - t0, intensity=read.core_intensity())
 
     def predict_batch(self, reads: list[ReadWindow]) -> list[Prediction]:
         """`predict_one` of each window, whole windows batched into forward passes where they fit
@@ -68,7 +68,7 @@ class PredictorActor:
         seconds = (time.perf_counter() - t0) / len(todo)
         for i, (labels, probs) in zip(todo, results):
             out[i] = Prediction(task=reads[i].task, labels=labels, probabilities=probs,
-                                read_s=reads[i].read_s, predict_s=seconds)
+                                read_s=reads[i].read_s, predict_s=seconds, intensity=reads[i].core_intensity())
         return out
 
     def predict_windows(self, reads: list[ReadWindow]) -> list[Prediction]:

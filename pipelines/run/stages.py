@@ -116,6 +116,7 @@ def write_stage(prediction: Prediction, *, scenes: dict[int, SceneContext]) -> C
             id_offset=region_id_offset(window.index, ctx.grid_shape, ctx.chunk_shape),
             nodata=layout.NODATA_CLASS,
             pixel_area_m2_by_row=chunk_row_areas_m2(ctx.info, window.core),
+            values=prediction.intensity,
         )
         work = Path(ctx.work_dir)
         parts.to_npz(work / f"{key}.npz")

@@ -27,6 +27,7 @@ import numpy as np
 from pipelines.stats.partials import (
     AREA_M2,
     INT64_MAX,
+    VALUE_SUM,
     ArrayRecord,
     ChunkRegions,
     axis_names,
@@ -73,6 +74,7 @@ def merged_array_dtypes(ndim: int) -> Mapping[str, np.dtype]:
     for stat in ("min", "max", "first"):
         out |= {f"{stat}_{a}": np.dtype(np.int64) for a in axes}
     out[AREA_M2] = np.dtype(np.float64)
+    out[VALUE_SUM] = np.dtype(np.float64)
     return MappingProxyType(out)
 
 
@@ -320,6 +322,7 @@ def _reduce_stats(stats: dict[str, np.ndarray], comp: np.ndarray, n: int, ndim: 
     out |= {f"sum_{a}": np.bincount(comp, weights=stats[f"sum_{a}"], minlength=n) for a in axes}
     # float64 (bincount of nothing gives int64); NaN (unknown) in a partial stays NaN
     out[AREA_M2] = np.bincount(comp, weights=stats[AREA_M2], minlength=n).astype(np.float64, copy=False)
+    out[VALUE_SUM] = np.bincount(comp, weights=stats[VALUE_SUM], minlength=n).astype(np.float64, copy=False)
     for a in axes:
         out[f"min_{a}"] = np.full(n, INT64_MAX, dtype=np.int64)
         np.minimum.at(out[f"min_{a}"], comp, stats[f"min_{a}"])
@@ -358,6 +361,7 @@ def merged_regions_of(stats: Mapping[str, np.ndarray]) -> MergedRegions:
     for stat in ("min", "max", "first"):
         arrays |= {f"{stat}_{a}": stats[f"{stat}_{a}"] for a in axes}
     arrays[AREA_M2] = stats[AREA_M2]
+    arrays[VALUE_SUM] = stats[VALUE_SUM]
     arrays |= {name: np.zeros(0, dtype=dt) for name, dt in _TABLE_DTYPES.items()}
     return MergedRegions(ndim=ndim, arrays=arrays)
 

@@ -59,6 +59,12 @@ INT64_MAX = int(np.iinfo(np.int64).max)
 #: Name of the per-region ellipsoidal area (m², float64, NaN where unknown). Added to the npz
 #: layout without a version bump: files written before it read back with NaN areas.
 AREA_M2 = "area_m2"
+#: Name of the per-region sum of the input's first channel over the region's voxels (float64,
+#: NaN where the chunk had no values: 2D scenes, old files). Divided by the voxel count it is the
+#: region's mean input intensity (HU for CT). Added like AREA_M2, without a version bump.
+VALUE_SUM = "sum_value"
+#: Float sums that may be unknown (NaN) and that files written before them lack.
+LATER_SUMS = (AREA_M2, VALUE_SUM)
 
 _AXIS_NAMES = {2: ("row", "col"), 3: ("plane", "row", "col")}
 # (lo, hi) face names per axis; the 2D names are those of the 2D-only format (same npz keys)
@@ -105,6 +111,7 @@ def region_array_dtypes(ndim: int) -> Mapping[str, np.dtype]:
     for stat in ("min", "max", "first"):
         out |= {f"{stat}_{a}": np.dtype(np.int64) for a in axes}
     out[AREA_M2] = np.dtype(np.float64)
+    out[VALUE_SUM] = np.dtype(np.float64)
     return MappingProxyType(out)
 
 
@@ -327,7 +334,7 @@ class ChunkRegions(ArrayRecord):
             else:
                 names = (*region_array_dtypes(ndim), *(n for pair in face_names(ndim) for n in pair))
             # area_m2 came later in the same format version: files without it have unknown areas
-            missing += [name for name in names if name not in npz.files and name != AREA_M2]
+            missing += [name for name in names if name not in npz.files and name not in LATER_SUMS]
             if missing:
                 raise ValueError(f"{os.fspath(path)}: not a ChunkRegions file, missing {missing}")
             version = int(npz["format_version"])
@@ -336,8 +343,9 @@ class ChunkRegions(ArrayRecord):
                     f"{os.fspath(path)}: ChunkRegions format version {version}, this tessera reads {NPZ_FORMAT_VERSION}"
                 )
             arrays = {name: npz[name] for name in names if name in npz.files}
-            if names and AREA_M2 not in npz.files:
-                arrays[AREA_M2] = np.full(len(arrays["ids"]), np.nan)
+            for later in LATER_SUMS if names else ():
+                if later not in npz.files:
+                    arrays[later] = np.full(len(arrays["ids"]), np.nan)
             meta = {name: tuple(int(v) for v in npz[name]) for name in ("chunk_index", "origin", "shape")}
         try:
             return cls(**meta, arrays=arrays)  # type: ignore[arg-type]
@@ -454,6 +462,7 @@ def chunk_regions(
     nodata: int = NODATA_CLASS,
     labels: np.ndarray | None = None,
     pixel_area_m2_by_row: np.ndarray | None = None,
+    values: np.ndarray | None = None,
 ) -> ChunkRegions:
     """Partial statistics of the regions of one chunk core.
 
@@ -478,6 +487,9 @@ def chunk_regions(
             the core, finite and >= 0 (``pipelines.georef.scene_row_areas_m2``). None: every
             region's ``area_m2`` is NaN (a scene without a usable CRS, or a 3D volume: volumes
             have no m² here).
+        values: float32 or float64 of the shape of ``classes``: one input value per voxel (the
+            first channel of the chunk's input, e.g. HU), summed per region into ``sum_value``;
+            None: NaN.
 
     Returns:
         The chunk's :class:`ChunkRegions`, regions in order of their ids.
@@ -526,10 +538,22 @@ def chunk_regions(
     arrays |= {f"max_{a}": boxes[:, 2 * k + 1] + origin[k] for k, a in enumerate(axes)}
     arrays |= {f"first_{a}": first_index[k].astype(np.int64) + origin[k] for k, a in enumerate(axes)}
     arrays[AREA_M2] = _areas_m2(flat, n, present, row_areas, shape)
+    arrays[VALUE_SUM] = _value_sums(flat, n, present, values, shape)
     for k, (lo, hi) in enumerate(face_names(ndim)):
         arrays[lo] = edge(np.take(local, 0, axis=k))
         arrays[hi] = edge(np.take(local, -1, axis=k))
     return ChunkRegions(chunk_index=chunk_index, origin=origin, shape=shape, arrays=arrays)
+
+
+def _value_sums(flat: np.ndarray, n: int, present: np.ndarray, values: np.ndarray | None,
+                shape: tuple[int, ...]) -> np.ndarray:
+    """Per label in ``present``: the sum of ``values`` over its voxels (float64), NaN without values."""
+    if values is None:
+        return np.full(len(present), np.nan)
+    if not isinstance(values, np.ndarray) or values.shape != shape or values.dtype.kind != "f":
+        desc = f"{values.dtype} {values.shape}" if isinstance(values, np.ndarray) else type(values).__name__
+        raise ValueError(f"values must be a float array of the chunk's shape {shape}, got {desc}")
+    return np.bincount(flat, weights=values.ravel().astype(np.float64, copy=False), minlength=n + 1)[present]
 
 
 def _check_row_areas(value: object, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -49,7 +49,8 @@ def volume_regions_table(scene: str, regions: MergedRegions, *, grid: VolumeGrid
 
     ``volume_mm3 = voxel_count * |det(A)|`` with ``A`` the 3x3 part of the voxel -> scanner affine
     (voxel ``(plane, row, col)`` of the (z, y, x) array, centre at the integer index);
-    ``centroid_{r,a,s}_mm = A @ centroid + origin``.
+    ``centroid_{r,a,s}_mm = A @ centroid + origin``; ``mean_intensity = sum_value / voxel_count``
+    (the input's first channel; null where the partials had no values).
     """
     affine = np.asarray(grid.affine, dtype=np.float64)
     voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
@@ -69,6 +70,8 @@ def volume_regions_table(scene: str, regions: MergedRegions, *, grid: VolumeGrid
         "centroid_r_mm": ras[0],
         "centroid_a_mm": ras[1],
         "centroid_s_mm": ras[2],
+        "mean_intensity": pa.array(regions.sum_value / np.maximum(regions.pixel_count, 1), type=pa.float64(),
+                                   from_pandas=True),  # NaN (no values) -> null
     }
     return pa.table({name: pa.array(columns[name], type=VOLUME_REGIONS_SCHEMA.field(name).type)
                      for name in VOLUME_REGIONS_SCHEMA.names}, schema=VOLUME_REGIONS_SCHEMA)

@@ -71,6 +71,12 @@ def test_a_dicom_series_runs_to_a_volume_store_regions_in_mm3_and_a_nifti_export
     assert biggest["volume_mm3"] == pytest.approx(biggest["voxel_count"] * voxel_mm3, rel=1e-12)
     centre = np.array([biggest["centroid_plane"], biggest["centroid_row"], biggest["centroid_col"], 1.0])
     np.testing.assert_allclose((affine @ centre)[:3], [biggest[f"centroid_{a}_mm"] for a in "ras"], atol=1e-9)
+    # mean input intensity (HU after the rescale) per region, against the voxels skimage finds
+    for r in sorted(table, key=lambda r: -r["voxel_count"])[:5]:
+        box = (r["min_plane"], r["min_row"], r["min_col"], r["max_plane"] + 1, r["max_row"] + 1, r["max_col"] + 1)
+        region = next(p for p in regionprops(label(expected == r["class_id"], connectivity=3)) if p.bbox == box)
+        z, y, x = region.coords.T
+        assert r["mean_intensity"] == pytest.approx(hu[z, y, x].mean(), rel=1e-6)
     scene = pq.read_table(root / "tables" / "scenes" / "ct-series.parquet").to_pylist()[0]
     assert scene["class_areas"] is None
     assert [c["voxel_count"] for c in scene["class_volumes"]] == [int((expected == k).sum()) for k in range(4)]

@@ -121,7 +121,7 @@ def test_3d_chunk_regions_by_hand_and_faces():
     assert part.face(0, False).tolist() == [[101, 0], [0, 0]]  # face_plane_lo: (H, W)
     assert part.face_col_hi.tolist() == [[0, 0], [0, 101]]  # (D, H)
     assert part.face_row_lo.shape == (2, 2) and part.ndim == 3
-    assert part.nbytes == 16 * 8 - 7 + 6 * 4 * 8  # 16 per-region arrays (class_id uint8), 6 faces
+    assert part.nbytes == 17 * 8 - 7 + 6 * 4 * 8  # 17 per-region arrays (class_id uint8), 6 faces
 
 
 def test_3d_npz_and_pickle_round_trip(tmp_path):
@@ -170,3 +170,25 @@ def test_3d_chunk_regions_from_cc3d_statistics_equal_the_bincount_path(classes, 
     supplied = chunk_regions(classes, chunk_index=(1, 2, 3), origin=origin, id_offset=5000,
                              labels=label_chunk(classes, id_offset=5000))
     assert own == supplied
+
+
+def test_value_sums_are_per_region_sums_of_the_values_and_merge_by_addition():
+    from pipelines.stats.merge import merge_regions
+    from pipelines.stats.partials import chunk_regions
+
+    classes = np.zeros((2, 2, 4), np.uint8)
+    classes[:, :, 2:] = 1
+    values = np.arange(16, dtype=np.float32).reshape(2, 2, 4)
+    left = chunk_regions(classes[:, :, :2], chunk_index=(0, 0, 0), origin=(0, 0, 0), id_offset=0,
+                         values=values[:, :, :2])
+    right = chunk_regions(classes[:, :, 2:], chunk_index=(0, 0, 1), origin=(0, 0, 2), id_offset=100,
+                          values=values[:, :, 2:])
+    assert left.sum_value.tolist() == [float(values[:, :, :2].sum())]  # 0+1+4+5+8+9+12+13 = 52
+    assert right.sum_value.tolist() == [float(values[:, :, 2:].sum())]
+    merged = merge_regions([left, right], ndim=3)
+    assert sorted(merged.sum_value.tolist()) == [52.0, 68.0]
+    unknown = chunk_regions(classes[:, :, :2], chunk_index=(0, 0, 0), origin=(0, 0, 0), id_offset=0)
+    assert np.isnan(unknown.sum_value).all()
+    with pytest.raises(ValueError, match="values must be a float array of the chunk's shape"):
+        chunk_regions(classes, chunk_index=(0, 0, 0), origin=(0, 0, 0), id_offset=0, values=values[:1])
+

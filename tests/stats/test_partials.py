@@ -41,7 +41,7 @@ def test_chunk_regions_partials_by_hand() -> None:
     assert part.edge_right.tolist() == [0, 102, 102]
     assert len(part) == 3
     assert np.isnan(part.area_m2).all()  # no pixel areas given
-    assert part.nbytes == 12 * 3 * 8 - 3 * 7 + 4 * 3 * 8  # class_id is uint8
+    assert part.nbytes == 13 * 3 * 8 - 3 * 7 + 4 * 3 * 8  # 13 per-region arrays, class_id is uint8
     with pytest.raises(ValueError, match="read-only"):
         part.ids[0] = 7
 
