@@ -112,6 +112,23 @@ class SceneInfo:
     orientation: str | None = None
     data_path: str | None = None
 
+    @classmethod
+    def of_volume(cls, path: str, *, fmt: str, shape: tuple[int, ...], count: int, dtype: str, source_dtype: str,
+                  derive: str | None, block_shape: tuple[int, ...], affine: np.ndarray,
+                  data_path: str | None = None) -> SceneInfo:
+        """A volume's SceneInfo: no CRS, transform or nodata; `affine` the 4x4 voxel (z, y, x) ->
+        scanner mm (RAS) matrix, kept exactly (float64); spacing its column norms; orientation
+        the axis codes of the array axes (nibabel's ``aff2axcodes``)."""
+        import nibabel as nib
+
+        affine = np.asarray(affine, dtype=np.float64)
+        return cls(path=path, shape=tuple(int(n) for n in shape), count=int(count), dtype=dtype, crs_wkt=None,
+                   crs=None, transform=None, nodata=None, block_shape=tuple(int(n) for n in block_shape),
+                   format=fmt, source_dtype=source_dtype, derive=derive,
+                   affine=tuple(float(v) for v in affine.ravel()),
+                   spacing=tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)),
+                   orientation="".join(nib.aff2axcodes(affine)), data_path=data_path)
+
     @property
     def ndim(self) -> int:
         """Number of spatial axes."""

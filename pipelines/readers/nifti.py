@@ -335,24 +335,9 @@ class NiftiReader:
             block = (1, shape_xyz[1], shape_xyz[0])  # one k-plane is the file's contiguous unit
         dtype, derive = check_dtype(path, (read_dtype.name,), policy)
         affine = array_affine(img.affine)
-        return SceneInfo(
-            path=path,
-            shape=shape_xyz[::-1],
-            count=count,
-            dtype=dtype,
-            crs_wkt=None,
-            crs=None,
-            transform=None,
-            nodata=None,
-            block_shape=block,
-            format=self.name,
-            source_dtype=source.newbyteorder("=").name,
-            derive=derive,
-            affine=tuple(float(v) for v in affine.ravel()),
-            spacing=tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)),
-            orientation="".join(nib.aff2axcodes(affine)),
-            data_path=data_path,
-        )
+        return SceneInfo.of_volume(path, fmt=self.name, shape=shape_xyz[::-1], count=count, dtype=dtype,
+                                   source_dtype=source.newbyteorder("=").name, derive=derive, block_shape=block,
+                                   affine=affine, data_path=data_path)
 
     def read(
         self, info: SceneInfo, window: ChunkWindow, *, bands: tuple[int, ...] | None = None

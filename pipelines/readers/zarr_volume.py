@@ -31,7 +31,6 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import zarr
 
@@ -206,24 +205,9 @@ class ZarrVolumeReader:
             raise InputError(f"{path}: has {count} channel(s), job asks for bands "
                              f"{[b for b in policy.bands if b > count]}")
         dtype, derive = check_dtype(path, (np.dtype(array.dtype).name,), policy)
-        return SceneInfo(
-            path=path,
-            shape=tuple(int(n) for n in array.shape[-3:]),
-            count=count,
-            dtype=dtype,
-            crs_wkt=None,
-            crs=None,
-            transform=None,
-            nodata=None,
-            block_shape=tuple(int(n) for n in array.chunks[-3:]),
-            format=self.name,
-            source_dtype=np.dtype(array.dtype).name,
-            derive=derive,
-            affine=tuple(float(v) for v in affine.ravel()),
-            spacing=tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)),
-            orientation="".join(nib.aff2axcodes(affine)),
-            data_path=data_path,
-        )
+        return SceneInfo.of_volume(path, fmt=self.name, shape=array.shape[-3:], count=count, dtype=dtype,
+                                   source_dtype=np.dtype(array.dtype).name, derive=derive,
+                                   block_shape=array.chunks[-3:], affine=affine, data_path=data_path)
 
     def read(
         self, info: SceneInfo, window: ChunkWindow, *, bands: tuple[int, ...] | None = None
