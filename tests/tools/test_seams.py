@@ -209,7 +209,9 @@ def test_train_model_matches_the_demo_loop(tmp_path) -> None:
     b = load_file(generic.with_suffix(".safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads(generic.read_text())["bands"] == demo["bands"]
+    # the same band statistics ("window": null, written by the generic card writer, is no window)
+    set_fields = [{k: v for k, v in band.items() if v is not None} for band in json.loads(generic.read_text())["bands"]]
+    assert set_fields == demo["bands"]
 
 
 def test_train_model_rejects_bad_settings(tmp_path) -> None:
