@@ -54,7 +54,7 @@ class VolumeTrainSettings:
     learning_rate: float = 5e-3
     weight_decay: float = 1e-4
     seed: int = 0
-    torch_threads: int = 2
+    torch_threads: int = 1  # 2 OpenMP threads on 2 busy cores ran 7x slower (spin-waiting)
 
 
 @dataclass(frozen=True)
