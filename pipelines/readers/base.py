@@ -243,3 +243,21 @@ def valid_mask(pixels: np.ndarray, nodata: float | None) -> np.ndarray:
     if nodata is not None and not np.isnan(nodata):
         invalid |= (pixels == np.asarray(nodata).astype(pixels.dtype)).all(axis=0)
     return ~invalid
+
+
+def finish_window(pixels: np.ndarray, window: ChunkWindow, info: SceneInfo) -> tuple[np.ndarray, np.ndarray]:
+    """What every reader does with the in-bounds part of a window it read: the valid mask (from
+    `info.nodata` and NaN, before any derivation), complex channels derived per `info.derive`,
+    both padded to the full window (reflect).
+
+    Args:
+        pixels: ``(C, *window.read_shape)`` values as read from the file.
+
+    Returns:
+        ``(pixels (C, *window_shape), valid window_shape bool)``.
+    """
+    from pipelines.plan.chunks import pad_window
+
+    valid = valid_mask(pixels, info.nodata)
+    return pad_window(derive_real(pixels, info.derive), window), pad_window(valid, window)
+

@@ -62,8 +62,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
-from pipelines.plan.chunks import pad_window
-from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, valid_mask
+from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, finish_window
 from schemas.errors import InputError
 from schemas.window import ChunkWindow
 
@@ -593,7 +592,7 @@ class DicomReader:
                 pixels[0, i] = cut * series.slopes[z] + series.intercepts[z]
             else:
                 pixels[0, i] = cut
-        return pad_window(pixels, window), pad_window(valid_mask(pixels, info.nodata), window)
+        return finish_window(pixels, window, info)
 
     def close(self) -> None:
         clear_caches()

@@ -21,8 +21,7 @@ import rasterio
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from pipelines.plan.chunks import pad_window
-from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, derive_real, valid_mask
+from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, finish_window
 from schemas.errors import InputError
 from schemas.window import ChunkWindow
 
@@ -135,9 +134,7 @@ class GeoTiffReader:
             raise InputError(
                 f"{info.path}: read failed for rows {r.start}:{r.stop}, cols {c.start}:{c.stop}: {exc}"
             ) from None
-        valid = valid_mask(pixels, info.nodata)
-        pixels = derive_real(pixels, info.derive)
-        return pad_window(pixels, window), pad_window(valid, window)
+        return finish_window(pixels, window, info)
 
     def close(self) -> None:
         close_datasets()

@@ -66,8 +66,7 @@ import numpy as np
 import zarr
 from nibabel.filebasedimages import ImageFileError
 
-from pipelines.plan.chunks import pad_window
-from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, derive_real, valid_mask
+from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, finish_window
 from schemas.errors import InputError
 from schemas.window import ChunkWindow
 
@@ -374,9 +373,7 @@ class NiftiReader:
             close_files()  # a failed read may leave a handle in a bad state
             raise InputError(f"{info.path}: read failed for z {z.start}:{z.stop}, y {y.start}:{y.stop}, "
                              f"x {x.start}:{x.stop}: {exc}") from None
-        valid = valid_mask(pixels, None)
-        pixels = derive_real(pixels, info.derive)
-        return pad_window(pixels, window), pad_window(valid, window)
+        return finish_window(pixels, window, info)
 
     def close(self) -> None:
         close_files()

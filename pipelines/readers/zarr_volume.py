@@ -34,8 +34,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipelines.plan.chunks import pad_window
-from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, derive_real, valid_mask
+from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, finish_window
 from schemas import store as layout
 from schemas.errors import InputError
 from schemas.window import ChunkWindow
@@ -232,9 +231,7 @@ class ZarrVolumeReader:
             z, y, x = window.read
             raise InputError(f"{info.path}: read failed for z {z.start}:{z.stop}, y {y.start}:{y.stop}, "
                              f"x {x.start}:{x.stop}: {exc}") from None
-        valid = valid_mask(pixels, None)
-        pixels = derive_real(pixels, info.derive)
-        return pad_window(pixels, window), pad_window(valid, window)
+        return finish_window(pixels, window, info)
 
     def close(self) -> None:
         _arrays.clear()
