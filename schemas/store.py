@@ -131,6 +131,12 @@ class GeoGrid:
         """Names of the array axes, ``(y, x)``."""
         return DIMENSIONS_2D
 
+    @property
+    def pixel_area_crs2(self) -> float:
+        """Area of one pixel in squared CRS units, ``|a*e - b*d|`` of the affine."""
+        a, b, _, d, e, _ = self.transform
+        return abs(a * e - b * d)
+
     def tessera_attributes(self) -> dict[str, Any]:
         """The grid's keys inside attrs[TESSERA_ATTR], in their stored order."""
         return {KEY_CRS_WKT: self.crs_wkt, KEY_TRANSFORM: list(self.transform)}
@@ -202,6 +208,11 @@ class VolumeGrid:
     def dimension_names(self) -> tuple[str, ...]:
         """Names of the array axes, ``(z, y, x)``."""
         return DIMENSIONS_3D
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        """Volume of one voxel, mm³: ``|det|`` of the affine's 3x3 part."""
+        return abs(float(np.linalg.det(np.asarray(self.affine, dtype=np.float64)[:3, :3])))
 
     @property
     def origin_mm(self) -> tuple[float, float, float]:

@@ -44,10 +44,12 @@ class ResolvedJob:
     def card(self) -> ModelCard:
         return self.checkpoint.card
 
-    def _band_windows(self) -> list:
-        """The clip window of every band of the card and of each ensemble member, in order."""
+    def _band_windows(self) -> dict[str, list]:
+        """``{"band_windows": [...]}``, the clip window of every band of the card and of each
+        ensemble member in order, when any band has one; ``{}`` otherwise."""
         cards = (self.card, *(c.card for c, _ in self.ensemble))
-        return [list(b.window) if b.window is not None else None for card in cards for b in card.bands]
+        windows = [list(b.window) if b.window is not None else None for card in cards for b in card.bands]
+        return {"band_windows": windows} if any(w is not None for w in windows) else {}
 
     def chunk_size_for(self, ndim: int) -> int:
         """The output chunk side of a scene with `ndim` spatial axes: `tiling.chunk_size` for 2D
@@ -72,7 +74,7 @@ class ResolvedJob:
             **({"complex_bands": self.spec.complex_bands} if self.spec.complex_bands != "refuse" else {}),
             # clip windows change output bytes; only cards that set one carry them (the others'
             # fingerprints stay as they were)
-            **({"band_windows": self._band_windows()} if any(w is not None for w in self._band_windows()) else {}),
+            **self._band_windows(),
             "chunk_size": self.chunk_size_for(ndim),
             "halo": self.halo,
             "tile_size": o.tile_size,

@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from pipelines.georef import crs_linear_unit
@@ -209,10 +208,9 @@ def class_summary(grid: Grid, class_names: Sequence[str], regions: RegionsSummar
     m² on the ellipsoid) or `class_volumes` of a volume (voxels, mm³)."""
     per_class = enumerate(zip(class_names, regions.class_pixels, regions.class_area_m2, strict=True))
     if isinstance(grid, VolumeGrid):
-        voxel_mm3 = abs(float(np.linalg.det(np.asarray(grid.affine, dtype=np.float64)[:3, :3])))
+        voxel_mm3 = grid.voxel_volume_mm3
         return {"class_volumes": [{"class_id": k, "class_name": name, "voxel_count": count,
                                    "volume_mm3": count * voxel_mm3} for k, (name, count, _) in per_class]}
-    a, b, _, d, e, _ = grid.transform
-    pixel_area = abs(a * e - b * d)
+    pixel_area = grid.pixel_area_crs2
     return {"class_areas": [{"class_id": k, "class_name": name, "pixel_count": count, "area_crs2": count * pixel_area,
                              "area_m2": area_m2} for k, (name, count, area_m2) in per_class]}

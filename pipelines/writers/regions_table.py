@@ -53,7 +53,7 @@ def volume_regions_table(scene: str, regions: MergedRegions, *, grid: VolumeGrid
     (the input's first channel; null where the partials had no values).
     """
     affine = np.asarray(grid.affine, dtype=np.float64)
-    voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
+    voxel_mm3 = grid.voxel_volume_mm3
     n = len(regions.region_id)
     centroid = np.stack([regions.centroid_plane, regions.centroid_row, regions.centroid_col]) if n else np.zeros((3, 0))
     ras = affine[:3, :3] @ centroid + affine[:3, 3:4]
