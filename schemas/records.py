@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from schemas.instances import InstanceWindow
     from schemas.window import ChunkWindow
 
 
@@ -105,6 +106,7 @@ class Prediction:
     skip: bool = False
     error: str = ""
     intensity: np.ndarray | None = None
+    instances: InstanceWindow | None = None
 
     @classmethod
     def passed_on(cls, read: ReadWindow, *, error: str = "") -> Prediction:
