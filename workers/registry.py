@@ -23,10 +23,11 @@ Registered names (arch_args, defaults; native stride in px or voxels):
   ``2**encoder_depth``.
 * ``maskrcnn``: torchvision Mask R-CNN ResNet-50 FPN, instance (``min_size=800, max_size=1333,
   image_mean=None, image_std=None, box_score_thresh=0.05, box_detections_per_img=100``); 1.
-* ``maskrcnn_r18``: a light Mask R-CNN that trains on CPU, instance: ResNet-18 (or ``resnet34``) FPN,
+* ``maskrcnn_light``: a light Mask R-CNN that trains on CPU, instance: ResNet-18 (or ``resnet34``) FPN,
   narrow heads, no resizing (``backbone="resnet18", fpn_channels=128, norm="group",
   anchor_sizes=(16, 32, 64, 128, 256), image_mean=None, image_std=None, box_score_thresh=0.05,
-  box_detections_per_img=100, rpn_batch_size_per_image=128, box_batch_size_per_image=128``); 1.
+  box_detections_per_img=100, rpn_batch_size_per_image=128, box_batch_size_per_image=128,
+  rpn_proposals=300, mask_head_channels=64, mask_head_layers=2``); 1.
 
 3D (volumes ``(N, C, D, H, W)``):
 
@@ -247,7 +248,8 @@ _REGISTRY: dict[str, _Entry] = {
     "pspnet": _Entry(_lazy_zoo("build_smp_pspnet"), "semantic", _pspnet_stride),
     "unet_smp": _Entry(_lazy_zoo("build_smp_unet"), "semantic", _unet_smp_stride),
     "maskrcnn": _Entry(_lazy_zoo("build_maskrcnn"), "instance", _interpolating_stride("build_maskrcnn")),
-    "maskrcnn_r18": _Entry(_lazy_zoo("build_maskrcnn_light"), "instance", _interpolating_stride("build_maskrcnn_light")),
+    "maskrcnn_light": _Entry(_lazy_zoo("build_maskrcnn_light"), "instance",
+                             _interpolating_stride("build_maskrcnn_light")),
     "unet3d": _Entry(_build_unet3d, "semantic", _unet3d_stride, spatial_dims=3),
     "monai_unet": _Entry(_lazy_monai("build_monai_unet"), "semantic", _monai_stride("monai_unet_stride"),
                          spatial_dims=3),

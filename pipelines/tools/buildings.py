@@ -531,18 +531,18 @@ def _large_building(spec: BuildingSceneSpec, site: tuple[int, int, int, int]) ->
     length = float(rng.uniform(0.78, 0.92)) * long_side
     depth = float(rng.uniform(0.35, 0.7)) * short_side
     parts = [(-length / 2, length / 2, -depth / 2, depth / 2)]
-    if rng.random() < 0.5:  # L: a wing along the short side at one end
+    wing_len = min(float(rng.uniform(0.15, 0.25)) * short_side, (short_side - depth) / 2 - 8.0)
+    if rng.random() < 0.5 and wing_len >= 8.0:  # L: a wing along the short side at one end
         wing_w = float(rng.uniform(0.15, 0.3)) * length
-        wing_len = float(rng.uniform(0.15, 0.25)) * short_side
         parts.append((length / 2 - wing_w, length / 2, depth / 2 - 3.0, depth / 2 + wing_len))
     first_id = (by0 * spec.blocks_shape[1] + bx0) * IDS_PER_BLOCK + 1
     roof, shadow_px = _roof(rng), float(rng.uniform(8.0, _MAX_SHADOW_PX))
-    for _ in range(40):  # shrink the rotated shape until it stays on the site
+    for _ in range(60):  # make it shallower (never shorter) until the rotated shape stays on the site
         b = Building(first_id, centre, angle, tuple(parts), roof, False, shadow_px)
         if _fits(b, lo_y, hi_y, lo_x, hi_x):
             return [b]
-        parts = [tuple(q * 0.97 for q in p) for p in parts]
-    return []
+        parts = [(u0, u1, v0 * 0.97, v1 * 0.97) for u0, u1, v0, v1 in parts]
+    raise RuntimeError(f"large building of site {site} (seed {spec.seed}) does not fit")  # pragma: no cover
 
 
 # =========================================================================================

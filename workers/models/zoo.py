@@ -286,6 +286,9 @@ def build_maskrcnn_light(
     box_detections_per_img: int = 100,
     rpn_batch_size_per_image: int = 128,
     box_batch_size_per_image: int = 128,
+    rpn_proposals: int = 300,
+    mask_head_channels: int = 64,
+    mask_head_layers: int = 2,
 ) -> nn.Module:
     """A light torchvision Mask R-CNN (ResNet-18/34 FPN, narrow heads) that trains on CPU: INSTANCE.
 
@@ -298,8 +301,12 @@ def build_maskrcnn_light(
       ``in_channels`` bands, all layers trainable, with GroupNorm (``norm="group"``, 32 groups or
       fewer; behaves the same in train and eval mode, so short from-scratch training needs no
       running-statistics warm-up) or BatchNorm (``norm="batch"``);
-    * FPN, box head (two 512-wide FC layers) and mask head (four 3x3 convs) are ``fpn_channels``
-      wide instead of 256/1024, about 4x fewer head FLOPs;
+    * FPN and box head (two FC layers ``4 * fpn_channels`` wide) are ``fpn_channels`` wide
+      instead of 256/1024, the mask head has ``mask_head_layers`` 3x3 convs of
+      ``mask_head_channels`` instead of four of 256 (the default head is ~60x cheaper: on 2 CPU
+      cores torchvision's mask head cost more than the whole ResNet-18), and the RPN keeps
+      ``rpn_proposals`` proposals per image after NMS (``2 * rpn_proposals`` before) instead of
+      2000/1000 (train/test);
     * images are NEVER resized (torchvision's ``min_size``/``max_size`` rescaling is switched
       off): a tile of any size is predicted at its own resolution, as the semantic models are;
     * inputs are expected normalised by the model card, so ``image_mean`` defaults to zeros and
@@ -320,6 +327,10 @@ def build_maskrcnn_light(
         rpn_batch_size_per_image: anchors sampled per image for the RPN loss (torchvision: 256).
         box_batch_size_per_image: proposals sampled per image for the box and mask losses
             (torchvision: 512).
+        rpn_proposals: proposals kept per image after the RPN's NMS, in training and inference
+            (an upper bound on the objects a tile can hold).
+        mask_head_channels: width of the mask head's convs (and its upsampling layer).
+        mask_head_layers: 3x3 convs in the mask head (>= 1).
     """
     import functools
 
@@ -344,7 +355,9 @@ def build_maskrcnn_light(
         raise ValueError(f"{arch} fpn_channels must be a multiple of 8, got {fpn_channels}")
     for name, value in (("box_detections_per_img", box_detections_per_img),
                         ("rpn_batch_size_per_image", rpn_batch_size_per_image),
-                        ("box_batch_size_per_image", box_batch_size_per_image)):
+                        ("box_batch_size_per_image", box_batch_size_per_image),
+                        ("rpn_proposals", rpn_proposals), ("mask_head_channels", mask_head_channels),
+                        ("mask_head_layers", mask_head_layers)):
         _check_int(arch, name, value, minimum=1)
     sizes = list(anchor_sizes) if isinstance(anchor_sizes, Sequence) and not isinstance(anchor_sizes, str) else None
     if sizes is None or len(sizes) != 5 or any(not isinstance(a, int) or isinstance(a, bool) or a < 1 for a in sizes):
@@ -371,13 +384,17 @@ def build_maskrcnn_light(
         image_std=std,
         rpn_anchor_generator=AnchorGenerator(tuple((a,) for a in sizes), ((0.5, 1.0, 2.0),) * 5),
         rpn_batch_size_per_image=rpn_batch_size_per_image,
+        rpn_pre_nms_top_n_train=2 * rpn_proposals,
+        rpn_post_nms_top_n_train=rpn_proposals,
+        rpn_pre_nms_top_n_test=2 * rpn_proposals,
+        rpn_post_nms_top_n_test=rpn_proposals,
         box_head=TwoMLPHead(fpn_channels * 7 * 7, head_width),
         box_predictor=FastRCNNPredictor(head_width, num_classes),
         box_score_thresh=float(box_score_thresh),
         box_detections_per_img=box_detections_per_img,
         box_batch_size_per_image=box_batch_size_per_image,
-        mask_head=MaskRCNNHeads(fpn_channels, (fpn_channels,) * 4, 1),
-        mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes),
+        mask_head=MaskRCNNHeads(fpn_channels, (mask_head_channels,) * mask_head_layers, 1),
+        mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes),
     )
     model.transform = _no_resize_transform(model.transform)
     return model
