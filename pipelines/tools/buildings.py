@@ -346,6 +346,26 @@ def write_building_scene(
     logger.info("wrote %d x %d building scene (seed %d) to %s", spec.height, spec.width, spec.seed, image_path)
 
 
+def ensure_building_scene(folder: str | Path, spec: BuildingSceneSpec, *, name: str = "buildings") -> tuple[Path, Path]:
+    """Write ``<name>.tif`` and its truth ``<name>.truth.tif`` into ``folder`` once; reused while
+    the stamp ``<name>.json`` records the same spec (a demo's inputs, generated on first use).
+
+    Returns:
+        ``(image_path, truth_path)``.
+    """
+    import json
+    from dataclasses import asdict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    image, truth, stamp = folder / f"{name}.tif", folder / f"{name}.truth.tif", folder / f"{name}.json"
+    wanted = json.loads(json.dumps(asdict(spec)))
+    if not (image.is_file() and truth.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted):
+        write_building_scene(spec, image, truth)
+        stamp.write_text(json.dumps(wanted))
+    return image, truth
+
+
 # =========================================================================================
 # layout: blocks, large sites, buildings, trees
 # =========================================================================================

@@ -10,6 +10,7 @@ from pipelines.tools.buildings import (
     BAND_NAMES,
     LARGE_MIN_SIDE_PX,
     BuildingSceneSpec,
+    ensure_building_scene,
     render_building_window,
     write_building_scene,
 )
@@ -93,3 +94,13 @@ def test_bad_specs_and_windows_name_the_problem():
         BuildingSceneSpec(64, 64, seed=1, large_site_probability=1.5)
     with pytest.raises(ValueError, match="leaves the 64 x 64 scene"):
         render_building_window(BuildingSceneSpec(64, 64, seed=1), 32, 0, 64, 64)
+
+
+def test_ensure_writes_once_and_rewrites_for_another_spec(tmp_path):
+    spec = BuildingSceneSpec(96, 80, seed=9)
+    image, truth = ensure_building_scene(tmp_path, spec)
+    first = image.stat().st_mtime_ns
+    assert ensure_building_scene(tmp_path, spec) == (image, truth) and image.stat().st_mtime_ns == first
+    ensure_building_scene(tmp_path, BuildingSceneSpec(96, 80, seed=10))
+    with rasterio.open(truth) as src:
+        np.testing.assert_array_equal(src.read(1), render_building_window(BuildingSceneSpec(96, 80, 10), 0, 0, 96, 80)[1])
