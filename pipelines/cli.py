@@ -212,6 +212,25 @@ def _cell(value: object) -> str:
 
 
 @app.command()
+def export(
+    root: Annotated[Path, typer.Argument(help="Output root of a job.")],
+    fmt: Annotated[str, typer.Option("--format", help="cog (2D scenes) or nifti (volumes).")] = "cog",
+    scene: Annotated[list[str] | None, typer.Option("--scene", help="Only this scene; repeatable.")] = None,
+) -> None:
+    """Export complete scenes for GIS and medical viewers: COG with overviews, or NIfTI on the input's affine."""
+    from pipelines.writers.exports import export_root
+
+    try:
+        done = export_root(root, fmt, scenes=scene)
+    except TesseraError as exc:
+        _fail(exc)
+    for item in done:
+        console.print(f"{item.scene}: {item.path}" if item.path else f"{item.scene}: skipped ({item.skipped})")
+    if not any(item.path for item in done):
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def train(
     out: Annotated[Path, typer.Option(help="Folder for the weights + model card.")] = Path("models"),
     preset: Annotated[str, typer.Option(help="Training preset: 'demo' (U-Net on the synthetic generator).")] = "demo",
