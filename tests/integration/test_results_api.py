@@ -104,3 +104,41 @@ def test_open_and_export_a_volume(tmp_path):
     img = nib.load(root / "exports" / "ct.nii.gz")
     assert np.allclose(img.affine, affine) and img.shape == data.shape
     np.testing.assert_array_equal(np.asarray(img.dataobj), read_classes(root, "ct").transpose(2, 1, 0))
+
+
+def test_the_report_is_one_self_contained_page_naming_every_scene(oracle_run, tmp_path):
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    _, _, root, _ = oracle_run
+    (root / "quicklooks").mkdir(exist_ok=True)
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(root / "quicklooks" / "scene_one.png")
+    out = CliRunner().invoke(app, ["report", str(root), "--out", str(tmp_path / "r.html")])
+    assert out.exit_code == 0, out.output
+    page = (tmp_path / "r.html").read_text()
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images, self.links, self.ids = [], [], set()
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            self.ids.add(a.get("id"))
+            if tag == "img":
+                self.images.append(a["src"])
+            for key in ("href", "src"):
+                if a.get(key) and not a[key].startswith(("#", "data:")):
+                    self.links.append(a[key])
+
+    parsed = Collect()
+    parsed.feed(page)
+    assert parsed.links == []  # nothing fetched at view time
+    assert len(parsed.images) == 1 and parsed.images[0].startswith("data:image/png;base64,")
+    assert "scene-scene_one" in parsed.ids and "1 complete" in page and "0 failed" in page
+    assert "<svg" in page and "Where the time went" in page
+    import pipelines.query as q
+
+    for name in q.run_query(root, "SELECT unnest(class_areas).class_name AS n FROM scenes").column("n").to_pylist():
+        assert f"<td>{name}</td>" in page
