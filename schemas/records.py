@@ -55,6 +55,8 @@ class ReadWindow:
         read_s: seconds the read took.
         skip: the chunk's core is wholly nodata: nothing to predict.
         error: why the read failed (names the file and the window), "" if it did not.
+        slice_axis: for a slice-wise model (card ``slices``), the spatial axis of ``pixels``
+            its slices are cut across, from the scene's orientation; None otherwise.
     """
 
     task: ChunkTask
@@ -63,6 +65,7 @@ class ReadWindow:
     read_s: float
     skip: bool = False
     error: str = ""
+    slice_axis: int | None = None
 
     @property
     def needs_prediction(self) -> bool:

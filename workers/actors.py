@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from schemas.records import Prediction, ReadWindow
 from workers.options import PredictorOptions
 
@@ -46,8 +48,10 @@ class PredictorActor:
         if not read.needs_prediction:
             return Prediction.passed_on(read)
         t0 = time.perf_counter()
-        labels, probs = self.predictor.predict_core(read.pixels, read.valid, core=read.core_in_window,
+        pixels, valid, core = slice_axis_first(read)
+        labels, probs = self.predictor.predict_core(pixels, valid, core=core,
                                                     with_probabilities=self.with_probabilities)
+        labels, probs = slice_axis_back(read, labels, probs)
         return Prediction(task=read.task, labels=labels, probabilities=probs, read_s=read.read_s,
                           predict_s=time.perf_counter() - t0, intensity=read.core_intensity())
 
@@ -62,11 +66,11 @@ class PredictorActor:
         if not todo:
             return out
         t0 = time.perf_counter()
-        results = self.predictor.predict_cores(
-            [(reads[i].pixels, reads[i].valid, reads[i].core_in_window) for i in todo],
-            with_probabilities=self.with_probabilities)
+        results = self.predictor.predict_cores([slice_axis_first(reads[i]) for i in todo],
+                                               with_probabilities=self.with_probabilities)
         seconds = (time.perf_counter() - t0) / len(todo)
         for i, (labels, probs) in zip(todo, results):
+            labels, probs = slice_axis_back(reads[i], labels, probs)
             out[i] = Prediction(task=reads[i].task, labels=labels, probabilities=probs,
                                 read_s=reads[i].read_s, predict_s=seconds, intensity=reads[i].core_intensity())
         return out
@@ -86,3 +90,37 @@ class PredictorActor:
                 out.append(Prediction.passed_on(
                     read, error=f"chunk {list(read.task.window.index)}: predicting it failed: {exc}"))
         return out
+
+
+def _slice_first_order(ndim: int, axis: int) -> tuple[int, ...]:
+    """Spatial axes with `axis` first, the others in their order: ``(2, 0, 1)`` for axis 2 of 3."""
+    return (axis, *(a for a in range(ndim) if a != axis))
+
+
+def slice_axis_first(read: ReadWindow) -> tuple[np.ndarray, np.ndarray | None, tuple[slice, ...]]:
+    """(pixels, valid, core) of a window with its slice axis (``read.slice_axis``, a slice-wise
+    model's) moved to the first spatial axis, where `workers.models.slicewise.SliceWise` (as
+    `workers.checkpoints.build_from_checkpoint` builds it) cuts slices; the other spatial axes keep
+    their order (views, no copy). The window itself when it has no slice axis or it is first."""
+    axis = read.slice_axis
+    core = read.core_in_window
+    if not axis:
+        return read.pixels, read.valid, core
+    order = _slice_first_order(len(core), axis)
+    pixels = read.pixels.transpose(0, *(1 + a for a in order))
+    valid = None if read.valid is None else read.valid.transpose(order)
+    return pixels, valid, tuple(core[a] for a in order)
+
+
+def slice_axis_back(read: ReadWindow, labels: np.ndarray,
+                    probs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels (core) and probabilities (K, core) of a window predicted by `slice_axis_first`'s
+    order, back in the window's own axis order (C-contiguous)."""
+    axis = read.slice_axis
+    if not axis:
+        return labels, probs
+    inverse = tuple(np.argsort(_slice_first_order(labels.ndim, axis)))
+    labels = np.ascontiguousarray(labels.transpose(inverse))
+    if probs is not None:
+        probs = np.ascontiguousarray(probs.transpose(0, *(1 + a for a in inverse)))
+    return labels, probs
