@@ -158,8 +158,9 @@ class ModelCard(BaseModel):
     spacing_mm: tuple[SpacingMm, ...] | None = Field(
         default=None, min_length=2, max_length=3,
         description="Pixel or voxel spacing the model was trained at, in mm per spatial axis: (z, y, x) "
-        "for a 3D model, (y, x) for a 2D one (in-plane, for a slice-wise card). Informational: inputs "
-        "are not resampled to it. None: unknown.",
+        "for a 3D model, (y, x) for a 2D one (in-plane, for a slice-wise card). Volumes whose spacing "
+        "differs by more than 1 % on an axis are predicted at this spacing, window by window (trilinear "
+        "resampling there and back, workers.spacing); images are never resampled. None: run at the scene's spacing.",
         examples=[[1.5, 0.8, 0.8]],
     )
     slices: SliceMode | None = Field(

@@ -57,6 +57,8 @@ class ReadWindow:
         error: why the read failed (names the file and the window), "" if it did not.
         slice_axis: for a slice-wise model (card ``slices``), the spatial axis of ``pixels``
             its slices are cut across, from the scene's orientation; None otherwise.
+        spacing_mm: a volume's voxel spacing per spatial axis of ``pixels`` (mm), for models
+            whose card declares the spacing they take (`workers.spacing`); None for images.
     """
 
     task: ChunkTask
@@ -66,6 +68,7 @@ class ReadWindow:
     skip: bool = False
     error: str = ""
     slice_axis: int | None = None
+    spacing_mm: tuple[float, ...] | None = None
 
     @property
     def needs_prediction(self) -> bool:

@@ -49,8 +49,16 @@ class PredictorActor:
             return Prediction.passed_on(read)
         t0 = time.perf_counter()
         pixels, valid, core = slice_axis_first(read)
-        labels, probs = self.predictor.predict_core(pixels, valid, core=core,
-                                                    with_probabilities=self.with_probabilities)
+        spacing = self._resample_spacing(read)
+        if spacing is None:
+            labels, probs = self.predictor.predict_core(pixels, valid, core=core,
+                                                        with_probabilities=self.with_probabilities)
+        else:  # the card's spacing differs from the scene's: predict at the card's (workers.spacing)
+            from workers.spacing import predict_core_resampled
+
+            labels, probs = predict_core_resampled(self.predictor, pixels, valid, core, scene_spacing=spacing[0],
+                                                   target_spacing=spacing[1],
+                                                   with_probabilities=self.with_probabilities)
         labels, probs = slice_axis_back(read, labels, probs)
         return Prediction(task=read.task, labels=labels, probabilities=probs, read_s=read.read_s,
                           predict_s=time.perf_counter() - t0, intensity=read.core_intensity())
@@ -61,8 +69,13 @@ class PredictorActor:
 
         Raises what a window's prediction raises; `predict_windows` isolates a bad window.
         """
-        todo = [i for i, r in enumerate(reads) if r.needs_prediction]
         out = [Prediction.passed_on(r) for r in reads]
+        todo = []
+        for i, read in enumerate(reads):
+            if read.needs_prediction and self._resample_spacing(read) is not None:
+                out[i] = self.predict_one(read)  # resampled one by one, each to its own shape
+            elif read.needs_prediction:
+                todo.append(i)
         if not todo:
             return out
         t0 = time.perf_counter()
@@ -74,6 +87,20 @@ class PredictorActor:
             out[i] = Prediction(task=reads[i].task, labels=labels, probabilities=probs,
                                 read_s=reads[i].read_s, predict_s=seconds, intensity=reads[i].core_intensity())
         return out
+
+    def _resample_spacing(self, read: ReadWindow) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(window spacing, model spacing) in mm per axis of the window as the predictor sees it
+        (`slice_axis_first`), when the card's spacing_mm differs from the scene's
+        (`workers.spacing.model_spacing`); None when the window runs at its own spacing."""
+        if read.spacing_mm is None or self.predictor.card.spacing_mm is None:
+            return None
+        from workers.spacing import model_spacing
+
+        spacing = tuple(read.spacing_mm)
+        if read.slice_axis:
+            spacing = tuple(spacing[a] for a in _slice_first_order(len(spacing), read.slice_axis))
+        target = model_spacing(self.predictor.card, spacing, slice_axis=0)
+        return None if target is None else (spacing, target)
 
     def predict_windows(self, reads: list[ReadWindow]) -> list[Prediction]:
         """`predict_batch`, and where the batch raises, each window alone: a window the model

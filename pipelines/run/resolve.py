@@ -16,6 +16,7 @@ from schemas.model_card import ModelCard, slice_array_axis
 from workers.checkpoints import Checkpoint, load_checkpoint, resolve_card_path
 from workers.options import PredictorOptions
 from workers.registry import check_plugin_allowed, model_kind, model_spatial_dims, takes_spatial_dims
+from workers.spacing import model_spacing
 
 log = logging.getLogger("tessera")
 
@@ -78,6 +79,8 @@ class ResolvedJob:
             # slice-wise cards only (the others' fingerprints stay as they were): the same weights
             # run slice by slice, or across another axis, give other labels
             **({"slices": self.card.slices.model_dump()} if self.card.slices is not None else {}),
+            # volumes are resampled to the card's spacing where theirs differs (workers.spacing)
+            **({"spacing_mm": list(self.card.spacing_mm)} if self.card.spacing_mm is not None and ndim == 3 else {}),
             "chunk_size": self.chunk_size_for(ndim),
             "halo": self.halo,
             "tile_size": o.tile_size,
@@ -262,6 +265,11 @@ def check_scene_fits_model(info: SceneInfo, *, bands: tuple[int, ...] | None, ca
                      "to its card (axial, coronal or sagittal; context > 0 for 2.5D)")
         raise InputError(f"{info.path}: {kind} of shape {tuple(info.shape)}, but model {card.name!r} "
                          f"({card.architecture}) takes {model_dims}-D inputs; {hint}")
+    if card.spacing_mm is not None and info.ndim == 3:
+        try:  # the card's spacing fits the volume's axes (the actors resample to it: workers.spacing)
+            model_spacing(card, info.spacing, slice_axis=scene_slice_axis(info, card))
+        except ValueError as exc:
+            raise InputError(f"{info.path}: {exc}") from None
     if info.transform is not None and (info.transform[1] != 0 or info.transform[3] != 0):
         log.warning("%s: rotated/sheared geotransform; x/y coordinates in the store are approximate, "
                     "GeoTransform is exact", info.path)

@@ -73,7 +73,7 @@ def read_stage(task: ChunkTask, *, scenes: dict[int, SceneContext]) -> ReadWindo
     if not bool(valid[window.core_in_window].any()):  # wholly nodata: nothing to predict or send on
         return ReadWindow(task=task, pixels=_NO_PIXELS, valid=_NO_MASK, read_s=time.perf_counter() - t0, skip=True)
     return ReadWindow(task=task, pixels=pixels, valid=valid, read_s=time.perf_counter() - t0,
-                      slice_axis=ctx.slice_axis)
+                      slice_axis=ctx.slice_axis, spacing_mm=ctx.info.spacing if ctx.info.ndim == 3 else None)
 
 
 def chunk_row_areas_m2(info: SceneInfo, core: tuple[slice, ...]) -> np.ndarray | None:
