@@ -244,3 +244,28 @@ def test_a_2d_card_without_slices_on_a_volume_points_to_the_slicewise_option():
                                       "name": "flat", "weights": "w.safetensors", "weights_sha256": "0" * 64})
     with pytest.raises(InputError, match=r"ras\.nii: a volume .* takes 2-D inputs; .*\"slices\": \{\"axis\""):
         check_scene_fits_model(_volume_info("ras"), bands=None, card=plain)
+
+
+def _job(tmp_path, card, *, halo=None, ensemble=()):
+    from schemas.job import JobSpec
+
+    return JobSpec.model_validate({
+        "inputs": [str(tmp_path / "ct.nii")], "model": {"card": str(card), "ensemble": list(ensemble)},
+        "tiling": {"volume_chunk_size": 16, **({"halo": halo} if halo is not None else {})},
+        "output": {"root": str(tmp_path / "out")},
+    })
+
+
+def test_resolving_a_slicewise_job_checks_halo_and_ensemble_and_fingerprints_the_slices(tmp_path):
+    from pipelines.run.resolve import resolve_job
+
+    card, _ = _slicewise_checkpoint(tmp_path, context=1)
+    job = resolve_job(_job(tmp_path, card), base_dir=tmp_path)
+    assert job.parameters(3)["slices"] == {"axis": "axial", "context": 1}
+    with pytest.raises(ModelCardError, match=r"slices\.json: slices context 1 needs a halo of at least 1"):
+        resolve_job(_job(tmp_path, card, halo=0), base_dir=tmp_path)
+    plain = save_checkpoint(_unet2d(1), {k: v for k, v in _card_fields().items() if k != "slices"},
+                            tmp_path / "plain", name="plain")
+    assert "slices" not in resolve_job(_job(tmp_path, plain), base_dir=tmp_path).parameters(3)
+    with pytest.raises(ModelCardError, match=r"plain\.json: ensemble member has slices none, .*slices\.json has "):
+        resolve_job(_job(tmp_path, card, ensemble=[{"card": str(plain)}]), base_dir=tmp_path)

@@ -17,6 +17,11 @@ last slice the reader's reflect padding supplies them (slice -1 is slice 1). Whe
 slice axis, a slice within ``c`` of a tile's face sees repeated neighbours in that tile, and its
 label is the blend of that tile's prediction with the overlapping tiles' (down-weighted by the
 Gaussian blend near tile faces, but not exact).
+
+The predictor's other options act on the 3D tiles: the card's stride pads every tile axis, the
+slice axis too (repeated end slices, cropped away: waste, not a change); a TTA flip of the slice
+axis reverses the order of the neighbour channels the 2D model sees; multi-scale inference
+resamples the slice axis as well (fewer or more slices).
 """
 
 from __future__ import annotations
