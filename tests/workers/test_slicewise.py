@@ -127,8 +127,8 @@ def test_a_slicewise_card_builds_its_2d_model_with_the_context_channels_wrapped(
     np.testing.assert_array_equal(got, expected)  # the weights saved are the weights loaded
 
 
-@pytest.mark.parametrize("axis", [0, 1, 2])
-def test_the_predictor_and_actor_run_a_slicewise_card_as_the_slice_by_slice_loop(tmp_path, axis):
+@pytest.mark.parametrize(("axis", "channels_last"), [(0, False), (1, False), (2, False), (2, True)])
+def test_the_predictor_and_actor_run_a_slicewise_card_as_the_slice_by_slice_loop(tmp_path, axis, channels_last):
     """A whole window as one tile: each slice's labels are the 2D model's on that slice and its
     neighbours (normalised per the card), the window's first and last slice repeated beyond its
     ends; through the actor the scene's slice axis is moved first and the labels moved back."""
@@ -136,7 +136,8 @@ def test_the_predictor_and_actor_run_a_slicewise_card_as_the_slice_by_slice_loop
     raw = (MEAN + STD * _volume((8, 12, 16), bands=1, seed=axis)).astype(np.float32)
     normalised = (raw - np.float32(MEAN)) * np.float32(1 / STD)
     expected = _loop_reference(model2d, normalised, axis, 1).argmax(0)
-    options = PredictorOptions(device="cpu", tile_size=16, channels_last=False, fold_batchnorm=False)
+    # channels-last: 3D tiles in channels_last_3d, the 2D model's batch of slices in channels_last
+    options = PredictorOptions(device="cpu", tile_size=16, channels_last=channels_last, fold_batchnorm=channels_last)
 
     ckpt = load_checkpoint(card_path)
     direct = Predictor(SliceWise(build_from_checkpoint(ckpt).model2d, axis=axis, context=1), ckpt.card,
