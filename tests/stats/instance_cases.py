@@ -23,9 +23,10 @@ def oracle_window(truth: np.ndarray, window: ChunkWindow, n_bands: int = 0) -> I
     in_core = in_core[in_core > 0]
     halo_only = np.setdiff1d(np.unique(crop[crop > 0]), in_core)
     present = np.concatenate([in_core, halo_only])
-    lookup = dict(zip(present.tolist(), range(1, len(present) + 1)))
-    ids = np.vectorize(lambda g: lookup.get(int(g), 0), otypes=[np.uint32])(crop) if crop.size else crop
-    ids = ids.astype(np.uint32)
+    order = np.argsort(present)
+    ids = np.zeros(crop.shape, dtype=np.uint32)
+    fg = crop > 0
+    ids[fg] = order[np.searchsorted(present, crop[fg], sorter=order)] + 1
     core = ids[window.core_in_window]
     core_pixels = np.bincount(core.ravel(), minlength=len(present) + 1)[1:].astype(np.int64)
     band_sums = None
