@@ -46,6 +46,7 @@ import itertools
 import math
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,7 +221,7 @@ class InstanceChunk:
                            window_origin=tuple(npz["window_origin"]), core_origin=tuple(npz["core_origin"]),
                            core_shape=tuple(npz["core_shape"]),
                            band_sums=npz["band_sums"] if "band_sums" in npz.files else None, **fields)
-        except (KeyError, ValueError) as error:
+        except (KeyError, ValueError, zipfile.BadZipFile, EOFError) as error:
             raise ValueError(f"{os.fspath(path)}: not a readable instance file: {error}") from error
 
 

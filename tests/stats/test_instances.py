@@ -237,6 +237,10 @@ def test_instance_file_round_trips(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="bad.npz"):
         InstanceChunk.from_npz(tmp_path / "bad.npz")
+    data = (tmp_path / "c1_1.instances.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])  # e.g. a disk that filled up
+    with pytest.raises(ValueError, match="cut.npz: not a readable instance file"):
+        InstanceChunk.from_npz(tmp_path / "cut.npz")
 
 
 def test_a_predictor_whose_core_pixels_disagree_with_its_ids_is_refused():
