@@ -61,6 +61,7 @@ __all__ = [
     "DEFAULT_IOU_THRESHOLD",
     "INSTANCE_NPZ_FORMAT_VERSION",
     "InstanceChunk",
+    "InstanceIds",
     "InstanceMerge",
     "UnionFind",
     "apply_relabel",
@@ -77,6 +78,29 @@ INSTANCE_NPZ_FORMAT_VERSION = 1
 DEFAULT_IOU_THRESHOLD = 0.5
 
 _PARTIAL_DTYPES = {"class_id": np.uint8, "score": np.float32, "core_pixels": np.int64, "area_m2": np.float64}
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class InstanceIds:
+    """What the halo matching needs of a chunk: its window's ids and which objects own core pixels
+    (:meth:`InstanceChunk.read_ids` reads only these from a chunk's file; the merge reads each
+    file several times, the partial statistics once).
+
+    Attributes: as :class:`InstanceChunk`'s namesakes.
+    """
+
+    chunk_index: tuple[int, ...]
+    id_offset: int
+    window_origin: tuple[int, ...]
+    core_origin: tuple[int, ...]
+    core_shape: tuple[int, ...]
+    ids: np.ndarray
+    core_pixels: np.ndarray
+
+    @property
+    def count(self) -> int:
+        """Objects of the window (local ids 1..count), core or halo."""
+        return len(self.core_pixels)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -175,15 +199,18 @@ class InstanceChunk:
 
     def to_npz(self, path: str | os.PathLike[str]) -> None:
         """Write to a compressed ``.npz`` atomically (temp file beside it, then rename); the ids
-        of a window compress to a few percent of their size."""
+        of a window compress to a few percent of their size.
+
+        Keys: ``format_version``; ``placement`` int64 ``[id_offset, *chunk_index,
+        *window_origin, *core_origin, *core_shape]`` (``4 * ndim + 1`` entries); ``ids``; the
+        per-object arrays (``class_id``, ``score``, ``core_pixels``, ``area_m2``, ``sums``,
+        ``bbox_min``, ``bbox_max``, ``band_sums`` when known)."""
         path = Path(path)
         payload = {
             "format_version": np.int64(INSTANCE_NPZ_FORMAT_VERSION),
-            "chunk_index": np.asarray(self.chunk_index, dtype=np.int64),
-            "id_offset": np.int64(self.id_offset),
-            "window_origin": np.asarray(self.window_origin, dtype=np.int64),
-            "core_origin": np.asarray(self.core_origin, dtype=np.int64),
-            "core_shape": np.asarray(self.core_shape, dtype=np.int64),
+            # one small array for the placement: each array costs a header parse on every read
+            "placement": np.asarray([self.id_offset, *self.chunk_index, *self.window_origin, *self.core_origin,
+                                     *self.core_shape], dtype=np.int64),
             "ids": self.ids,
             **{name: getattr(self, name) for name in (*_PARTIAL_DTYPES, "sums", "bbox_min", "bbox_max")},
         }
@@ -202,6 +229,26 @@ class InstanceChunk:
                 os.unlink(tmp)
             raise
 
+    @staticmethod
+    def read_ids(path: str | os.PathLike[str]) -> InstanceIds:
+        """The :class:`InstanceIds` of a file written by :meth:`to_npz` (the ids and the objects'
+        core pixels, not the partial statistics).
+
+        Raises:
+            ValueError: an unreadable file or missing field (the message names the file).
+        """
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if int(npz["format_version"]) != INSTANCE_NPZ_FORMAT_VERSION:
+                    raise ValueError(f"instance file format version {int(npz['format_version'])}, this tessera "
+                                     f"reads {INSTANCE_NPZ_FORMAT_VERSION}")
+                ids, core_pixels = npz["ids"], npz["core_pixels"]
+                if ids.dtype != np.uint32 or core_pixels.dtype != np.int64 or (ids.size and ids.max() > len(core_pixels)):
+                    raise ValueError("ids must be uint32 and within the objects described")
+                return InstanceIds(**_placement(npz["placement"], ids.ndim), ids=ids, core_pixels=core_pixels)
+        except (KeyError, ValueError, zipfile.BadZipFile, EOFError) as error:
+            raise ValueError(f"{os.fspath(path)}: not a readable instance file: {error}") from error
+
     @classmethod
     def from_npz(cls, path: str | os.PathLike[str]) -> InstanceChunk:
         """Read a file written by :meth:`to_npz`.
@@ -217,12 +264,19 @@ class InstanceChunk:
                     raise ValueError(f"instance file format version {version}, this tessera reads "
                                      f"{INSTANCE_NPZ_FORMAT_VERSION}")
                 fields = {name: npz[name] for name in ("ids", *_PARTIAL_DTYPES, "sums", "bbox_min", "bbox_max")}
-                return cls(chunk_index=tuple(npz["chunk_index"]), id_offset=int(npz["id_offset"]),
-                           window_origin=tuple(npz["window_origin"]), core_origin=tuple(npz["core_origin"]),
-                           core_shape=tuple(npz["core_shape"]),
+                return cls(**_placement(npz["placement"], fields["ids"].ndim),
                            band_sums=npz["band_sums"] if "band_sums" in npz.files else None, **fields)
         except (KeyError, ValueError, zipfile.BadZipFile, EOFError) as error:
             raise ValueError(f"{os.fspath(path)}: not a readable instance file: {error}") from error
+
+
+def _placement(values: np.ndarray, ndim: int) -> dict[str, object]:
+    """The ``placement`` array of an instance file as InstanceChunk/InstanceIds fields."""
+    if values.dtype != np.int64 or values.shape != (4 * ndim + 1,):
+        raise ValueError(f"placement must be {4 * ndim + 1} int64 values for {ndim}-D ids, got {values.shape}")
+    v = [int(x) for x in values]
+    return {"id_offset": v[0], "chunk_index": tuple(v[1:1 + ndim]), "window_origin": tuple(v[1 + ndim:1 + 2 * ndim]),
+            "core_origin": tuple(v[1 + 2 * ndim:1 + 3 * ndim]), "core_shape": tuple(v[1 + 3 * ndim:])}
 
 
 def instance_chunk(window: InstanceWindow, *, chunk_index: Sequence[int], window_origin: Sequence[int],
@@ -290,7 +344,7 @@ def instance_chunk(window: InstanceWindow, *, chunk_index: Sequence[int], window
                          band_sums=window.band_sums)
 
 
-def match_chunks(a: InstanceChunk, b: InstanceChunk, *, iou_threshold: float = DEFAULT_IOU_THRESHOLD
+def match_chunks(a: InstanceChunk | InstanceIds, b: InstanceChunk | InstanceIds, *, iou_threshold: float = DEFAULT_IOU_THRESHOLD
                  ) -> list[tuple[int, int]]:
     """The provisional id pairs ``(a_id, b_id)`` that are one instance, seen on
     ``R = a.window ∩ b.core`` (the match rule in the module docstring). Empty when R is.
@@ -387,18 +441,19 @@ class InstanceMerge:
     n_matches: int
 
 
-def merge_instance_ids(indices: Iterable[tuple[int, ...]], load: Callable[[tuple[int, ...]], InstanceChunk | None],
+def merge_instance_ids(indices: Iterable[tuple[int, ...]],
+                       load: Callable[[tuple[int, ...]], InstanceChunk | InstanceIds | None],
                        *, grid_shape: Sequence[int], iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> InstanceMerge:
     """Match every pair of neighbouring chunks both ways and solve the scene's union-find.
 
     Chunks are visited in C order of their grid index; each chunk is compared with its neighbours
     after it (:func:`neighbour_offsets`), so at most two chunks' files are loaded at a time (the
-    chunk, then each neighbour in turn).
+    chunk, then each neighbour in turn; the last neighbour loaded is the next chunk, kept).
 
     Args:
         indices: the grid indices of the scene's chunks (any order; sorted here).
-        load: a chunk's :class:`InstanceChunk`, or None for a chunk without instances (skipped
-            as nodata).
+        load: a chunk's :class:`InstanceIds` (or :class:`InstanceChunk`), or None for a chunk
+            without instances (skipped as nodata).
         grid_shape: chunks per axis.
         iou_threshold: see :func:`match_chunks`.
     """
@@ -406,16 +461,19 @@ def merge_instance_ids(indices: Iterable[tuple[int, ...]], load: Callable[[tuple
     grid = tuple(int(g) for g in grid_shape)
     uf = UnionFind()
     n_pairs = n_matches = 0
+    last: tuple[tuple[int, ...] | None, object] = (None, None)  # the chunk loaded last (the next one, usually)
     for index in sorted(present):
-        offsets = [tuple(i + d for i, d in zip(index, off, strict=True)) for off in neighbour_offsets(len(grid))]
+        # the neighbour after this chunk along the last axis comes last: it is the next chunk
+        offsets = [tuple(i + d for i, d in zip(index, off, strict=True)) for off in neighbour_offsets(len(grid))[::-1]]
         neighbours = [n for n in offsets if n in present and all(0 <= i < g for i, g in zip(n, grid, strict=True))]
         if not neighbours:
             continue
-        a = load(index)
+        a = last[1] if last[0] == index else load(index)
         if a is None:
             continue
         for n in neighbours:
             b = load(n)
+            last = (n, b)
             if b is None:
                 continue
             n_pairs += 1
@@ -423,7 +481,6 @@ def merge_instance_ids(indices: Iterable[tuple[int, ...]], load: Callable[[tuple
                          *((x, y) for y, x in match_chunks(b, a, iou_threshold=iou_threshold))):
                 uf.union(x, y)
                 n_matches += 1
-            del b
     return InstanceMerge(relabel=MappingProxyType(uf.relabel_table()), n_pairs=n_pairs, n_matches=n_matches)
 
 

@@ -5,13 +5,13 @@ Steps (:func:`write_instances`), all resumable:
 
 1. :func:`~pipelines.stats.instances.merge_instance_ids` over the work folder's
    ``<key>.instances.npz`` files (provisional ids, never rewritten): the relabel table.
-2. Each chunk whose core holds an id of the table is read from the store, mapped and written
-   back (:func:`relabel_chunk`); chunks whose ids are all roots are not touched. The table maps
+2. Each chunk whose core holds an id of the table is mapped and written back
+   (:func:`relabel_chunk`); chunks whose ids are all roots are not rewritten. The table maps
    to roots only and roots map to themselves, so a chunk already relabelled by an interrupted
    run maps to itself and is not rewritten: a re-run converges to the same bytes.
 3. The chunks' partials are added up through the table
    (:func:`~pipelines.stats.instances.merge_instance_stats`), and each instance's polygon is
-   traced on the relabelled store (:func:`instance_polygons`).
+   traced on the relabelled ids, chunk by chunk in the same pass (:class:`PolygonTracer`).
 4. The table goes to ``<root>/tables/instances/<scene>.parquet`` with GeoParquet 1.1 metadata
    (:func:`geo_metadata`): WKB ``geometry`` in the scene CRS (PROJJSON), a ``bbox`` covering
    column, readable by GeoPandas, DuckDB and GDAL.
@@ -37,6 +37,7 @@ from pipelines.georef import pixel_to_crs, to_lonlat
 from pipelines.stats.instances import (
     DEFAULT_IOU_THRESHOLD,
     InstanceChunk,
+    InstanceIds,
     apply_relabel,
     merge_instance_ids,
     merge_instance_stats,
@@ -71,41 +72,53 @@ class InstancesSummary:
     n_matches: int
 
 
-def instance_chunk_loader(work_dir: Path):
+def instance_chunk_loader(work_dir: Path, *, ids_only: bool = False):
     """``index -> InstanceChunk | None``: a chunk's instance file in `work_dir`, None where the
-    chunk has none (skipped as nodata)."""
-    def load(index: tuple[int, ...]) -> InstanceChunk | None:
+    chunk has none (skipped as nodata); with `ids_only`, its :class:`InstanceIds` (what the
+    matching reads)."""
+    def load(index: tuple[int, ...]) -> InstanceChunk | InstanceIds | None:
         path = work_dir / instances_file(chunk_key(index))
-        return InstanceChunk.from_npz(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        return InstanceChunk.read_ids(path) if ids_only else InstanceChunk.from_npz(path)
     return load
 
 
-def relabel_chunk(zarr_path: Path, chunk: InstanceChunk, keys: np.ndarray, finals: np.ndarray) -> tuple[bool, bool]:
+def relabel_chunk(zarr_path: Path, chunk: InstanceChunk, keys: np.ndarray, finals: np.ndarray, *,
+                  array: Any = None) -> tuple[bool, bool, np.ndarray | None]:
     """Apply the relabel table (sorted ``keys`` -> ``finals``, uint64) to one chunk of the store's
-    `instances` array, reading it only when its core holds a key.
+    `instances` array. A chunk without objects in its core is not read.
 
     Returns:
-        (needed, rewritten): whether the chunk's core holds a key, and whether its stored ids
-        changed and were written (False when an earlier run relabelled it already).
+        (needed, rewritten, ids): whether the chunk's core holds a key; whether its stored ids
+        changed and were written (False when an earlier run relabelled it already); the core's
+        final ids (None for a chunk without objects).
     """
     core_ids = chunk.core_local.astype(np.uint64) + np.uint64(chunk.id_offset)
-    mine = np.isin(keys, core_ids)
-    if not mine.any():
-        return False, False
-    array = zarr.open_array(str(zarr_path), path=INSTANCES, mode="r+")
+    if not len(core_ids):
+        return False, False, None
+    if array is None:
+        array = zarr.open_array(str(zarr_path), path=INSTANCES, mode="r+")
     core = tuple(slice(o, o + n) for o, n in zip(chunk.core_origin, chunk.core_shape, strict=True))
     stored = array[core]
+    mine = np.isin(keys, core_ids)
+    if not mine.any():
+        return False, False, stored
     mapped = apply_relabel(stored, keys[mine], finals[mine])
     if np.array_equal(mapped, stored):
-        return True, False
+        return True, False, stored
     array[core] = mapped
-    return True, True
+    return True, True, mapped
 
 
 def write_instances(root: Path, scene: str, *, zarr_path: Path, work_dir: Path, indices: Iterable[tuple[int, ...]],
                     grid_shape: Sequence[int], grid: GeoGrid, class_names: Sequence[str],
                     iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> InstancesSummary:
     """Merge, relabel and tabulate a scene's instances (the steps in the module docstring).
+
+    Each chunk's instance file is read by the merge (up to ``1 + (3**ndim - 1) / 2`` times, two
+    at a time) and once more for the relabel; each chunk of the store holding objects is read
+    once (relabelled and traced in the same pass) and written only where its ids change.
 
     Args:
         root: the job's output root (the table goes to `<root>/tables/instances/<scene>.parquet`).
@@ -126,24 +139,31 @@ def write_instances(root: Path, scene: str, *, zarr_path: Path, work_dir: Path, 
         raise ValueError(f"{zarr_path}: instance tables are written for 2D scenes only, got a {type(grid).__name__}")
     indices = sorted(tuple(i) for i in indices)
     load = instance_chunk_loader(work_dir)
-    merge = merge_instance_ids(indices, load, grid_shape=grid_shape, iou_threshold=iou_threshold)
+    merge = merge_instance_ids(indices, instance_chunk_loader(work_dir, ids_only=True), grid_shape=grid_shape,
+                               iou_threshold=iou_threshold)
     keys = np.fromiter(merge.relabel.keys(), dtype=np.uint64, count=len(merge.relabel))
     finals = np.fromiter(merge.relabel.values(), dtype=np.uint64, count=len(merge.relabel))
     counts = {"needed": 0, "rewritten": 0}
+    tracer = PolygonTracer()
+    try:
+        array = zarr.open_array(str(zarr_path), path=INSTANCES, mode="r+")
+    except FileNotFoundError:
+        raise ValueError(f"{zarr_path}: no `{INSTANCES}` array; the store was created for a semantic model") from None
 
-    def relabelled() -> Iterator[InstanceChunk]:  # one chunk at a time: relabel its core, hand on its partials
+    def relabelled() -> Iterator[InstanceChunk]:  # one chunk at a time: relabel and trace its core, hand on its partials
         for index in indices:
             chunk = load(index)
             if chunk is None:
                 continue
-            needed, rewritten = relabel_chunk(zarr_path, chunk, keys, finals)
+            needed, rewritten, ids = relabel_chunk(zarr_path, chunk, keys, finals, array=array)
             counts["needed"] += needed
             counts["rewritten"] += rewritten
+            if ids is not None:
+                tracer.add(ids, chunk.core_origin)
             yield chunk
 
     stats = merge_instance_stats(relabelled(), merge.relabel, n_classes=len(class_names))
-    array = zarr.open_array(str(zarr_path), path=INSTANCES, mode="r")
-    geometries = instance_polygons(array, stats, transform=grid.transform)
+    geometries = tracer.polygons(stats["instance_id"], transform=grid.transform)
     table = instances_table(scene, stats, geometries, grid=grid, class_names=class_names)
     write_table_batches(root, "instances", scene, [table], metadata=geo_metadata(table, crs_wkt=grid.crs_wkt))
     return InstancesSummary(n_instances=table.num_rows, n_relabelled_ids=len(keys),
@@ -151,59 +171,61 @@ def write_instances(root: Path, scene: str, *, zarr_path: Path, work_dir: Path, 
                             n_matches=merge.n_matches)
 
 
-def instance_polygons(array: Any, stats: dict[str, Any], *, transform: Sequence[float]) -> list[Any]:
-    """The shapely (Multi)Polygon of each instance (in `stats` order), traced on the relabelled
-    `instances` array in CRS coordinates: pixel edges through the scene's affine, holes kept,
-    the parts of one object dissolved into one geometry. Its area is ``pixel_count`` times the
-    pixel area.
+class PolygonTracer:
+    """The (Multi)Polygon of each instance, traced chunk by chunk on the relabelled ids.
 
-    Instances whose bbox lies in one chunk are traced a chunk at a time (one read per chunk);
-    an instance spanning chunks is traced on a read of its own bbox: the memory of that read is
-    bounded by the object's size, not by the chunk's (a scene-sized object reads the scene).
+    :meth:`add` traces one chunk core (``rasterio.features.shapes``, 4-connected parts) in pixel
+    coordinates (x = column, y = row, pixel edges): integers, so the parts of an object traced in
+    neighbouring chunks share their edges exactly. :meth:`polygons` dissolves each instance's
+    parts (``shapely.union_all``: shared edges vanish, holes stay, parts touching at a corner or
+    apart make a MultiPolygon) and maps them through the scene's affine. Each chunk is read once,
+    whatever the size of its objects; the parts are held until the end (the scene's polygons,
+    as the table holds them).
     """
-    import rasterio.features
-    import shapely
-    from affine import Affine
 
-    n = len(stats["instance_id"])
-    out: list[Any] = [None] * n
-    chunks = np.asarray(array.chunks, dtype=np.int64)
-    lo, hi = stats["bbox_min"], stats["bbox_max"]
-    first, last = lo // chunks, hi // chunks
-    one_chunk = (first == last).all(axis=1)
-    scene_affine = Affine(*transform)
+    def __init__(self) -> None:
+        self._parts: dict[int, list[Any]] = {}
 
-    def trace(origin: np.ndarray, window: np.ndarray, members: np.ndarray) -> None:
-        wanted = stats["instance_id"][members]
-        mask = np.isin(window, wanted)
-        compact = np.zeros(window.shape, dtype=np.int32)
-        compact[mask] = np.searchsorted(wanted, window[mask]) + 1  # wanted is sorted (stats order)
-        parts: dict[int, list[Any]] = {}
-        at = scene_affine * Affine.translation(int(origin[1]), int(origin[0]))
+    def add(self, ids: np.ndarray, origin: Sequence[int]) -> None:
+        """Trace a chunk core's ids (2-D, 0 = none) whose first pixel is the scene's ``origin``
+        (row, col)."""
+        import rasterio.features
+        import shapely
+        from affine import Affine
+
+        mask = ids > 0
+        if not mask.any():
+            return
+        present = np.unique(ids[mask])
+        compact = np.zeros(ids.shape, dtype=np.int32)  # rasterio traces int32, not uint32/64
+        compact[mask] = np.searchsorted(present, ids[mask]) + 1
+        at = Affine.translation(int(origin[1]), int(origin[0]))
         for geom, value in rasterio.features.shapes(compact, mask=mask, connectivity=4, transform=at):
-            parts.setdefault(int(value), []).append(shapely.geometry.shape(geom))
-        for value, polys in parts.items():
-            out[int(members[value - 1])] = polys[0] if len(polys) == 1 else shapely.union_all(polys)
+            rings = [np.asarray(ring, dtype=np.float64) for ring in geom["coordinates"]]
+            polygon = shapely.Polygon(rings[0], rings[1:])
+            self._parts.setdefault(int(present[int(value) - 1]), []).append(polygon)
 
-    single = np.flatnonzero(one_chunk)
-    if len(single):
-        keys = first[single]
-        order = np.lexsort(keys.T[::-1])
-        keys, single = keys[order], single[order]
-        breaks = np.flatnonzero((keys[1:] != keys[:-1]).any(axis=1)) + 1
-        for group in np.split(np.arange(len(single)), breaks):
-            origin = keys[group[0]] * chunks
-            stop = np.minimum(origin + chunks, array.shape)
-            window = array[tuple(slice(int(a), int(b)) for a, b in zip(origin, stop, strict=True))]
-            trace(origin, window, np.sort(single[group]))
-    for k in np.flatnonzero(~one_chunk):
-        window = array[tuple(slice(int(a), int(b) + 1) for a, b in zip(lo[k], hi[k], strict=True))]
-        trace(lo[k], window, np.array([k]))
-    missing = [int(stats["instance_id"][k]) for k in range(n) if out[k] is None]
-    if missing:
-        raise ValueError(f"instances {missing[:5]} have statistics but no pixels in the store: "
-                         "was the store relabelled with another table?")
-    return out
+    def polygons(self, instance_ids: np.ndarray, *, transform: Sequence[float]) -> list[Any]:
+        """The dissolved geometry of each of `instance_ids`, in CRS coordinates.
+
+        Raises:
+            ValueError: ids traced and ids given differ (a store relabelled with another table).
+        """
+        import shapely
+        from shapely.affinity import affine_transform
+
+        wanted = set(map(int, instance_ids))
+        if wanted != set(self._parts):
+            odd = sorted(wanted ^ set(self._parts))[:5]
+            raise ValueError(f"instances {odd} are in the statistics or in the store but not in both: "
+                             "was the store relabelled with another table?")
+        a, b, c, d, e, f = transform
+        out = []
+        for iid in map(int, instance_ids):
+            parts = self._parts[iid]
+            geom = parts[0] if len(parts) == 1 else shapely.union_all(parts)
+            out.append(affine_transform(geom, [a, b, d, e, c, f]))
+        return out
 
 
 def instances_table(scene: str, stats: dict[str, Any], geometries: Sequence[Any], *, grid: GeoGrid,
