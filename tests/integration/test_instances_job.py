@@ -77,3 +77,25 @@ def test_an_instance_job_gives_one_instance_per_object_of_the_whole_scene(tmp_pa
     scenes = pq.read_table(root / "tables" / "scenes" / "objects.parquet").to_pylist()
     assert scenes[0]["n_instances"] == n
     assert run_query(root, "SELECT count(*) AS n FROM instances").column("n")[0].as_py() == n
+
+
+def test_an_instance_model_on_a_volume_fails_that_scene_with_the_reason(tmp_path):
+    import nibabel as nib
+
+    from schemas.job import JobSpec
+
+    data = np.zeros((12, 10, 9), dtype=np.int16)
+    data[2:5, 3:6, 3:6] = 1
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), tmp_path / "ct.nii.gz")
+    model = build_model("instance_oracle", in_channels=1, num_classes=2, arch_args={"threshold": 0.5})
+    card = _save_oracle(model, "instance_oracle", {"threshold": 0.5}, bands=1, num_classes=2, mean=0.0, std=1.0,
+                        tile_size=8, halo=2, out_dir=tmp_path / "model", name="instance-oracle-1band")
+    spec = JobSpec.model_validate({
+        "inputs": [str(tmp_path / "ct.nii.gz")], "model": {"card": str(card)},
+        "tiling": {"volume_chunk_size": 8, "halo": 2, "tile_size": 8},
+        "resources": {"actors": 1, "torch_threads": 1}, "output": {"root": str(tmp_path / "out")},
+    })
+    result = run_job(spec, base_dir=tmp_path)
+    (scene,) = result.scenes
+    assert scene.status == "failed"
+    assert "ct.nii.gz" in scene.error and "instance outputs are written for 2D scenes only" in scene.error
