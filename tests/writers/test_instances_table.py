@@ -234,3 +234,15 @@ def test_the_instances_dtype_grows_to_uint64_past_uint32_ids(tmp_path):
     assert array.dtype == np.uint64
     write_instance_chunk(tmp_path / "big.zarr", (slice(0, 256), slice(0, 256)), np.full((256, 256), 2**33, np.uint64))
     assert int(array[0, 0]) == 2**33
+
+
+def test_a_scene_without_a_crs_has_a_null_geoparquet_crs_and_no_lon_lat(tmp_path, scene):
+    """GeoParquet reads a missing `crs` as OGC:CRS84; a scene without a CRS says null (unknown)."""
+    truth, ctx = scene
+    write_instances(tmp_path, "nocrs", zarr_path=Path(ctx.zarr_path), work_dir=Path(ctx.work_dir),
+                    indices=[w.index for w in plan_chunks(truth.shape, CHUNK, HALO)], grid_shape=ctx.grid_shape,
+                    grid=GeoGrid(transform=TRANSFORM, crs_wkt=None), class_names=CLASS_NAMES)
+    table = pq.read_table(tmp_path / "tables" / "instances" / "nocrs.parquet")
+    geo = json.loads(table.schema.metadata[b"geo"])
+    assert "crs" in geo["columns"]["geometry"] and geo["columns"]["geometry"]["crs"] is None
+    assert table.column("centroid_lon").null_count == table.num_rows > 0
