@@ -66,6 +66,24 @@ KEY_CRS_WKT = "crs_wkt"  # 2D
 KEY_TRANSFORM = "transform"  # 2D: affine (a, b, c, d, e, f) as rasterio/affine orders it
 KEY_AFFINE = "affine"  # 3D: 4x4 voxel (i, j, k) -> scanner RAS mm, row-major, float64
 KEY_SPACING_MM = "spacing_mm"  # 3D: voxel size per array axis (z, y, x), mm
+KEY_OVERVIEWS = "overviews"  # list of level records (level, path, shape, factors, cumulative, grid keys)
+KEY_CLASS_COLORS = "class_colors"  # '#rrggbb' per class id (the card's, or its default palette)
+
+# Overview levels 1, 2, ... of `classes`: `overviews/<level>/classes` (see `level_path`).
+OVERVIEWS = "overviews"
+RESAMPLING_MODE = "mode"  # most frequent class per block, ties to the lowest id (pipelines.plan.pyramid)
+# 2D: the Zarr "multiscales" convention v0.1.0 (zarr-conventions/multiscales, the one GeoZarr
+# adopts): root attribute `multiscales` = {"layout": [...], "resampling_method": "mode"}, declared
+# in the root's `zarr_conventions` list.
+MULTISCALES_ATTR = "multiscales"
+ZARR_CONVENTIONS_ATTR = "zarr_conventions"
+MULTISCALES_CONVENTION = {
+    "uuid": "d35379db-88df-4056-af3a-620245f8e347",
+    "schema_url": "https://raw.githubusercontent.com/zarr-conventions/multiscales/refs/tags/v0.1.0/schema.json",
+    "spec_url": "https://github.com/zarr-conventions/multiscales/blob/v0.1.0/README.md",
+    "name": "multiscales",
+    "description": "Multiscale layout of zarr datasets",
+}
 
 STORE_STATUS_PARTIAL = "partial"
 STORE_STATUS_COMPLETE = "complete"
@@ -78,6 +96,30 @@ OME_SPACE_UNIT = "millimeter"
 # Relative tolerance between a VolumeGrid's spacing and its affine's column norms: NIfTI keeps
 # pixdim and the sform apart, both float32, so they agree only to a few float32 ulps.
 SPACING_RTOL = 1e-4
+
+
+def level_path(level: int) -> str:
+    """Path of `classes` at overview `level` inside a store: `classes` (0), `overviews/<level>/classes`."""
+    return CLASSES if level == 0 else f"{OVERVIEWS}/{level}/{CLASSES}"
+
+
+def hex_to_rgba(color: str, alpha: int = 255) -> list[int]:
+    """'#rrggbb' -> [r, g, b, alpha], integers 0..255 (OME-Zarr image-label `rgba`)."""
+    return [int(color[i:i + 2], 16) for i in (1, 3, 5)] + [int(alpha)]
+
+
+def ome_image_label(class_names: tuple[str, ...] | list[str], class_colors: tuple[str, ...] | list[str]
+                    ) -> dict[str, Any]:
+    """The OME-Zarr 0.5 `image-label` object of a class mask: one opaque colour per class id,
+    nodata (255) transparent, and each class id's name under `properties`."""
+    colors = [{"label-value": k, "rgba": hex_to_rgba(c)} for k, c in enumerate(class_colors)]
+    colors.append({"label-value": NODATA_CLASS, "rgba": [0, 0, 0, 0]})
+    return {
+        "version": OME_VERSION,
+        "colors": colors,
+        "properties": [{"label-value": k, "name": name} for k, name in enumerate(class_names)]
+        + [{"label-value": NODATA_CLASS, "name": "nodata"}],
+    }
 
 
 def _finite_float(value: Any, field: str) -> float:
@@ -140,6 +182,14 @@ class GeoGrid:
     def tessera_attributes(self) -> dict[str, Any]:
         """The grid's keys inside attrs[TESSERA_ATTR], in their stored order."""
         return {KEY_CRS_WKT: self.crs_wkt, KEY_TRANSFORM: list(self.transform)}
+
+    def level(self, cumulative: tuple[int, ...]) -> GeoGrid:
+        """The grid of an overview level whose pixel covers ``cumulative = (fy, fx)`` pixels of
+        this one: the affine's columns scaled, ``(a*fx, b*fy, c, d*fx, e*fy, f)``; the top-left
+        corner stays where it is (exact for rotated grids too)."""
+        a, b, c, d, e, f = self.transform
+        fy, fx = cumulative
+        return GeoGrid(transform=(a * fx, b * fy, c, d * fx, e * fy, f), crs_wkt=self.crs_wkt)
 
     def group_attributes(self) -> dict[str, Any]:
         """Root group attributes beside TESSERA_ATTR: none in 2D."""
@@ -236,6 +286,49 @@ class VolumeGrid:
                     return False
         return True
 
+    def level(self, cumulative: tuple[int, ...]) -> VolumeGrid:
+        """The grid of an overview level whose voxel covers ``cumulative = (fz, fy, fx)`` voxels
+        of this one: ``A_l = A @ [[diag(f), (f - 1) / 2], [0, 1]]``, so level voxel ``i`` has its
+        centre at level-0 index ``f*i + (f - 1)/2``, the centre of the block it summarises."""
+        f = np.asarray(cumulative, dtype=np.float64)
+        step = np.eye(4)
+        step[:3, :3] = np.diag(f)
+        step[:3, 3] = (f - 1) / 2
+        affine = np.asarray(self.affine, dtype=np.float64) @ step
+        return VolumeGrid(affine=affine, spacing_mm=tuple(s * k for s, k in zip(self.spacing_mm, cumulative)))
+
+    def ome_multiscales(self, levels: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
+        """The OME-Zarr 0.5 `ome` object of a root group whose image levels are `levels`, each
+        ``(dataset path, cumulative factor per axis)``, level 0 (factors 1) first.
+
+        Per level: `scale` = spacing_mm x factor; a `translation` to the level's first voxel
+        centre, ``t0 + (factor - 1) / 2 x spacing_mm`` per axis, where ``t0`` is the origin as
+        (S, A, R) for an axis-aligned affine and 0 otherwise (level 0 of an oblique or flipped
+        volume keeps the scale alone, see `ome_attributes`). `type` "mode" names the
+        downsampling (pipelines.plan.pyramid).
+        """
+        axes = [{"name": name, "type": "space", "unit": OME_SPACE_UNIT} for name in DIMENSIONS_3D]
+        if self.is_axis_aligned:
+            r, a, s = self.origin_mm
+            origin = (s, a, r)
+        else:
+            origin = None
+        datasets = []
+        for path, factors in levels:
+            transforms: list[dict[str, Any]] = [
+                {"type": "scale", "scale": [sp * f for sp, f in zip(self.spacing_mm, factors)]}]
+            if origin is not None or any(f != 1 for f in factors):
+                base = origin or (0.0, 0.0, 0.0)
+                transforms.append({"type": "translation", "translation": [
+                    t + (f - 1) / 2 * sp for t, f, sp in zip(base, factors, self.spacing_mm)]})
+            datasets.append({"path": path, "coordinateTransformations": transforms})
+        multiscale: dict[str, Any] = {"name": CLASSES, "axes": axes, "datasets": datasets}
+        if len(levels) > 1:
+            multiscale.update(type=RESAMPLING_MODE, metadata={
+                "description": "most frequent class of each 2x2x2 (or 1x2x2 on an already coarse axis) block, "
+                               "nodata (255) only where the whole block is nodata, ties to the lowest class id"})
+        return {"version": OME_VERSION, "multiscales": [multiscale]}
+
     def ome_attributes(self, dataset_path: str) -> dict[str, Any]:
         """The OME-Zarr 0.5 `ome` object of a root group whose one image level is `dataset_path`.
 
@@ -246,14 +339,7 @@ class VolumeGrid:
         the scale alone: OME readers then place the volume in index * spacing space, and the
         exact 4x4 affine is only in attrs[TESSERA_ATTR][KEY_AFFINE].
         """
-        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": list(self.spacing_mm)}]
-        if self.is_axis_aligned:
-            r, a, s = self.origin_mm
-            transforms.append({"type": "translation", "translation": [s, a, r]})
-        axes = [{"name": name, "type": "space", "unit": OME_SPACE_UNIT} for name in DIMENSIONS_3D]
-        multiscale = {"name": dataset_path, "axes": axes,
-                      "datasets": [{"path": dataset_path, "coordinateTransformations": transforms}]}
-        return {"version": OME_VERSION, "multiscales": [multiscale]}
+        return self.ome_multiscales([(dataset_path, (1, 1, 1))])
 
     def tessera_attributes(self) -> dict[str, Any]:
         """The grid's keys inside attrs[TESSERA_ATTR]: the exact affine and the spacing."""
