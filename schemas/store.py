@@ -72,17 +72,25 @@ KEY_CLASS_COLORS = "class_colors"  # '#rrggbb' per class id (the card's, or its 
 # Overview levels 1, 2, ... of `classes`: `overviews/<level>/classes` (see `level_path`).
 OVERVIEWS = "overviews"
 RESAMPLING_MODE = "mode"  # most frequent class per block, ties to the lowest id (pipelines.plan.pyramid)
-# 2D: the Zarr "multiscales" convention v0.1.0 (zarr-conventions/multiscales, the one GeoZarr
-# adopts): root attribute `multiscales` = {"layout": [...], "resampling_method": "mode"}, declared
-# in the root's `zarr_conventions` list.
+# 2D: the Zarr conventions GeoZarr builds on (github.com/zarr-conventions): "multiscales" (v1) lists
+# the levels in the root attribute `multiscales` = {"layout": [...], "resampling_method": "mode"},
+# each layout item with the level's absolute `spatial:transform` and `spatial:shape` from the
+# "spatial" convention (v0.1); both are declared in the root's `zarr_conventions` list.
 MULTISCALES_ATTR = "multiscales"
 ZARR_CONVENTIONS_ATTR = "zarr_conventions"
 MULTISCALES_CONVENTION = {
+    "schema_url": "https://raw.githubusercontent.com/zarr-conventions/multiscales/refs/tags/v1/schema.json",
+    "spec_url": "https://github.com/zarr-conventions/multiscales/blob/v1/README.md",
     "uuid": "d35379db-88df-4056-af3a-620245f8e347",
-    "schema_url": "https://raw.githubusercontent.com/zarr-conventions/multiscales/refs/tags/v0.1.0/schema.json",
-    "spec_url": "https://github.com/zarr-conventions/multiscales/blob/v0.1.0/README.md",
     "name": "multiscales",
     "description": "Multiscale layout of zarr datasets",
+}
+SPATIAL_CONVENTION = {
+    "schema_url": "https://raw.githubusercontent.com/zarr-conventions/spatial/refs/tags/v0.1/schema.json",
+    "spec_url": "https://github.com/zarr-conventions/spatial/blob/v0.1/README.md",
+    "uuid": "689b58e2-cf7b-45e0-9fff-9cfc0883d6b4",
+    "name": "spatial",
+    "description": "Spatial coordinate information",
 }
 
 STORE_STATUS_PARTIAL = "partial"

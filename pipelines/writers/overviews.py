@@ -156,21 +156,23 @@ def _write_level_metadata(zarr_path: Path, grid: layout.Grid, levels: Sequence[P
         group.attrs[layout.OME_ATTR] = ome
         return
     layout_entries = []
-    for level in levels:
+    for level, record in zip(levels, records):
         entry: dict[str, Any] = {"asset": layout.level_path(level.level)}
         if level.level:
             entry["derived_from"] = layout.level_path(level.level - 1)
             entry["resampling_method"] = layout.RESAMPLING_MODE
         entry["transform"] = {"scale": [float(f) for f in level.factors], "translation": [0.0] * len(level.factors)}
-        records_level = records[level.level]
-        entry["shape"] = records_level["shape"]
-        entry["tessera:transform"] = records_level[layout.KEY_TRANSFORM]
+        entry["spatial:transform"] = record[layout.KEY_TRANSFORM]
+        entry["spatial:shape"] = record["shape"]
         layout_entries.append(entry)
-    conventions = [c for c in group.attrs.get(layout.ZARR_CONVENTIONS_ATTR, [])
-                   if c.get("uuid") != layout.MULTISCALES_CONVENTION["uuid"]]
+    declared = {layout.MULTISCALES_CONVENTION["uuid"], layout.SPATIAL_CONVENTION["uuid"]}
+    conventions = [c for c in group.attrs.get(layout.ZARR_CONVENTIONS_ATTR, []) if c.get("uuid") not in declared]
     group.attrs.update({
-        layout.ZARR_CONVENTIONS_ATTR: [*conventions, layout.MULTISCALES_CONVENTION],
+        layout.ZARR_CONVENTIONS_ATTR: [*conventions, layout.MULTISCALES_CONVENTION, layout.SPATIAL_CONVENTION],
         layout.MULTISCALES_ATTR: {"layout": layout_entries, "resampling_method": layout.RESAMPLING_MODE},
+        "spatial:dimensions": list(layout.DIMENSIONS_2D),
+        "spatial:transform": records[0][layout.KEY_TRANSFORM],
+        "spatial:shape": records[0]["shape"],
     })
 
 
