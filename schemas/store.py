@@ -10,21 +10,53 @@ Layout (2D, GeoGrid): GeoZarr-style CF metadata that xarray + rioxarray read.
   spatial_ref   0-d int32 CF grid-mapping variable: crs_wkt, spatial_ref, GeoTransform.
   `classes` carries `grid_mapping`, `flag_values`, `flag_meanings`; attrs[TESSERA_ATTR] holds
   `crs_wkt` and `transform`.
+  overviews/<l>/ (l = 1, 2, ...; written when the scene is finished, before it is complete)
+                one CF dataset per level: `classes` (mode of 2x2 blocks of level l-1, see
+                `pipelines.plan.pyramid`), `x`, `y`, and a `spatial_ref` whose GeoTransform is
+                the level's: pixel size x 2^l, same top-left corner (`GeoGrid.level`). Levels go
+                on until one fits in one chunk; ``xr.open_zarr(store, group="overviews/2")``
+                opens one georeferenced. Root attributes list them in the Zarr conventions
+                GeoZarr builds on: `zarr_conventions` declares "multiscales" (v1) and "spatial"
+                (v0.1); `multiscales.layout` has one item per level, level 0 first, with
+                `asset` (the array path, `level_path`), `derived_from` (the level before),
+                `transform` {scale [2, 2] relative to it, translation [0, 0]: pixel corners
+                coincide}, `resampling_method` "mode", and the level's absolute
+                `spatial:transform` (a, b, c, d, e, f) and `spatial:shape`; the root has
+                `spatial:dimensions` ["y", "x"], `spatial:transform` and `spatial:shape` of
+                level 0. The CRS stays in each level's CF `spatial_ref` (no "proj" convention).
+                (Checked against the conventions' JSON schemas with jsonschema.)
+  An odd size gives the last row/column of a level a block cut short; that pixel still has
+  the level's pixel size, so a level's extent may reach past the scene's by less than one of
+  its pixels.
 
 Layout (3D, VolumeGrid): OME-Zarr 0.5 as far as it fits a store that holds no source image.
   classes       (z, y, x) uint8, fill 255; dimension_names == the OME axes names.
   probabilities (class, z, y, x) float16, optional; NaN fill (not part of the OME image).
-  Root attrs[OME_ATTR] = {"version": "0.5", "multiscales": [one level whose dataset path is
-  `classes`, axes z/y/x of type space in millimeter, a `scale` (= spacing) and, when the
-  affine is axis-aligned, a `translation`]} (see `VolumeGrid.ome_attributes`).
+  overviews/<l>/classes  level l (mode of 2x2x2 blocks, or 1x2x2 where an axis is already
+                coarse: an axis is halved while its spacing is below twice the finest, see
+                `pipelines.plan.pyramid.plan_pyramid`), until a level fits in one chunk.
+  Root attrs[OME_ATTR] = {"version": "0.5", "multiscales": [one multiscale named `classes`,
+  axes z/y/x of type space in millimeter, one dataset per level (level 0 = `classes`, then
+  `overviews/<l>/classes`) whose `coordinateTransformations` are a `scale` (= spacing x the
+  level's factor per axis) and a `translation` to the level's first voxel centre (origin +
+  (factor - 1) / 2 x spacing; the origin term only when the affine is axis-aligned, level 0 of
+  an oblique volume has no translation), `type` "mode"], "image-label": {"version": "0.5",
+  "colors": [{"label-value": k, "rgba": card colour, opaque}, ..., {255: transparent}],
+  "properties": [{"label-value": k, "name": class name}, ...]}} (see
+  `VolumeGrid.ome_multiscales`, `ome_image_label`); before the levels exist (a partial store)
+  `multiscales` lists level 0 alone and there is no image-label.
   attrs[TESSERA_ATTR] holds the exact 4x4 `affine` (float64, row-major) and `spacing_mm`.
   No x/y/z coordinate arrays and no spatial_ref: an oblique affine has no 1-D coordinates.
-  `classes` stays at the root, not under `labels/<name>`: OME-Zarr 0.5 nests a "labels" group
-  inside an *image* group whose resolution levels the label image must match, and these
-  stores hold no source image. Moving the label volume to `labels/classes` (with
-  `image-label` colours from class ids) is a follow-up for when the store also carries the
-  image, or a `source` link to it; until then both layouts keep `classes` at the root and
-  `write_chunk` needs no per-store path.
+  OME-Zarr clauses: the root is a valid 0.5 image (multiscales: axes, ordered datasets with
+  exactly one scale and at most one translation after it) and a valid label image (integer
+  pixels, `image-label` with `colors`, `properties`, `version`); ome-zarr-models 1.7 accepts it
+  as both `Image` and `ImageLabel`. Not held: the spec nests label images in a "labels" group
+  inside the image they annotate (`labels/<name>` listed in `labels/zarr.json`, with
+  `source.image` pointing back); these stores hold no source image, so the label volume is the
+  root image itself, with `image-label` beside its `multiscales` and no `source`. Readers that
+  recognise a label image by its `image-label` (ome-zarr-py's Label node) find it at the root;
+  readers that only look under `labels/` do not. Moving it to `labels/classes` is for when the
+  store also carries the image.
 
 Both layouts keep the tessera provenance under the TESSERA_ATTR key of the root group.
 """
