@@ -17,6 +17,7 @@ odd edge the block is cut short and the mode is taken over the pixels it has.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,7 +103,8 @@ def mode_downsample(block: np.ndarray, factors: Sequence[int], *, nodata: int = 
         ``ceil(n / f)`` per axis, uint8: the most frequent non-nodata class of each block, the
         lowest class id among equally frequent ones, `nodata` where the block holds nothing else.
 
-    Memory: a few arrays of ``block.size`` (the padded block and one comparison at a time).
+    Memory: the block (padded at an odd edge), ``prod(factors)`` uint8 vote counts and a few int32
+    arrays of the output's size: for a 2x2 block about 4x the block's bytes.
     """
     factors = tuple(int(f) for f in factors)
     if block.ndim != len(factors) or min(factors, default=0) < 1:
@@ -112,17 +114,20 @@ def mode_downsample(block: np.ndarray, factors: Sequence[int], *, nodata: int = 
     out_shape = tuple(-(-n // f) for n, f in zip(block.shape, factors))
     pad = [(0, o * f - n) for o, f, n in zip(out_shape, factors, block.shape)]
     padded = np.pad(block, pad, constant_values=nodata) if any(p for _, p in pad) else block
-    # (o0, f0, o1, f1, ...) -> (o0, o1, ..., f0 * f1 * ...): one row of candidates per output pixel
-    split = padded.reshape(tuple(x for pair in zip(out_shape, factors) for x in pair))
-    ndim = len(factors)
-    votes = split.transpose(tuple(range(0, 2 * ndim, 2)) + tuple(range(1, 2 * ndim, 2))).reshape(*out_shape, -1)
+    # one strided view per position in the block: candidates[i][o] is the i-th pixel of block o
+    candidates = [padded[tuple(slice(offset, None, f) for offset, f in zip(offsets, factors))]
+                  for offsets in itertools.product(*(range(f) for f in factors))]
+    # votes per candidate from the pairwise equalities (n(n-1)/2 comparisons of output size)
+    counts = [np.ones(out_shape, dtype=np.uint8) for _ in candidates]  # <= prod(factors) votes
+    for i, j in itertools.combinations(range(len(candidates)), 2):
+        same = candidates[i] == candidates[j]
+        counts[i] += same
+        counts[j] += same
     best_key = np.full(out_shape, -1, dtype=np.int32)
     best = np.full(out_shape, nodata, dtype=np.uint8)
-    for i in range(votes.shape[-1]):
-        candidate = votes[..., i]
-        count = (votes == candidate[..., None]).sum(axis=-1, dtype=np.int32)
+    for candidate, count in zip(candidates, counts):
         # key: more votes first, then the lower class id; nodata never wins
-        key = np.where(candidate == nodata, -1, count * 256 + (255 - candidate.astype(np.int32)))
+        key = np.where(candidate == nodata, -1, count.astype(np.int32) * 256 + (255 - candidate.astype(np.int32)))
         better = key > best_key
         best_key[better] = key[better]
         best[better] = candidate[better]
