@@ -3,9 +3,9 @@ and a legend; `<root>/quicklooks/<scene>.png`, written by the job when a scene i
 
 - 2D (`write_quicklook_2d`): the coarsest overview level whose long side is at least
   `QUICKLOOK_MIN_SIDE` px (level 0 only when the scene itself is no bigger), and the input read
-  at that level's size: a GeoTIFF through rasterio's ``out_shape`` read (GDAL takes the file's
-  overviews when it has them, else decimates while reading, nearest neighbour). Other 2D formats
-  get the mask over a grey background.
+  at that level's size through the reader's `read_decimated` (GeoTIFF: rasterio's ``out_shape``
+  read; GDAL takes the file's overviews when it has them, else decimates the full-resolution
+  blocks while reading, nearest neighbour). A format without one gets the mask over grey.
 - 3D (`write_quicklook_3d`): three orthogonal mid slices of the array axes (z, y, x): the
   z = mid plane ("axial" for an axis-aligned scan), y = mid ("coronal") and x = mid ("sagittal"),
   each read through the scene's reader as a one-voxel-thick window, drawn with pixels stretched
@@ -26,7 +26,7 @@ import numpy as np
 import zarr
 from PIL import Image, ImageDraw
 
-from pipelines.readers import SceneInfo, read_window
+from pipelines.readers import READERS, SceneInfo, read_window
 from pipelines.writers.atomic import atomic_path
 from schemas import store as layout
 from schemas.window import ChunkWindow
@@ -96,23 +96,12 @@ def _file_bands(model_bands: Sequence[int], job_bands: Sequence[int] | None) -> 
 
 
 def _read_decimated(info: SceneInfo, bands: list[int], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
-    """(B, h, w) pixels and (h, w) valid of a 2D scene at `shape`, or None for a format without
-    decimated reads (only GDAL rasters have them here)."""
-    if info.format != "geotiff":
+    """(B, h, w) pixels and (h, w) valid of a 2D scene at `shape` through its reader's
+    `read_decimated`, or None for a reader without one (only GDAL rasters have it)."""
+    reader = READERS[info.format]
+    if not hasattr(reader, "read_decimated"):
         return None
-    import rasterio
-    from rasterio.enums import Resampling
-
-    with rasterio.open(info.path) as ds:
-        pixels = ds.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.nearest)
-    if np.iscomplexobj(pixels):
-        pixels = np.abs(pixels)
-    valid = np.ones(shape, dtype=bool)
-    if info.nodata is not None:
-        valid &= ~np.all(pixels == info.nodata, axis=0)
-    if pixels.dtype.kind == "f":
-        valid &= np.all(np.isfinite(pixels), axis=0)
-    return pixels, valid
+    return reader.read_decimated(info, shape, bands=tuple(bands))
 
 
 def write_quicklook_2d(zarr_path: Path, out_path: Path, *, info: SceneInfo, model_bands: Sequence[int],
