@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 from pipelines.readers import READERS, SceneInfo, read_window
 from pipelines.writers.atomic import atomic_path
 from schemas import store as layout
+from schemas.model_card import default_class_colors
 from schemas.window import ChunkWindow
 
 QUICKLOOKS_DIR = "quicklooks"
@@ -90,6 +91,12 @@ def with_legend(image: Image.Image, names: Sequence[str], colors: Sequence[str])
     return canvas
 
 
+def _colors(attrs: dict) -> list[str]:
+    """The store's class colours, or the default palette (a store written before it had them)."""
+    names = attrs[layout.KEY_CLASS_NAMES]
+    return list(attrs.get(layout.KEY_CLASS_COLORS) or default_class_colors(len(names)))
+
+
 def _file_bands(model_bands: Sequence[int], job_bands: Sequence[int] | None) -> list[int]:
     """1-based file bands of 0-based model bands (the job's `bands` maps model order -> file)."""
     return [job_bands[b] if job_bands else b + 1 for b in model_bands]
@@ -118,14 +125,16 @@ def write_quicklook_2d(zarr_path: Path, out_path: Path, *, info: SceneInfo, mode
     """
     group = zarr.open_group(str(zarr_path), mode="r")
     attrs = group.attrs[layout.TESSERA_ATTR]
-    record = choose_level(attrs[layout.KEY_OVERVIEWS], min_side)
+    records = attrs.get(layout.KEY_OVERVIEWS) or [  # a store without levels: level 0
+        {"level": 0, "path": layout.CLASSES, "shape": list(group[layout.CLASSES].shape)}]
+    record = choose_level(records, min_side)
     labels = group[record["path"]][:]
     read = _read_decimated(info, _file_bands(model_bands, job_bands), tuple(labels.shape))
     if read is None:
         rgb = np.full((*labels.shape, 3), 128, dtype=np.uint8)
     else:
         rgb = stretch(*read)
-    colors = attrs[layout.KEY_CLASS_COLORS]
+    colors = _colors(attrs)
     image = Image.fromarray(overlay(rgb, labels, colors))
     return _save(with_legend(image, attrs[layout.KEY_CLASS_NAMES], colors), out_path)
 
@@ -147,7 +156,7 @@ def write_quicklook_3d(zarr_path: Path, out_path: Path, *, info: SceneInfo, mode
     attrs = group.attrs[layout.TESSERA_ATTR]
     classes = group[layout.CLASSES]
     spacing = attrs[layout.KEY_SPACING_MM]
-    colors = attrs.get(layout.KEY_CLASS_COLORS) or []
+    colors = _colors(attrs)
     shape = tuple(classes.shape)
     band = _file_bands(model_bands[:1], job_bands)
     panels = []

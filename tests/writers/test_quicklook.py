@@ -13,6 +13,7 @@ from pipelines.writers import quicklook as ql
 from pipelines.writers.overviews import build_overviews
 from pipelines.writers.zarr_masks import create_scene_store, write_chunk
 from schemas import store as layout
+from schemas.model_card import DEFAULT_PALETTE
 from tests.helpers import write_geotiff
 
 NAMES = ("water", "forest", "urban")
@@ -27,7 +28,7 @@ def _blended_on_black(color: str) -> tuple[int, int, int]:
     return tuple(int(round(ql.OVERLAY_ALPHA * v)) for v in _rgb(color))
 
 
-def _scene_and_store(tmp_path, shape=(200, 160), chunk=32):
+def _scene_and_store(tmp_path, shape=(200, 160), chunk=32, overviews=True):
     """A constant 4-band GeoTIFF (it stretches to black, so the overlay is the colours alone at
     OVERLAY_ALPHA) and a store of three class stripes with a nodata corner, with overviews."""
     image = np.full((4, *shape), 5000, dtype=np.uint16)
@@ -41,7 +42,8 @@ def _scene_and_store(tmp_path, shape=(200, 160), chunk=32):
                        grid=layout.GeoGrid(transform=(10.0, 0, 500000.0, 0, -10.0, 5000000.0), crs_wkt="EPSG:32633"),
                        class_names=NAMES, provenance={"fingerprint": "f" * 64})
     write_chunk(path, (slice(0, shape[0]), slice(0, shape[1])), labels)
-    build_overviews(path, class_colors=COLORS)
+    if overviews:
+        build_overviews(path, class_colors=COLORS)
     return open_scene(tif), path
 
 
@@ -63,6 +65,13 @@ def test_2d_quicklook_of_a_small_scene_is_full_resolution(tmp_path):
     info, path = _scene_and_store(tmp_path, shape=(60, 50))
     out = ql.write_quicklook_2d(path, tmp_path / "s.png", info=info, model_bands=(0,))
     assert Image.open(out).size == (50 + ql.LEGEND_WIDTH, max(60, ql.LEGEND_ROW * 4))
+
+
+def test_a_store_without_levels_or_colours_gets_a_full_resolution_quicklook_in_the_palette(tmp_path):
+    info, path = _scene_and_store(tmp_path, shape=(60, 50), overviews=False)
+    png = np.asarray(Image.open(ql.write_quicklook(path, tmp_path / "s.png", info=info, model_bands=(0, 1, 2))))
+    assert png.shape[:2] == (max(60, ql.LEGEND_ROW * 4), 50 + ql.LEGEND_WIDTH)
+    assert tuple(png[ql.LEGEND_ROW // 2 + 2, 50 + 8, :3]) == _rgb(DEFAULT_PALETTE[0])
 
 
 def test_choose_level_and_stretch():
