@@ -24,7 +24,8 @@ Layout (2D, GeoGrid): GeoZarr-style CF metadata that xarray + rioxarray read.
                 `spatial:transform` (a, b, c, d, e, f) and `spatial:shape`; the root has
                 `spatial:dimensions` ["y", "x"], `spatial:transform` and `spatial:shape` of
                 level 0. The CRS stays in each level's CF `spatial_ref` (no "proj" convention).
-                (Checked against the conventions' JSON schemas with jsonschema.)
+                (A written store validated against the two conventions' JSON schemas with
+                jsonschema, by hand: the schemas are not vendored, so no test repeats it.)
   An odd size gives the last row/column of a level a block cut short; that pixel still has
   the level's pixel size, so a level's extent may reach past the scene's by less than one of
   its pixels.
@@ -49,8 +50,9 @@ Layout (3D, VolumeGrid): OME-Zarr 0.5 as far as it fits a store that holds no so
   No x/y/z coordinate arrays and no spatial_ref: an oblique affine has no 1-D coordinates.
   OME-Zarr clauses: the root is a valid 0.5 image (multiscales: axes, ordered datasets with
   exactly one scale and at most one translation after it) and a valid label image (integer
-  pixels, `image-label` with `colors`, `properties`, `version`); ome-zarr-models 1.7 accepts it
-  as both `Image` and `ImageLabel`. Not held: the spec nests label images in a "labels" group
+  pixels, `image-label` with `colors`, `properties`, `version`); ome-zarr-models 1.7 accepted a
+  written store as both `Image` and `ImageLabel` (checked by hand in a separate environment: it
+  pins pydantic < 2.13, older than tessera's, so it is not a test dependency). Not held: the spec nests label images in a "labels" group
   inside the image they annotate (`labels/<name>` listed in `labels/zarr.json`, with
   `source.image` pointing back); these stores hold no source image, so the label volume is the
   root image itself, with `image-label` beside its `multiscales` and no `source`. Readers that
