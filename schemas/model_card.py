@@ -17,9 +17,9 @@ from schemas.errors import ModelCardError
 
 CARD_VERSION = 1
 
-#: Colours of classes whose card gives none, by class id modulo its length: matplotlib's
-#: "tab10" (distinct, colour-blind tolerant), fixed here so every store and quicklook of a card
-#: shows the same colours without matplotlib.
+#: Colours of class ids 0-9 whose card gives none: matplotlib's "tab10" (distinct, colour-blind
+#: tolerant), fixed here so every store, quicklook and export of a card shows the same colours
+#: without matplotlib; ids from 10 on walk the hue circle by the golden angle (`default_class_colors`).
 DEFAULT_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
@@ -251,9 +251,16 @@ class ModelCard(BaseModel):
 
 
 def default_class_colors(n_classes: int) -> tuple[str, ...]:
-    """'#rrggbb' of class ids 0..n_classes-1 from DEFAULT_PALETTE (cycled): deterministic, so
-    stores written without colours (and their quicklooks) agree."""
-    return tuple(DEFAULT_PALETTE[k % len(DEFAULT_PALETTE)] for k in range(n_classes))
+    """'#rrggbb' of class ids 0..n_classes-1: DEFAULT_PALETTE, then hue ``k * 0.618...`` (mod 1)
+    at saturation 0.65, value 0.9. Deterministic, so stores written without colours, their
+    quicklooks and exports agree."""
+    import colorsys
+
+    colors = list(DEFAULT_PALETTE[:n_classes])
+    for k in range(len(DEFAULT_PALETTE), n_classes):
+        r, g, b = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.65, 0.9)
+        colors.append(f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}")
+    return tuple(colors)
 
 
 def parse_model_card(text: str, *, source: str) -> ModelCard:

@@ -88,7 +88,8 @@ def test_class_colours_default_to_the_palette_and_quicklook_bands_to_the_first_t
     card = parse_model_card(_card(classes=[{"id": 0, "name": "a", "color": "#00ff00"}, {"id": 1, "name": "b"}]),
                             source="card.json")
     assert card.class_colors == ("#00ff00", DEFAULT_PALETTE[1])
-    assert default_class_colors(12)[10:] == DEFAULT_PALETTE[:2]  # cycled, deterministic
+    more = default_class_colors(40)  # the palette, then a golden-angle hue walk: distinct, deterministic
+    assert more[:10] == DEFAULT_PALETTE and len(set(more)) == 40 and more == default_class_colors(40)
     assert card.quicklook_model_bands == (0,)  # two bands: grey from the first
     assert parse_model_card(_card(quicklook_bands=[2]), source="c").quicklook_model_bands == (1,)
 
