@@ -187,4 +187,7 @@ def test_add_overviews_upgrades_a_complete_store_and_refuses_a_partial_one(tmp_p
     meta = json.loads((path / "zarr.json").read_text())
     assert meta["attributes"][layout.TESSERA_ATTR][layout.KEY_STATUS] == layout.STORE_STATUS_COMPLETE
     assert "overviews/1/classes" in meta["consolidated_metadata"]["metadata"]
-    assert zarr.open_array(str(path), path="overviews/1/classes").shape == (35, 35)
+    level1 = zarr.open_array(str(path), path="overviews/1/classes")[:]
+    assert level1.shape == (35, 35)
+    add_overviews(path)  # again, over its own consolidated metadata: the same levels
+    np.testing.assert_array_equal(zarr.open_array(str(path), path="overviews/1/classes")[:], level1)
