@@ -17,6 +17,12 @@ from schemas.errors import ModelCardError
 
 CARD_VERSION = 1
 
+#: Colours of class ids 0-9 whose card gives none: matplotlib's "tab10" (distinct, colour-blind
+#: tolerant), fixed here so every store, quicklook and export of a card shows the same colours
+#: without matplotlib; ids from 10 on walk the hue circle by the golden angle (`default_class_colors`).
+DEFAULT_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+                   "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
 #: A finite spacing > 0 (mm).
 SpacingMm = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
@@ -28,7 +34,10 @@ class ClassInfo(BaseModel):
 
     id: int = Field(ge=0, le=254, description="Class id in the output `classes` array (255 is nodata).")
     name: str = Field(min_length=1, description="Human-readable class name.", examples=["water"])
-    color: str = Field(default="#808080", pattern=r"^#[0-9a-fA-F]{6}$", description="Display colour.")
+    color: str | None = Field(
+        default=None, pattern=r"^#[0-9a-fA-F]{6}$",
+        description="Display colour '#rrggbb' (overviews' OME image-label colours, quicklooks). None: the "
+        "class id's entry of DEFAULT_PALETTE.", examples=["#1f77b4"])
 
 
 class BandInfo(BaseModel):
@@ -173,6 +182,11 @@ class ModelCard(BaseModel):
     weights: str = Field(description="Weights file name, relative to the card's folder.")
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the weights file.")
     training: dict[str, Any] = Field(default_factory=dict, description="Free-form provenance.")
+    quicklook_bands: tuple[int, ...] | None = Field(
+        default=None, min_length=1, max_length=3,
+        description="1-based indexes into `bands` (model order) shown in quicklook PNGs: three as "
+        "(red, green, blue), one as grey. None: the first three bands (or the first, with fewer).",
+        examples=[[3, 2, 1]])
 
     @field_validator("version")
     @classmethod
@@ -197,6 +211,14 @@ class ModelCard(BaseModel):
             raise ValueError(f"in_channels is {self.in_channels} but {len(self.bands)} bands are described")
         if self.tile_size % self.stride:
             raise ValueError(f"tile_size {self.tile_size} is not a multiple of stride {self.stride}")
+        if self.quicklook_bands is not None:
+            if len(self.quicklook_bands) == 2:
+                raise ValueError(f"quicklook_bands must be 1 (grey) or 3 (red, green, blue) bands, got "
+                                 f"{list(self.quicklook_bands)}")
+            bad = [b for b in self.quicklook_bands if not 1 <= b <= len(self.bands)]
+            if bad:
+                raise ValueError(f"quicklook_bands {list(self.quicklook_bands)}: {bad} not in 1..{len(self.bands)} "
+                                 "(1-based indexes into `bands`)")
         return self
 
     @property
@@ -212,6 +234,33 @@ class ModelCard(BaseModel):
     @property
     def class_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.classes)
+
+    @property
+    def class_colors(self) -> tuple[str, ...]:
+        """Display colour '#rrggbb' per class id: the card's, else `default_class_colors`' entry."""
+        defaults = default_class_colors(len(self.classes))
+        return tuple(c.color or default for c, default in zip(self.classes, defaults))
+
+    @property
+    def quicklook_model_bands(self) -> tuple[int, ...]:
+        """0-based model-order bands a quicklook shows: `quicklook_bands`, else the first three
+        (one band when the model takes one or two)."""
+        if self.quicklook_bands is not None:
+            return tuple(b - 1 for b in self.quicklook_bands)
+        return (0, 1, 2) if len(self.bands) >= 3 else (0,)
+
+
+def default_class_colors(n_classes: int) -> tuple[str, ...]:
+    """'#rrggbb' of class ids 0..n_classes-1: DEFAULT_PALETTE, then hue ``k * 0.618...`` (mod 1)
+    at saturation 0.65, value 0.9. Deterministic, so stores written without colours, their
+    quicklooks and exports agree."""
+    import colorsys
+
+    colors = list(DEFAULT_PALETTE[:n_classes])
+    for k in range(len(DEFAULT_PALETTE), n_classes):
+        r, g, b = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.65, 0.9)
+        colors.append(f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}")
+    return tuple(colors)
 
 
 def parse_model_card(text: str, *, source: str) -> ModelCard:

@@ -30,6 +30,8 @@ from pipelines.run.stages import (
 from pipelines.stats.partials import ChunkRegions
 from pipelines.writers.instances_table import scene_max_instance_id, write_instances
 from pipelines.writers.nifti_export import export_nifti
+from pipelines.writers.overviews import build_overviews
+from pipelines.writers.quicklook import quicklook_path, write_quicklook
 from pipelines.writers.regions_table import RegionsSummary, write_regions
 from pipelines.writers.tables import write_table, write_table_batches
 from pipelines.writers.zarr_masks import (
@@ -134,7 +136,8 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
 
 
 def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_start: float) -> None:
-    """Merge partial stats, write the scene's tables, and mark its store complete."""
+    """Merge partial stats, write the scene's tables, build its overview levels and quicklook
+    (`<root>/quicklooks/<scene>.png`), and mark its store complete."""
     ctx = outcome.context
     if ctx is None:
         raise OutputError(f"scene {outcome.name}: cannot finish a scene that was never prepared")
@@ -183,6 +186,10 @@ def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, 
     }
     write_table(job.root, "scenes", ctx.name, [outcome.row])
     export_missing(job, ctx.name, Path(ctx.zarr_path), grid, replace=True)
+    # overview levels before the store is complete (a complete store always has them), then a quicklook
+    build_overviews(Path(ctx.zarr_path), class_colors=job.card.class_colors)
+    write_quicklook(Path(ctx.zarr_path), quicklook_path(job.root, ctx.name), info=ctx.info,
+                    model_bands=job.card.quicklook_model_bands, job_bands=ctx.bands)
     mark_complete(Path(ctx.zarr_path))
 
 

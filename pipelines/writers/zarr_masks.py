@@ -147,15 +147,15 @@ def create_scene_store(
                 "nodata": INSTANCE_BACKGROUND,
             }),
         )
-    _write_grid_arrays(grid, group, tuple(shape))
+    write_grid_arrays(grid, group, tuple(shape))
 
 
 @functools.singledispatch
-def _write_grid_arrays(grid: layout.Grid, group: zarr.Group, shape: tuple[int, ...]) -> None:
+def write_grid_arrays(grid: layout.Grid, group: zarr.Group, shape: tuple[int, ...]) -> None:
     """Arrays that describe the grid beside the data arrays (none unless registered below)."""
 
 
-@_write_grid_arrays.register
+@write_grid_arrays.register
 def _(grid: layout.GeoGrid, group: zarr.Group, shape: tuple[int, ...]) -> None:
     """x, y pixel-centre coordinates and the CF `spatial_ref` grid mapping (2D)."""
     a, b, c, d, e, f = grid.transform
