@@ -2,10 +2,11 @@
 (`pipelines.run.fused.FusedChunkActor`, `pipelines.run.split.SplitPredictActor`).
 
 The model loads once per actor in __init__; `predict_windows` maps read windows
-(`schemas.records.ReadWindow`) to predictions of their cores (`schemas.records.Prediction`),
-whole windows batched into forward passes where they fit (Predictor.predict_cores). Windows that
-failed to read or are wholly nodata pass through untouched, and a window the model cannot take
-fails alone, so one bad scene never stops the stream.
+(`schemas.records.ReadWindow`) to predictions of their cores (`schemas.records.Prediction`;
+an instance model's also carry the window's objects, `Prediction.instances`), whole windows
+batched into forward passes where they fit (Predictor.predict_results). Windows that failed
+to read or are wholly nodata pass through untouched, and a window the model cannot take fails
+alone, so one bad scene never stops the stream.
 """
 
 from __future__ import annotations
@@ -46,14 +47,15 @@ class PredictorActor:
         if not read.needs_prediction:
             return Prediction.passed_on(read)
         t0 = time.perf_counter()
-        labels, probs = self.predictor.predict_core(read.pixels, read.valid, core=read.core_in_window,
-                                                    with_probabilities=self.with_probabilities)
-        return Prediction(task=read.task, labels=labels, probabilities=probs, read_s=read.read_s,
-                          predict_s=time.perf_counter() - t0, intensity=read.core_intensity())
+        result = self.predictor.predict_result(read.pixels, read.valid, core=read.core_in_window,
+                                               with_probabilities=self.with_probabilities)
+        return Prediction(task=read.task, labels=result.labels, probabilities=result.probabilities,
+                          read_s=read.read_s, predict_s=time.perf_counter() - t0, intensity=read.core_intensity(),
+                          instances=result.instances)
 
     def predict_batch(self, reads: list[ReadWindow]) -> list[Prediction]:
         """`predict_one` of each window, whole windows batched into forward passes where they fit
-        (Predictor.predict_cores); seconds are the batch's, shared equally by its windows.
+        (Predictor.predict_results); seconds are the batch's, shared equally by its windows.
 
         Raises what a window's prediction raises; `predict_windows` isolates a bad window.
         """
@@ -62,13 +64,14 @@ class PredictorActor:
         if not todo:
             return out
         t0 = time.perf_counter()
-        results = self.predictor.predict_cores(
+        results = self.predictor.predict_results(
             [(reads[i].pixels, reads[i].valid, reads[i].core_in_window) for i in todo],
             with_probabilities=self.with_probabilities)
         seconds = (time.perf_counter() - t0) / len(todo)
-        for i, (labels, probs) in zip(todo, results):
-            out[i] = Prediction(task=reads[i].task, labels=labels, probabilities=probs,
-                                read_s=reads[i].read_s, predict_s=seconds, intensity=reads[i].core_intensity())
+        for i, result in zip(todo, results):
+            out[i] = Prediction(task=reads[i].task, labels=result.labels, probabilities=result.probabilities,
+                                read_s=reads[i].read_s, predict_s=seconds, intensity=reads[i].core_intensity(),
+                                instances=result.instances)
         return out
 
     def predict_windows(self, reads: list[ReadWindow]) -> list[Prediction]:
