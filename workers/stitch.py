@@ -319,15 +319,23 @@ class InstanceStitcher(Stitcher[InstanceResult]):
 
     ``finalize``, in this order:
 
-    1. candidates sorted by descending score (ties: the order they were added in);
+    1. candidates sorted by descending score (ties: the larger mask first, then the order they
+       were added in: a tile that sees an object whole beats one that sees it cut);
     2. duplicates suppressed greedily: a candidate whose mask IoU with a kept one,
        ``|A & B| / |A | B|``, exceeds ``options.iou_threshold`` is dropped (class-agnostic: a
        pixel holds one object whatever its class);
     3. survivors pasted in that order: a candidate takes its mask's pixels that are valid and
        not yet taken (the higher score keeps a shared pixel); one left with fewer than
        ``options.min_pixels`` pixels is dropped and leaves them to the next;
-    4. ids 1..n in paste order; per id its class, score, core pixel count and, where the
-       window's pixels were given, the float64 sums of every raw band over its core pixels.
+    4. ids 1..n in raster order of each object's first pixel in the window (as
+       ``skimage.measure.label`` numbers components; independent of the order of tiles and
+       detections); per id its class, score, core pixel count and, where the window's pixels
+       were given, the float64 sums of every raw band over its core pixels.
+
+    Duplicates are found by IoU: where one tile sees an object whole and another sees a
+    small part of it (the object cut by that tile's border), the part's IoU is low and it
+    survives; when it scores higher, it keeps its pixels and the object is split. Windows
+    that fit one tile (the default for Mask R-CNN and the oracle) have no such cuts.
     """
 
     def __init__(self, window: StitchWindow, *, num_classes: int, options: InstanceOptions = InstanceOptions()):
@@ -454,25 +462,34 @@ class InstanceStitcher(Stitcher[InstanceResult]):
         if not self._added:
             raise RuntimeError("cannot finalize: no output was added for this window")
         self._closed = True
-        candidates = sorted(self._candidates, key=lambda c: (-c.score, c.order))
+        candidates = sorted(self._candidates, key=lambda c: (-c.score, -int(np.count_nonzero(c.mask)), c.order))
         self._candidates = []
         kept = suppress_duplicates(candidates, self.options.iou_threshold)
         window = self.window
         ids = np.zeros(window.shape, dtype=np.uint32)
         valid = window.valid
-        scores: list[float] = []
-        classes: list[int] = []
+        pasted: list[_Candidate] = []
+        first: list[int] = []  # flat window index of each pasted object's first pixel
         for c in kept:
             region = c.slices
             free = c.mask & (ids[region] == 0)
             if valid is not None:
                 free &= valid[region]
-            if int(free.sum()) < self.options.min_pixels:
+            if int(np.count_nonzero(free)) < self.options.min_pixels:
                 continue
-            scores.append(c.score)
-            classes.append(c.class_id)
-            ids[region][free] = len(scores)
-        n = len(scores)
+            pasted.append(c)
+            ids[region][free] = len(pasted)
+            at = np.unravel_index(int(np.argmax(free)), free.shape)  # C order: the first in raster order
+            first.append(int(np.ravel_multi_index(tuple(o + a for o, a in zip(c.origin, at)), window.shape)))
+        n = len(pasted)
+        order = np.argsort(np.array(first, dtype=np.int64), kind="stable")
+        if n and (order != np.arange(n)).any():  # renumber in raster order of first pixels
+            lut = np.zeros(n + 1, dtype=np.uint32)
+            lut[order + 1] = np.arange(1, n + 1, dtype=np.uint32)
+            ids = lut[ids]
+        pasted = [pasted[i] for i in order]
+        scores = [c.score for c in pasted]
+        classes = [c.class_id for c in pasted]
         core = window.core_slices
         core_ids = ids[core]
         flat = core_ids.ravel()

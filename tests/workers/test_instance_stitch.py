@@ -65,11 +65,11 @@ def test_duplicates_of_overlapping_tiles_are_suppressed_by_mask_iou_in_window_co
     right = _detections([obj[:, 8:20], other[:, 8:20]], [0.8, 0.75], [2, 3])
     result = _stitch(window, [(0, 0), (0, 8)], [left, right])
     inst = result.instances
-    assert inst.count == 2
-    np.testing.assert_allclose(inst.score, [0.8, 0.75])
-    np.testing.assert_array_equal(inst.class_id, [2, 3])  # the higher-scoring duplicate's class
-    np.testing.assert_array_equal(inst.ids == 1, obj > 0)
-    np.testing.assert_array_equal(inst.ids == 2, (other > 0) & ~(obj > 0))  # the disc keeps the shared pixels
+    assert inst.count == 2  # ids in raster order of first pixels: `other` (row 1) is 1, the disc (row 3) 2
+    np.testing.assert_allclose(inst.score, [0.75, 0.8])
+    np.testing.assert_array_equal(inst.class_id, [3, 2])  # the disc has the higher-scoring duplicate's class
+    np.testing.assert_array_equal(inst.ids == 2, obj > 0)
+    np.testing.assert_array_equal(inst.ids == 1, (other > 0) & ~(obj > 0))  # the disc keeps the shared pixels
     # a lower IoU threshold also suppresses the overlapping second object
     assert _stitch(window, [(0, 0), (0, 8)], [left, right], iou_threshold=0.02).instances.count == 1  # IoU 1 / 36
     # with IoU threshold 1 nothing is a duplicate: the lower-scoring copy keeps no pixel of its own
@@ -135,12 +135,29 @@ def test_core_pixels_and_band_sums_equal_numpy_over_the_core():
     np.testing.assert_array_equal(result.labels == 255, ~valid[core])
 
 
-def test_label_images_keep_raster_order_and_any_ids():
+def test_ids_are_numbered_in_raster_order_whatever_the_plugin_ids_and_scores():
     ids = np.array([[0, 5, 5, 0], [0, 0, 0, 0], [300, 0, 0, 2]])
     inst = _stitch(StitchWindow((3, 4)), [(0, 0)], [LabelImage(ids)]).instances
-    np.testing.assert_array_equal(inst.ids, [[0, 2, 2, 0], [0, 0, 0, 0], [3, 0, 0, 1]])  # by id, ties stable
+    np.testing.assert_array_equal(inst.ids, [[0, 1, 1, 0], [0, 0, 0, 0], [2, 0, 0, 3]])
     np.testing.assert_array_equal(inst.score, [1, 1, 1])
     np.testing.assert_array_equal(inst.class_id, [1, 1, 1])
+    scores = np.zeros(300)
+    scores[[1, 4, 299]] = [0.9, 0.6, 0.7]  # ids 2, 5, 300
+    inst = _stitch(StitchWindow((3, 4)), [(0, 0)], [LabelImage(ids, scores=scores)]).instances
+    np.testing.assert_array_equal(inst.ids, [[0, 1, 1, 0], [0, 0, 0, 0], [2, 0, 0, 3]])
+    np.testing.assert_allclose(inst.score, [0.6, 0.7, 0.9])
+
+
+def test_a_tile_seeing_an_object_whole_beats_one_seeing_it_cut_at_equal_scores():
+    # Window 6 x 10, tiles 6 x 6 at columns 0 and 4. An object at columns 4..7: the first tile
+    # sees columns 4..5 of it (cut), the second the whole object. Equal scores: the larger
+    # mask is pasted first, the cut copy has no pixel left and is dropped.
+    obj = np.zeros((6, 10), np.int32)
+    obj[2:4, 4:8] = 1
+    inst = _stitch(StitchWindow((6, 10)), [(0, 0), (0, 4)], [LabelImage(obj[:, 0:6]), LabelImage(obj[:, 4:10])],
+                   iou_threshold=1.0).instances
+    assert inst.count == 1
+    np.testing.assert_array_equal(inst.ids, obj)
 
 
 def test_three_dimensional_windows():
