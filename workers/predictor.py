@@ -463,8 +463,10 @@ class Predictor:
             device: ``sum_t w_t p_t / sum_t w_t`` over the tiles t covering each pixel.
 
         Raises:
-            ValueError: a window of the wrong bands or number of spatial axes.
+            ValueError: a window of the wrong bands or number of spatial axes; an instance model.
         """
+        if self.kind == "instance":
+            raise ValueError(f"model {self.card.name!r} is an instance model: it gives no class probabilities")
         return self._window(pixels, valid, None, False, logits_ok=logits_ok).finalize_scores()
 
     @torch.inference_mode()

@@ -187,6 +187,8 @@ def test_instance_models_refuse_what_averages_probabilities(tmp_path):
     pred = Predictor(model, ckpt.card, options=PredictorOptions(**CPU))
     with pytest.raises(ValueError, match="no class probabilities"):
         pred.predict_result(blobs((8, 8), seed=0), with_probabilities=True)
+    with pytest.raises(ValueError, match="no class probabilities"):
+        pred.predict_probabilities(blobs((8, 8), seed=0))
     assert pred.windows_per_pass((8, 8)) == 1
 
 

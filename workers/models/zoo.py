@@ -237,9 +237,9 @@ def build_maskrcnn(
         rpn_pre_nms_top_n_test: region proposals per feature map kept before the RPN's NMS
             in eval mode (torchvision's name and default).
         rpn_post_nms_top_n_test: proposals per image after it, each run through the box head
-            in eval mode: on CPU the box head dominates the cost (measured: ResNet-18 FPN on a
-            96 x 112 window, 1 thread, 2.1 s with 1000, see the report of the instance tests),
-            so small windows want fewer.
+            in eval mode. On CPU the heads dominate (README, "Instance models": ResNet-18 FPN,
+            96 x 112 window, 1 thread: 2.1-2.8 s with 1000 proposals and 20 detections, 0.7-0.9 s
+            with 50 and 4; the mask head's cost grows with ``box_detections_per_img``).
     """
     from workers.models.detection import build_maskrcnn_model
 
