@@ -419,8 +419,7 @@ class InstanceStitcher(Stitcher[InstanceResult]):
         if not keep.size:
             return
         kept = masks[keep] if isinstance(masks, np.ndarray) else masks[torch.as_tensor(keep, device=masks.device)]
-        binary = _host(kept > self.options.mask_threshold if kept.dtype != torch.bool and kept.dtype != bool
-                       else kept)
+        binary = _host(kept if kept.dtype in (torch.bool, np.bool_) else kept > self.options.mask_threshold)
         for i, mask in zip(keep, binary):
             self._keep_tile_mask(float(scores[i]), int(classes[i]), offset, mask)
 
@@ -436,20 +435,21 @@ class InstanceStitcher(Stitcher[InstanceResult]):
         if ids.min() < 0:
             raise ValueError("LabelImage.ids must be >= 0 (0 = background)")
         top = int(ids.max())
-        classes = np.ones(top, np.int64) if image.classes is None else _host(image.classes).reshape(-1)
-        scores = np.ones(top, np.float64) if image.scores is None else _host(image.scores).reshape(-1)
-        if len(classes) < top or len(scores) < top:
-            raise ValueError(f"LabelImage: ids up to {top} need {top} classes and scores, got "
-                             f"{len(classes)} and {len(scores)}")
+        classes = None if image.classes is None else _host(image.classes).reshape(-1)
+        scores = None if image.scores is None else _host(image.scores).reshape(-1)
+        for name, values in (("classes", classes), ("scores", scores)):
+            if values is not None and len(values) < top:
+                raise ValueError(f"LabelImage: ids up to {top} need {top} {name}, got {len(values)}")
         present = np.unique(ids)
         present = present[present > 0]
         # consecutive ids for find_objects (its list has one entry per id up to the largest)
         dense = np.searchsorted(present, ids) + 1
         dense[ids == 0] = 0
         for k, box in zip(present, ndimage.find_objects(dense)):
-            score = float(scores[k - 1])
+            score = 1.0 if scores is None else float(scores[k - 1])
             if score >= self.options.score_threshold:  # find_objects' boxes are tight
-                self._keep(score, int(classes[k - 1]), tuple(o + b.start for o, b in zip(offset, box)), ids[box] == k)
+                class_id = 1 if classes is None else int(classes[k - 1])
+                self._keep(score, class_id, tuple(o + b.start for o, b in zip(offset, box)), ids[box] == k)
 
     def finalize(self) -> InstanceResult:
         """The window's objects and the core's class map (see the class docstring).

@@ -146,6 +146,8 @@ def test_ids_are_numbered_in_raster_order_whatever_the_plugin_ids_and_scores():
     inst = _stitch(StitchWindow((3, 4)), [(0, 0)], [LabelImage(ids, scores=scores)]).instances
     np.testing.assert_array_equal(inst.ids, [[0, 1, 1, 0], [0, 0, 0, 0], [2, 0, 0, 3]])
     np.testing.assert_allclose(inst.score, [0.6, 0.7, 0.9])
+    huge = _stitch(StitchWindow((3, 4)), [(0, 0)], [LabelImage(ids * 10**15)]).instances  # no per-id arrays
+    np.testing.assert_array_equal(huge.ids, inst.ids)
 
 
 def test_a_tile_seeing_an_object_whole_beats_one_seeing_it_cut_at_equal_scores():
@@ -178,6 +180,8 @@ def test_bad_outputs_are_refused():
         stitcher.add([(0, 0)], [_detections([np.ones((4, 4))], [0.9], [3])])
     with pytest.raises(ValueError, match="score 1.5 is outside"):
         stitcher.add([(0, 0)], [LabelImage(np.ones((4, 4), np.int32), scores=np.array([1.5]))])
+    with pytest.raises(ValueError, match="ids up to 2 need 2 classes, got 1"):
+        stitcher.add([(0, 0)], [LabelImage(np.full((4, 4), 2), classes=np.array([1]))])
     with pytest.raises(ValueError, match="detection dict"):
         stitcher.add([(0, 0)], [torch.zeros(1, 3, 4, 4)])
     with pytest.raises(ValueError, match="missing"):
