@@ -3,8 +3,9 @@
 One small interface with two verbs, as MONAI's mergers: :meth:`Stitcher.add` the outputs of
 any number of tiles, then :meth:`Stitcher.finalize` exactly once; ``add`` after ``finalize``
 raises. One implementation per output kind of :func:`workers.registry.model_kind`; the
-predictor asks :func:`stitcher_factory` for the one of its model and never branches on the
-kind itself. Adding a kind is one class and one entry in :data:`_STITCHERS`.
+predictor asks :func:`stitcher_factory` for the one of its model; it branches on the kind
+only in how it runs tiles (instance models: no stride padding, no softmax, one window per
+forward pass). Adding a kind is one class and one entry in :data:`_STITCHERS`.
 
 * ``"semantic"``: :class:`SemanticStitcher`. Per-class scores ``(N, K, *tile)`` are blended
   with a smooth weight map into a :class:`workers.tiles.BlendAccumulator`
