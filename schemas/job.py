@@ -137,6 +137,15 @@ class ResourcesSpec(_Frozen):
         "Default: 1 per CPU actor; with GPU actors half of the CPUs they leave free, at least 2 "
         "per actor (a read costs far more time than a GPU forward pass).",
     )
+    chunk_timeout_s: float | None = Field(
+        default=900.0,
+        gt=0.0,
+        description="Seconds one chunk may take in a predictor actor (read, predict, write; a call of "
+        "n chunks gets n times this, counted from when the actor is ready). Past it the chunk is "
+        "hung (a read that stalls, a model that hangs): the actor is replaced, the chunk tried "
+        "once more on its own, then failed with the reason while the job goes on. null: no limit. "
+        "Fused stages only (the CPU default); the split stages have no limit yet.",
+    )
     malloc_tuning: bool = Field(
         default=True,
         validation_alias=AliasChoices("malloc_tuning", "malloc_hugepages"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -79,6 +79,67 @@ class BandInfo(BaseModel):
         return value
 
 
+#: Slice orientations a slice-wise card may name, and the axis codes (nibabel's ``aff2axcodes``
+#: letters) of the scanner direction each is perpendicular to: an axial slice is perpendicular to
+#: the inferior-superior direction, a coronal one to anterior-posterior, a sagittal one to
+#: left-right.
+SLICE_AXIS_CODES: dict[str, str] = {"axial": "SI", "coronal": "AP", "sagittal": "LR"}
+
+
+class SliceMode(BaseModel):
+    """Run a 2D model over a volume slice by slice (2.5D with ``context`` > 0).
+
+    The volume's array axis the slices are cut across is the one whose direction in scanner space
+    (per the scene's affine) is closest to the named one (:func:`slice_array_axis`): ``axial`` ->
+    the S/I axis, ``coronal`` -> A/P, ``sagittal`` -> L/R; never a fixed array axis. In-plane axes
+    keep their array order (the data are never reoriented). With ``context`` c, each slice is fed
+    with its c neighbours on each side as extra channels, ``(2c + 1) * C`` channels in all,
+    ordered by slice offset -c..c, the C bands within each offset.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    axis: Literal["axial", "coronal", "sagittal"] = Field(
+        description="Slice orientation: the scanner direction the slices are perpendicular to is "
+        "S/I (axial), A/P (coronal) or L/R (sagittal); the array axis is found from each scene's affine.",
+        examples=["axial"],
+    )
+    context: int = Field(
+        default=0, ge=0, le=16,
+        description="Neighbouring slices on each side stacked as channels (2.5D); 0: plain 2D slices. "
+        "The 2D model takes in_channels * (2 * context + 1) channels.",
+        examples=[0, 2],
+    )
+
+
+def slice_array_axis(axis: str, orientation: str | None, *, source: str) -> int:
+    """The spatial array axis (0, 1, 2 of ``(z, y, x)``) a slice-wise model cuts slices across.
+
+    Args:
+        axis: ``"axial"``, ``"coronal"`` or ``"sagittal"`` (:data:`SLICE_AXIS_CODES`).
+        orientation: the volume's axis codes, one letter per array axis (SceneInfo.orientation,
+            nibabel's ``aff2axcodes`` of its affine: ``"SAR"`` for a (z, y, x) array whose z runs
+            to S, y to A and x to R; ``"SPL"`` for DICOM's LPS rows and columns); None for a
+            volume without one.
+        source: the scene's path, quoted in errors.
+
+    Returns:
+        The index of the array axis whose code is one of the axis's two letters.
+
+    Raises:
+        ValueError: no orientation, one that does not name exactly one array axis for the
+            slice axis, or an unknown axis name.
+    """
+    if axis not in SLICE_AXIS_CODES:
+        raise ValueError(f"{source}: unknown slice axis {axis!r}; one of {', '.join(SLICE_AXIS_CODES)}")
+    letters = SLICE_AXIS_CODES[axis]
+    hits = [i for i, code in enumerate(orientation or "") if code in letters]
+    if len(orientation or "") != 3 or len(hits) != 1:
+        raise ValueError(f"{source}: orientation {orientation!r} does not name one array axis along "
+                         f"{'/'.join(letters)} for {axis} slices (a volume's affine gives three codes, e.g. 'SAR')")
+    return hits[0]
+
+
 class ModelCard(BaseModel):
     """Everything needed to build, load and run a checkpoint."""
 
@@ -97,8 +158,17 @@ class ModelCard(BaseModel):
     spacing_mm: tuple[SpacingMm, ...] | None = Field(
         default=None, min_length=2, max_length=3,
         description="Pixel or voxel spacing the model was trained at, in mm per spatial axis: (z, y, x) "
-        "for a 3D model, (y, x) for a 2D one. Informational: inputs are not resampled to it. None: unknown.",
+        "for a 3D model, (y, x) for a 2D one (in-plane, for a slice-wise card). Volumes whose spacing "
+        "differs by more than 1 % on an axis are predicted at this spacing, window by window (trilinear "
+        "resampling there and back, workers.spacing); images are never resampled. None: run at the scene's spacing.",
         examples=[[1.5, 0.8, 0.8]],
+    )
+    slices: SliceMode | None = Field(
+        default=None,
+        description="Run this 2D model over volumes slice by slice (see SliceMode); None: the model runs on "
+        "scenes with as many spatial axes as it takes. in_channels and bands describe the scene's channels; "
+        "with context c the model itself takes in_channels * (2c + 1).",
+        examples=[{"axis": "axial", "context": 1}],
     )
     weights: str = Field(description="Weights file name, relative to the card's folder.")
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the weights file.")
@@ -128,6 +198,12 @@ class ModelCard(BaseModel):
         if self.tile_size % self.stride:
             raise ValueError(f"tile_size {self.tile_size} is not a multiple of stride {self.stride}")
         return self
+
+    @property
+    def model_in_channels(self) -> int:
+        """Input channels of the network itself: in_channels, times ``2 * context + 1`` for a
+        2.5D slice-wise card (each slice with its neighbours as channels)."""
+        return self.in_channels * (2 * self.slices.context + 1) if self.slices else self.in_channels
 
     @property
     def num_classes(self) -> int:

@@ -230,7 +230,9 @@ class Predictor:
             windows = [(-np.inf, np.inf) if b.window is None else b.window for b in card.bands]
             clip_lo = torch.tensor([w[0] for w in windows], dtype=torch.float32).to(self.device)
             clip_hi = torch.tensor([w[1] for w in windows], dtype=torch.float32).to(self.device)
-        return _PreparedMember(model=model, name=card.name, stride=card.stride, spatial_dims=spatial_dims,
+        # a model over other tiles than its weights' rank says (SliceWise: 2D weights, 3D tiles) tells
+        window_dims = getattr(model, "window_spatial_dims", spatial_dims)
+        return _PreparedMember(model=model, name=card.name, stride=card.stride, spatial_dims=window_dims,
                                mean=mean.to(self.device), inv_std=(1.0 / std).to(self.device),
                                clip_lo=clip_lo, clip_hi=clip_hi)
 
@@ -619,7 +621,8 @@ def _none_if_all(valid: np.ndarray | None) -> np.ndarray | None:
 @dataclass(frozen=True)
 class _PreparedMember:
     """A member ready to run: model on the device (folded, memory format set), its card's
-    name and stride, spatial axes its weights imply (None: unknown), (C,) float32 band
+    name and stride, spatial axes of the tiles it takes (its ``window_spatial_dims`` attribute,
+    else what its weights imply; None: unknown), (C,) float32 band
     statistics, and (C,) float32 clip bounds (-inf, inf for bands without a window; None when
     no band has one)."""
 

@@ -22,7 +22,7 @@ from pipelines.georef import crs_linear_unit
 from pipelines.plan.chunks import chunk_grid_shape, plan_chunks
 from pipelines.plan.scenes import scene_fingerprint
 from pipelines.readers import SceneInfo
-from pipelines.run.resolve import WORK_DIR, ResolvedJob, check_scene_fits_model
+from pipelines.run.resolve import WORK_DIR, ResolvedJob, check_scene_fits_model, scene_slice_axis
 from pipelines.run.stages import (
     SceneContext,
     done_chunk_keys,
@@ -67,6 +67,7 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
     """Validate a scene, create or resume its store, and list the chunks still to compute."""
     spec = job.spec
     check_scene_fits_model(info, bands=spec.bands, card=job.card)
+    slice_axis = scene_slice_axis(info, job.card)
     fingerprint = scene_fingerprint(job.parameters(info.ndim), sha)
     zarr_path = job.root / f"{outcome.name}.zarr"
     work_root = job.root / WORK_DIR / outcome.name
@@ -88,7 +89,7 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
     outcome.context = SceneContext(
         scene_id=scene_id, name=outcome.name, info=info, bands=spec.bands, zarr_path=str(zarr_path),
         work_dir=str(work_dir), fingerprint=fingerprint,
-        grid_shape=chunk_grid_shape(info.shape, chunk_size), chunk_shape=chunk_shape,
+        grid_shape=chunk_grid_shape(info.shape, chunk_size), chunk_shape=chunk_shape, slice_axis=slice_axis,
     )
     outcome.input_sha256 = sha
     outcome.plan = windows

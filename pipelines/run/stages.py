@@ -42,6 +42,7 @@ class SceneContext:
     fingerprint: str
     grid_shape: tuple[int, ...]
     chunk_shape: tuple[int, ...]
+    slice_axis: int | None = None  # a slice-wise model's slice axis in this scene (resolve.scene_slice_axis)
 
 
 def done_chunk_keys(work_dir: Path) -> set[str]:
@@ -71,7 +72,8 @@ def read_stage(task: ChunkTask, *, scenes: dict[int, SceneContext]) -> ReadWindo
                           error=str(exc))
     if not bool(valid[window.core_in_window].any()):  # wholly nodata: nothing to predict or send on
         return ReadWindow(task=task, pixels=_NO_PIXELS, valid=_NO_MASK, read_s=time.perf_counter() - t0, skip=True)
-    return ReadWindow(task=task, pixels=pixels, valid=valid, read_s=time.perf_counter() - t0)
+    return ReadWindow(task=task, pixels=pixels, valid=valid, read_s=time.perf_counter() - t0,
+                      slice_axis=ctx.slice_axis, spacing_mm=ctx.info.spacing if ctx.info.ndim == 3 else None)
 
 
 def chunk_row_areas_m2(info: SceneInfo, core: tuple[slice, ...]) -> np.ndarray | None:
