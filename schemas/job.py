@@ -158,6 +158,29 @@ class ResourcesSpec(_Frozen):
     )
 
 
+class InstanceSpec(_Frozen):
+    """How an instance model's detections become objects (ignored for semantic models)."""
+
+    score_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Detections scoring below this are dropped (scores in [0, 1]).",
+    )
+    mask_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="A pixel belongs to a detection where its soft mask exceeds this.",
+    )
+    iou_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Of two detections in a window whose masks overlap with an IoU above this (one object "
+        "seen by two overlapping tiles), only the higher-scoring one is kept.",
+    )
+    min_pixels: int = Field(
+        default=1, ge=1,
+        description="Objects left with fewer pixels (px, voxels) in the window, after higher-scoring objects "
+        "took the pixels they share, are dropped.",
+    )
+
+
 class InferenceSpec(_Frozen):
     """Numerics of the forward pass."""
 
@@ -192,6 +215,10 @@ class InferenceSpec(_Frozen):
         description="Fold each BatchNorm that directly follows a convolution into it before "
         "inference (measured 14 % faster on CPU for the bundled U-Net; outputs differ by float "
         "rounding only).",
+    )
+    instances: InstanceSpec = Field(
+        default_factory=InstanceSpec,
+        description="Thresholds of instance models (Mask R-CNN, registered instance models).",
     )
 
     @field_validator("tta")

@@ -2,10 +2,11 @@
 (`pipelines.run.fused.FusedChunkActor`, `pipelines.run.split.SplitPredictActor`).
 
 The model loads once per actor in __init__; `predict_windows` maps read windows
-(`schemas.records.ReadWindow`) to predictions of their cores (`schemas.records.Prediction`),
-whole windows batched into forward passes where they fit (Predictor.predict_cores). Windows that
-failed to read or are wholly nodata pass through untouched, and a window the model cannot take
-fails alone, so one bad scene never stops the stream.
+(`schemas.records.ReadWindow`) to predictions of their cores (`schemas.records.Prediction`;
+an instance model's also carry the window's objects, `Prediction.instances`), whole windows
+batched into forward passes where they fit (Predictor.predict_results). Windows that failed
+to read or are wholly nodata pass through untouched, and a window the model cannot take fails
+alone, so one bad scene never stops the stream.
 """
 
 from __future__ import annotations
@@ -50,9 +51,15 @@ class PredictorActor:
         t0 = time.perf_counter()
         pixels, valid, core = slice_axis_first(read)
         spacing = self._resample_spacing(read)
+        instances = None
         if spacing is None:
-            labels, probs = self.predictor.predict_core(pixels, valid, core=core,
-                                                        with_probabilities=self.with_probabilities)
+            result = self.predictor.predict_result(pixels, valid, core=core,
+                                                   with_probabilities=self.with_probabilities)
+            labels, probs, instances = result.labels, result.probabilities, result.instances
+        elif self.predictor.kind == "instance":
+            raise ValueError(f"model {self.predictor.card.name!r} is an instance model: it runs at the scene's "
+                             f"spacing, not resampled to the card's spacing_mm {list(self.predictor.card.spacing_mm)} "
+                             "(drop spacing_mm from the card)")
         else:  # the card's spacing differs from the scene's: predict at the card's (workers.spacing)
             from workers.spacing import predict_core_resampled
 
@@ -61,11 +68,11 @@ class PredictorActor:
                                                    with_probabilities=self.with_probabilities)
         labels, probs = slice_axis_back(read, labels, probs)
         return Prediction(task=read.task, labels=labels, probabilities=probs, read_s=read.read_s,
-                          predict_s=time.perf_counter() - t0, intensity=read.core_intensity())
+                          predict_s=time.perf_counter() - t0, intensity=read.core_intensity(), instances=instances)
 
     def predict_batch(self, reads: list[ReadWindow]) -> list[Prediction]:
         """`predict_one` of each window, whole windows batched into forward passes where they fit
-        (Predictor.predict_cores); seconds are the batch's, shared equally by its windows.
+        (Predictor.predict_results); seconds are the batch's, shared equally by its windows.
 
         Raises what a window's prediction raises; `predict_windows` isolates a bad window.
         """
@@ -79,13 +86,13 @@ class PredictorActor:
         if not todo:
             return out
         t0 = time.perf_counter()
-        results = self.predictor.predict_cores([slice_axis_first(reads[i]) for i in todo],
-                                               with_probabilities=self.with_probabilities)
+        results = self.predictor.predict_results([slice_axis_first(reads[i]) for i in todo],
+                                                 with_probabilities=self.with_probabilities)
         seconds = (time.perf_counter() - t0) / len(todo)
-        for i, (labels, probs) in zip(todo, results):
-            labels, probs = slice_axis_back(reads[i], labels, probs)
-            out[i] = Prediction(task=reads[i].task, labels=labels, probabilities=probs,
-                                read_s=reads[i].read_s, predict_s=seconds, intensity=reads[i].core_intensity())
+        for i, result in zip(todo, results):
+            labels, probs = slice_axis_back(reads[i], result.labels, result.probabilities)
+            out[i] = Prediction(task=reads[i].task, labels=labels, probabilities=probs, read_s=reads[i].read_s,
+                                predict_s=seconds, intensity=reads[i].core_intensity(), instances=result.instances)
         return out
 
     def _resample_spacing(self, read: ReadWindow) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

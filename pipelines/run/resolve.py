@@ -4,6 +4,7 @@ Fails before any actor starts."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from schemas.errors import InputError, ModelCardError
 from schemas.job import JobSpec, default_batch_size
 from schemas.model_card import ModelCard, slice_array_axis
 from workers.checkpoints import Checkpoint, load_checkpoint, resolve_card_path
-from workers.options import PredictorOptions
+from workers.options import InstanceOptions, PredictorOptions
 from workers.registry import check_plugin_allowed, model_kind, model_spatial_dims, takes_spatial_dims
 from workers.spacing import model_spacing
 
@@ -91,6 +92,9 @@ class ResolvedJob:
             "fold_batchnorm": o.fold_batchnorm,
             # GPU autocast changes output bytes: CPU and GPU results never share a fingerprint.
             "device_type": "cuda" if o.device.startswith("cuda") else "cpu",
+            # only for instance models: semantic jobs keep the fingerprints they had
+            **({"instances": dataclasses.asdict(o.instances)} if model_kind(self.card.architecture) == "instance"
+               else {}),
         }
 
 
@@ -104,11 +108,8 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
     checkpoint = load_checkpoint(card_path)
     card = checkpoint.card
     check_plugin_allowed(card.architecture, where=str(card_path))
-    if model_kind(card.architecture) != "semantic":
-        raise ModelCardError(
-            f"{card_path}: {card.architecture!r} is an instance model; this pipeline runs semantic "
-            "segmentation models only (instance stitching is not built yet)"
-        )
+    if model_kind(card.architecture) == "instance":
+        check_instance_job(spec, card, where=str(card_path))
     if spec.model.architecture is not None and spec.model.architecture != card.architecture:
         raise ModelCardError(
             f"{card_path}: job asks for architecture {spec.model.architecture!r} "
@@ -153,6 +154,7 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
         scales=spec.inference.scales,
         channels_last=spec.inference.channels_last,
         fold_batchnorm=spec.inference.fold_batchnorm,
+        instances=InstanceOptions(**spec.inference.instances.model_dump()),
     )
     root = Path(spec.output.root).expanduser()
     if not root.is_absolute():
@@ -167,6 +169,36 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
         predictor_options=options,
         num_gpus_per_actor=spec.resources.num_gpus_per_actor or 0.0,
     )
+
+
+def check_instance_job(spec: JobSpec, card: ModelCard, *, where: str) -> None:
+    """Refuse the job settings an instance model cannot honour (before any actor starts).
+
+    Probabilities, TTA, multi-scale inference and ensembles all average or write per-class
+    probabilities, which an instance model does not give; slice-wise cards wrap semantic 2D
+    models.
+
+    Raises:
+        ModelCardError: naming the card, the option and what to change.
+    """
+    if card.slices is not None:
+        raise ModelCardError(f"{where}: model {card.name!r} ({card.architecture}) is an instance model with "
+                             f"slices {_slices_text(card)}; slice-wise (2.5D) runs semantic models only: drop "
+                             "'slices' from the card")
+    refused = []
+    if spec.output.write_probabilities:
+        refused.append("output.write_probabilities (set it to false)")
+    if spec.inference.tta:
+        refused.append(f"inference.tta {list(spec.inference.tta)} (drop it)")
+    if tuple(spec.inference.scales) != (1.0,):
+        refused.append(f"inference.scales {list(spec.inference.scales)} (use [1.0])")
+    if spec.model.ensemble:
+        refused.append("model.ensemble (run one instance model)")
+    if refused:
+        raise ModelCardError(
+            f"{where}: model {card.name!r} ({card.architecture}) is an instance model, which gives no class "
+            f"probabilities; the job sets {'; '.join(refused)}"
+        )
 
 
 ACTOR_MEMORY_BYTES = 1.5 * 2**30
