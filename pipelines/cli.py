@@ -89,8 +89,20 @@ def run(
     except TesseraError as exc:
         _fail(exc)
     _print_result(result)
+    _write_report(result.root)
     if result.failed:
         raise typer.Exit(code=1)
+
+
+def _write_report(root: Path) -> None:
+    """Write the job's HTML report (`tessera report`) and print its path; a report that cannot be
+    written is a warning, never a failed job."""
+    from pipelines.tools.report import write_report
+
+    try:
+        console.print(f"[bold]report:[/] {write_report(root)}")
+    except (TesseraError, OSError) as exc:
+        console.print(f"[yellow]report not written: {exc}[/]")
 
 
 def _volume_demo(out: Path, *, seed: int, actors: int | None, torch_threads: int | None,
@@ -120,6 +132,7 @@ def _volume_demo(out: Path, *, seed: int, actors: int | None, torch_threads: int
     console.print(f'  tessera query --root {root} "SELECT class_name, count(*) AS regions, '
                   f'round(sum(volume_mm3)/1000, 2) AS cm3, round(avg(mean_intensity), 1) AS hu '
                   f'FROM volume_regions GROUP BY 1 ORDER BY cm3 DESC"')
+    _write_report(root)
 
 
 @app.command()
@@ -167,6 +180,7 @@ def demo(
     console.print(f'  tessera query --root {root} "SELECT scene, status, wall_s, predict_s FROM scenes"')
     console.print(f'  tessera query --root {root} --format csv "SELECT region_id, class_name, area_m2, '
                   f'centroid_lon, centroid_lat FROM regions ORDER BY area_m2 DESC LIMIT 5"')
+    _write_report(root)
 
 
 @app.command()
@@ -209,6 +223,39 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return "" if value is None else str(value)
+
+
+@app.command()
+def report(
+    root: Annotated[Path, typer.Argument(help="Output root of a job.")],
+    out: Annotated[Path | None, typer.Option(help="HTML file to write (default: ROOT/report.html).")] = None,
+) -> None:
+    """Write one self-contained HTML page: scenes done/failed with errors, class totals, quicklooks, model, timings."""
+    from pipelines.tools.report import write_report
+
+    try:
+        console.print(f"[bold]report:[/] {write_report(root, out=out)}")
+    except TesseraError as exc:
+        _fail(exc)
+
+
+@app.command()
+def export(
+    root: Annotated[Path, typer.Argument(help="Output root of a job.")],
+    fmt: Annotated[str, typer.Option("--format", help="cog (2D scenes) or nifti (volumes).")] = "cog",
+    scene: Annotated[list[str] | None, typer.Option("--scene", help="Only this scene; repeatable.")] = None,
+) -> None:
+    """Export complete scenes for GIS and medical viewers: COG with overviews, or NIfTI on the input's affine."""
+    from pipelines.writers.exports import export_root
+
+    try:
+        done = export_root(root, fmt, scenes=scene)
+    except TesseraError as exc:
+        _fail(exc)
+    for item in done:
+        console.print(f"{item.scene}: {item.path}" if item.path else f"{item.scene}: skipped ({item.skipped})")
+    if not any(item.path for item in done):
+        raise typer.Exit(code=1)
 
 
 @app.command()

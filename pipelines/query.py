@@ -1,4 +1,5 @@
-"""SQL over a job's result tables with DuckDB: views `regions`, `scenes`, `chunks`."""
+"""SQL over a job's result tables with DuckDB: one view per table of `schemas.tables` (`regions`,
+`volume_regions`, `instances`, `scenes`, `chunks`)."""
 
 from __future__ import annotations
 

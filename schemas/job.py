@@ -137,6 +137,15 @@ class ResourcesSpec(_Frozen):
         "Default: 1 per CPU actor; with GPU actors half of the CPUs they leave free, at least 2 "
         "per actor (a read costs far more time than a GPU forward pass).",
     )
+    chunk_timeout_s: float | None = Field(
+        default=900.0,
+        gt=0.0,
+        description="Seconds one chunk may take in a predictor actor (read, predict, write; a call of "
+        "n chunks gets n times this, counted from when the actor is ready). Past it the chunk is "
+        "hung (a read that stalls, a model that hangs): the actor is replaced, the chunk tried "
+        "once more on its own, then failed with the reason while the job goes on. null: no limit. "
+        "Fused stages only (the CPU default); the split stages have no limit yet.",
+    )
     malloc_tuning: bool = Field(
         default=True,
         validation_alias=AliasChoices("malloc_tuning", "malloc_hugepages"),
@@ -146,6 +155,29 @@ class ResourcesSpec(_Frozen):
         "pass. Measured on CPU, 1088-px tiles: 1.35x faster than huge pages alone, 1.8x faster "
         "than glibc's defaults. Ignored where glibc or THP lack them. (Formerly malloc_hugepages, "
         "still accepted.)",
+    )
+
+
+class InstanceSpec(_Frozen):
+    """How an instance model's detections become objects (ignored for semantic models)."""
+
+    score_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Detections scoring below this are dropped (scores in [0, 1]).",
+    )
+    mask_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="A pixel belongs to a detection where its soft mask exceeds this.",
+    )
+    iou_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Of two detections in a window whose masks overlap with an IoU above this (one object "
+        "seen by two overlapping tiles), only the higher-scoring one is kept.",
+    )
+    min_pixels: int = Field(
+        default=1, ge=1,
+        description="Objects left with fewer pixels (px, voxels) in the window, after higher-scoring objects "
+        "took the pixels they share, are dropped.",
     )
 
 
@@ -183,6 +215,10 @@ class InferenceSpec(_Frozen):
         description="Fold each BatchNorm that directly follows a convolution into it before "
         "inference (measured 14 % faster on CPU for the bundled U-Net; outputs differ by float "
         "rounding only).",
+    )
+    instances: InstanceSpec = Field(
+        default_factory=InstanceSpec,
+        description="Thresholds of instance models (Mask R-CNN, registered instance models).",
     )
 
     @field_validator("tta")

@@ -55,6 +55,10 @@ class ReadWindow:
         read_s: seconds the read took.
         skip: the chunk's core is wholly nodata: nothing to predict.
         error: why the read failed (names the file and the window), "" if it did not.
+        slice_axis: for a slice-wise model (card ``slices``), the spatial axis of ``pixels``
+            its slices are cut across, from the scene's orientation; None otherwise.
+        spacing_mm: a volume's voxel spacing per spatial axis of ``pixels`` (mm), for models
+            whose card declares the spacing they take (`workers.spacing`); None for images.
     """
 
     task: ChunkTask
@@ -63,6 +67,8 @@ class ReadWindow:
     read_s: float
     skip: bool = False
     error: str = ""
+    slice_axis: int | None = None
+    spacing_mm: tuple[float, ...] | None = None
 
     @property
     def needs_prediction(self) -> bool:

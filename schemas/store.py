@@ -10,21 +10,55 @@ Layout (2D, GeoGrid): GeoZarr-style CF metadata that xarray + rioxarray read.
   spatial_ref   0-d int32 CF grid-mapping variable: crs_wkt, spatial_ref, GeoTransform.
   `classes` carries `grid_mapping`, `flag_values`, `flag_meanings`; attrs[TESSERA_ATTR] holds
   `crs_wkt` and `transform`.
+  overviews/<l>/ (l = 1, 2, ...; written when the scene is finished, before it is complete)
+                one CF dataset per level: `classes` (mode of 2x2 blocks of level l-1, see
+                `pipelines.plan.pyramid`), `x`, `y`, and a `spatial_ref` whose GeoTransform is
+                the level's: pixel size x 2^l, same top-left corner (`GeoGrid.level`). Levels go
+                on until one fits in one chunk; ``xr.open_zarr(store, group="overviews/2")``
+                opens one georeferenced. Root attributes list them in the Zarr conventions
+                GeoZarr builds on: `zarr_conventions` declares "multiscales" (v1) and "spatial"
+                (v0.1); `multiscales.layout` has one item per level, level 0 first, with
+                `asset` (the array path, `level_path`), `derived_from` (the level before),
+                `transform` {scale [2, 2] relative to it, translation [0, 0]: pixel corners
+                coincide}, `resampling_method` "mode", and the level's absolute
+                `spatial:transform` (a, b, c, d, e, f) and `spatial:shape`; the root has
+                `spatial:dimensions` ["y", "x"], `spatial:transform` and `spatial:shape` of
+                level 0. The CRS stays in each level's CF `spatial_ref` (no "proj" convention).
+                (A written store validated against the two conventions' JSON schemas with
+                jsonschema, by hand: the schemas are not vendored, so no test repeats it.)
+  An odd size gives the last row/column of a level a block cut short; that pixel still has
+  the level's pixel size, so a level's extent may reach past the scene's by less than one of
+  its pixels.
 
 Layout (3D, VolumeGrid): OME-Zarr 0.5 as far as it fits a store that holds no source image.
   classes       (z, y, x) uint8, fill 255; dimension_names == the OME axes names.
   probabilities (class, z, y, x) float16, optional; NaN fill (not part of the OME image).
-  Root attrs[OME_ATTR] = {"version": "0.5", "multiscales": [one level whose dataset path is
-  `classes`, axes z/y/x of type space in millimeter, a `scale` (= spacing) and, when the
-  affine is axis-aligned, a `translation`]} (see `VolumeGrid.ome_attributes`).
+  overviews/<l>/classes  level l (mode of 2x2x2 blocks, or 1x2x2 where an axis is already
+                coarse: an axis is halved while its spacing is below twice the finest, see
+                `pipelines.plan.pyramid.plan_pyramid`), until a level fits in one chunk.
+  Root attrs[OME_ATTR] = {"version": "0.5", "multiscales": [one multiscale named `classes`,
+  axes z/y/x of type space in millimeter, one dataset per level (level 0 = `classes`, then
+  `overviews/<l>/classes`) whose `coordinateTransformations` are a `scale` (= spacing x the
+  level's factor per axis) and a `translation` to the level's first voxel centre (origin +
+  (factor - 1) / 2 x spacing; the origin term only when the affine is axis-aligned, level 0 of
+  an oblique volume has no translation), `type` "mode"], "image-label": {"version": "0.5",
+  "colors": [{"label-value": k, "rgba": card colour, opaque}, ..., {255: transparent}],
+  "properties": [{"label-value": k, "name": class name}, ...]}} (see
+  `VolumeGrid.ome_multiscales`, `ome_image_label`); before the levels exist (a partial store)
+  `multiscales` lists level 0 alone and there is no image-label.
   attrs[TESSERA_ATTR] holds the exact 4x4 `affine` (float64, row-major) and `spacing_mm`.
   No x/y/z coordinate arrays and no spatial_ref: an oblique affine has no 1-D coordinates.
-  `classes` stays at the root, not under `labels/<name>`: OME-Zarr 0.5 nests a "labels" group
-  inside an *image* group whose resolution levels the label image must match, and these
-  stores hold no source image. Moving the label volume to `labels/classes` (with
-  `image-label` colours from class ids) is a follow-up for when the store also carries the
-  image, or a `source` link to it; until then both layouts keep `classes` at the root and
-  `write_chunk` needs no per-store path.
+  OME-Zarr clauses: the root is a valid 0.5 image (multiscales: axes, ordered datasets with
+  exactly one scale and at most one translation after it) and a valid label image (integer
+  pixels, `image-label` with `colors`, `properties`, `version`); ome-zarr-models 1.7 accepted a
+  written store as both `Image` and `ImageLabel` (checked by hand in a separate environment: it
+  pins pydantic < 2.13, older than tessera's, so it is not a test dependency). Not held: the spec nests label images in a "labels" group
+  inside the image they annotate (`labels/<name>` listed in `labels/zarr.json`, with
+  `source.image` pointing back); these stores hold no source image, so the label volume is the
+  root image itself, with `image-label` beside its `multiscales` and no `source`. Readers that
+  recognise a label image by its `image-label` (ome-zarr-py's Label node) find it at the root;
+  readers that only look under `labels/` do not. Moving it to `labels/classes` is for when the
+  store also carries the image.
 
 Both layouts keep the tessera provenance under the TESSERA_ATTR key of the root group.
 """
@@ -66,6 +100,32 @@ KEY_CRS_WKT = "crs_wkt"  # 2D
 KEY_TRANSFORM = "transform"  # 2D: affine (a, b, c, d, e, f) as rasterio/affine orders it
 KEY_AFFINE = "affine"  # 3D: 4x4 voxel (i, j, k) -> scanner RAS mm, row-major, float64
 KEY_SPACING_MM = "spacing_mm"  # 3D: voxel size per array axis (z, y, x), mm
+KEY_OVERVIEWS = "overviews"  # list of level records (level, path, shape, factors, cumulative, grid keys)
+KEY_CLASS_COLORS = "class_colors"  # '#rrggbb' per class id (the card's, or its default palette)
+
+# Overview levels 1, 2, ... of `classes`: `overviews/<level>/classes` (see `level_path`).
+OVERVIEWS = "overviews"
+RESAMPLING_MODE = "mode"  # most frequent class per block, ties to the lowest id (pipelines.plan.pyramid)
+# 2D: the Zarr conventions GeoZarr builds on (github.com/zarr-conventions): "multiscales" (v1) lists
+# the levels in the root attribute `multiscales` = {"layout": [...], "resampling_method": "mode"},
+# each layout item with the level's absolute `spatial:transform` and `spatial:shape` from the
+# "spatial" convention (v0.1); both are declared in the root's `zarr_conventions` list.
+MULTISCALES_ATTR = "multiscales"
+ZARR_CONVENTIONS_ATTR = "zarr_conventions"
+MULTISCALES_CONVENTION = {
+    "schema_url": "https://raw.githubusercontent.com/zarr-conventions/multiscales/refs/tags/v1/schema.json",
+    "spec_url": "https://github.com/zarr-conventions/multiscales/blob/v1/README.md",
+    "uuid": "d35379db-88df-4056-af3a-620245f8e347",
+    "name": "multiscales",
+    "description": "Multiscale layout of zarr datasets",
+}
+SPATIAL_CONVENTION = {
+    "schema_url": "https://raw.githubusercontent.com/zarr-conventions/spatial/refs/tags/v0.1/schema.json",
+    "spec_url": "https://github.com/zarr-conventions/spatial/blob/v0.1/README.md",
+    "uuid": "689b58e2-cf7b-45e0-9fff-9cfc0883d6b4",
+    "name": "spatial",
+    "description": "Spatial coordinate information",
+}
 
 STORE_STATUS_PARTIAL = "partial"
 STORE_STATUS_COMPLETE = "complete"
@@ -78,6 +138,30 @@ OME_SPACE_UNIT = "millimeter"
 # Relative tolerance between a VolumeGrid's spacing and its affine's column norms: NIfTI keeps
 # pixdim and the sform apart, both float32, so they agree only to a few float32 ulps.
 SPACING_RTOL = 1e-4
+
+
+def level_path(level: int) -> str:
+    """Path of `classes` at overview `level` inside a store: `classes` (0), `overviews/<level>/classes`."""
+    return CLASSES if level == 0 else f"{OVERVIEWS}/{level}/{CLASSES}"
+
+
+def hex_to_rgba(color: str, alpha: int = 255) -> list[int]:
+    """'#rrggbb' -> [r, g, b, alpha], integers 0..255 (OME-Zarr image-label `rgba`)."""
+    return [int(color[i:i + 2], 16) for i in (1, 3, 5)] + [int(alpha)]
+
+
+def ome_image_label(class_names: tuple[str, ...] | list[str], class_colors: tuple[str, ...] | list[str]
+                    ) -> dict[str, Any]:
+    """The OME-Zarr 0.5 `image-label` object of a class mask: one opaque colour per class id,
+    nodata (255) transparent, and each class id's name under `properties`."""
+    colors = [{"label-value": k, "rgba": hex_to_rgba(c)} for k, c in enumerate(class_colors)]
+    colors.append({"label-value": NODATA_CLASS, "rgba": [0, 0, 0, 0]})
+    return {
+        "version": OME_VERSION,
+        "colors": colors,
+        "properties": [{"label-value": k, "name": name} for k, name in enumerate(class_names)]
+        + [{"label-value": NODATA_CLASS, "name": "nodata"}],
+    }
 
 
 def _finite_float(value: Any, field: str) -> float:
@@ -140,6 +224,14 @@ class GeoGrid:
     def tessera_attributes(self) -> dict[str, Any]:
         """The grid's keys inside attrs[TESSERA_ATTR], in their stored order."""
         return {KEY_CRS_WKT: self.crs_wkt, KEY_TRANSFORM: list(self.transform)}
+
+    def level(self, cumulative: tuple[int, ...]) -> GeoGrid:
+        """The grid of an overview level whose pixel covers ``cumulative = (fy, fx)`` pixels of
+        this one: the affine's columns scaled, ``(a*fx, b*fy, c, d*fx, e*fy, f)``; the top-left
+        corner stays where it is (exact for rotated grids too)."""
+        a, b, c, d, e, f = self.transform
+        fy, fx = cumulative
+        return GeoGrid(transform=(a * fx, b * fy, c, d * fx, e * fy, f), crs_wkt=self.crs_wkt)
 
     def group_attributes(self) -> dict[str, Any]:
         """Root group attributes beside TESSERA_ATTR: none in 2D."""
@@ -236,6 +328,49 @@ class VolumeGrid:
                     return False
         return True
 
+    def level(self, cumulative: tuple[int, ...]) -> VolumeGrid:
+        """The grid of an overview level whose voxel covers ``cumulative = (fz, fy, fx)`` voxels
+        of this one: ``A_l = A @ [[diag(f), (f - 1) / 2], [0, 1]]``, so level voxel ``i`` has its
+        centre at level-0 index ``f*i + (f - 1)/2``, the centre of the block it summarises."""
+        f = np.asarray(cumulative, dtype=np.float64)
+        step = np.eye(4)
+        step[:3, :3] = np.diag(f)
+        step[:3, 3] = (f - 1) / 2
+        affine = np.asarray(self.affine, dtype=np.float64) @ step
+        return VolumeGrid(affine=affine, spacing_mm=tuple(s * k for s, k in zip(self.spacing_mm, cumulative)))
+
+    def ome_multiscales(self, levels: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
+        """The OME-Zarr 0.5 `ome` object of a root group whose image levels are `levels`, each
+        ``(dataset path, cumulative factor per axis)``, level 0 (factors 1) first.
+
+        Per level: `scale` = spacing_mm x factor; a `translation` to the level's first voxel
+        centre, ``t0 + (factor - 1) / 2 x spacing_mm`` per axis, where ``t0`` is the origin as
+        (S, A, R) for an axis-aligned affine and 0 otherwise (level 0 of an oblique or flipped
+        volume keeps the scale alone, see `ome_attributes`). `type` "mode" names the
+        downsampling (pipelines.plan.pyramid).
+        """
+        axes = [{"name": name, "type": "space", "unit": OME_SPACE_UNIT} for name in DIMENSIONS_3D]
+        if self.is_axis_aligned:
+            r, a, s = self.origin_mm
+            origin = (s, a, r)
+        else:
+            origin = None
+        datasets = []
+        for path, factors in levels:
+            transforms: list[dict[str, Any]] = [
+                {"type": "scale", "scale": [sp * f for sp, f in zip(self.spacing_mm, factors)]}]
+            if origin is not None or any(f != 1 for f in factors):
+                base = origin or (0.0, 0.0, 0.0)
+                transforms.append({"type": "translation", "translation": [
+                    t + (f - 1) / 2 * sp for t, f, sp in zip(base, factors, self.spacing_mm)]})
+            datasets.append({"path": path, "coordinateTransformations": transforms})
+        multiscale: dict[str, Any] = {"name": CLASSES, "axes": axes, "datasets": datasets}
+        if len(levels) > 1:
+            multiscale.update(type=RESAMPLING_MODE, metadata={
+                "description": "most frequent class of each 2x2x2 (or 1x2x2 on an already coarse axis) block, "
+                               "nodata (255) only where the whole block is nodata, ties to the lowest class id"})
+        return {"version": OME_VERSION, "multiscales": [multiscale]}
+
     def ome_attributes(self, dataset_path: str) -> dict[str, Any]:
         """The OME-Zarr 0.5 `ome` object of a root group whose one image level is `dataset_path`.
 
@@ -246,14 +381,7 @@ class VolumeGrid:
         the scale alone: OME readers then place the volume in index * spacing space, and the
         exact 4x4 affine is only in attrs[TESSERA_ATTR][KEY_AFFINE].
         """
-        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": list(self.spacing_mm)}]
-        if self.is_axis_aligned:
-            r, a, s = self.origin_mm
-            transforms.append({"type": "translation", "translation": [s, a, r]})
-        axes = [{"name": name, "type": "space", "unit": OME_SPACE_UNIT} for name in DIMENSIONS_3D]
-        multiscale = {"name": dataset_path, "axes": axes,
-                      "datasets": [{"path": dataset_path, "coordinateTransformations": transforms}]}
-        return {"version": OME_VERSION, "multiscales": [multiscale]}
+        return self.ome_multiscales([(dataset_path, (1, 1, 1))])
 
     def tessera_attributes(self) -> dict[str, Any]:
         """The grid's keys inside attrs[TESSERA_ATTR]: the exact affine and the spacing."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-TABLE_NAMES = ("regions", "volume_regions", "scenes", "chunks")
+TABLE_NAMES = ("regions", "volume_regions", "instances", "scenes", "chunks")
 
 # Scene statuses: a scene is complete only when every chunk is written and its tables are in.
 STATUS_COMPLETE = "complete"
@@ -81,6 +81,45 @@ VOLUME_REGIONS_SCHEMA = pa.schema(
     },
 )
 
+#: The GeoParquet 1.1 bbox covering column of the `instances` table (CRS units).
+BBOX_TYPE = pa.struct([pa.field(name, pa.float64(), nullable=False) for name in ("xmin", "ymin", "xmax", "ymax")])
+
+INSTANCES_SCHEMA = pa.schema(
+    [
+        pa.field("scene", pa.string(), nullable=False),
+        pa.field("instance_id", pa.uint64(), nullable=False),
+        pa.field("class_id", pa.uint8(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),
+        pa.field("pixel_count", pa.int64(), nullable=False),
+        pa.field("area_crs2", pa.float64(), nullable=False),
+        pa.field("area_m2", pa.float64(), nullable=True),
+        pa.field("min_row", pa.int64(), nullable=False),
+        pa.field("min_col", pa.int64(), nullable=False),
+        pa.field("max_row", pa.int64(), nullable=False),
+        pa.field("max_col", pa.int64(), nullable=False),
+        pa.field("centroid_row", pa.float64(), nullable=False),
+        pa.field("centroid_col", pa.float64(), nullable=False),
+        pa.field("centroid_x_crs", pa.float64(), nullable=False),
+        pa.field("centroid_y_crs", pa.float64(), nullable=False),
+        pa.field("centroid_lon", pa.float64(), nullable=True),
+        pa.field("centroid_lat", pa.float64(), nullable=True),
+        pa.field("band_means", pa.list_(pa.float64()), nullable=True),
+        pa.field("bbox", BBOX_TYPE, nullable=False),
+        pa.field("geometry", pa.binary(), nullable=False),
+    ],
+    metadata={
+        b"description": b"One row per object of an instance model in one 2D scene, merged across chunks; "
+        b"GeoParquet 1.1 (the file's `geo` metadata: WKB `geometry`, PROJJSON CRS, `bbox` covering).",
+        b"units": b"instance_id: the object's id in the store's `instances` array; rows/cols: pixel indices "
+        b"(inclusive bbox); score: mean of the predictor's per-object scores weighted by the pixels each chunk "
+        b"owns; class_id: the class of the majority of the object's pixels; area_crs2: pixel_count x pixel area "
+        b"(squared CRS units); area_m2: m2 on the CRS's ellipsoid (null without a usable CRS); *_crs, bbox, "
+        b"geometry: scene CRS (pixel edges: the polygon's area is area_crs2); lon/lat: degrees WGS84; "
+        b"band_means: mean input value per band over the object's pixels (null when the predictor gave none)",
+    },
+)
+
 CLASS_VOLUME_TYPE = pa.struct(
     [
         pa.field("class_id", pa.uint8(), nullable=False),
@@ -130,10 +169,12 @@ SCENES_SCHEMA = pa.schema(
         pa.field("write_s", pa.float64(), nullable=True),
         pa.field("stats_s", pa.float64(), nullable=True),
         pa.field("merge_s", pa.float64(), nullable=True),
+        pa.field("n_instances", pa.int64(), nullable=True),
     ],
     metadata={
         b"description": b"One row per scene of the last run that touched it: status, error, "
-        b"class areas, timings (wall_s: scene wall time; *_s: summed over chunks), provenance.",
+        b"class areas, timings (wall_s: scene wall time; *_s: summed over chunks), provenance; "
+        b"n_instances: objects of an instance model (null for semantic models and older files).",
     },
 )
 
@@ -161,6 +202,7 @@ CHUNKS_SCHEMA = pa.schema(
 SCHEMAS: dict[str, pa.Schema] = {
     "regions": REGIONS_SCHEMA,
     "volume_regions": VOLUME_REGIONS_SCHEMA,
+    "instances": INSTANCES_SCHEMA,
     "scenes": SCENES_SCHEMA,
     "chunks": CHUNKS_SCHEMA,
 }

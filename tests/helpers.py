@@ -136,6 +136,49 @@ def crash_once_checkpoint(out_dir: Path, marker: Path, *, bands: int = 4, num_cl
     return save_checkpoint(model, fields, out_dir, name="crash-once")
 
 
+class HangOracle(ThresholdOracle):
+    """A ThresholdOracle whose forward pass hangs (sleeps an hour, as a stalled read or a wedged
+    driver call would): on its first pass while `marker` does not exist (it creates it), and on
+    every pass whose first input channel exceeds `hang_above` (a sentinel pixel in one chunk)."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, marker: str, hang_above: float = 1e30):
+        super().__init__(in_channels, num_classes)
+        self.marker, self.hang_above = marker, hang_above
+
+    def forward(self, x):
+        import os
+        import time
+
+        first = not os.path.exists(self.marker)
+        if first:
+            Path(self.marker).touch()
+        if first or float(x[:, 0].max()) > self.hang_above:
+            time.sleep(3600)
+        return super().forward(x)
+
+
+def hang_oracle(*, in_channels: int, num_classes: int, marker: str, hang_above: float = 1e30) -> HangOracle:
+    """Plugin factory of HangOracle (architecture "tests.helpers:hang_oracle")."""
+    return HangOracle(in_channels, num_classes, marker=marker, hang_above=hang_above)
+
+
+def hang_checkpoint(out_dir: Path, marker: Path, *, hang_above: float = 1e30, bands: int = 4,
+                    num_classes: int = 4) -> Path:
+    """A checkpoint of HangOracle with the same card as oracle_checkpoint's defaults."""
+    model = HangOracle(bands, num_classes, marker=str(marker), hang_above=hang_above)
+    fields = {
+        "architecture": "tests.helpers:hang_oracle",
+        "arch_args": {"marker": str(marker), "hang_above": hang_above},
+        "in_channels": bands,
+        "classes": [{"id": i, "name": f"class{i}"} for i in range(num_classes)],
+        "bands": [{"name": f"b{i + 1}", "mean": 10000.0, "std": 3000.0} for i in range(bands)],
+        "tile_size": 64,
+        "halo": 8,
+        "stride": 1,
+    }
+    return save_checkpoint(model, fields, out_dir, name="hang")
+
+
 def assert_batched_equals_one_by_one(pred, windows, *, with_probabilities: bool) -> None:
     """`Predictor.predict_cores` of `windows` (pixels, valid, core) equals `predict_core` of each."""
     batched = pred.predict_cores(windows, with_probabilities=with_probabilities)

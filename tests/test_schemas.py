@@ -9,7 +9,7 @@ import pytest
 from pipelines.spec import load_job_spec
 from schemas.errors import JobSpecError, ModelCardError
 from schemas.job import JobSpec, parse_job_spec
-from schemas.model_card import parse_model_card
+from schemas.model_card import DEFAULT_PALETTE, default_class_colors, parse_model_card
 from workers.checkpoints import load_checkpoint, resolve_card_path
 
 
@@ -74,11 +74,24 @@ def _card(**overrides):
         ({"tile_size": 72}, "not a multiple of stride"),
         ({"weights": "../evil.safetensors"}, "weights must be a file name"),
         ({"weights_sha256": "abc"}, "weights_sha256"),
+        ({"quicklook_bands": [3]}, r"quicklook_bands \[3\]: \[3\] not in 1..2"),
+        ({"quicklook_bands": [1, 2]}, "1 \\(grey\\) or 3"),
+        ({"classes": [{"id": 0, "name": "a", "color": "red"}]}, "classes.0.color"),
     ],
 )
 def test_bad_model_cards(overrides, message):
     with pytest.raises(ModelCardError, match=message):
         parse_model_card(_card(**overrides), source="card.json")
+
+
+def test_class_colours_default_to_the_palette_and_quicklook_bands_to_the_first_three():
+    card = parse_model_card(_card(classes=[{"id": 0, "name": "a", "color": "#00ff00"}, {"id": 1, "name": "b"}]),
+                            source="card.json")
+    assert card.class_colors == ("#00ff00", DEFAULT_PALETTE[1])
+    more = default_class_colors(40)  # the palette, then a golden-angle hue walk: distinct, deterministic
+    assert more[:10] == DEFAULT_PALETTE and len(set(more)) == 40 and more == default_class_colors(40)
+    assert card.quicklook_model_bands == (0,)  # two bands: grey from the first
+    assert parse_model_card(_card(quicklook_bands=[2]), source="c").quicklook_model_bands == (1,)
 
 
 def test_checkpoint_checksum_and_missing_weights(tmp_path):

@@ -103,22 +103,37 @@ def aligned_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def build_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
-    """Build the card's architecture and load its weights (strict), in eval mode, on CPU, fp32."""
+    """Build the card's architecture and load its weights (strict), in eval mode, on CPU, fp32.
+
+    A slice-wise card (``slices``) gives its 2D model wrapped in
+    `workers.models.slicewise.SliceWise` (slices across the tiles' first spatial axis), built
+    with ``card.model_in_channels`` input channels."""
     from workers.registry import build_model
 
     card = ckpt.card
     state = aligned_state(load_state_dict(ckpt.weights_path))
     model = _build_on_meta(card, state)
     if model is not None:
-        return model.eval()
+        return _slice_wise(card, model.eval())
     model = build_model(
-        card.architecture, in_channels=card.in_channels, num_classes=card.num_classes, arch_args=card.arch_args
+        card.architecture, in_channels=card.model_in_channels, num_classes=card.num_classes, arch_args=card.arch_args
     )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ModelCardError(f"{ckpt.weights_path}: weights do not fit architecture {card.architecture!r}: {exc}") from None
-    return model.eval()
+    return _slice_wise(card, model.eval())
+
+
+def _slice_wise(card: ModelCard, model: torch.nn.Module) -> torch.nn.Module:
+    """`model` wrapped to run over volume tiles slice by slice (`workers.models.slicewise.SliceWise`)
+    when the card has ``slices``, across the tiles' first spatial axis: the predictor's caller
+    (`workers.actors.PredictorActor`) puts each scene's slice axis first. Else `model` itself."""
+    if card.slices is None:
+        return model
+    from workers.models.slicewise import SliceWise
+
+    return SliceWise(model, axis=0, context=card.slices.context).eval()
 
 
 def _build_on_meta(card: ModelCard, state: dict[str, torch.Tensor]) -> torch.nn.Module | None:
@@ -133,8 +148,8 @@ def _build_on_meta(card: ModelCard, state: dict[str, torch.Tensor]) -> torch.nn.
 
     try:
         with torch.device("meta"):
-            model = build_model(card.architecture, in_channels=card.in_channels, num_classes=card.num_classes,
-                                arch_args=card.arch_args)
+            model = build_model(card.architecture, in_channels=card.model_in_channels,
+                                num_classes=card.num_classes, arch_args=card.arch_args)
         model.load_state_dict(state, strict=True, assign=True)
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return None

@@ -6,6 +6,33 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class InstanceOptions:
+    """How an instance model's detections become objects (`workers.stitch.InstanceStitcher`).
+
+    Attributes:
+        score_threshold: detections scoring below this are dropped, in [0, 1].
+        mask_threshold: a soft mask's pixel belongs to the object where its value exceeds this.
+        iou_threshold: of two detections whose masks overlap with an IoU above this (e.g. one
+            object seen by two overlapping tiles), only the higher-scoring one is kept.
+        min_pixels: objects left with fewer pixels in the window (after higher-scoring objects
+            took theirs) are dropped.
+    """
+
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    iou_threshold: float = 0.5
+    min_pixels: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("score_threshold", "mask_threshold", "iou_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if isinstance(self.min_pixels, bool) or not isinstance(self.min_pixels, int) or self.min_pixels < 1:
+            raise ValueError(f"min_pixels must be an int >= 1, got {self.min_pixels!r}")
+
+
+@dataclass(frozen=True)
 class PredictorOptions:
     """How the predictor runs (all keyword, all with working defaults).
 
@@ -32,6 +59,7 @@ class PredictorOptions:
             (Conv3d) in an nn.Sequential into the convolution
             (`workers.predictor.fold_batchnorm`): measured 14 % faster on CPU for the bundled
             U-Net; outputs differ by float rounding only.
+        instances: thresholds of instance models (`InstanceOptions`); unused by semantic ones.
     """
 
     device: str = "auto"
@@ -45,3 +73,5 @@ class PredictorOptions:
     scales: tuple[float, ...] = (1.0,)
     channels_last: bool = True
     fold_batchnorm: bool = True
+    instances: InstanceOptions = InstanceOptions()
+

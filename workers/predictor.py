@@ -7,6 +7,14 @@ run them in batches (padded to the model's stride), softmax, then hand the tiles
 the stitcher of the model's output kind (`workers.stitch`: for semantic models, blend with
 smooth weights on the device, crop to the core, argmax). The same object runs in tests,
 notebooks, the benchmark and (wrapped by `workers.actors`) Ray actors.
+
+Instance models (`workers.registry.model_kind` "instance": Mask R-CNN, registered instance
+models) run on the whole halo window, so an object cut by the core border is seen whole where
+it fits in the halo: one tile when the window fits `tile_size` (Mask R-CNN takes any size),
+else overlapping tiles whose duplicates the instance stitcher suppresses. Their tiles are not
+padded to the card's stride and get no softmax; the result is an `InstanceResult` (the class of
+each core pixel's object and the window's `InstanceWindow`). TTA, multi-scale and ensembles
+average probabilities and are refused for them (there is no probability map to average).
 """
 
 from __future__ import annotations
@@ -21,9 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from schemas.errors import ModelCardError
 from schemas.model_card import ModelCard
 from workers.options import PredictorOptions
-from workers.stitch import SemanticStitcher, StitchWindow, argmax_classes, stitcher_factory
+from workers.registry import model_kind
+from workers.stitch import (
+    InstanceResult,
+    SemanticResult,
+    SemanticStitcher,
+    StitchWindow,
+    argmax_classes,
+    stitcher_factory,
+)
 from workers.tileplan import windows_per_pass
 from workers.tiles import blend_weights, plan_tiles
 from workers.tta import SPATIAL_DIMS, augment, expand_tta, resample, scaled_size
@@ -150,8 +167,9 @@ class Predictor:
             normalisation, TTA and scales) are averaged with the members' weights.
 
     Raises:
-        ValueError: ensemble members disagree on classes or input bands; unknown TTA names.
-        ModelCardError: a model whose output kind has no stitcher (instance models).
+        ValueError: ensemble members disagree on classes or input bands; unknown TTA names;
+            TTA, scales other than (1.0,) or ensembles with an instance model.
+        ModelCardError: a model whose output kind has no stitcher.
     """
 
     def __init__(self, model: torch.nn.Module, card: ModelCard, *, options: PredictorOptions = PredictorOptions(),
@@ -162,7 +180,16 @@ class Predictor:
         if options.torch_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(options.torch_threads)
         self.autocast_dtype = resolve_autocast_dtype(options.precision, self.device)
-        self._new_stitcher = stitcher_factory(card, device=self.device)
+        self.kind = model_kind(card.architecture)
+        self._new_stitcher = stitcher_factory(card, device=self.device, instance_options=options.instances)
+        if self.kind == "instance":
+            refused = [f"{name} {value}" for name, value, off in (
+                ("tta", list(options.tta), not options.tta), ("scales", list(options.scales), options.scales == (1.0,)),
+                ("ensemble members", [m.card.name for m in extra_members], not extra_members)) if not off]
+            if refused:
+                raise ValueError(f"model {card.name!r} ({card.architecture}) is an instance model: "
+                                 f"{', '.join(refused)} average class probabilities, which instance models do "
+                                 "not give; drop them (TTA, multi-scale and ensembles of instances are not built)")
         expand_tta(options.tta, spatial_dims=max(SPATIAL_DIMS))  # unknown names fail here, not per window
         self._tta: dict[int, tuple[str, ...]] = {}
         if not options.scales or any(s <= 0 for s in options.scales):
@@ -183,6 +210,10 @@ class Predictor:
             raise ValueError(f"ensemble member {card.name!r} takes {card.in_channels} bands, "
                              f"expected {self.card.in_channels}")
         stitcher_factory(card)  # every member's output kind has a stitcher (raises naming the model)
+        if model_kind(card.architecture) != self.kind:
+            raise ModelCardError(f"ensemble member {card.name!r} ({card.architecture}) is an "
+                                 f"{model_kind(card.architecture)} model, {self.card.name!r} a {self.kind} one: "
+                                 "ensemble members must give the same kind of output")
         model = member.model.eval()
         if self.options.fold_batchnorm:
             model = fold_batchnorm(model)
@@ -199,7 +230,9 @@ class Predictor:
             windows = [(-np.inf, np.inf) if b.window is None else b.window for b in card.bands]
             clip_lo = torch.tensor([w[0] for w in windows], dtype=torch.float32).to(self.device)
             clip_hi = torch.tensor([w[1] for w in windows], dtype=torch.float32).to(self.device)
-        return _PreparedMember(model=model, name=card.name, stride=card.stride, spatial_dims=spatial_dims,
+        # a model over other tiles than its weights' rank says (SliceWise: 2D weights, 3D tiles) tells
+        window_dims = getattr(model, "window_spatial_dims", spatial_dims)
+        return _PreparedMember(model=model, name=card.name, stride=card.stride, spatial_dims=window_dims,
                                mean=mean.to(self.device), inv_std=(1.0 / std).to(self.device),
                                clip_lo=clip_lo, clip_hi=clip_hi)
 
@@ -362,6 +395,46 @@ class Predictor:
             stitcher.add(batch_offsets, self._tile_probabilities(tiles, tile_valid))
         return stitcher
 
+    def _forward_instances(self, member: _PreparedMember, tiles: torch.Tensor) -> list:
+        """(N, C, *tile) normalised tiles -> the instance model's N per-tile outputs (detection
+        dicts or LabelImages), at the tile's own size (no stride padding, no resizing here)."""
+        autocast = (
+            torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            outputs = member.model(tiles)
+        if not isinstance(outputs, (list, tuple)) or len(outputs) != tiles.shape[0]:
+            raise ValueError(f"instance model {member.name!r} returned {type(outputs).__name__} for "
+                             f"{tiles.shape[0]} tiles; expected a list with one output per tile")
+        return list(outputs)
+
+    def _instance_window(self, pixels: np.ndarray, valid: np.ndarray | None,
+                         core: tuple[slice, ...] | None) -> InstanceResult:
+        """An instance model on a halo window: its tiles (one when the window fits the tile
+        size) normalised, run `batch_size` at a time, and their detections handed to an
+        `InstanceStitcher` with the window's raw pixels (for the objects' band sums)."""
+        self._check_window(pixels, valid)
+        window_shape = tuple(pixels.shape[1:])
+        tile_shape, offsets = plan_tiles(window_shape, self.options.tile_size, self.options.tile_overlap)
+        stitcher = self._new_stitcher(StitchWindow(window_shape, core=core, valid=valid, pixels=pixels))
+        member = self._members[0]
+        x = self._to_device(pixels)
+        v = None if valid is None else self._to_device(valid).unsqueeze(0)
+        if len(offsets) > 1:  # tiles are cut and stacked in float32, as for semantic models
+            x = x.to(torch.float32)
+            v = None if v is None else v.to(torch.float32)
+        bs = self.options.batch_size
+        for start in range(0, len(offsets), bs):
+            batch_offsets = offsets[start : start + bs]
+            regions = [(slice(None), *(slice(o, o + t) for o, t in zip(offset, tile_shape, strict=True)))
+                       for offset in batch_offsets]
+            tiles = torch.stack([x[region] for region in regions])
+            tile_valid = None if v is None else torch.stack([v[region] for region in regions])
+            stitcher.add(batch_offsets, self._forward_instances(member, self._normalise(member, tiles, tile_valid)))
+        return stitcher.finalize()
+
     def _window(self, pixels: np.ndarray, valid: np.ndarray | None, core: tuple[slice, ...] | None,
                 with_probabilities: bool, *, logits_ok: bool) -> SemanticStitcher:
         """Check a window, plan its tiles and stitch them (see `_stitch_window`)."""
@@ -392,11 +465,38 @@ class Predictor:
             device: ``sum_t w_t p_t / sum_t w_t`` over the tiles t covering each pixel.
 
         Raises:
-            ValueError: a window of the wrong bands or number of spatial axes.
+            ValueError: a window of the wrong bands or number of spatial axes; an instance model.
         """
+        if self.kind == "instance":
+            raise ValueError(f"model {self.card.name!r} is an instance model: it gives no class probabilities")
         return self._window(pixels, valid, None, False, logits_ok=logits_ok).finalize_scores()
 
     @torch.inference_mode()
+    def predict_result(
+        self, pixels: np.ndarray, valid: np.ndarray | None = None, *, core: tuple[slice, ...] | None = None,
+        with_probabilities: bool = False,
+    ) -> SemanticResult | InstanceResult:
+        """The result of a window's core in the form of the model's output kind.
+
+        Args: as `predict_core`.
+
+        Returns:
+            A `SemanticResult` (labels, probabilities) for a semantic model; an
+            `InstanceResult` (labels: the class of each core pixel's object, 0 where none,
+            255 at nodata; instances: the window's `InstanceWindow`) for an instance model.
+            Both have `labels`, `probabilities` and `instances` (None for semantic models).
+
+        Raises:
+            ValueError: a window of the wrong bands or spatial axes; probabilities asked of an
+                instance model.
+        """
+        valid = _none_if_all(valid)
+        if self.kind == "instance":
+            if with_probabilities:
+                raise ValueError(f"model {self.card.name!r} is an instance model: it gives no class probabilities")
+            return self._instance_window(pixels, valid, core)
+        return self._window(pixels, valid, core, with_probabilities, logits_ok=not with_probabilities).finalize()
+
     def predict_core(
         self, pixels: np.ndarray, valid: np.ndarray | None = None, *, core: tuple[slice, ...] | None = None,
         with_probabilities: bool = False,
@@ -412,38 +512,53 @@ class Predictor:
 
         Returns:
             (labels, probs): labels core-shaped uint8 class ids, NODATA_CLASS (255) where
-            `valid` is False; probs (K, *core) float16 (NaN at nodata) or None.
+            `valid` is False; probs (K, *core) float16 (NaN at nodata) or None. For an
+            instance model the labels are its objects' classes (`predict_result`).
         """
-        valid = _none_if_all(valid)
-        result = self._window(pixels, valid, core, with_probabilities, logits_ok=not with_probabilities).finalize()
+        result = self.predict_result(pixels, valid, core=core, with_probabilities=with_probabilities)
         return result.labels, result.probabilities
 
     def windows_per_pass(self, window_shape: tuple[int, ...]) -> int:
         """How many windows of `window_shape` `predict_cores` runs in one forward pass:
-        batch_size when the whole window is one model tile, else 1 (its tiles are batched)."""
+        batch_size when the whole window is one model tile, else 1 (its tiles are batched);
+        1 for instance models (one window at a time)."""
+        if self.kind == "instance":
+            return 1
         o = self.options
         return windows_per_pass(window_shape, o.tile_size, o.tile_overlap, o.batch_size)
 
-    @torch.inference_mode()
     def predict_cores(
         self, windows: list[tuple[np.ndarray, np.ndarray | None, tuple[slice, ...] | None]], *,
         with_probabilities: bool = False,
     ) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """`predict_core` of several windows, whole windows batched into one forward pass.
+        """`predict_core` of several windows, whole windows batched into one forward pass
+        (see `predict_results`).
+
+        Returns:
+            One (labels, probs) per window, in order (see `predict_core`).
+        """
+        return [(r.labels, r.probabilities) for r in self.predict_results(windows, with_probabilities=with_probabilities)]
+
+    @torch.inference_mode()
+    def predict_results(
+        self, windows: list[tuple[np.ndarray, np.ndarray | None, tuple[slice, ...] | None]], *,
+        with_probabilities: bool = False,
+    ) -> list[SemanticResult | InstanceResult]:
+        """`predict_result` of several windows, whole windows batched into one forward pass.
 
         Windows that are each a single model tile (the window fits the tile, as with the
         bundled model) and share a shape run `windows_per_pass` at a time: on a GPU a forward
         pass per window would leave it mostly idle. Other windows run one by one (their own
-        tiles are batched). Results equal `predict_core` window by window.
+        tiles are batched). Results equal `predict_result` window by window.
 
         Args:
             windows: (pixels (C, *spatial), valid spatial bool or None, core slices or None) each.
             with_probabilities: as in `predict_core`.
 
         Returns:
-            One (labels, probs) per window, in order (see `predict_core`).
+            One result per window, in order (see `predict_result`).
         """
-        out: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(windows)
+        out: list[SemanticResult | InstanceResult | None] = [None] * len(windows)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (pixels, _, _) in enumerate(windows):
             shape = tuple(pixels.shape[1:])
@@ -463,12 +578,12 @@ class Predictor:
         return out  # type: ignore[return-value]
 
     def _predict_one(self, window: tuple[np.ndarray, np.ndarray | None, tuple[slice, ...] | None],
-                     with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+                     with_probabilities: bool) -> SemanticResult | InstanceResult:
         pixels, valid, core = window
-        return self.predict_core(pixels, valid, core=core, with_probabilities=with_probabilities)
+        return self.predict_result(pixels, valid, core=core, with_probabilities=with_probabilities)
 
     def _predict_stacked(self, windows: list[tuple[np.ndarray, np.ndarray | None, tuple[slice, ...] | None]],
-                         with_probabilities: bool) -> list[tuple[np.ndarray, np.ndarray | None]]:
+                         with_probabilities: bool) -> list[SemanticResult]:
         """Same-shape single-tile windows as one (N, C, *spatial) batch; each window's output
         goes to its own stitcher (its core and nodata mask)."""
         for pixels, valid, _ in windows:
@@ -487,8 +602,7 @@ class Predictor:
             stitcher = self._new_stitcher(StitchWindow(shape, core=core, valid=valid,
                                                        with_probabilities=with_probabilities))
             stitcher.add([origin], probs[i : i + 1])
-            result = stitcher.finalize()
-            results.append((result.labels, result.probabilities))
+            results.append(stitcher.finalize())
         return results
 
     def predict_labels(
@@ -507,7 +621,8 @@ def _none_if_all(valid: np.ndarray | None) -> np.ndarray | None:
 @dataclass(frozen=True)
 class _PreparedMember:
     """A member ready to run: model on the device (folded, memory format set), its card's
-    name and stride, spatial axes its weights imply (None: unknown), (C,) float32 band
+    name and stride, spatial axes of the tiles it takes (its ``window_spatial_dims`` attribute,
+    else what its weights imply; None: unknown), (C,) float32 band
     statistics, and (C,) float32 clip bounds (-inf, inf for bands without a window; None when
     no band has one)."""
 

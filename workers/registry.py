@@ -21,8 +21,11 @@ Registered names (arch_args, defaults; native stride in px or voxels):
   ``2**encoder_depth``.
 * ``unet_smp``: smp U-Net (``encoder="resnet18", encoder_depth=5, decoder_channels=None``);
   ``2**encoder_depth``.
-* ``maskrcnn``: torchvision Mask R-CNN ResNet-50 FPN, instance (``min_size=800, max_size=1333,
-  image_mean=None, image_std=None, box_score_thresh=0.05, box_detections_per_img=100``); 1.
+* ``maskrcnn``: torchvision Mask R-CNN, instance (``backbone="resnet50"|"resnet18"|"mobilenet_v3_large",
+  min_size=800 (None: native resolution), max_size=1333, image_mean=None, image_std=None,
+  box_score_thresh=0.05, box_detections_per_img=100``); 1.
+* ``instance_oracle``: test oracle, instance: connected components of ``channel 0 > threshold``
+  (``threshold=0.5, class_channel=None``); 1. Images and volumes.
 * ``maskrcnn_light``: a light Mask R-CNN that trains on CPU, instance: ResNet-18 (or ``resnet34``) FPN,
   narrow heads, no resizing (``backbone="resnet18", fpn_channels=128, norm="group",
   anchor_sizes=(16, 32, 64, 128, 256), image_mean=None, image_std=None, box_score_thresh=0.05,
@@ -41,6 +44,9 @@ Registered names (arch_args, defaults; native stride in px or voxels):
 
 Any name containing ':' is a plugin, ``"package.module:callable"`` (see
 :mod:`workers.models.plugins`); plugins are semantic.
+
+Instance models other than these are registered from Python with
+:func:`register_instance_model` (a card can only name them, never make a process import code).
 """
 
 from __future__ import annotations
@@ -186,6 +192,12 @@ def _lazy_monai(name: str) -> Builder:
     return build
 
 
+def _build_instance_oracle(in_channels: int, num_classes: int, **arch_args: Any) -> torch.nn.Module:
+    from workers.models.oracles import InstanceOracle
+
+    return InstanceOracle(in_channels, num_classes, **arch_args)
+
+
 def _oracle_stride(arch_args: Mapping[str, Any]) -> int:
     from workers.models.oracles import ThresholdOracle
 
@@ -205,6 +217,16 @@ def _interpolating_stride(name: str) -> Callable[[Mapping[str, Any]], int]:
 
     def stride(arch_args: Mapping[str, Any]) -> int:
         _bind_arch_args(_zoo(name), arch_args)
+        return 1
+
+    return stride
+
+
+def _any_size(builder: Builder) -> Callable[[Mapping[str, Any]], int]:
+    """Stride 1 for a builder that takes any size; checks the arch_args' names against it."""
+
+    def stride(arch_args: Mapping[str, Any]) -> int:
+        _bind_arch_args(builder, arch_args)
         return 1
 
     return stride
@@ -248,6 +270,7 @@ _REGISTRY: dict[str, _Entry] = {
     "pspnet": _Entry(_lazy_zoo("build_smp_pspnet"), "semantic", _pspnet_stride),
     "unet_smp": _Entry(_lazy_zoo("build_smp_unet"), "semantic", _unet_smp_stride),
     "maskrcnn": _Entry(_lazy_zoo("build_maskrcnn"), "instance", _interpolating_stride("build_maskrcnn")),
+    "instance_oracle": _Entry(_build_instance_oracle, "instance", _any_size(_build_instance_oracle), any_dims=True),
     "maskrcnn_light": _Entry(_lazy_zoo("build_maskrcnn_light"), "instance",
                              _interpolating_stride("build_maskrcnn_light")),
     "unet3d": _Entry(_build_unet3d, "semantic", _unet3d_stride, spatial_dims=3),
@@ -258,6 +281,71 @@ _REGISTRY: dict[str, _Entry] = {
     "monai_segresnet": _Entry(_lazy_monai("build_monai_segresnet"), "semantic",
                               _monai_stride("monai_segresnet_stride"), spatial_dims=3),
 }
+
+
+def register_instance_model(name: str, builder: Builder, *, spatial_dims: SpatialDims = 2,
+                            any_dims: bool = False) -> None:
+    """Register an instance model under `name`, so that model cards may name it as their
+    ``architecture``.
+
+    Job specs and model cards are untrusted: a card can only name code that Python registered,
+    never make a process import a module. Register in a module that every process running the
+    predictor imports before it builds the model (on a Ray cluster: the predictor actors, e.g.
+    through Ray's ``runtime_env`` ``worker_process_setup_hook``); the registry is per process.
+
+    Args:
+        name: the architecture name (no ':', not taken yet).
+        builder: ``builder(in_channels, num_classes, **arch_args)`` returning a
+            ``torch.nn.Module`` or a plain callable; either maps a ``(N, C, *tile)`` float32
+            tensor, normalised per the card, to N outputs, one per tile, each a torchvision
+            detection dict (``masks``, ``scores``, ``labels``) or a
+            :class:`workers.stitch.LabelImage` (see :class:`workers.stitch.InstanceStitcher`).
+            A plain callable is wrapped in a parameter-free module, so it loads through the
+            checkpoint path (its weights file holds no tensors).
+        spatial_dims: 2 (images) or 3 (volumes), what the model takes.
+        any_dims: the model takes images and volumes alike.
+
+    Raises:
+        ValueError: a bad or taken name, or a bad ``spatial_dims``.
+    """
+    if not isinstance(name, str) or not name or PLUGIN_SEPARATOR in name:
+        raise ValueError(f"instance model name must be a non-empty string without {PLUGIN_SEPARATOR!r}, got {name!r}")
+    if name in _REGISTRY:
+        raise ValueError(f"architecture {name!r} is already registered; choose another name")
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if not callable(builder):
+        raise ValueError(f"builder of {name!r} must be callable, got {type(builder).__name__}")
+
+    def build(in_channels: int, num_classes: int, **arch_args: Any) -> Any:
+        import torch
+
+        built = builder(in_channels, num_classes, **arch_args)
+        if isinstance(built, torch.nn.Module):
+            return built
+        if not callable(built):
+            raise ValueError(f"instance model {name!r}: builder returned a {type(built).__name__}, "
+                             "not a torch.nn.Module or a callable")
+        from workers.models.plugins import InstanceCallable
+
+        return InstanceCallable(built, name=name)
+
+    build.__signature__ = inspect.signature(builder)  # type: ignore[attr-defined]
+    _REGISTRY[name] = _Entry(build, "instance", _any_size(builder), spatial_dims=spatial_dims, any_dims=any_dims)
+
+
+def unregister_instance_model(name: str) -> None:
+    """Remove a model :func:`register_instance_model` registered (tests clean up with it).
+
+    Raises:
+        ValueError: `name` is not a registered instance model (the built-in ones stay).
+    """
+    if name in _BUILTIN or name not in _REGISTRY:
+        raise ValueError(f"{name!r} is not an instance model registered by register_instance_model")
+    del _REGISTRY[name]
+
+
+_BUILTIN = frozenset(_REGISTRY)
 
 
 def architectures() -> tuple[str, ...]:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, finish_window
+from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, derive_real, finish_window, valid_mask
 from schemas.errors import InputError
 from schemas.window import ChunkWindow
 
@@ -135,6 +136,34 @@ class GeoTiffReader:
                 f"{info.path}: read failed for rows {r.start}:{r.stop}, cols {c.start}:{c.stop}: {exc}"
             ) from None
         return finish_window(pixels, window, info)
+
+    def read_decimated(self, info: SceneInfo, out_shape: tuple[int, int], *, bands: tuple[int, ...] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """The whole scene at a reduced size (quicklooks): rasterio's ``out_shape`` read, nearest
+        neighbour, so GDAL reads the file's overview closest to `out_shape` when it has one and
+        decimates the full-resolution blocks through its block cache when not. Memory: the
+        output, never the full-resolution scene.
+
+        Args:
+            info: from `open`.
+            out_shape: ``(rows, cols)`` wanted, px.
+            bands: 1-based band indexes (default: all).
+
+        Returns:
+            (pixels (B, rows, cols) of `info.dtype`, complex bands derived per the policy;
+            valid (rows, cols) bool, as `read`'s).
+
+        Raises:
+            InputError: naming the file when the read fails.
+        """
+        indexes = list(bands) if bands is not None else list(range(1, info.count + 1))
+        try:
+            ds = _dataset(info.path)
+            pixels = ds.read(indexes, out_shape=(len(indexes), *out_shape), resampling=Resampling.nearest)
+        except (RasterioError, OSError) as exc:
+            close_datasets()
+            raise InputError(f"{info.path}: decimated read to {out_shape} failed: {exc}") from None
+        return derive_real(pixels, info.derive), valid_mask(pixels, info.nodata)
 
     def close(self) -> None:
         close_datasets()

@@ -17,7 +17,8 @@ What is read:
   counts; give an OME-Zarr image for real geometry.
 
 tessera's own output stores (``<root>/<scene>.zarr``, root ``attrs["tessera"]`` with a ``status``)
-are OME-Zarr groups too; they are refused as inputs, as is an array inside one.
+are OME-Zarr groups too; they are refused as inputs, as is an array inside one (overview levels
+included).
 
 Windows are plain Zarr slices of the array: only the chunks a window touches are read and
 decoded. nodata is None (OME-Zarr has no nodata value; NaN voxels are invalid).
@@ -71,7 +72,8 @@ def _node_attributes(folder: Path) -> dict[str, Any] | None:
 
 
 def _refuse_output_store(path: str, folder: Path) -> None:
-    for node in (folder, folder.parent):
+    # the store itself, an array in it, or an overview level (`overviews/<l>/classes`) in it
+    for node in (folder, *folder.parents[:3]):
         attrs = _node_attributes(node)
         tessera = attrs.get(layout.TESSERA_ATTR) if attrs else None
         if isinstance(tessera, dict) and layout.KEY_STATUS in tessera:

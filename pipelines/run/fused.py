@@ -18,6 +18,8 @@ from the far end of the longest remaining run.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +28,8 @@ from pipelines.run.pools import ActorPool, actor_died, error_line, failed_result
 from pipelines.run.stages import SceneContext, read_stage, write_stage
 from schemas.records import ChunkResult, ChunkTask, ReadWindow
 from workers.actors import PredictorActor  # torch-free until an actor starts
+
+log = logging.getLogger("tessera")
 
 
 class FusedChunkActor:
@@ -79,6 +83,10 @@ class BatchQueue:
             return None
         return self.runs[longest].pop()
 
+    def push_front(self, worker: int, batch: int) -> None:
+        """Put `batch` back at the front of `worker`'s run (a retry, taken next)."""
+        self.runs[worker].appendleft(batch)
+
 
 class FusedPool(ActorPool):
     """A pool of FusedChunkActor (see pipelines.run.pools.ActorPool: they start as soon as it is made).
@@ -97,6 +105,7 @@ class FusedPool(ActorPool):
         on_record: Callable[[ChunkResult], None],
         batch_size: int,
         in_flight: int = 2,
+        chunk_timeout_s: float | None = None,
     ) -> None:
         """Compute every chunk; call `on_record` once per chunk, as batches finish.
 
@@ -106,12 +115,21 @@ class FusedPool(ActorPool):
             on_record: called in the driver for each chunk's record.
             batch_size: consecutive chunks per actor call.
             in_flight: calls queued per actor, so it never waits for the driver between batches.
+            chunk_timeout_s: seconds a chunk may take (a call of n chunks gets n times this,
+                counted from when the actor is ready and its previous call returned); None: no limit.
 
         An actor that dies is restarted once by Ray and its call retried once; after that the
         chunks of its failed calls are failed records (their scenes fail, the rest go on) and
         the other actors take over its remaining batches. Raises TesseraError only if every
         actor died before any completed a batch (e.g. the model cannot be built on the
         workers): a job-level problem.
+
+        A call past its deadline (a read that stalls, a model that hangs) is a hung chunk: its
+        actor is killed and replaced by a fresh one, and the call's chunks are tried again one
+        chunk per call; a chunk that times out a second time alone fails with the reason, and
+        the job goes on. Chunks of the killed actor's other queued call go back to its queue
+        untouched. A chunk written before the hang is rewritten with the same bytes (writes are
+        idempotent) and reported once.
         """
         import ray
 
@@ -122,6 +140,10 @@ class FusedPool(ActorPool):
         scenes_ref = ray.put(scenes)
         queue = BatchQueue(len(batches), len(handles))
         pending: dict[Any, tuple[int, int]] = {}
+        calls: list[deque[Any]] = [deque() for _ in handles]  # each actor's calls, in the order it runs them
+        head_start: list[float | None] = [None] * len(handles)  # when the actor's current call began
+        ready_refs = {h.__ray_ready__.remote(): w for w, h in enumerate(handles)} if chunk_timeout_s else {}
+        timeouts = [0] * len(batches)  # times each batch timed out alone
         alive = set(range(len(handles)))
         completed = 0
         last_error = ""
@@ -129,18 +151,76 @@ class FusedPool(ActorPool):
         def submit(worker: int) -> None:
             b = queue.next(worker)
             if b is not None:
-                pending[handles[worker].run.remote(batches[b], scenes_ref)] = (worker, b)
+                ref = handles[worker].run.remote(batches[b], scenes_ref)
+                pending[ref] = (worker, b)
+                calls[worker].append(ref)
 
         def fail_batch(b: int, problem: str) -> None:
             for task in batches[b]:
                 on_record(failed_result(task, scenes, problem))
 
+        def deadline(worker: int) -> float:
+            if head_start[worker] is None or not calls[worker]:
+                return float("inf")
+            return head_start[worker] + chunk_timeout_s * len(batches[pending[calls[worker][0]][1]])
+
+        def hung(worker: int) -> None:
+            """The actor's current call passed its deadline: replace the actor, retry or fail its chunks."""
+            nonlocal last_error
+            b = pending[calls[worker][0]][1]
+            elapsed = time.perf_counter() - (head_start[worker] or 0.0)
+            log.error("predictor actor %d: a call of %d chunks hung for %.0f s (chunk_timeout_s %.0f): replacing "
+                      "the actor", worker, len(batches[b]), elapsed, chunk_timeout_s)
+            ray.kill(handles[worker], no_restart=True)
+            handles[worker] = self.replace(worker)
+            if chunk_timeout_s:
+                ready_refs[handles[worker].__ray_ready__.remote()] = worker
+            head_start[worker] = None
+            queued = [pending.pop(ref)[1] for ref in calls[worker]]
+            calls[worker].clear()
+            for later in reversed(queued[1:]):  # the other queued call: back to the front, untouched
+                queue.push_front(worker, later)
+            if len(batches[b]) > 1:  # again, one chunk per call, to find the chunk that hangs
+                for task in reversed(batches[b]):
+                    batches.append([task])
+                    timeouts.append(0)
+                    queue.push_front(worker, len(batches) - 1)
+            else:
+                timeouts[b] += 1
+                if timeouts[b] >= 2:
+                    fail_batch(b, f"timed out twice after {elapsed:.0f} s (resources.chunk_timeout_s: "
+                                  f"{chunk_timeout_s:g} per chunk): a read or prediction that hangs")
+                else:
+                    queue.push_front(worker, b)
+            for _ in range(in_flight):
+                submit(worker)
+
         for worker in range(len(handles)):
             for _ in range(in_flight):
                 submit(worker)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            timeout = None
+            if chunk_timeout_s:
+                first = min((deadline(w) for w in alive), default=float("inf"))
+                timeout = max(0.0, first - time.perf_counter()) if first != float("inf") else None
+            ready, _ = ray.wait([*pending, *ready_refs], num_returns=1, timeout=timeout)
+            if not ready:
+                now = time.perf_counter()
+                for worker in sorted(alive):
+                    if calls[worker] and deadline(worker) <= now:
+                        hung(worker)
+                continue
+            if ready[0] in ready_refs:
+                worker = ready_refs.pop(ready[0])
+                if head_start[worker] is None:
+                    head_start[worker] = time.perf_counter()
+                continue
             worker, b = pending.pop(ready[0])
+            if calls[worker] and calls[worker][0] == ready[0]:
+                calls[worker].popleft()
+            else:  # not expected: an actor runs its calls in order
+                calls[worker] = deque(r for r in calls[worker] if r != ready[0])
+            head_start[worker] = time.perf_counter() if head_start[worker] is not None else None
             try:
                 results = ray.get(ready[0])
             except ray.exceptions.RayActorError as exc:

@@ -229,7 +229,8 @@ def _stream(job: ResolvedJob, tasks: list[ChunkTask], scenes: dict[int, SceneCon
     progress.start()
     if fused_stages(job):
         # batches of FUSED_BATCH consecutive chunks (one stripe row), stripe affinity per actor
-        pool.run(tasks, scenes=scenes, on_record=progress, batch_size=FUSED_BATCH)
+        pool.run(tasks, scenes=scenes, on_record=progress, batch_size=FUSED_BATCH,
+                 chunk_timeout_s=job.spec.resources.chunk_timeout_s)
         return {}
     return pool.run(tasks, scenes=scenes, on_record=progress, batch_size=split_block_rows(job))
 

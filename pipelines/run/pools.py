@@ -25,8 +25,14 @@ class ActorPool:
     def __init__(self, actor_cls: type, *, predictor: dict[str, Any], actors: int, actor_options: dict[str, Any]):
         import ray
 
-        cls = ray.remote(actor_cls).options(max_restarts=1, max_task_retries=1, **actor_options)
-        self.handles = [cls.remote(predictor=predictor) for _ in range(max(1, actors))]
+        self._cls = ray.remote(actor_cls).options(max_restarts=1, max_task_retries=1, **actor_options)
+        self._predictor = predictor
+        self.handles = [self._cls.remote(predictor=predictor) for _ in range(max(1, actors))]
+
+    def replace(self, i: int) -> Any:
+        """Start a fresh actor in place of actor `i` (which the caller killed, e.g. hung); returns it."""
+        self.handles[i] = self._cls.remote(predictor=self._predictor)
+        return self.handles[i]
 
     def __enter__(self) -> ActorPool:
         return self

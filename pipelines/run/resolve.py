@@ -4,6 +4,7 @@ Fails before any actor starts."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,10 +13,11 @@ from typing import Any
 from pipelines.readers import InputPolicy, SceneInfo
 from schemas.errors import InputError, ModelCardError
 from schemas.job import JobSpec, default_batch_size
-from schemas.model_card import ModelCard
+from schemas.model_card import ModelCard, slice_array_axis
 from workers.checkpoints import Checkpoint, load_checkpoint, resolve_card_path
-from workers.options import PredictorOptions
+from workers.options import InstanceOptions, PredictorOptions
 from workers.registry import check_plugin_allowed, model_kind, model_spatial_dims, takes_spatial_dims
+from workers.spacing import model_spacing
 
 log = logging.getLogger("tessera")
 
@@ -75,6 +77,11 @@ class ResolvedJob:
             # clip windows change output bytes; only cards that set one carry them (the others'
             # fingerprints stay as they were)
             **self._band_windows(),
+            # slice-wise cards only (the others' fingerprints stay as they were): the same weights
+            # run slice by slice, or across another axis, give other labels
+            **({"slices": self.card.slices.model_dump()} if self.card.slices is not None else {}),
+            # volumes are resampled to the card's spacing where theirs differs (workers.spacing)
+            **({"spacing_mm": list(self.card.spacing_mm)} if self.card.spacing_mm is not None and ndim == 3 else {}),
             "chunk_size": self.chunk_size_for(ndim),
             "halo": self.halo,
             "tile_size": o.tile_size,
@@ -85,6 +92,9 @@ class ResolvedJob:
             "fold_batchnorm": o.fold_batchnorm,
             # GPU autocast changes output bytes: CPU and GPU results never share a fingerprint.
             "device_type": "cuda" if o.device.startswith("cuda") else "cpu",
+            # only for instance models: semantic jobs keep the fingerprints they had
+            **({"instances": dataclasses.asdict(o.instances)} if model_kind(self.card.architecture) == "instance"
+               else {}),
         }
 
 
@@ -98,11 +108,8 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
     checkpoint = load_checkpoint(card_path)
     card = checkpoint.card
     check_plugin_allowed(card.architecture, where=str(card_path))
-    if model_kind(card.architecture) != "semantic":
-        raise ModelCardError(
-            f"{card_path}: {card.architecture!r} is an instance model; this pipeline runs semantic "
-            "segmentation models only (instance stitching is not built yet)"
-        )
+    if model_kind(card.architecture) == "instance":
+        check_instance_job(spec, card, where=str(card_path))
     if spec.model.architecture is not None and spec.model.architecture != card.architecture:
         raise ModelCardError(
             f"{card_path}: job asks for architecture {spec.model.architecture!r} "
@@ -113,6 +120,9 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
             f"job bands {list(spec.bands)} give {len(spec.bands)} channels, model {card.name!r} "
             f"({card_path}) expects {card.in_channels}"
         )
+    halo = spec.tiling.halo if spec.tiling.halo is not None else card.halo
+    check_slice_mode(card, where=str(card_path), halo=halo,
+                     tile_size=spec.tiling.tile_size if spec.tiling.tile_size is not None else card.tile_size)
     ensemble = []
     for member in spec.model.ensemble:
         extra = load_checkpoint(resolve_card_path(member.card, base_dir=base_dir))
@@ -122,6 +132,11 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
                 f"{extra.card_path}: ensemble member has classes {list(extra.card.class_names)} and "
                 f"{extra.card.in_channels} bands; {card_path} has {list(card.class_names)} and "
                 f"{card.in_channels} (ensemble members must agree)"
+            )
+        if extra.card.slices != card.slices:
+            raise ModelCardError(
+                f"{extra.card_path}: ensemble member has slices {_slices_text(extra.card)}, {card_path} has "
+                f"{_slices_text(card)} (members of an ensemble must run over volumes the same way)"
             )
         ensemble.append((extra, member.weight))
     tiling = spec.tiling
@@ -139,6 +154,7 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
         scales=spec.inference.scales,
         channels_last=spec.inference.channels_last,
         fold_batchnorm=spec.inference.fold_batchnorm,
+        instances=InstanceOptions(**spec.inference.instances.model_dump()),
     )
     root = Path(spec.output.root).expanduser()
     if not root.is_absolute():
@@ -149,10 +165,40 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
         checkpoint=checkpoint,
         ensemble=tuple(ensemble),
         chunk_size=tiling.chunk_size,
-        halo=tiling.halo if tiling.halo is not None else card.halo,
+        halo=halo,
         predictor_options=options,
         num_gpus_per_actor=spec.resources.num_gpus_per_actor or 0.0,
     )
+
+
+def check_instance_job(spec: JobSpec, card: ModelCard, *, where: str) -> None:
+    """Refuse the job settings an instance model cannot honour (before any actor starts).
+
+    Probabilities, TTA, multi-scale inference and ensembles all average or write per-class
+    probabilities, which an instance model does not give; slice-wise cards wrap semantic 2D
+    models.
+
+    Raises:
+        ModelCardError: naming the card, the option and what to change.
+    """
+    if card.slices is not None:
+        raise ModelCardError(f"{where}: model {card.name!r} ({card.architecture}) is an instance model with "
+                             f"slices {_slices_text(card)}; slice-wise (2.5D) runs semantic models only: drop "
+                             "'slices' from the card")
+    refused = []
+    if spec.output.write_probabilities:
+        refused.append("output.write_probabilities (set it to false)")
+    if spec.inference.tta:
+        refused.append(f"inference.tta {list(spec.inference.tta)} (drop it)")
+    if tuple(spec.inference.scales) != (1.0,):
+        refused.append(f"inference.scales {list(spec.inference.scales)} (use [1.0])")
+    if spec.model.ensemble:
+        refused.append("model.ensemble (run one instance model)")
+    if refused:
+        raise ModelCardError(
+            f"{where}: model {card.name!r} ({card.architecture}) is an instance model, which gives no class "
+            f"probabilities; the job sets {'; '.join(refused)}"
+        )
 
 
 ACTOR_MEMORY_BYTES = 1.5 * 2**30
@@ -234,11 +280,81 @@ def check_scene_fits_model(info: SceneInfo, *, bands: tuple[int, ...] | None, ca
             f"{info.path}: {info.count} bands, model {card.name!r} expects {card.in_channels} "
             f"(set bands: {hint} in the job spec to choose them)"
         )
-    if not takes_spatial_dims(card.architecture, info.ndim, card.arch_args):
-        kind = {2: "an image", 3: "a volume"}.get(info.ndim, f"{info.ndim}-D")
+    kind = {2: "an image", 3: "a volume"}.get(info.ndim, f"{info.ndim}-D")
+    if card.slices is not None:
+        if info.ndim != 3:
+            raise InputError(
+                f"{info.path}: {kind} of shape {tuple(info.shape)}, but model {card.name!r} is slice-wise "
+                f"(slices: {_slices_text(card)}), which runs 2D models over volumes only; use a card without "
+                "'slices' for images"
+            )
+        scene_slice_axis(info, card)  # the orientation names the axis (raises InputError)
+    elif not takes_spatial_dims(card.architecture, info.ndim, card.arch_args):
         model_dims = model_spatial_dims(card.architecture, card.arch_args)
+        hint = f"use a {info.ndim}-D model for it"
+        if info.ndim == 3 and model_dims == 2:
+            hint += (", or run this 2D model slice by slice: add \"slices\": {\"axis\": \"axial\", \"context\": 0} "
+                     "to its card (axial, coronal or sagittal; context > 0 for 2.5D)")
         raise InputError(f"{info.path}: {kind} of shape {tuple(info.shape)}, but model {card.name!r} "
-                         f"({card.architecture}) takes {model_dims}-D inputs; use a {info.ndim}-D model for it")
+                         f"({card.architecture}) takes {model_dims}-D inputs; {hint}")
+    if card.spacing_mm is not None and info.ndim == 3:
+        try:  # the card's spacing fits the volume's axes (the actors resample to it: workers.spacing)
+            model_spacing(card, info.spacing, slice_axis=scene_slice_axis(info, card))
+        except ValueError as exc:
+            raise InputError(f"{info.path}: {exc}") from None
     if info.transform is not None and (info.transform[1] != 0 or info.transform[3] != 0):
         log.warning("%s: rotated/sheared geotransform; x/y coordinates in the store are approximate, "
                     "GeoTransform is exact", info.path)
+
+
+def _slices_text(card: ModelCard) -> str:
+    """A card's ``slices`` as it is written in the card, or ``none``."""
+    return "none" if card.slices is None else str(card.slices.model_dump())
+
+
+def check_slice_mode(card: ModelCard, *, where: str, halo: int, tile_size: int) -> None:
+    """Refuse a slice-wise card (``slices``) whose model is not 2D, or a job whose halo or tile
+    cannot give each slice its ``context`` neighbours.
+
+    A chunk's output slices see their real neighbours when the window's halo holds at least
+    ``context`` slices beyond the core (the window's outer slices see repeated ones,
+    `workers.models.slicewise`), and a tile of ``2 * context + 1`` slices or more has a slice
+    whose whole context lies inside it.
+
+    Raises:
+        ModelCardError: naming the card (`where`) and what to change.
+    """
+    if card.slices is None:
+        return
+    if not takes_spatial_dims(card.architecture, 2, card.arch_args):
+        raise ModelCardError(
+            f"{where}: slices {_slices_text(card)} runs a 2D model over volumes, but {card.architecture!r} "
+            f"takes {model_spatial_dims(card.architecture, card.arch_args)}-D inputs; drop 'slices' from the card"
+        )
+    context = card.slices.context
+    if halo < context:
+        raise ModelCardError(
+            f"{where}: slices context {context} needs a halo of at least {context} slices, the job has {halo}; "
+            f"set tiling.halo: {context} (or more) in the job spec, or the card's halo"
+        )
+    if tile_size < 2 * context + 1:
+        raise ModelCardError(
+            f"{where}: slices context {context} needs tiles of at least {2 * context + 1} slices, the job has "
+            f"tile_size {tile_size}; raise tiling.tile_size"
+        )
+
+
+def scene_slice_axis(info: SceneInfo, card: ModelCard) -> int | None:
+    """The spatial array axis of a volume a slice-wise card cuts slices across, from the volume's
+    orientation (SceneInfo.orientation, the axis codes of its affine:
+    `schemas.model_card.slice_array_axis`); None for a card without ``slices``.
+
+    Raises:
+        InputError: the volume has no orientation that names the axis (naming the file).
+    """
+    if card.slices is None:
+        return None
+    try:
+        return slice_array_axis(card.slices.axis, info.orientation, source=info.path)
+    except ValueError as exc:
+        raise InputError(f"{exc}; model {card.name!r} is slice-wise (slices: {_slices_text(card)})") from None

@@ -22,13 +22,16 @@ from pipelines.georef import crs_linear_unit
 from pipelines.plan.chunks import chunk_grid_shape, plan_chunks
 from pipelines.plan.scenes import scene_fingerprint
 from pipelines.readers import SceneInfo
-from pipelines.run.resolve import WORK_DIR, ResolvedJob, check_scene_fits_model
+from pipelines.run.resolve import WORK_DIR, ResolvedJob, check_scene_fits_model, scene_slice_axis
 from pipelines.run.stages import (
     SceneContext,
     done_chunk_keys,
 )
 from pipelines.stats.partials import ChunkRegions
+from pipelines.writers.instances_table import scene_max_instance_id, write_instances
 from pipelines.writers.nifti_export import export_nifti
+from pipelines.writers.overviews import build_overviews
+from pipelines.writers.quicklook import quicklook_path, write_quicklook
 from pipelines.writers.regions_table import RegionsSummary, write_regions
 from pipelines.writers.tables import write_table, write_table_batches
 from pipelines.writers.zarr_masks import (
@@ -39,11 +42,12 @@ from pipelines.writers.zarr_masks import (
     scene_grid,
 )
 from schemas import store as layout
-from schemas.errors import OutputError
+from schemas.errors import InputError, OutputError
 from schemas.records import chunk_key
 from schemas.store import Grid, VolumeGrid
 from schemas.tables import CHUNK_SKIPPED_NODATA, SCHEMAS, STATUS_COMPLETE
 from schemas.window import ChunkWindow
+from workers.registry import model_kind
 
 
 @dataclass
@@ -67,6 +71,12 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
     """Validate a scene, create or resume its store, and list the chunks still to compute."""
     spec = job.spec
     check_scene_fits_model(info, bands=spec.bands, card=job.card)
+    slice_axis = scene_slice_axis(info, job.card)
+    instances = is_instance_job(job)
+    if instances and info.ndim != 2:
+        raise InputError(f"{info.path}: a {info.ndim}-D volume, but model {job.card.name!r} "
+                         f"({job.card.architecture}) is an instance model; instance outputs are written for "
+                         "2D scenes only (use a semantic model for volumes)")
     fingerprint = scene_fingerprint(job.parameters(info.ndim), sha)
     zarr_path = job.root / f"{outcome.name}.zarr"
     work_root = job.root / WORK_DIR / outcome.name
@@ -85,10 +95,11 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
     chunk_shape = (chunk_size,) * info.ndim
     windows = tuple(plan_chunks(info.shape, chunk_size, job.halo))
     work_dir = work_root / fingerprint[:16]
+    grid_shape = chunk_grid_shape(info.shape, chunk_size)
     outcome.context = SceneContext(
         scene_id=scene_id, name=outcome.name, info=info, bands=spec.bands, zarr_path=str(zarr_path),
         work_dir=str(work_dir), fingerprint=fingerprint,
-        grid_shape=chunk_grid_shape(info.shape, chunk_size), chunk_shape=chunk_shape,
+        grid_shape=grid_shape, chunk_shape=chunk_shape, slice_axis=slice_axis,
     )
     outcome.input_sha256 = sha
     outcome.plan = windows
@@ -106,6 +117,7 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
             grid=scene_grid(info),
             class_names=job.card.class_names,
             with_probabilities=spec.output.write_probabilities,
+            instances_max_id=scene_max_instance_id(grid_shape, chunk_shape) if instances else None,
             provenance={
                 layout.KEY_FINGERPRINT: fingerprint,
                 layout.KEY_MODEL: {"name": job.card.name, "architecture": job.card.architecture,
@@ -124,7 +136,8 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
 
 
 def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_start: float) -> None:
-    """Merge partial stats, write the scene's tables, and mark its store complete."""
+    """Merge partial stats, write the scene's tables, build its overview levels and quicklook
+    (`<root>/quicklooks/<scene>.png`), and mark its store complete."""
     ctx = outcome.context
     if ctx is None:
         raise OutputError(f"scene {outcome.name}: cannot finish a scene that was never prepared")
@@ -145,6 +158,11 @@ def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, 
     grid = scene_grid(ctx.info)
     regions = write_regions(job.root, ctx.name, parts_by_row(), work_dir=work_dir, grid=grid,
                             class_names=job.card.class_names)
+    n_instances = None
+    if is_instance_job(job):  # merge across chunk halos, relabel the store, the instances table
+        n_instances = write_instances(job.root, ctx.name, zarr_path=Path(ctx.zarr_path), work_dir=work_dir,
+                                      indices=[w.index for w in windows], grid_shape=ctx.grid_shape, grid=grid,
+                                      class_names=job.card.class_names).n_instances
     merge_s = time.perf_counter() - t0
     totals = dict.fromkeys(("n_chunks_skipped_nodata", "valid_pixels", "read_s", "predict_s", "write_s", "stats_s"), 0)
 
@@ -164,10 +182,20 @@ def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, 
         "valid_pixels": int(totals["valid_pixels"]),
         **class_summary(grid, job.card.class_names, regions),
         "merge_s": merge_s,
+        "n_instances": n_instances,
     }
     write_table(job.root, "scenes", ctx.name, [outcome.row])
     export_missing(job, ctx.name, Path(ctx.zarr_path), grid, replace=True)
+    # overview levels before the store is complete (a complete store always has them), then a quicklook
+    build_overviews(Path(ctx.zarr_path), class_colors=job.card.class_colors)
+    write_quicklook(Path(ctx.zarr_path), quicklook_path(job.root, ctx.name), info=ctx.info,
+                    model_bands=job.card.quicklook_model_bands, job_bands=ctx.bands)
     mark_complete(Path(ctx.zarr_path))
+
+
+def is_instance_job(job: ResolvedJob) -> bool:
+    """Whether the job's model is an instance model (`workers.registry.model_kind`, torch-free)."""
+    return model_kind(job.card.architecture) == "instance"
 
 
 def scene_row(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_start: float) -> dict[str, Any]:

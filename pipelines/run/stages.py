@@ -19,11 +19,13 @@ import numpy as np
 
 from pipelines.georef import scene_row_areas_m2
 from pipelines.readers import InputPolicy, SceneInfo, open_scene, read_window
+from pipelines.stats.instances import instance_chunk
 from pipelines.stats.partials import chunk_regions, region_id_offset
 from pipelines.writers.atomic import atomic_write_text
-from pipelines.writers.zarr_masks import write_chunk
+from pipelines.writers.zarr_masks import write_chunk, write_instance_chunk
 from schemas import store as layout
 from schemas.errors import InputError
+from schemas.instances import instances_file
 from schemas.records import ChunkResult, ChunkTask, Prediction, ReadWindow
 from schemas.tables import CHUNK_SKIPPED_NODATA, CHUNK_WRITTEN
 from workers.hashing import input_sha256
@@ -42,6 +44,7 @@ class SceneContext:
     fingerprint: str
     grid_shape: tuple[int, ...]
     chunk_shape: tuple[int, ...]
+    slice_axis: int | None = None  # a slice-wise model's slice axis in this scene (resolve.scene_slice_axis)
 
 
 def done_chunk_keys(work_dir: Path) -> set[str]:
@@ -71,7 +74,8 @@ def read_stage(task: ChunkTask, *, scenes: dict[int, SceneContext]) -> ReadWindo
                           error=str(exc))
     if not bool(valid[window.core_in_window].any()):  # wholly nodata: nothing to predict or send on
         return ReadWindow(task=task, pixels=_NO_PIXELS, valid=_NO_MASK, read_s=time.perf_counter() - t0, skip=True)
-    return ReadWindow(task=task, pixels=pixels, valid=valid, read_s=time.perf_counter() - t0)
+    return ReadWindow(task=task, pixels=pixels, valid=valid, read_s=time.perf_counter() - t0,
+                      slice_axis=ctx.slice_axis, spacing_mm=ctx.info.spacing if ctx.info.ndim == 3 else None)
 
 
 def chunk_row_areas_m2(info: SceneInfo, core: tuple[slice, ...]) -> np.ndarray | None:
@@ -87,6 +91,11 @@ def chunk_row_areas_m2(info: SceneInfo, core: tuple[slice, ...]) -> np.ndarray |
 def write_stage(prediction: Prediction, *, scenes: dict[int, SceneContext]) -> ChunkResult:
     """Write the chunk (idempotent: a retry rewrites the same bytes), its partial stats, then its
     manifest marker (a fused actor, or a split write task).
+
+    With instances (`prediction.instances`, an instance model): the core's provisional ids
+    (`id_offset + local`, `schemas.instances`) go to the store's `instances` array, and the
+    window's ids with the objects' core partials to `<key>.instances.npz` for the driver's
+    merge, both before the marker.
 
     Returns a small record (no pixels) for the driver.
     """
@@ -119,6 +128,8 @@ def write_stage(prediction: Prediction, *, scenes: dict[int, SceneContext]) -> C
             values=prediction.intensity,
         )
         work = Path(ctx.work_dir)
+        if prediction.instances is not None and not prediction.skip:
+            write_instances(prediction, ctx, work)
         parts.to_npz(work / f"{key}.npz")
         t2 = time.perf_counter()
         manifest_row = {
@@ -140,6 +151,25 @@ def write_stage(prediction: Prediction, *, scenes: dict[int, SceneContext]) -> C
         return ChunkResult(scene_id=ctx.scene_id, key=key,
                            error=f"{ctx.info.path}: writing chunk {list(window.index)} failed: {exc}")
     return ChunkResult(scene_id=ctx.scene_id, key=key)
+
+
+def write_instances(prediction: Prediction, ctx: SceneContext, work: Path) -> None:
+    """The instance part of `write_stage`: the core's provisional ids to the store, the chunk's
+    :class:`~pipelines.stats.instances.InstanceChunk` to the work folder (idempotent: the same
+    prediction writes the same bytes and the same file)."""
+    window = prediction.task.window
+    chunk = instance_chunk(
+        prediction.instances,
+        chunk_index=window.index,
+        window_origin=window.window_origin,
+        core_origin=window.core_origin,
+        core_shape=window.core_shape,
+        chunk_shape=ctx.chunk_shape,
+        id_offset=region_id_offset(window.index, ctx.grid_shape, ctx.chunk_shape),
+        pixel_area_m2_by_row=chunk_row_areas_m2(ctx.info, window.core),
+    )
+    write_instance_chunk(Path(ctx.zarr_path), window.core, chunk.provisional_core())
+    chunk.to_npz(work / instances_file(prediction.task.key))
 
 
 def open_and_hash(path: str, policy: InputPolicy = InputPolicy()) -> tuple[SceneInfo | None, str | None, str | None]:

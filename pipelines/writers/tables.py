@@ -29,11 +29,15 @@ def write_table(root: Path, table: str, scene: str, rows: pa.Table | list[dict])
     return write_table_batches(root, table, scene, [data])
 
 
-def write_table_batches(root: Path, table: str, scene: str, parts: Iterable[pa.Table]) -> Path:
+def write_table_batches(root: Path, table: str, scene: str, parts: Iterable[pa.Table], *,
+                        metadata: dict[bytes, bytes] | None = None) -> Path:
     """`write_table` from a stream of tables (row groups), holding one at a time: a scene's
     rows of a table too large to hold at once. Atomic like `write_table`; an exception from
-    `parts` leaves the previous file (if any) in place."""
+    `parts` leaves the previous file (if any) in place. `metadata`: keys added to the schema's
+    metadata of this file (e.g. GeoParquet's `geo`, which holds the scene's CRS)."""
     schema = SCHEMAS[table]
+    if metadata:
+        schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
     path = table_path(root, table, scene)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:

@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 
 from schemas import store as layout
+from schemas.instances import INSTANCE_BACKGROUND, INSTANCES, instances_dtype
 
 if TYPE_CHECKING:
     from pipelines.readers.base import SceneInfo
@@ -61,6 +62,7 @@ def create_scene_store(
     class_names: tuple[str, ...],
     provenance: dict[str, Any],
     with_probabilities: bool = False,
+    instances_max_id: int | None = None,
 ) -> None:
     """Create an empty scene store (status 'partial'); arrays are filled chunk by chunk.
 
@@ -78,6 +80,10 @@ def create_scene_store(
         class_names: class names, index == class id.
         provenance: fingerprint, model, source... (stored under attrs['tessera']).
         with_probabilities: also create `probabilities` (class, *shape) float16, NaN fill.
+        instances_max_id: for an instance model, the largest provisional instance id of the
+            scene's chunk grid: creates `instances` (same dims and chunks as `classes`, fill 0 =
+            no instance) of dtype `schemas.instances.instances_dtype(instances_max_id)`
+            (uint32, or uint64 past 2**32 - 1). None: no `instances` array.
 
     Raises:
         ValueError: a grid of another type, a shape or chunk shape that does not fit the grid.
@@ -126,15 +132,30 @@ def create_scene_store(
             attributes=grid.variable_attributes({"long_name": "class probability",
                                                  "class_names": list(class_names)}),
         )
-    _write_grid_arrays(grid, group, tuple(shape))
+    if instances_max_id is not None:
+        group.create_array(
+            INSTANCES,
+            shape=shape,
+            chunks=chunk_shape,
+            dtype=instances_dtype(instances_max_id),
+            fill_value=INSTANCE_BACKGROUND,
+            dimension_names=dims,
+            attributes=grid.variable_attributes({
+                "long_name": "instance id",
+                "description": "one id per object of the scene, 0 = no instance; the ids are those of "
+                               "the `instances` table (not consecutive)",
+                "nodata": INSTANCE_BACKGROUND,
+            }),
+        )
+    write_grid_arrays(grid, group, tuple(shape))
 
 
 @functools.singledispatch
-def _write_grid_arrays(grid: layout.Grid, group: zarr.Group, shape: tuple[int, ...]) -> None:
+def write_grid_arrays(grid: layout.Grid, group: zarr.Group, shape: tuple[int, ...]) -> None:
     """Arrays that describe the grid beside the data arrays (none unless registered below)."""
 
 
-@_write_grid_arrays.register
+@write_grid_arrays.register
 def _(grid: layout.GeoGrid, group: zarr.Group, shape: tuple[int, ...]) -> None:
     """x, y pixel-centre coordinates and the CF `spatial_ref` grid mapping (2D)."""
     a, b, c, d, e, f = grid.transform
@@ -181,6 +202,24 @@ def write_chunk(path: Path, core: tuple[slice, ...], labels: np.ndarray, *,
     classes[core] = labels
     if probabilities is not None:
         zarr.open_array(str(path), path=layout.PROBABILITIES, mode="r+")[(slice(None), *core)] = probabilities
+
+
+def write_instance_chunk(path: Path, core: tuple[slice, ...], ids: np.ndarray) -> None:
+    """Write one chunk core of `instances` (provisional or final ids; cast to the array's dtype,
+    which holds every provisional id of the scene). Chunk-aligned like `write_chunk`: one writer
+    per chunk, the same call twice writes the same bytes.
+
+    Raises:
+        ValueError: the store has no `instances` array (it was created for a semantic model),
+            or ids beyond its dtype.
+    """
+    try:
+        array = zarr.open_array(str(path), path=INSTANCES, mode="r+")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no `{INSTANCES}` array; the store was created for a semantic model") from None
+    if ids.size and int(ids.max()) > np.iinfo(array.dtype).max:
+        raise ValueError(f"{path}: instance id {int(ids.max())} does not fit `{INSTANCES}` ({array.dtype})")
+    array[core] = ids.astype(array.dtype, copy=False)
 
 
 def mark_complete(path: Path, extra: dict[str, Any] | None = None) -> None:

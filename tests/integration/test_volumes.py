@@ -11,6 +11,7 @@ import zarr
 from scipy import ndimage
 from skimage.measure import label, regionprops
 
+from pipelines.plan.pyramid import mode_downsample
 from pipelines.readers import open_scene
 from pipelines.run.job import run_job
 from schemas import store as layout
@@ -58,6 +59,13 @@ def test_a_dicom_series_runs_to_a_volume_store_regions_in_mm3_and_a_nifti_export
     np.testing.assert_array_equal(classes, expected)
     assert store.attrs["ome"]["version"] == "0.5"
     assert store[layout.CLASSES].chunks == (8, 8, 8)
+    # overview levels listed in the root OME multiscales, colours in its image-label, a quicklook
+    datasets = store.attrs["ome"]["multiscales"][0]["datasets"]
+    records = store.attrs[layout.TESSERA_ATTR][layout.KEY_OVERVIEWS]
+    assert [d["path"] for d in datasets] == [r["path"] for r in records] and len(records) > 1
+    np.testing.assert_array_equal(store[datasets[1]["path"]][:], mode_downsample(classes, records[1]["factors"]))
+    assert [c["label-value"] for c in store.attrs["ome"]["image-label"]["colors"]] == [0, 1, 2, 3, 255]
+    assert (root / "quicklooks" / "ct-series.png").is_file()
 
     affine = np.asarray(info.affine, dtype=np.float64).reshape(4, 4)
     voxel_mm3 = abs(np.linalg.det(affine[:3, :3]))

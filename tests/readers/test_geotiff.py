@@ -7,7 +7,7 @@ import pytest
 
 from pipelines.plan.chunks import plan_chunks
 from pipelines.plan.scenes import scene_name
-from pipelines.readers import known_suffixes, open_scene, read_window
+from pipelines.readers import READERS, known_suffixes, open_scene, read_window
 from schemas.errors import InputError
 from tests.helpers import smooth_scene, write_geotiff
 
@@ -25,6 +25,26 @@ def test_open_and_read_windows_match_the_padded_scene(tmp_path):
         expected = padded[[2, 0], r0 : r0 + w.window_shape[0], c0 : c0 + w.window_shape[1]]
         np.testing.assert_array_equal(pixels, expected)
         np.testing.assert_array_equal(valid, ~(expected == 0).all(axis=0))
+
+
+def test_decimated_read_takes_the_files_overview_when_it_has_one(tmp_path):
+    import rasterio
+    from rasterio.enums import Resampling
+
+    data = smooth_scene((128, 96), bands=3, seed=4, nodata_border=8)
+    path = write_geotiff(tmp_path / "s.tif", data)
+    reader = READERS["geotiff"]
+    pixels, valid = reader.read_decimated(open_scene(path), (64, 48), bands=(3, 1))
+    assert pixels.shape == (2, 64, 48) and pixels.dtype == np.uint16
+    assert set(np.unique(pixels)) <= set(np.unique(data[[2, 0]]))  # nearest: values of the file
+    np.testing.assert_array_equal(valid, ~(pixels == 0).all(axis=0))
+    assert not valid[:4].any() and valid[10:, :40].all()  # the nodata border, halved
+    with rasterio.open(path, "r+") as ds:  # an overview GDAL must prefer: a constant one
+        ds.build_overviews([2], Resampling.average)
+    with rasterio.open(path, "r+", OVERVIEW_LEVEL=0) as ds:
+        ds.write(np.full((3, 64, 48), 7, np.uint16))
+    pixels, _ = reader.read_decimated(open_scene(path), (64, 48), bands=(1,))
+    assert (pixels == 7).all()
 
 
 def test_unreadable_inputs_name_the_file(tmp_path):

@@ -10,6 +10,7 @@ import zarr
 from pipelines.plan.chunks import plan_chunks
 from pipelines.readers import InputPolicy, open_scene, read_window
 from pipelines.readers.zarr_volume import ZarrVolumeReader
+from pipelines.writers.overviews import build_overviews
 from pipelines.writers.zarr_masks import create_scene_store, scene_grid
 from schemas import store as layout
 from schemas.errors import InputError
@@ -147,3 +148,6 @@ def test_a_tessera_output_store_is_refused(tmp_path):
         open_scene(store)
     with pytest.raises(InputError, match="is a tessera output store"):  # nor an array inside one
         ZarrVolumeReader().open(str(store / layout.CLASSES))
+    build_overviews(store)
+    with pytest.raises(InputError, match="is a tessera output store"):  # nor one of its overview levels
+        ZarrVolumeReader().open(str(store / layout.level_path(1)))

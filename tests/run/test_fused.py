@@ -125,14 +125,14 @@ def test_split_actor_call_isolates_a_failing_window_and_the_write_names_the_file
     actor.actor = fused_actor.actor
     read = [read_stage(r, scenes={0: ctx}) for r in rows]
     bad = read[1].pixels
-    real = actor.actor.predictor.predict_core
+    real = actor.actor.predictor.predict_result
 
     def flaky(pixels, *args, **kwargs):
         if pixels is bad:
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(pixels, *args, **kwargs)
 
-    monkeypatch.setattr(actor.actor.predictor, "predict_core", flaky)
+    monkeypatch.setattr(actor.actor.predictor, "predict_result", flaky)
     monkeypatch.setattr(actor.actor.predictor, "windows_per_pass", lambda shape: 1)
     count, out = actor.run(read)
     assert count == 4 and all(isinstance(r, Prediction) for r in out) and isinstance(read[0], ReadWindow)

@@ -111,11 +111,13 @@ def test_semantic_cases_cover_every_semantic_architecture():
 
 def test_registry_names_and_kinds():
     assert architectures() == (
-        "deeplabv3", "deeplabv3plus", "fcn_resnet50", "lraspp", "maskrcnn", "maskrcnn_light", "monai_basicunet",
-        "monai_segresnet", "monai_unet", "oracle_ramp", "oracle_threshold", "pspnet", "unet", "unet3d", "unet_smp",
+        "deeplabv3", "deeplabv3plus", "fcn_resnet50", "instance_oracle", "lraspp", "maskrcnn", "maskrcnn_light",
+        "monai_basicunet", "monai_segresnet", "monai_unet", "oracle_ramp", "oracle_threshold", "pspnet", "unet",
+        "unet3d", "unet_smp",
     )
     assert {name: model_kind(name) for name in architectures()}["maskrcnn"] == "instance"
-    assert [name for name in architectures() if model_kind(name) == "instance"] == ["maskrcnn", "maskrcnn_light"]
+    assert [name for name in architectures() if model_kind(name) == "instance"] == [
+        "instance_oracle", "maskrcnn", "maskrcnn_light"]
     assert model_kind("some.module:factory") == "semantic"
 
 
@@ -136,6 +138,8 @@ def test_registry_names_and_kinds():
         ("unet_smp", {}, 32),
         ("unet_smp", {"encoder_depth": 4, "decoder_channels": [64, 32, 16, 8]}, 16),
         ("maskrcnn", {"min_size": 256}, 1),
+        ("maskrcnn", {"backbone": "resnet18", "min_size": None}, 1),
+        ("instance_oracle", {"threshold": 0.2, "class_channel": 1}, 1),
     ],
 )
 def test_native_stride_table(architecture, arch_args, stride):
@@ -209,6 +213,9 @@ def test_unknown_architecture_lists_known_names():
         ("maskrcnn", {"image_mean": [0.5, 0.5, 0.5]}, "image_mean must list 4 numbers"),
         ("maskrcnn", {"image_std": [1.0, 1.0, 0.0, 1.0]}, "image_std must hold positive numbers"),
         ("maskrcnn", {"anchor_sizes": [8]}, "unexpected keyword argument 'anchor_sizes'"),
+        ("maskrcnn", {"backbone": "vgg16"}, "maskrcnn backbone must be one of"),
+        ("maskrcnn", {"rpn_post_nms_top_n_test": 0}, "rpn_post_nms_top_n_test must be an int >= 1"),
+        ("instance_oracle", {"class_channel": 7}, "class_channel must be a band index in 0..3"),
     ],
 )
 def test_builders_reject_bad_arch_args(architecture, arch_args, match):

@@ -10,7 +10,7 @@ from schemas.errors import ModelCardError
 from schemas.model_card import ModelCard
 from workers.models.oracles import ThresholdOracle
 from workers.predictor import Predictor, PredictorOptions
-from workers.stitch import SemanticStitcher, Stitcher, StitchWindow, stitcher_factory
+from workers.stitch import InstanceStitcher, SemanticStitcher, Stitcher, StitchWindow, stitcher_factory
 from workers.tiles import blend_weights, plan_tiles
 
 
@@ -97,13 +97,10 @@ def test_the_factory_builds_the_stitcher_of_the_model_kind():
     assert isinstance(stitcher_factory(_card("some.module:factory"))(StitchWindow((3, 3))), SemanticStitcher)
 
 
-def test_instance_models_are_refused_naming_the_model():
-    with pytest.raises(ModelCardError, match=r"model 'mrcnn' \(architecture 'maskrcnn'\) is an instance model"):
-        stitcher_factory(_card("maskrcnn", name="mrcnn"))
-    with pytest.raises(ModelCardError, match="'mrcnn'.*instance model"):
-        Predictor(ThresholdOracle(1, 3), _card("maskrcnn", name="mrcnn"), options=PredictorOptions(device="cpu"))
+def test_instance_models_get_the_instance_stitcher_and_kinds_do_not_mix_in_an_ensemble():
+    assert isinstance(stitcher_factory(_card("maskrcnn", name="mrcnn"))(StitchWindow((3, 3))), InstanceStitcher)
     from workers.predictor import Member
 
-    with pytest.raises(ModelCardError, match="'member'.*instance model"):  # an ensemble member too
+    with pytest.raises(ModelCardError, match="'member'.*instance model"):  # an ensemble member of another kind
         Predictor(ThresholdOracle(1, 3), _card(), options=PredictorOptions(device="cpu"),
                   extra_members=(Member(ThresholdOracle(1, 3), _card("maskrcnn", name="member")),))

@@ -105,3 +105,60 @@ def threshold_oracle_numpy(normalised: np.ndarray, num_classes: int) -> np.ndarr
     thresholds = np.linspace(-1.0, 1.0, num_classes - 1, dtype=np.float32)
     v = normalised.astype(np.float32).mean(axis=0)
     return (v[..., None] > thresholds).sum(axis=-1).astype(np.uint8)
+
+
+class InstanceOracle(torch.nn.Module):
+    """An instance "model" with known answers: the connected components of
+    ``x[0] > threshold`` in each tile (8-connected in 2D, 26-connected in 3D: every
+    neighbour sharing a corner), numbered in raster order as ``skimage.measure.label`` (and
+    ``scipy.ndimage.label``) number them; ``x`` is the tile after the card's normalisation
+    (with mean 0 and std 1 the raw values).
+
+    Every object scores 1.0. Its class is 1, or with ``class_channel`` set, the largest value
+    of that channel over the object's pixels rounded to an int, which must lie in
+    ``1 .. num_classes - 1``. An object larger than the tile is labelled as far as the tile
+    sees it.
+
+    Args:
+        in_channels: input bands.
+        num_classes: classes including the background (>= 2).
+        threshold: foreground where channel 0 exceeds it.
+        class_channel: band carrying each object's class, or None (class 1).
+
+    Returns (forward): one :class:`workers.stitch.LabelImage` per tile.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, threshold: float = 0.5,
+                 class_channel: int | None = None):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background, so must be >= 2, got {num_classes}")
+        if class_channel is not None and not (isinstance(class_channel, int) and 0 <= class_channel < in_channels):
+            raise ValueError(f"class_channel must be a band index in 0..{in_channels - 1} or None, got {class_channel!r}")
+        self.class_channel = class_channel
+        self.num_classes = num_classes
+        # a tiny state, so that it saves and loads through the checkpoint path like a real model
+        self.register_buffer("threshold", torch.tensor([float(threshold)]))
+
+    def forward(self, x: torch.Tensor) -> list:
+        """(N, C, *spatial) normalised tiles, spatial (H, W) or (D, H, W) -> N label images."""
+        from scipy import ndimage
+
+        from workers.stitch import LabelImage
+
+        if x.ndim not in (4, 5):
+            raise ValueError(f"InstanceOracle takes (N, C, H, W) or (N, C, D, H, W), got {tuple(x.shape)}")
+        array = x.detach().to(device="cpu", dtype=torch.float32).numpy()
+        structure = np.ones((3,) * (x.ndim - 2), dtype=bool)
+        out = []
+        for tile in array:
+            ids, n = ndimage.label(tile[0] > float(self.threshold), structure=structure)
+            classes = None
+            if self.class_channel is not None and n:
+                top = ndimage.maximum(tile[self.class_channel], labels=ids, index=np.arange(1, n + 1))
+                classes = np.rint(np.asarray(top)).astype(np.int64)
+                if classes.min() < 1 or classes.max() >= self.num_classes:
+                    raise ValueError(f"InstanceOracle: class channel {self.class_channel} gives classes "
+                                     f"{sorted(set(classes.tolist()))}, outside 1..{self.num_classes - 1}")
+            out.append(LabelImage(ids.astype(np.int32), classes=classes))
+        return out

@@ -166,3 +166,34 @@ class NumpyModel(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_classes={self.num_classes}"
+
+
+class InstanceCallable(torch.nn.Module):
+    """A registered instance model's plain callable as a parameter-free torch module (empty
+    state dict), so it loads through the checkpoint path like any model.
+
+    Args:
+        fn: maps a ``(N, C, *tile)`` float32 tensor (normalised per the card) to N outputs,
+            one per tile (see :func:`workers.registry.register_instance_model`).
+        name: the architecture name, quoted in errors.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], Any], *, name: str) -> None:
+        super().__init__()
+        self.fn = fn
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> list[Any]:
+        """N per-tile outputs of ``fn``.
+
+        Raises:
+            ValueError: ``fn`` returned something other than a list or tuple of N outputs.
+        """
+        out = self.fn(x)
+        if not isinstance(out, (list, tuple)) or len(out) != x.shape[0]:
+            raise ValueError(f"instance model {self.name!r}: returned {type(out).__name__} for {x.shape[0]} "
+                             "tiles; expected a list with one output per tile")
+        return list(out)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"

@@ -200,14 +200,17 @@ def build_maskrcnn(
     in_channels: int,
     num_classes: int,
     *,
-    min_size: int = 800,
+    backbone: str = "resnet50",
+    min_size: int | None = 800,
     max_size: int = 1333,
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
     box_score_thresh: float = 0.05,
     box_detections_per_img: int = 100,
+    rpn_pre_nms_top_n_test: int = 1000,
+    rpn_post_nms_top_n_test: int = 1000,
 ) -> nn.Module:
-    """torchvision Mask R-CNN, ResNet-50 FPN: an INSTANCE model, returned unchanged.
+    """torchvision Mask R-CNN with an FPN backbone: an INSTANCE model, returned unchanged.
 
     In eval mode ``model(x)`` with ``x`` ``(N, C, H, W)`` (or a list of ``(C, H, W)``) returns one
     dict per image: ``boxes`` ``(D, 4)`` float32 ``(x1, y1, x2, y2)`` px, ``labels`` ``(D,)`` int64,
@@ -216,35 +219,46 @@ def build_maskrcnn(
     Args:
         in_channels: input bands.
         num_classes: classes INCLUDING background (id 0), as torchvision counts them (>= 2).
-        min_size: the shorter image side is resized to this (px; torchvision default 800).
-        max_size: cap on the longer side after resizing (px).
+        backbone: ``"resnet50"`` (torchvision's ``maskrcnn_resnet50_fpn``), ``"resnet18"`` or
+            ``"mobilenet_v3_large"`` (light backbones for CPUs), see
+            :data:`workers.models.detection.MASKRCNN_BACKBONES`.
+        min_size: the shorter image side is resized to this (px; torchvision default 800);
+            None: never resize (:class:`workers.models.detection.NativeResolutionTransform`),
+            the setting for tiles of a scene: training crops and prediction windows keep the
+            scene's ground resolution whatever their shape.
+        max_size: cap on the longer side after resizing (px; unused with ``min_size=None``).
         image_mean: per-band mean subtracted inside the model (``in_channels`` values); default:
             ImageNet RGB means extended by :func:`extend_band_stats`. Use zeros (and ``image_std``
-            ones) for inputs already normalised by the model card.
+            ones) for inputs already normalised by the model card (the predictor always
+            applies the card's band normalisation first).
         image_std: per-band std (``in_channels`` positive values); default as ``image_mean``.
         box_score_thresh: detections scoring below this are dropped.
         box_detections_per_img: at most this many detections per image.
+        rpn_pre_nms_top_n_test: region proposals per feature map kept before the RPN's NMS
+            in eval mode (torchvision's name and default).
+        rpn_post_nms_top_n_test: proposals per image after it, each run through the box head
+            in eval mode. On CPU the heads dominate (README, "Instance models": ResNet-18 FPN,
+            96 x 112 window, 1 thread: 2.1-2.8 s with 1000 proposals and 20 detections, 0.7-0.9 s
+            with 50 and 4; the mask head's cost grows with ``box_detections_per_img``).
     """
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
+    from workers.models.detection import build_maskrcnn_model
 
     _check_sizes("maskrcnn", in_channels, num_classes)
     if num_classes < 2:
         raise ValueError(f"maskrcnn num_classes counts background (id 0), so must be >= 2, got {num_classes}")
-    for name, value in (("min_size", min_size), ("max_size", max_size), ("box_detections_per_img", box_detections_per_img)):
+    if min_size is not None:
+        _check_int("maskrcnn", "min_size", min_size, minimum=1)
+    for name, value in (("max_size", max_size), ("box_detections_per_img", box_detections_per_img),
+                        ("rpn_pre_nms_top_n_test", rpn_pre_nms_top_n_test),
+                        ("rpn_post_nms_top_n_test", rpn_post_nms_top_n_test)):
         _check_int("maskrcnn", name, value, minimum=1)
     mean = _band_stats("image_mean", image_mean, IMAGENET_MEAN_RGB, in_channels, positive=False)
     std = _band_stats("image_std", image_std, IMAGENET_STD_RGB, in_channels, positive=True)
-    model = maskrcnn_resnet50_fpn(
-        weights=None,
-        weights_backbone=None,
-        num_classes=num_classes,
-        min_size=min_size,
-        max_size=max_size,
-        image_mean=mean,
-        image_std=std,
-        box_score_thresh=float(box_score_thresh),
-        box_detections_per_img=box_detections_per_img,
-    )
+    model = build_maskrcnn_model(num_classes, backbone=backbone, min_size=min_size, max_size=max_size,
+                                 image_mean=mean, image_std=std, box_score_thresh=float(box_score_thresh),
+                                 box_detections_per_img=box_detections_per_img,
+                                 rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+                                 rpn_post_nms_top_n_test=rpn_post_nms_top_n_test)
     adapt_first_conv(model.backbone.body, in_channels, reuse_weights=False)
     return model
 
@@ -253,23 +267,6 @@ def build_maskrcnn(
 MASKRCNN_LIGHT_BACKBONES: tuple[str, ...] = ("resnet18", "resnet34")
 #: Its default anchor sides per FPN level P2..P6 (px): half torchvision's, for objects of 10-100 px.
 MASKRCNN_LIGHT_ANCHOR_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
-
-
-def _no_resize_transform(base: nn.Module) -> nn.Module:
-    """A copy of torchvision's ``GeneralizedRCNNTransform`` that normalises and pads but never
-    resizes: the model sees tiles at their own resolution, whatever their size (no parameters,
-    so state dicts are unchanged)."""
-    from torchvision.models.detection.transform import GeneralizedRCNNTransform
-
-    class NoResizeTransform(GeneralizedRCNNTransform):
-        """Normalise and pad to a multiple of 32; images and targets keep their size."""
-
-        def resize(self, image, target=None):  # noqa: D401 - torchvision's hook
-            return image, target
-
-    return NoResizeTransform(
-        min_size=base.min_size, max_size=base.max_size, image_mean=base.image_mean, image_std=base.image_std
-    )
 
 
 def build_maskrcnn_light(
@@ -297,6 +294,8 @@ def build_maskrcnn_light(
     ``(D, 1, H, W)`` float32 probabilities), with these differences, all for small CPU budgets
     and tiles of synthetic or aerial imagery:
 
+    Unlike ``maskrcnn`` with ``backbone="resnet18"`` (BatchNorm, torchvision's heads):
+
     * the backbone is a random-init torchvision ResNet (``backbone``) whose first conv takes
       ``in_channels`` bands, all layers trainable, with GroupNorm (``norm="group"``, 32 groups or
       fewer; behaves the same in train and eval mode, so short from-scratch training needs no
@@ -307,8 +306,8 @@ def build_maskrcnn_light(
       cores torchvision's mask head cost more than the whole ResNet-18), and the RPN keeps
       ``rpn_proposals`` proposals per image after NMS (``2 * rpn_proposals`` before) instead of
       2000/1000 (train/test);
-    * images are NEVER resized (torchvision's ``min_size``/``max_size`` rescaling is switched
-      off): a tile of any size is predicted at its own resolution, as the semantic models are;
+    * images are NEVER resized (:class:`workers.models.detection.NativeResolutionTransform`, as
+      ``maskrcnn`` with ``min_size=None``): a tile of any size is predicted at its own resolution;
     * inputs are expected normalised by the model card, so ``image_mean`` defaults to zeros and
       ``image_std`` to ones.
 
@@ -341,6 +340,8 @@ def build_maskrcnn_light(
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.models.detection.rpn import AnchorGenerator
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    from workers.models.detection import NativeResolutionTransform
 
     arch = "maskrcnn_light"
     _check_sizes(arch, in_channels, num_classes)
@@ -396,7 +397,8 @@ def build_maskrcnn_light(
         mask_head=MaskRCNNHeads(fpn_channels, (mask_head_channels,) * mask_head_layers, 1),
         mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes),
     )
-    model.transform = _no_resize_transform(model.transform)
+    base = model.transform
+    model.transform = NativeResolutionTransform(base.min_size, base.max_size, base.image_mean, base.image_std)
     return model
 
 

@@ -1,0 +1,195 @@
+"""Overview levels of a store's `classes`, built chunk by chunk after every chunk is written.
+
+`build_overviews` plans the levels (:func:`pipelines.plan.pyramid.plan_pyramid`), computes each
+from the previous one with mode downsampling, one output chunk at a time (`build_level`: it reads
+only the ``2**ndim`` input chunks under that output chunk, so memory is bounded by the chunk size,
+never by the scene), and writes the metadata readers use to find them (`schemas.store`):
+
+- 2D: each level is a CF dataset of its own, group `overviews/<l>` with `classes`, `x`, `y` and
+  a `spatial_ref` whose GeoTransform is the level's (pixel size x 2^l), so
+  ``xr.open_zarr(store, group="overviews/2")`` + rioxarray georeference it; the root lists the
+  levels in the Zarr `multiscales` convention (v0.1.0, the one GeoZarr adopts).
+- 3D: the root `ome.multiscales` lists every level with its scale and translation, and the root
+  carries an OME-Zarr `image-label` (colours and names from the model card).
+
+Re-running rebuilds the same levels (they are removed and written again: deterministic, so a
+re-run writes the same bytes). `add_overviews` gives an older, complete store its levels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from pipelines.plan.pyramid import PyramidLevel, mode_downsample, plan_pyramid
+from pipelines.writers.zarr_masks import read_store_grid, write_grid_arrays
+from schemas import store as layout
+from schemas.errors import OutputError
+from schemas.model_card import default_class_colors
+
+
+@dataclass(frozen=True)
+class LevelReport:
+    """What building one level read: the evidence that memory follows the chunk, not the scene.
+
+    Attributes:
+        level: the level built.
+        shape: its size per axis.
+        n_blocks: output chunks computed (== input blocks read).
+        max_block_elements: the largest input block read, pixels / voxels (at most
+            ``prod(factors x chunk)``).
+    """
+
+    level: int
+    shape: tuple[int, ...]
+    n_blocks: int
+    max_block_elements: int
+
+
+def build_level(source: zarr.Array, target: zarr.Array, factors: Sequence[int]) -> LevelReport:
+    """Fill `target` with the mode of each `factors` block of `source`, one target chunk at a time.
+
+    Args:
+        source: the previous level (uint8 classes).
+        target: the new level, ``ceil(source.shape / factors)`` per axis.
+        factors: 1 or 2 per axis.
+
+    Returns:
+        A `LevelReport` (blocks read and the largest block's size).
+    """
+    factors = tuple(int(f) for f in factors)
+    n_blocks = max_elements = 0
+    ranges = [range(0, n, c) for n, c in zip(target.shape, target.chunks)]
+    for starts in itertools.product(*ranges):
+        out = tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, target.chunks, target.shape))
+        read = tuple(slice(o.start * f, min(o.stop * f, n)) for o, f, n in zip(out, factors, source.shape))
+        block = source[read]
+        n_blocks += 1
+        max_elements = max(max_elements, block.size)
+        target[out] = mode_downsample(block, factors, nodata=layout.NODATA_CLASS)
+    return LevelReport(level=-1, shape=tuple(target.shape), n_blocks=n_blocks, max_block_elements=max_elements)
+
+
+def plan_store_levels(zarr_path: Path) -> tuple[PyramidLevel, ...]:
+    """The levels `build_overviews` makes for a store (its `classes` shape and chunks, a volume's
+    spacing)."""
+    classes = zarr.open_array(str(zarr_path), path=layout.CLASSES, mode="r")
+    grid = read_store_grid(zarr_path)
+    spacing = grid.spacing_mm if isinstance(grid, layout.VolumeGrid) else None
+    return plan_pyramid(classes.shape, classes.chunks, spacing=spacing)
+
+
+def build_overviews(zarr_path: Path, *, class_colors: Sequence[str] | None = None) -> tuple[LevelReport, ...]:
+    """Build every overview level of a store's `classes` and write their metadata.
+
+    Call it once all chunks are written (the job does, in `finish_scene`, before the store is
+    marked complete). Existing levels are removed first, so a re-run after an interruption
+    rebuilds them identically.
+
+    Args:
+        zarr_path: a scene store (`pipelines.writers.zarr_masks`) whose chunks are all written.
+        class_colors: '#rrggbb' per class id (the model card's `class_colors`); None: the colours
+            already stored under attrs['tessera']['class_colors'], else the default palette.
+
+    Returns:
+        One `LevelReport` per level built (none when `classes` fits in one chunk).
+
+    Raises:
+        OutputError: the store has no `classes`, or the colours do not match its classes.
+    """
+    try:
+        group = zarr.open_group(str(zarr_path), mode="r+")
+        classes = group[layout.CLASSES]
+    except (FileNotFoundError, KeyError):
+        raise OutputError(f"{zarr_path}: not a tessera store with `{layout.CLASSES}`") from None
+    attrs = dict(group.attrs[layout.TESSERA_ATTR])
+    names = tuple(attrs[layout.KEY_CLASS_NAMES])
+    colors = tuple(class_colors or attrs.get(layout.KEY_CLASS_COLORS) or default_class_colors(len(names)))
+    if len(colors) != len(names):
+        raise OutputError(f"{zarr_path}: {len(colors)} class colours for {len(names)} classes {list(names)}")
+    grid = read_store_grid(zarr_path)
+    levels = plan_store_levels(zarr_path)
+    if layout.OVERVIEWS in group:
+        shutil.rmtree(Path(zarr_path) / layout.OVERVIEWS)
+        group = zarr.open_group(str(zarr_path), mode="r+")
+    reports = []
+    source = classes
+    for level in levels[1:]:
+        level_group = group.require_group(f"{layout.OVERVIEWS}/{level.level}")
+        level_grid = grid.level(level.cumulative)
+        target = level_group.create_array(
+            layout.CLASSES, shape=level.shape, chunks=tuple(min(c, n) for c, n in zip(classes.chunks, level.shape)),
+            dtype=layout.CLASSES_DTYPE, fill_value=layout.NODATA_CLASS, dimension_names=grid.dimension_names,
+            attributes=dict(classes.attrs) | {"resampling": layout.RESAMPLING_MODE,
+                                              "factors_from_level_0": list(level.cumulative)})
+        if isinstance(grid, layout.GeoGrid):
+            write_grid_arrays(level_grid, level_group, level.shape)
+        report = build_level(source, target, level.factors)
+        reports.append(LevelReport(level.level, report.shape, report.n_blocks, report.max_block_elements))
+        source = target
+    _write_level_metadata(zarr_path, grid, levels, names, colors, attrs)
+    return tuple(reports)
+
+
+def _write_level_metadata(zarr_path: Path, grid: layout.Grid, levels: Sequence[PyramidLevel],
+                          names: tuple[str, ...], colors: tuple[str, ...], attrs: dict[str, Any]) -> None:
+    """Root attributes listing the levels: tessera's own records, and the 2D Zarr multiscales
+    convention or the 3D OME multiscales + image-label."""
+    group = zarr.open_group(str(zarr_path), mode="r+")
+    records = []
+    for level in levels:
+        records.append({"level": level.level, "path": layout.level_path(level.level), "shape": list(level.shape),
+                        "factors": list(level.factors), "cumulative": list(level.cumulative),
+                        **grid.level(level.cumulative).tessera_attributes()})
+    attrs.update({layout.KEY_OVERVIEWS: records, layout.KEY_CLASS_COLORS: list(colors)})
+    group.attrs[layout.TESSERA_ATTR] = attrs
+    if isinstance(grid, layout.VolumeGrid):
+        ome = grid.ome_multiscales([(layout.level_path(lv.level), lv.cumulative) for lv in levels])
+        ome["image-label"] = layout.ome_image_label(names, colors)
+        group.attrs[layout.OME_ATTR] = ome
+        return
+    layout_entries = []
+    for level, record in zip(levels, records):
+        entry: dict[str, Any] = {"asset": layout.level_path(level.level)}
+        if level.level:
+            entry["derived_from"] = layout.level_path(level.level - 1)
+            entry["resampling_method"] = layout.RESAMPLING_MODE
+        entry["transform"] = {"scale": [float(f) for f in level.factors], "translation": [0.0] * len(level.factors)}
+        entry["spatial:transform"] = record[layout.KEY_TRANSFORM]
+        entry["spatial:shape"] = record["shape"]
+        layout_entries.append(entry)
+    declared = {layout.MULTISCALES_CONVENTION["uuid"], layout.SPATIAL_CONVENTION["uuid"]}
+    conventions = [c for c in group.attrs.get(layout.ZARR_CONVENTIONS_ATTR, []) if c.get("uuid") not in declared]
+    group.attrs.update({
+        layout.ZARR_CONVENTIONS_ATTR: [*conventions, layout.MULTISCALES_CONVENTION, layout.SPATIAL_CONVENTION],
+        layout.MULTISCALES_ATTR: {"layout": layout_entries, "resampling_method": layout.RESAMPLING_MODE},
+        "spatial:dimensions": list(layout.DIMENSIONS_2D),
+        "spatial:transform": records[0][layout.KEY_TRANSFORM],
+        "spatial:shape": records[0]["shape"],
+    })
+
+
+def add_overviews(zarr_path: Path, *, class_colors: Sequence[str] | None = None) -> tuple[LevelReport, ...]:
+    """Give a finished store (complete, written before overviews existed) its levels, keeping it
+    complete: `build_overviews`, then the consolidated metadata refreshed.
+
+    Raises:
+        OutputError: the store is not complete (a partial store gets its levels from the job).
+    """
+    group = zarr.open_group(str(zarr_path), mode="r")
+    status = dict(group.attrs.get(layout.TESSERA_ATTR, {})).get(layout.KEY_STATUS)
+    if status != layout.STORE_STATUS_COMPLETE:
+        raise OutputError(f"{zarr_path}: status {status!r}; only a complete store is given overviews here "
+                          "(re-run the job to finish a partial one)")
+    reports = build_overviews(zarr_path, class_colors=class_colors)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(str(zarr_path))
+    return reports
