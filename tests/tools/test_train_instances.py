@@ -13,6 +13,7 @@ from pipelines.tools.train_instances import (
     MODEL_NAME,
     InstanceTrainSettings,
     ensure_building_model,
+    evaluate_job_on_scene,
     evaluate_model_on_scene,
     instance_targets,
 )
@@ -34,7 +35,7 @@ def test_targets_of_a_crop():
 
 
 @pytest.mark.slow
-def test_a_short_training_lowers_the_loss_and_is_cached(tmp_path):
+def test_a_short_training_lowers_the_loss_and_is_cached(tmp_path, ray_local):
     settings = InstanceTrainSettings(steps=30, warmup_steps=5, batch_size=2, patch_px=96, pool_windows=3,
                                      pool_window_px=256, scene_px=1024)
     card_path, trained, seconds = ensure_building_model(tmp_path, settings)
@@ -49,7 +50,12 @@ def test_a_short_training_lowers_the_loss_and_is_cached(tmp_path):
     # a second call reuses the cache; another recipe trains again
     again, trained_again, _ = ensure_building_model(tmp_path, settings)
     assert again == card_path and not trained_again
-    ev = evaluate_model_on_scene(card_path, BuildingSceneSpec(256, 256, seed=7))
+    scene = BuildingSceneSpec(384, 384, seed=7)
+    ev = evaluate_model_on_scene(card_path, scene)
     m = ev.metrics
     assert m.n_true > 0 and m.tp + m.fn == m.n_true and m.tp + m.fp == m.n_pred
     assert 0.0 <= m.ap <= 1.0
+    # the same card through the job (chunks, halos, merge), scored from the store and the table
+    job, wall_s = evaluate_job_on_scene(card_path, tmp_path / "job", scene, chunk_size=128, halo=32,
+                                        score_threshold=0.05)
+    assert wall_s > 0 and job.n_true == m.n_true and job.tp + job.fn == job.n_true

@@ -291,10 +291,9 @@ def build_maskrcnn_light(
 
     Same outputs as :func:`build_maskrcnn` (one dict per image: ``boxes`` ``(D, 4)`` float32
     ``(x1, y1, x2, y2)`` px, ``labels`` ``(D,)`` int64, ``scores`` ``(D,)`` float32, ``masks``
-    ``(D, 1, H, W)`` float32 probabilities), with these differences, all for small CPU budgets
-    and tiles of synthetic or aerial imagery:
-
-    Unlike ``maskrcnn`` with ``backbone="resnet18"`` (BatchNorm, torchvision's heads):
+    ``(D, 1, H, W)`` float32 probabilities). Unlike ``maskrcnn`` with ``backbone="resnet18"``
+    (BatchNorm, torchvision's 256-wide heads), it is built for small CPU budgets and tiles of
+    synthetic or aerial imagery:
 
     * the backbone is a random-init torchvision ResNet (``backbone``) whose first conv takes
       ``in_channels`` bands, all layers trainable, with GroupNorm (``norm="group"``, 32 groups or
@@ -331,8 +330,6 @@ def build_maskrcnn_light(
         mask_head_channels: width of the mask head's convs (and its upsampling layer).
         mask_head_layers: 3x3 convs in the mask head (>= 1).
     """
-    import functools
-
     from torchvision.models import resnet
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -369,7 +366,7 @@ def build_maskrcnn_light(
     def group_norm(channels: int) -> nn.GroupNorm:
         return nn.GroupNorm(min(32, channels // 4), channels)
 
-    norm_layer = group_norm if norm == "group" else functools.partial(nn.BatchNorm2d)
+    norm_layer = group_norm if norm == "group" else nn.BatchNorm2d
     body = getattr(resnet, backbone)(weights=None, norm_layer=norm_layer)
     adapt_first_conv(body, in_channels, reuse_weights=False)
     widths = [body.layer1[-1].conv2.out_channels * (2**i) for i in range(4)]  # 64, 128, 256, 512
