@@ -14,6 +14,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.errors import JobSpecError
 from schemas.model_card import format_validation_errors
+from schemas.uris import check_uri, is_uri
 
 JOB_SPEC_VERSION = 1
 BUILTIN_PREFIX = "builtin:"
@@ -264,11 +265,16 @@ class OutputSpec(_Frozen):
 class JobSpec(_Frozen):
     """A whole tessera job."""
 
+    # a refused input URI may hold a secret: errors name the field and the redacted URI only
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
     version: int = Field(default=JOB_SPEC_VERSION, description="Job spec schema version.")
     name: str = Field(default="tessera-job", min_length=1, max_length=128, description="Job name for logs.")
     inputs: tuple[str, ...] = Field(
-        min_length=1, description="Scene paths or glob patterns (GeoTIFF/COG).",
-        examples=[["scenes/*.tif"]],
+        min_length=1, description="Scene paths or glob patterns (GeoTIFF/COG, NIfTI, DICOM series, Zarr), "
+        "or URIs: https:// / http:// / s3:// COGs read by byte ranges, s3:// Zarr stores (never globbed; "
+        "no credentials in the URI: they come from the AWS environment).",
+        examples=[["scenes/*.tif"], ["s3://bucket/scenes/T33UUP.tif", "https://example.org/cog.tif"]],
     )
     bands: tuple[int, ...] | None = Field(
         default=None, min_length=1,
@@ -293,6 +299,19 @@ class JobSpec(_Frozen):
     def _known_version(cls, value: int) -> int:
         if value != JOB_SPEC_VERSION:
             raise ValueError(f"unsupported job spec version {value}; this tessera reads version {JOB_SPEC_VERSION}")
+        return value
+
+    @field_validator("inputs")
+    @classmethod
+    def _clean_uris(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """URIs must be of a scheme tessera reads and carry no credentials (`schemas.uris.check_uri`:
+        the spec is saved with the outputs); the error shows the URI redacted."""
+        for i, item in enumerate(value):
+            if is_uri(item):
+                try:
+                    check_uri(item)
+                except ValueError as exc:
+                    raise ValueError(f"inputs[{i}]: {exc}") from None
         return value
 
     @field_validator("bands")
