@@ -106,3 +106,21 @@ def check_uri(uri: str) -> None:
             "or the cluster's instance role)")
     if not urlsplit(str(uri)).hostname:
         raise ValueError(f"{shown}: the URI names no host (or bucket)")
+
+
+#: Between a STAC ItemCollection's location and an item id in a STAC scene's path.
+STAC_SEPARATOR = "#"
+
+
+def stac_scene_path(items: str, item_id: str) -> str:
+    """The path of the scene a STAC item becomes: ``<ItemCollection path or URL>#<item id>``
+    (what ``tables/scenes`` records as its ``source``; see :mod:`pipelines.readers.stac`)."""
+    return f"{items}{STAC_SEPARATOR}{item_id}"
+
+
+def split_stac_path(path: str) -> tuple[str, str] | None:
+    """``(items, item id)`` of a STAC scene path (:func:`stac_scene_path`), or None for any other input."""
+    items, sep, item_id = str(path).rpartition(STAC_SEPARATOR)
+    if not sep or not item_id or not items.lower().split("?", 1)[0].endswith(".json"):
+        return None
+    return items, item_id

@@ -171,11 +171,12 @@ def s3_client(endpoint: str):
                         aws_access_key_id="testing-key-id", aws_secret_access_key="testing-secret-key-do-not-log")
 
 
-def upload_tree(client, bucket: str, folder: Path, prefix: str) -> str:
-    """Upload a file or every file below a folder (a Zarr store) under `prefix`; returns its s3:// URI."""
+def upload_tree(client, bucket: str, folder: Path, prefix: str, *, public: bool = False) -> str:
+    """Upload a file or every file below a folder (a Zarr store) under `prefix` (readable by
+    anyone with `public`); returns its s3:// URI."""
     folder = Path(folder)
     files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
     for f in files:
         key = prefix if folder.is_file() else f"{prefix}/{f.relative_to(folder).as_posix()}"
-        client.upload_file(str(f), bucket, key)
+        client.upload_file(str(f), bucket, key, ExtraArgs={"ACL": "public-read"} if public else None)
     return f"s3://{bucket}/{prefix}"

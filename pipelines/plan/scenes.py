@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from schemas.uris import is_uri, uri_name
+from schemas.uris import is_uri, split_stac_path, uri_name
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -50,11 +50,15 @@ def expand_inputs(patterns: tuple[str, ...], *, base_dir: Path,
 def scene_name(path: str | Path, *, suffixes: tuple[str, ...] = ()) -> str:
     """A safe output name for a scene: the file name (of a URI: the last segment of its path,
     before any query) without the longest of `suffixes` it ends with (case-insensitive; the
-    readers' suffixes, `pipelines.readers.known_suffixes`), anything but [A-Za-z0-9._-] replaced.
+    readers' suffixes, `pipelines.readers.known_suffixes`), anything but [A-Za-z0-9._-] replaced;
+    a STAC item's scene (`schemas.uris.stac_scene_path`) is named by its item id.
 
     Scene names come from catalogues and file names, which are untrusted: the result can never
     contain a path separator or be '.'/'..', so `<root>/<name>.zarr` stays under the root.
     """
+    stac = split_stac_path(str(path))
+    if stac is not None:  # a STAC item's scene is named by the item id
+        return _SAFE_NAME.sub("_", stac[1]).strip("._-")[:200] or "scene"
     stem = uri_name(str(path)) if is_uri(str(path)) else Path(str(path)).name
     lower = stem.lower()
     for suffix in sorted(suffixes, key=len, reverse=True):

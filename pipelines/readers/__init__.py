@@ -17,6 +17,9 @@ nifti      .nii .nii.gz (3D; 4D = channels, ``bands:``   :mod:`.nifti` (nibabel;
            required; .nii.gz converted once to Zarr)      cached as Zarr)
 zarr       .zarr (OME-Zarr 0.5 image, or a plain         :mod:`.zarr_volume` (zarr v3)
            (z, y, x) / (c, z, y, x) Zarr v3 array)
+stac       ``<items.json>#<item id>``: one item of a      :mod:`.stac` (pystac +
+           STAC ItemCollection (job spec ``stac:``),      rasterio)
+           its assets stacked on the finest grid
 =========  ============================================  ===========================
 
 The longest matching suffix wins (``.nii.gz`` over any reader claiming ``.gz``).
@@ -38,9 +41,10 @@ from pipelines.readers.base import COMPLEX_DERIVATIONS, InputPolicy, Reader, Sce
 from pipelines.readers.dicom import DicomReader, is_dicom_series_dir
 from pipelines.readers.geotiff import GeoTiffReader
 from pipelines.readers.nifti import NiftiReader
+from pipelines.readers.stac import StacReader
 from pipelines.readers.zarr_volume import ZarrVolumeReader
 from schemas.errors import InputError
-from schemas.uris import is_uri, redact_uri, uri_name, uri_scheme
+from schemas.uris import is_uri, redact_uri, split_stac_path, uri_name, uri_scheme
 
 if TYPE_CHECKING:
     from schemas.window import ChunkWindow
@@ -63,18 +67,22 @@ __all__ = [
 
 #: Every reader by format name; the one with the longest suffix matching a path opens it.
 READERS: dict[str, Reader] = {
-    r.name: r for r in (GeoTiffReader(), DicomReader(), NiftiReader(), ZarrVolumeReader())
+    r.name: r for r in (GeoTiffReader(), DicomReader(), NiftiReader(), ZarrVolumeReader(), StacReader())
 }
 #: The reader for a path no reader claims by suffix (GDAL recognises its formats by content).
 FALLBACK_FORMAT = "geotiff"
 #: The formats read from URIs, and the URI schemes each takes (:mod:`pipelines.readers.remote`).
-REMOTE_FORMATS: dict[str, tuple[str, ...]] = {"geotiff": ("http", "https", "s3"), "zarr": ("s3",)}
+REMOTE_FORMATS: dict[str, tuple[str, ...]] = {"geotiff": ("http", "https", "s3"), "zarr": ("s3",),
+                                              "stac": ("http", "https")}
 
 
 def reader_for(path: str | Path) -> Reader:
     """The reader of a path or URI, by its longest matching (lower-case) suffix (a URI's: of its
-    path, before any query); a directory no suffix claims that holds DICOM files is a DICOM
-    series; GDAL's for any other path."""
+    path, before any query); a STAC item's path (``<items.json>#<item id>``) is the STAC
+    reader's; a directory no suffix claims that holds DICOM files is a DICOM series; GDAL's for
+    any other path."""
+    if split_stac_path(str(path)) is not None:
+        return READERS[StacReader.name]
     name = (uri_name(str(path)) if is_uri(str(path)) else Path(str(path)).name).lower()
     matches = [(len(s), reader) for reader in READERS.values() for s in reader.suffixes if name.endswith(s)]
     if matches:

@@ -43,17 +43,17 @@ _open: OrderedDict[tuple[str, int, int], rasterio.io.DatasetReader] = OrderedDic
 _cache_set = False
 
 
-def _remote_env(path: str) -> contextlib.AbstractContextManager:
+def remote_env(path: str) -> contextlib.AbstractContextManager:
     """``rasterio.Env`` with the remote GDAL options for a URI; nothing for a local path."""
     return rasterio.Env(**gdal_options(path)) if is_uri(path) else contextlib.nullcontext()
 
 
-def _gdal_open(path: str) -> rasterio.io.DatasetReader:
-    """rasterio.open of a local path, or of a URI's GDAL path (call under `_remote_env`)."""
+def open_raster(path: str) -> rasterio.io.DatasetReader:
+    """rasterio.open of a local path, or of a URI's GDAL path (call under `remote_env`)."""
     return rasterio.open(gdal_path(path) if is_uri(path) else path)
 
 
-def _dataset(path: str) -> rasterio.io.DatasetReader:
+def cached_dataset(path: str) -> rasterio.io.DatasetReader:
     """An open dataset of `path`, reused while the file is unchanged (see module docstring); a
     URI's is reused for the life of the process (an input object changing during a job is not
     noticed: its identity is taken once, when the job starts)."""
@@ -68,7 +68,7 @@ def _dataset(path: str) -> rasterio.io.DatasetReader:
         key = (path, st.st_mtime_ns, st.st_size)
     ds = _open.get(key)
     if ds is None or ds.closed:
-        ds = _gdal_open(path)
+        ds = open_raster(path)
         _open[key] = ds
         while len(_open) > MAX_OPEN_DATASETS:
             _open.popitem(last=False)[1].close()
@@ -102,7 +102,7 @@ class GeoTiffReader:
         elif not Path(path).exists():
             raise InputError(f"{path}: file not found")
         try:
-            with _remote_env(path), _gdal_open(path) as ds:
+            with remote_env(path), open_raster(path) as ds:
                 if ds.count < 1:
                     raise InputError(f"{path}: raster has no bands")
                 dtype, derive = check_dtype(path, tuple(ds.dtypes), policy)
@@ -150,8 +150,8 @@ class GeoTiffReader:
         (r, c) = window.read
         rio_window = Window(c.start, r.start, c.stop - c.start, r.stop - r.start)
         try:
-            with _remote_env(info.path):
-                ds = _dataset(info.path)
+            with remote_env(info.path):
+                ds = cached_dataset(info.path)
                 out_dtype = None if info.source_dtype in (None, ds.dtypes[0]) else info.source_dtype
                 pixels = ds.read(indexes, window=rio_window, out_dtype=out_dtype)
         except (RasterioError, OSError) as exc:

@@ -28,6 +28,7 @@ from pipelines.plan.chunks import stripe_order
 from pipelines.plan.scenes import assign_scene_names, expand_inputs, scene_name
 from pipelines.readers import InputPolicy, SceneInfo, is_input_dir, known_suffixes
 from pipelines.readers.remote import worker_env
+from pipelines.readers.stac import stac_scene_paths
 from pipelines.run.cluster import ensure_ray, inherited_worker_env
 from pipelines.run.resolve import (
     ResolvedJob,
@@ -109,6 +110,8 @@ def run_job(
     job = resolve_job(spec, base_dir=base_dir)
     job.root.mkdir(parents=True, exist_ok=True)
     paths, unmatched = expand_inputs(spec.inputs, base_dir=base_dir, is_input_dir=is_input_dir)
+    if spec.stac is not None:  # one scene per item (pipelines.readers.stac)
+        paths += stac_scene_paths(spec.stac.items, base_dir=base_dir)
     outcomes = [SceneOutcome(name=n, source=p) for n, p in zip(assign_scene_names(paths, suffixes=known_suffixes()), paths)]
     for pattern in unmatched:
         name = scene_name(pattern, suffixes=known_suffixes())
@@ -132,7 +135,7 @@ def run_job(
     phases = {"setup_s": time.perf_counter() - t_start}
     pending = [o for o in outcomes if o.status != STATUS_FAILED]
     # where and how to reach object storage, for the workers (never credentials: see remote.worker_env)
-    remote_env = worker_env() if any(is_uri(o.source) for o in pending) else {}
+    remote_env = worker_env() if spec.stac is not None or any(is_uri(o.source) for o in pending) else {}
     # the actors start (import torch, load the model, on a GPU its context) while the scenes are hashed
     pool = None
     if pending:
