@@ -70,7 +70,7 @@ def _object_store(uri: str) -> Any:
 def _open_zarr_array(location: str) -> zarr.Array:
     """zarr.open_array of a local folder or an ``s3://`` URI, read-only."""
     if is_uri(location):
-        return zarr.open_array(store=_object_store(location), mode="r")
+        return zarr.open_array(store=_object_store(location), mode="r", zarr_format=3)  # no v2 key probes
     return zarr.open_array(location, mode="r")
 
 
@@ -194,7 +194,8 @@ def _locate(path: str) -> tuple[str, tuple[str, ...], np.ndarray]:
         raise InputError(f"{path}: not a Zarr v3 array or group (no zarr.json)")
     _refuse_output_store(path, folder)
     try:
-        node = zarr.open(store=_object_store(folder), mode="r") if is_uri(folder) else zarr.open(folder, mode="r")
+        node = (zarr.open(store=_object_store(folder), mode="r", zarr_format=3) if is_uri(folder)
+                else zarr.open(folder, mode="r"))
     except (OSError, ValueError, KeyError, ObjectStoreError) as exc:
         raise InputError(f"{path}: cannot open as Zarr: {exc}") from None
     if isinstance(node, zarr.Array):

@@ -85,6 +85,18 @@ def test_uris_with_inline_credentials_are_refused_and_never_echoed(uri, secret):
     assert secret not in str(err.value)
 
 
+def test_readers_refuse_credentialed_uris_that_bypass_the_spec_and_stores_record_them_redacted():
+    from pipelines.run.scenes import source_attribute
+
+    for uri in ("https://user:hunter2@h.example/x.tif", "s3://bucket/img.zarr?X-Amz-Signature=hunter2"):
+        with pytest.raises(InputError, match="carries credentials") as err:
+            open_scene(uri)
+        assert "hunter2" not in str(err.value)
+        assert "hunter2" not in source_attribute(uri)
+    assert source_attribute("/data/scenes/a.tif") == "a.tif"
+    assert source_attribute("s3://bucket/raw/a.tif") == "s3://bucket/raw/a.tif"
+
+
 def test_clean_uris_and_other_schemes():
     assert redact_uri("https://h/x.tif?versionId=7") == "https://h/x.tif?versionId=7"
     check_uri("s3://bucket/key.tif")
