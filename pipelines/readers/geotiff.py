@@ -182,8 +182,8 @@ class GeoTiffReader:
         """
         indexes = list(bands) if bands is not None else list(range(1, info.count + 1))
         try:
-            with _remote_env(info.path):
-                ds = _dataset(info.path)
+            with remote_env(info.path):
+                ds = cached_dataset(info.path)
                 pixels = ds.read(indexes, out_shape=(len(indexes), *out_shape), resampling=Resampling.nearest)
         except (RasterioError, OSError) as exc:
             close_datasets()
