@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from schemas.uris import is_uri, split_stac_path, uri_name
+
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -19,14 +21,20 @@ def expand_inputs(patterns: tuple[str, ...], *, base_dir: Path,
     """Expand paths/globs (relative ones against base_dir).
 
     A glob matches files, and the directories `is_input_dir` accepts (a DICOM series, a Zarr
-    store: `pipelines.readers.is_input_dir`); a plain path may be either.
+    store: `pipelines.readers.is_input_dir`); a plain path may be either. A URI
+    (``https://``, ``s3://``: `schemas.uris.is_uri`) is one input and passes through as given:
+    never globbed (``*`` and ``?`` are ordinary characters of an object key or a query), never
+    checked here (its reader opens it, and a missing object fails its scene alone).
 
     Returns:
-        (paths, unmatched): sorted unique existing paths, and patterns that matched nothing.
+        (paths, unmatched): sorted unique existing paths and URIs, and patterns that matched nothing.
     """
     paths: set[str] = set()
     unmatched: list[str] = []
     for pattern in patterns:
+        if is_uri(pattern):
+            paths.add(pattern)
+            continue
         full = pattern if os.path.isabs(os.path.expanduser(pattern)) else str(base_dir / pattern)
         full = os.path.expanduser(full)
         if glob.has_magic(full):
@@ -40,14 +48,18 @@ def expand_inputs(patterns: tuple[str, ...], *, base_dir: Path,
 
 
 def scene_name(path: str | Path, *, suffixes: tuple[str, ...] = ()) -> str:
-    """A safe output name for a scene: the file name without the longest of `suffixes` it ends
-    with (case-insensitive; the readers' suffixes, `pipelines.readers.known_suffixes`), anything
-    but [A-Za-z0-9._-] replaced.
+    """A safe output name for a scene: the file name (of a URI: the last segment of its path,
+    before any query) without the longest of `suffixes` it ends with (case-insensitive; the
+    readers' suffixes, `pipelines.readers.known_suffixes`), anything but [A-Za-z0-9._-] replaced;
+    a STAC item's scene (`schemas.uris.stac_scene_path`) is named by its item id.
 
     Scene names come from catalogues and file names, which are untrusted: the result can never
     contain a path separator or be '.'/'..', so `<root>/<name>.zarr` stays under the root.
     """
-    stem = Path(str(path)).name
+    stac = split_stac_path(str(path))
+    if stac is not None:  # a STAC item's scene is named by the item id
+        return _SAFE_NAME.sub("_", stac[1]).strip("._-")[:200] or "scene"
+    stem = uri_name(str(path)) if is_uri(str(path)) else Path(str(path)).name
     lower = stem.lower()
     for suffix in sorted(suffixes, key=len, reverse=True):
         if lower.endswith(suffix.lower()):

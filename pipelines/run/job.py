@@ -27,6 +27,8 @@ from typing import Any
 from pipelines.plan.chunks import stripe_order
 from pipelines.plan.scenes import assign_scene_names, expand_inputs, scene_name
 from pipelines.readers import InputPolicy, SceneInfo, is_input_dir, known_suffixes
+from pipelines.readers.remote import worker_env
+from pipelines.readers.stac import stac_scene_paths
 from pipelines.run.cluster import ensure_ray, inherited_worker_env
 from pipelines.run.resolve import (
     ResolvedJob,
@@ -48,6 +50,7 @@ from schemas.errors import InputError, JobSpecError, TesseraError
 from schemas.job import JobSpec
 from schemas.records import ChunkResult, ChunkTask, chunk_key
 from schemas.tables import STATUS_FAILED
+from schemas.uris import is_uri
 from workers.runtime import GLIBC_TUNABLES, actor_env, with_malloc_tunables
 
 log = logging.getLogger("tessera")
@@ -107,6 +110,8 @@ def run_job(
     job = resolve_job(spec, base_dir=base_dir)
     job.root.mkdir(parents=True, exist_ok=True)
     paths, unmatched = expand_inputs(spec.inputs, base_dir=base_dir, is_input_dir=is_input_dir)
+    if spec.stac is not None:  # one scene per item (pipelines.readers.stac)
+        paths += stac_scene_paths(spec.stac.items, base_dir=base_dir)
     outcomes = [SceneOutcome(name=n, source=p) for n, p in zip(assign_scene_names(paths, suffixes=known_suffixes()), paths)]
     for pattern in unmatched:
         name = scene_name(pattern, suffixes=known_suffixes())
@@ -129,10 +134,13 @@ def run_job(
     _save_resolved_spec(job)
     phases = {"setup_s": time.perf_counter() - t_start}
     pending = [o for o in outcomes if o.status != STATUS_FAILED]
+    # where and how to reach object storage, for the workers (never credentials: see remote.worker_env)
+    remote_env = worker_env() if spec.stac is not None or any(is_uri(o.source) for o in pending) else {}
     # the actors start (import torch, load the model, on a GPU its context) while the scenes are hashed
     pool = None
     if pending:
-        pool = _fused_pool(job) if fused_stages(job) else _split_pool(job, cluster_cpus=cluster.get("CPU", 1.0))
+        pool = (_fused_pool(job, remote_env=remote_env) if fused_stages(job)
+                else _split_pool(job, cluster_cpus=cluster.get("CPU", 1.0), remote_env=remote_env))
     with pool or contextlib.nullcontext():
         t0 = time.perf_counter()
         sources = [o.source for o in pending]
@@ -140,7 +148,8 @@ def run_job(
             opened = _open_local(sources, policy=input_policy(job))
         else:
             opened = _open_all(sources, policy=input_policy(job), cpus=cluster.get("CPU", 1.0),
-                               task_cpus=0.0 if pool else 0.5)  # the pool holds the CPUs; hashing is I/O
+                               task_cpus=0.0 if pool else 0.5,  # the pool holds the CPUs; hashing is I/O
+                               remote_env=remote_env)
         scenes: dict[int, SceneContext] = {}
         for scene_id, (outcome, (info, sha, error)) in enumerate(zip(pending, opened)):
             try:
@@ -193,17 +202,17 @@ def _predictor_kwargs(job: ResolvedJob) -> dict[str, Any]:
     }
 
 
-def _fused_pool(job: ResolvedJob) -> Any:
+def _fused_pool(job: ResolvedJob, *, remote_env: dict[str, str]) -> Any:
     """The fused actor pool of the job (pipelines.run.fused.FusedPool); its actors start now."""
     from pipelines.run.fused import FusedPool
 
     res = job.spec.resources
     return FusedPool(predictor=_predictor_kwargs(job), actors=job.actors,
                      actor_options={"num_cpus": res.cpus_per_actor, "num_gpus": job.num_gpus_per_actor,
-                                    **_actor_remote_args(res)})
+                                    **_actor_remote_args(res, remote_env)})
 
 
-def _split_pool(job: ResolvedJob, *, cluster_cpus: float) -> Any:
+def _split_pool(job: ResolvedJob, *, cluster_cpus: float, remote_env: dict[str, str]) -> Any:
     """The split stages of the job (pipelines.run.split.SplitPool); its actors start now."""
     from pipelines.run.split import SplitPool
 
@@ -211,8 +220,9 @@ def _split_pool(job: ResolvedJob, *, cluster_cpus: float) -> Any:
     tasks = read_concurrency(job, cluster_cpus=cluster_cpus)
     return SplitPool(predictor=_predictor_kwargs(job), actors=job.actors,
                      actor_options={"num_cpus": res.cpus_per_actor, "num_gpus": job.num_gpus_per_actor,
-                                    **_actor_remote_args(res)},
-                     read_tasks=tasks, write_tasks=tasks)
+                                    **_actor_remote_args(res, remote_env)},
+                     read_tasks=tasks, write_tasks=tasks,
+                     task_options={"runtime_env": {"env_vars": remote_env}} if remote_env else None)
 
 
 def split_block_rows(job: ResolvedJob) -> int:
@@ -245,8 +255,8 @@ def windows_per_call(job: ResolvedJob) -> int:
     return windows_per_pass((job.chunk_size + 2 * job.halo,) * 2, o.tile_size, o.tile_overlap, o.batch_size)
 
 
-def _open_all(paths: list[str], *, policy: InputPolicy, cpus: float,
-              task_cpus: float = 0.5) -> list[tuple[SceneInfo | None, str | None, str | None]]:
+def _open_all(paths: list[str], *, policy: InputPolicy, cpus: float, task_cpus: float = 0.5,
+              remote_env: dict[str, str] | None = None) -> list[tuple[SceneInfo | None, str | None, str | None]]:
     """open_and_hash every path in Ray tasks (on the workers, which read the inputs), in order.
 
     One task per group of paths, at most one group per cluster CPU; each task's worker process
@@ -259,7 +269,8 @@ def _open_all(paths: list[str], *, policy: InputPolicy, cpus: float,
         return []
     groups = max(1, min(len(paths), int(cpus)))
     size = -(-len(paths) // groups)
-    task = ray.remote(num_cpus=task_cpus, max_calls=1)(_open_group)
+    env = {"runtime_env": {"env_vars": remote_env}} if remote_env else {}
+    task = ray.remote(num_cpus=task_cpus, max_calls=1, **env)(_open_group)
     parts = ray.get([task.remote(paths[i:i + size], policy) for i in range(0, len(paths), size)])
     return [item for part in parts for item in part]
 
@@ -332,12 +343,14 @@ def read_concurrency(job: ResolvedJob, *, cluster_cpus: float) -> int:
     return max(2 * job.actors, int(free // 2))
 
 
-def _actor_remote_args(res: Any) -> dict[str, Any]:
+def _actor_remote_args(res: Any, remote_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Extra Ray options of the predictor actors: a runtime environment with the malloc tunables
     (resources.malloc_tuning), unless the local Ray this process started gives its workers the
     wanted environment already (ensure_ray's worker_env). Without malloc tuning, an actor of
     such a Ray whose workers inherit tunables gets this process's own GLIBC_TUNABLES instead;
-    on any other Ray it inherits what the workers have, as before."""
+    on any other Ray it inherits what the workers have, as before. `remote_env`, the non-secret
+    object-storage settings of a job with remote inputs (`pipelines.readers.remote.worker_env`),
+    is added to it."""
     inherited = inherited_worker_env()
     if res.malloc_tuning:
         env = actor_env(with_malloc_tunables(), inherited)
@@ -345,6 +358,7 @@ def _actor_remote_args(res: Any) -> dict[str, Any]:
         env = actor_env({GLIBC_TUNABLES: os.environ.get(GLIBC_TUNABLES, "")}, inherited)
     else:
         env = {}
+    env = {**env, **(remote_env or {})}
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
