@@ -259,6 +259,12 @@ class OutputSpec(_Frozen):
         description="Replace outputs written under a different job fingerprint "
         "(otherwise such a scene fails with a clear error and nothing is touched).",
     )
+    shared_filesystem: bool = Field(
+        default=False,
+        description="Declare `root` a filesystem every node of the Ray cluster mounts at the same path "
+        "(NFS, EFS, Lustre, ...). On a cluster of more than one node a job refuses to start without "
+        "it: each node would write its chunks to its own local disk, and the driver would find them missing.",
+    )
 
 
 class JobSpec(_Frozen):
@@ -267,8 +273,11 @@ class JobSpec(_Frozen):
     version: int = Field(default=JOB_SPEC_VERSION, description="Job spec schema version.")
     name: str = Field(default="tessera-job", min_length=1, max_length=128, description="Job name for logs.")
     inputs: tuple[str, ...] = Field(
-        min_length=1, description="Scene paths or glob patterns (GeoTIFF/COG).",
-        examples=[["scenes/*.tif"]],
+        min_length=1,
+        description="Scene paths or glob patterns (GeoTIFF/COG, NIfTI, DICOM series folders, Zarr), or "
+        "'@<file>' naming a manifest: a text file with one path or glob per line ('#' comments, blank "
+        "lines ignored; relative entries are relative to the manifest's folder), for jobs of many scenes.",
+        examples=[["scenes/*.tif"], ["@scenes.txt"]],
     )
     bands: tuple[int, ...] | None = Field(
         default=None, min_length=1,
