@@ -285,6 +285,9 @@ def _call(jobs: JobsClient, job_id: str, fn: Callable[[], Any]) -> Any:
         if "404" in text or "does not exist" in text:
             raise ClusterError(f"{jobs.address}: no job {job_id!r} on this cluster") from None
         raise ClusterError(f"{jobs.address}: job {job_id!r}: {text[:500]}") from None
+    except OSError as exc:  # requests' connection errors
+        raise ClusterError(f"{jobs.address}: the Ray dashboard did not answer ({type(exc).__name__}); is the "
+                           "cluster up?") from None
 
 
 def submit_package(jobs: JobsClient, package: JobPackage, *, python: str = "python",
