@@ -9,6 +9,8 @@ the job's log. Pure: no Ray, no I/O.
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 PROGRESS_PREFIX = "tessera progress:"
@@ -104,9 +106,8 @@ class ProgressLines:
         clock: monotonic seconds (time.monotonic).
     """
 
-    def __init__(self, emit, *, interval_s: float = 10.0, clock=None):
-        import time
-
+    def __init__(self, emit: Callable[[str], None], *, interval_s: float = 10.0,
+                 clock: Callable[[], float] | None = None):
         self.emit, self.interval_s = emit, interval_s
         self.clock = clock or time.monotonic
         self._last_t: float | None = None
