@@ -260,6 +260,12 @@ class OutputSpec(_Frozen):
         description="Replace outputs written under a different job fingerprint "
         "(otherwise such a scene fails with a clear error and nothing is touched).",
     )
+    shared_filesystem: bool = Field(
+        default=False,
+        description="Declare `root` a filesystem every node of the Ray cluster mounts at the same path "
+        "(NFS, EFS, Lustre, ...). On a cluster of more than one node a job refuses to start without "
+        "it: each node would write its chunks to its own local disk, and the driver would find them missing.",
+    )
 
 
 class StacSpec(_Frozen):
@@ -294,10 +300,12 @@ class JobSpec(_Frozen):
     version: int = Field(default=JOB_SPEC_VERSION, description="Job spec schema version.")
     name: str = Field(default="tessera-job", min_length=1, max_length=128, description="Job name for logs.")
     inputs: tuple[str, ...] = Field(
-        default=(), description="Scene paths or glob patterns (GeoTIFF/COG, NIfTI, DICOM series, Zarr), "
-        "or URIs: https:// / http:// / s3:// COGs read by byte ranges, s3:// Zarr stores (never globbed; "
-        "no credentials in the URI: they come from the AWS environment). At least one input, or `stac`.",
-        examples=[["scenes/*.tif"], ["s3://bucket/scenes/T33UUP.tif", "https://example.org/cog.tif"]],
+        default=(), description="Scene paths or glob patterns (GeoTIFF/COG, NIfTI, DICOM series, Zarr); "
+        "URIs: https:// / http:// / s3:// COGs read by byte ranges, s3:// Zarr stores (never globbed; "
+        "no credentials in the URI: they come from the AWS environment); or '@<file>' naming a manifest: "
+        "a text file with one path, glob or URI per line ('#' comments, blank lines ignored; relative "
+        "entries are relative to the manifest's folder), for jobs of many scenes. At least one input, or `stac`.",
+        examples=[["scenes/*.tif"], ["@scenes.txt"], ["s3://bucket/scenes/T33UUP.tif", "https://example.org/cog.tif"]],
     )
     bands: tuple[int, ...] | None = Field(
         default=None, min_length=1,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -29,7 +30,8 @@ from pipelines.plan.scenes import assign_scene_names, expand_inputs, scene_name
 from pipelines.readers import InputPolicy, SceneInfo, is_input_dir, known_suffixes
 from pipelines.readers.remote import worker_env
 from pipelines.readers.stac import stac_scene_paths
-from pipelines.run.cluster import ensure_ray, inherited_worker_env
+from pipelines.run.cluster import ensure_ray, inherited_worker_env, shared_output_problem
+from pipelines.run.progress import JobProgress
 from pipelines.run.resolve import (
     ResolvedJob,
     cluster_fit_problem,
@@ -46,10 +48,10 @@ from pipelines.run.stages import (
 )
 from pipelines.writers.atomic import atomic_write_text
 from pipelines.writers.tables import write_table
-from schemas.errors import InputError, JobSpecError, TesseraError
+from schemas.errors import InputError, JobSpecError, OutputError, TesseraError
 from schemas.job import JobSpec
 from schemas.records import ChunkResult, ChunkTask, chunk_key
-from schemas.tables import STATUS_FAILED
+from schemas.tables import STATUS_COMPLETE, STATUS_FAILED
 from schemas.uris import is_uri
 from workers.runtime import GLIBC_TUNABLES, actor_env, with_malloc_tunables
 
@@ -90,6 +92,7 @@ def run_job(
     base_dir: Path,
     ray_address: str | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[JobProgress], None] | None = None,
 ) -> JobResult:
     """Run a job: every scene in the spec; each chunk owned by one task per attempt, written idempotently.
 
@@ -98,20 +101,26 @@ def run_job(
         base_dir: folder that relative paths in the spec are relative to (the spec's folder).
         ray_address: Ray cluster to connect to (default: RAY_ADDRESS or a local instance).
         on_chunk: progress callback (chunks done, chunks total).
+        on_progress: progress callback with scene counts and speed (`JobProgress`): once the
+            scenes are opened, at every chunk, and as each scene completes.
 
     Returns:
         JobResult with one outcome per scene; failed scenes carry their error and are also in
-        `tables/scenes`. Raises only for job-level problems (model, output root).
+        `tables/scenes`. Raises only for job-level problems (model, output root, inputs that
+        match nothing at all, a local output root on a multi-node cluster); those are raised
+        before the output root is created and, except the last, before Ray starts.
     """
     import ray
 
     t_start = time.perf_counter()
     started_at = datetime.now(timezone.utc)
     job = resolve_job(spec, base_dir=base_dir)
-    job.root.mkdir(parents=True, exist_ok=True)
     paths, unmatched = expand_inputs(spec.inputs, base_dir=base_dir, is_input_dir=is_input_dir)
     if spec.stac is not None:  # one scene per item (pipelines.readers.stac)
         paths += stac_scene_paths(spec.stac.items, base_dir=base_dir)
+    if not paths:  # nothing to do: say so before Ray starts or any output folder exists
+        raise InputError(f"inputs match no file: {', '.join(unmatched)} (relative paths are relative to "
+                         f"{base_dir}; a manifest's entries to its folder)")
     outcomes = [SceneOutcome(name=n, source=p) for n, p in zip(assign_scene_names(paths, suffixes=known_suffixes()), paths)]
     for pattern in unmatched:
         name = scene_name(pattern, suffixes=known_suffixes())
@@ -122,6 +131,11 @@ def run_job(
     cluster = ray.cluster_resources()
     job = place_on_cluster(job, cluster)
     local_cluster = not (ray_address or os.environ.get("RAY_ADDRESS"))
+    problem = shared_output_problem(ray.nodes(), root=job.root, shared_filesystem=spec.output.shared_filesystem,
+                                    cluster_may_grow=not local_cluster and cluster_fit_problem(job, cluster) is not None)
+    if problem:
+        raise OutputError(problem)
+    job.root.mkdir(parents=True, exist_ok=True)
     if job.predictor_options.device == "cpu" and job.predictor_options.precision == "fp16":
         raise JobSpecError("inference.precision: fp16 needs GPU actors, and this job runs on CPU "
                            "(no GPU in the cluster, or resources.num_gpus_per_actor: 0); use bf16 or fp32")
@@ -171,7 +185,8 @@ def run_job(
                 if chunk_key(w.index) not in done:
                     tasks.append(ChunkTask(scene_id=scene_id, window=w))
         phases["open_s"] = time.perf_counter() - t0
-        progress = _Progress(len(tasks), by_id, on_chunk)
+        progress = _Progress(tasks, by_id, on_chunk, outcomes=outcomes, on_progress=on_progress)
+        progress.report()
         if tasks:
             phases.update(_stream(job, tasks, scenes, progress, pool))
         phases.update(progress.phases())
@@ -183,6 +198,7 @@ def run_job(
                 finish_scene(job, outcome, started_at, t_start)
             except (TesseraError, OSError, ValueError) as exc:
                 outcome.status, outcome.error = STATUS_FAILED, str(exc)
+            progress.report()
         if outcome.status == STATUS_FAILED:
             outcome.row = scene_row(job, outcome, started_at, t_start)
             write_table(job.root, "scenes", outcome.name, [outcome.row])
@@ -293,11 +309,31 @@ def _open_group(paths: list[str], policy: InputPolicy) -> list[tuple[SceneInfo |
 
 
 class _Progress:
-    """Counts chunk records as they arrive; a failed chunk fails its scene (the first error is kept)."""
+    """Counts chunk records as they arrive; a failed chunk fails its scene (the first error is kept).
 
-    def __init__(self, total: int, by_id: dict[int, SceneOutcome], on_chunk: Callable[[int, int], None] | None):
-        self.total, self.by_id, self.on_chunk, self.done = total, by_id, on_chunk, 0
+    Reports `on_chunk(done, total)` and, with scene counts and output pixels, `on_progress`
+    (`report`, also called by the job as scenes finish)."""
+
+    def __init__(self, tasks: list[ChunkTask], by_id: dict[int, SceneOutcome],
+                 on_chunk: Callable[[int, int], None] | None, *, outcomes: list[SceneOutcome] = (),
+                 on_progress: Callable[[JobProgress], None] | None = None):
+        self.total, self.by_id, self.on_chunk, self.done = len(tasks), by_id, on_chunk, 0
+        self.outcomes, self.on_progress = outcomes, on_progress
+        # output pixels of each chunk's core, for Mpx/s
+        self.core_px = {(t.scene_id, t.key): math.prod(t.window.core_shape) for t in tasks} if on_progress else {}
+        self.pixels_done = 0
         self.t_start = self.t_first = self.t_last = 0.0
+
+    def report(self) -> None:
+        """Call on_progress with where the job stands now."""
+        if self.on_progress is None:
+            return
+        statuses = [o.status for o in self.outcomes]
+        self.on_progress(JobProgress(
+            chunks_done=self.done, chunks_total=self.total, scenes_total=len(statuses),
+            scenes_complete=statuses.count(STATUS_COMPLETE), scenes_failed=statuses.count(STATUS_FAILED),
+            pixels_done=self.pixels_done,
+            elapsed_s=(time.perf_counter() - self.t_start) if self.t_start else 0.0))
 
     def start(self) -> None:
         self.t_start = time.perf_counter()
@@ -314,6 +350,7 @@ class _Progress:
         if not self.done:
             self.t_first = self.t_last
         self.done += 1
+        self.pixels_done += self.core_px.get((record.scene_id, record.key), 0)
         if self.on_chunk:
             self.on_chunk(self.done, self.total)
         if record.error:
@@ -322,6 +359,7 @@ class _Progress:
                 log.error("scene %s failed: %s", outcome.name, record.error)
             outcome.status = STATUS_FAILED
             outcome.error = outcome.error or record.error
+        self.report()
 
 
 def read_concurrency(job: ResolvedJob, *, cluster_cpus: float) -> int:
