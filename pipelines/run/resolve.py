@@ -261,11 +261,13 @@ def cluster_fit_problem(job: ResolvedJob, cluster: dict[str, float]) -> str | No
 
 def input_policy(job: ResolvedJob) -> InputPolicy:
     """The readers' input policy of a job: complex bands, the chosen bands (a 4D NIfTI needs them),
-    and where readers may cache converted inputs (`<root>/_work/inputs`, e.g. a `.nii.gz`
+    the STAC asset keys (``stac.assets``), and where readers may cache converted inputs (`<root>/_work/inputs`, e.g. a `.nii.gz`
     converted once to a chunked Zarr)."""
     spec = job.spec
+    stac = getattr(spec, "stac", None)
     return InputPolicy(complex_bands=spec.complex_bands, bands=spec.bands,
-                       cache_dir=str(job.root / WORK_DIR / INPUT_CACHE_DIR))
+                       cache_dir=str(job.root / WORK_DIR / INPUT_CACHE_DIR),
+                       assets=tuple(stac.assets) if stac is not None else None)
 
 
 def check_scene_fits_model(info: SceneInfo, *, bands: tuple[int, ...] | None, card: ModelCard) -> None:
