@@ -419,11 +419,30 @@ def evaluate_job_on_scene(
     pred = zarr.open_array(str(root / f"{name}.zarr"), path=INSTANCES, mode="r")
     rows = pq.read_table(root / "tables" / "instances" / f"{name}.parquet", columns=["instance_id", "score"])
     scores = dict(zip(rows.column("instance_id").to_pylist(), rows.column("score").to_pylist()))
-    import rasterio
+    with _GeoTiffRows(truth_path) as truth:  # read by row blocks, never the whole scene at once
+        return evaluate_instances(pred, truth, scores), float(result.wall_s)
 
-    with rasterio.open(truth_path) as src:
-        truth = src.read(1)
-    return evaluate_instances(pred, truth, scores), float(result.wall_s)
+
+class _GeoTiffRows:
+    """Band 1 of a GeoTIFF as an array sliceable by rows (``rows[r0:r1]``), read window by window."""
+
+    def __init__(self, path: Path) -> None:
+        import rasterio
+
+        self._src = rasterio.open(path)
+        self.shape = (self._src.height, self._src.width)
+
+    def __enter__(self) -> _GeoTiffRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._src.close()
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        from rasterio.windows import Window
+
+        r0, r1, _ = rows.indices(self.shape[0])
+        return self._src.read(1, window=Window(0, r0, self.shape[1], max(0, r1 - r0)))
 
 
 def main(argv: list[str] | None = None) -> None:
