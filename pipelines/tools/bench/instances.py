@@ -366,13 +366,15 @@ def format_row(scene: dict[str, Any]) -> str:
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The docs table: one row per scene and side."""
-    rows = ["| scene | true objects | merge | split /1k | duplicated /1k | count error /1k | wall s | peak MiB |",
-            "|---|---:|---|---:|---:|---:|---:|---:|"]
+    rows = ["| scene | true objects | merge | split /1k | duplicated /1k | merged preds /1k | count error /1k "
+            "| recall | wall s | peak MiB |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     names = {"tessera": "tessera halo match", "nms": "SAHI-style NMS (IoU 0.5)", "nmm": "SAHI-style GREEDYNMM (IOS 0.5)"}
     for s in result["scenes"]:
         for name, label in names.items():
             r = s[name]
             rows.append(f"| {s['size']}² | {s['n_true']} | {label} | {r['split_per_1000']:.1f} | "
-                        f"{r['duplicated_per_1000']:.1f} | {r['count_error_per_1000']:+.1f} | {r['wall_s']:.2f} | "
+                        f"{r['duplicated_per_1000']:.1f} | {1000 * r['merged_predictions'] / s['n_true']:.1f} | "
+                        f"{r['count_error_per_1000']:+.1f} | {r['recall']:.4f} | {r['wall_s']:.2f} | "
                         f"{r['peak_mib']:.1f} |")
     return "\n".join(rows)
