@@ -346,9 +346,27 @@ def bench(
         help="Job, bare model and peer with BatchNorm folded into the convolutions (the job default).")] = True,
     seed: Annotated[int, typer.Option(help="Synthetic scene seed.")] = 7,
     out: Annotated[Path, typer.Option(help="Folder for scenes, job outputs and bench-*.json.")] = Path("tessera-bench"),
+    instances: Annotated[bool, typer.Option(
+        "--instances", help="Instead: tessera's instance merge vs SAHI-style box NMS/NMM on oracle windows.")] = False,
+    instance_sizes: Annotated[str, typer.Option(help="Scene sides for --instances, comma-separated.")] = "1024,2048",
+    instance_chunk: Annotated[int, typer.Option(help="Chunk side for --instances (not a multiple of 256).")] = 300,
+    instance_halo: Annotated[int, typer.Option(help="Halo for --instances (tile overlap: twice it).")] = 32,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Benchmark the bare model vs the whole job vs MONAI on synthetic scenes; write a JSON report."""
+    if instances:
+        from pipelines.tools.bench.config import parse_sizes
+        from pipelines.tools.bench.instances import markdown_table, run_instance_bench
+
+        try:
+            result = run_instance_bench(parse_sizes([instance_sizes]), chunk=instance_chunk,
+                                        halo=instance_halo, seed=seed, out_dir=out,
+                                        on_progress=lambda line: console.print(line))
+        except ValueError as exc:
+            _fail(exc)
+        console.print(markdown_table(result))
+        console.print(f"[bold]results:[/] {result['json_path']}")
+        return
     from pipelines.tools.bench.config import BenchConfig, parse_sizes
     from pipelines.tools.bench.report import render_tables
     from pipelines.tools.bench.run import run_bench
