@@ -62,6 +62,8 @@ VOLUME_FORMAT_VERSION = 1
 VOLUME_SPACING_MM = (1.0, 0.8, 0.8)
 #: Side of the untimed warm-up volume (one chunk at most).
 WARMUP_SIDE = 32
+#: Tries at starting the tessera child's local Ray (its node start-up times out on a loaded machine).
+RAY_START_ATTEMPTS = 3
 #: Share of the memory available at the start that either side may hold by default.
 DEFAULT_BUDGET_SHARE = 0.8
 
@@ -143,7 +145,15 @@ def run_tessera_volume(
             raise RuntimeError(f"benchmark job failed on {outcome.source}: {outcome.error}")
         return result
 
-    ensure_ray(worker_env=with_malloc_tunables() if job_malloc_tuning else None)
+    for attempt in range(RAY_START_ATTEMPTS):  # a busy machine can time out Ray's node start-up
+        try:
+            ensure_ray(worker_env=with_malloc_tunables() if job_malloc_tuning else None)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt + 1 == RAY_START_ATTEMPTS:
+                raise
+            time.sleep(5)
     try:
         ray.get(ray.remote(num_cpus=0)(lambda: None).remote())
         t0 = time.perf_counter()
