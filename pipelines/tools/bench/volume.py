@@ -62,6 +62,9 @@ VOLUME_FORMAT_VERSION = 1
 VOLUME_SPACING_MM = (1.0, 0.8, 0.8)
 #: Side of the untimed warm-up volume (one chunk at most).
 WARMUP_SIDE = 32
+#: The peer's run at equal redundancy is skipped when no overlap brings its redundancy this close
+#: (relative) to tessera's (a volume no larger than the roi has one MONAI window whatever the overlap).
+EQ_REDUNDANCY_TOLERANCE = 0.05
 #: Tries at starting the tessera child's local Ray (its node start-up times out on a loaded machine).
 RAY_START_ATTEMPTS = 3
 #: Share of the memory available at the start that either side may hold by default.
@@ -315,6 +318,7 @@ def _bench_row(r: ResolvedVolumeBench, shape: tuple[int, int, int], classes: int
     redundancy = redundancy_factor(shape, c.chunk_size, c.halo, c.tile_size, c.tile_overlap, stride=stride)
     peer_redundancy = monai_redundancy(shape, c.tile_size, c.tile_overlap, stride=stride)
     eq_overlap = monai_overlap_for_redundancy(shape, c.tile_size, redundancy, stride=stride)
+    eq_redundancy = monai_redundancy(shape, c.tile_size, eq_overlap, stride=stride)
     estimate = monai_memory_estimate(shape, channels=1, classes=classes, input_itemsize=2)
     root = r.out_dir / "runs" / f"volume-{label.replace('^', '')}-k{classes}"
 
@@ -343,7 +347,13 @@ def _bench_row(r: ResolvedVolumeBench, shape: tuple[int, int, int], classes: int
             f"estimated ~{estimate / 2**30:.2f} GiB)")
         peer = _monai_run(r, card, scene, c.tile_overlap, zarr_path, estimate)
         if c.monai_equal_redundancy:
-            if peer["status"] == "ok":
+            if abs(eq_redundancy - redundancy) > EQ_REDUNDANCY_TOLERANCE * redundancy:
+                peer_eq = {"status": "skipped", "error": (
+                    f"no overlap gives MONAI tessera's redundancy {redundancy:.3f} on this volume "
+                    f"(closest {eq_redundancy:.3f})")}
+            elif abs(eq_redundancy - peer_redundancy) <= 1e-9 * peer_redundancy:
+                peer_eq = {**peer}  # the first run already computes as many model voxels
+            elif peer["status"] == "ok":
                 say(f"{label}, {classes} classes: MONAI at equal redundancy: overlap {eq_overlap:.4f}")
                 peer_eq = _monai_run(r, card, scene, eq_overlap, zarr_path, estimate)
             else:
@@ -358,8 +368,7 @@ def _bench_row(r: ResolvedVolumeBench, shape: tuple[int, int, int], classes: int
         "monai_peak_mib": peer.get("peak_mib"), "monai_gpu_peak_mib": peer.get("gpu_peak_mib"),
         "monai_agreement": peer.get("agreement"),
         "monai_eq_overlap": eq_overlap if peer_eq["status"] == "ok" else None,
-        "monai_eq_redundancy": monai_redundancy(shape, c.tile_size, eq_overlap, stride=stride)
-        if peer_eq["status"] == "ok" else None,
+        "monai_eq_redundancy": eq_redundancy if peer_eq["status"] == "ok" else None,
         "monai_eq_status": peer_eq["status"], "monai_eq_error": peer_eq.get("error"),
         "monai_eq_s": peer_eq.get("seconds"), "monai_eq_voxels_s": peer_eq.get("voxels_s"),
         "monai_eq_peak_mib": peer_eq.get("peak_mib"), "monai_eq_agreement": peer_eq.get("agreement"),
