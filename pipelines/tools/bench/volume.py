@@ -156,7 +156,7 @@ def run_tessera_volume(
             ray.shutdown()
             if attempt + 1 == RAY_START_ATTEMPTS:
                 raise
-            time.sleep(5)
+            time.sleep(10)
     try:
         ray.get(ray.remote(num_cpus=0)(lambda: None).remote())
         t0 = time.perf_counter()
