@@ -352,7 +352,7 @@ def _bench_row(r: ResolvedVolumeBench, shape: tuple[int, int, int], classes: int
                     f"no overlap gives MONAI tessera's redundancy {redundancy:.3f} on this volume "
                     f"(closest {eq_redundancy:.3f})")}
             elif abs(eq_redundancy - peer_redundancy) <= 1e-9 * peer_redundancy:
-                peer_eq = {**peer}  # the first run already computes as many model voxels
+                peer_eq = {**peer, "reused": True}  # the first run already computes as many model voxels
             elif peer["status"] == "ok":
                 say(f"{label}, {classes} classes: MONAI at equal redundancy: overlap {eq_overlap:.4f}")
                 peer_eq = _monai_run(r, card, scene, eq_overlap, zarr_path, estimate)
@@ -367,7 +367,7 @@ def _bench_row(r: ResolvedVolumeBench, shape: tuple[int, int, int], classes: int
         "monai_read_s": peer.get("read_s"), "monai_voxels_s": peer.get("voxels_s"),
         "monai_peak_mib": peer.get("peak_mib"), "monai_gpu_peak_mib": peer.get("gpu_peak_mib"),
         "monai_agreement": peer.get("agreement"),
-        "monai_eq_overlap": eq_overlap if peer_eq["status"] == "ok" else None,
+        "monai_eq_overlap": (c.tile_overlap if peer_eq.get("reused") else eq_overlap) if peer_eq["status"] == "ok" else None,
         "monai_eq_redundancy": eq_redundancy if peer_eq["status"] == "ok" else None,
         "monai_eq_status": peer_eq["status"], "monai_eq_error": peer_eq.get("error"),
         "monai_eq_s": peer_eq.get("seconds"), "monai_eq_voxels_s": peer_eq.get("voxels_s"),
