@@ -351,9 +351,28 @@ def bench(
     instance_sizes: Annotated[str, typer.Option(help="Scene sides for --instances, comma-separated.")] = "1024,2048",
     instance_chunk: Annotated[int, typer.Option(help="Chunk side for --instances (not a multiple of 256).")] = 300,
     instance_halo: Annotated[int, typer.Option(help="Halo for --instances (tile overlap: twice it).")] = 32,
+    volume: Annotated[bool, typer.Option(
+        "--volume", help="Benchmark 3D volumes against MONAI sliding_window_inference instead (a unet3d with "
+        "random seeded weights; --size, --model, --chunk-size and the bare-model options do not apply).")] = False,
+    volume_sizes: Annotated[list[str] | None, typer.Option(
+        "--volume-sizes", help="With --volume: volumes, N for N^3 or XxYxZ with slices last; repeat or "
+        "comma-separate (256,512,512x512x1024).")] = None,
+    classes: Annotated[list[str] | None, typer.Option(
+        "--classes", help="With --volume: the model's class counts; repeat or comma-separate (8,117).")] = None,
+    volume_chunk_size: Annotated[int, typer.Option(help="With --volume: tessera's chunk side in voxels.")] = 128,
+    model_width: Annotated[int, typer.Option(help="With --volume: the unet3d's base_channels.")] = 8,
+    model_depth: Annotated[int, typer.Option(help="With --volume: the unet3d's depth (stride 2**depth).")] = 2,
+    memory_budget_gib: Annotated[float | None, typer.Option(
+        help="With --volume: memory either side may hold, GiB (default 80% of what is available); over it, "
+        "the side is stopped and reported OOM.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Benchmark the bare model vs the whole job vs MONAI on synthetic scenes; write a JSON report."""
+    """Benchmark the bare model vs the whole job vs MONAI on synthetic scenes; write a JSON report.
+
+    With --volume: tessera vs MONAI sliding_window_inference on synthetic CT-like volumes, per
+    volume size and class count (wall time, voxels/s, peak memory of all processes, OOM where a
+    side does not fit); writes bench-volume-*.json.
+    """
     if instances:
         from pipelines.tools.bench.config import parse_sizes
         from pipelines.tools.bench.instances import markdown_table, run_instance_bench
@@ -372,6 +391,28 @@ def bench(
     from pipelines.tools.bench.run import run_bench
 
     _setup_logging(verbose)
+    if volume:
+        from pipelines.tools.bench.config import VolumeBenchConfig, parse_classes, parse_volume_sizes
+        from pipelines.tools.bench.report import render_volume_tables
+        from pipelines.tools.bench.volume import run_volume_bench
+
+        try:
+            vconfig = VolumeBenchConfig(
+                volumes=parse_volume_sizes(volume_sizes or ["256"]), classes=parse_classes(classes or ["8"]),
+                base_channels=model_width, depth=model_depth, chunk_size=volume_chunk_size,
+                halo=8 if halo is None else halo, tile_size=tile_size or 64, tile_overlap=overlap,
+                batch_size=batch_size, actors=actors, torch_threads=torch_threads, device=device,
+                precision=precision, monai=monai, monai_equal_redundancy=monai_equal_redundancy,
+                memory_budget_gib=memory_budget_gib, seed=seed, out_dir=out, malloc_tuning=malloc_tuning,
+                channels_last=channels_last, fold_batchnorm=fold_batchnorm,
+            )
+            result = run_volume_bench(vconfig, on_progress=lambda line: console.print(f"[dim]{line}[/]"))
+        except (TesseraError, ValueError) as exc:
+            _fail(exc)
+        for table in render_volume_tables(result):
+            console.print(table)
+        console.print(f"[bold]results:[/] {result['json_path']} (and bench-volume-latest.json beside it)")
+        return
     try:
         config = BenchConfig(
             sizes=parse_sizes(size or ["4096"]), model=model, chunk_size=chunk_size, halo=halo,

@@ -144,3 +144,23 @@ class MemorySampler:
         self._sample()
         self.peaks = MemoryPeaks(self._driver, self._child, self._total, self._job_pss, self._system_pss,
                                  self._job_rss, self._all_pss)
+
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(summed PSS, summed RSS) in bytes of process `pid` and all its descendants, now.
+
+    PSS splits shared pages (Ray's object store, libraries) among the processes that map them,
+    so the sum is what the tree holds; RSS counts them per process (an upper bound).
+
+    Raises:
+        psutil.NoSuchProcess: `pid` has exited.
+    """
+    root = psutil.Process(pid)
+    rss, pss = _rss_pss(root)
+    for child in root.children(recursive=True):
+        try:
+            r, p = _rss_pss(child)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        rss, pss = rss + r, pss + p
+    return pss, rss

@@ -69,21 +69,45 @@ def _ellipsoid(coords: tuple[np.ndarray, ...], centre: np.ndarray, semi: np.ndar
     return ((z - centre[0]) / semi[0]) ** 2 + ((y - centre[1]) / semi[1]) ** 2 + ((x - centre[2]) / semi[2]) ** 2
 
 
-def render_phantom(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Render the phantom.
+@dataclass(frozen=True)
+class PhantomGeometry:
+    """Where the body, organs and lesions of one phantom lie (mm from the volume centre, (z, y, x)).
 
-    Returns:
-        ``(hu, labels)``: (z, y, x) int16 HU and (z, y, x) uint8 class ids (:data:`CLASS_NAMES`).
+    Drawn once per spec by :func:`phantom_geometry`, so that a volume can be rendered whole
+    (:func:`render_phantom`) or slab by slab (:func:`render_phantom_slab`, :func:`write_phantom_image`)
+    with the same labels.
+
+    Attributes:
+        body_semi: semi-axes of the body ellipsoid.
+        shapes: ``(class_id, centre, semi_axes)`` ellipsoids in drawing order (organs, then
+            lesions as spheres); a later one overwrites an earlier one inside the body.
     """
-    rng = np.random.default_rng(spec.seed)
+
+    body_semi: tuple[float, float, float]
+    shapes: tuple[tuple[int, tuple[float, float, float], tuple[float, float, float]], ...]
+
+
+def _coords(spec: PhantomSpec, z0: int = 0, z1: int | None = None) -> tuple[np.ndarray, ...]:
+    """Voxel centres in mm from the volume centre for planes z0:z1, broadcastable (z, 1, 1), (1, y, 1), (1, 1, x)."""
     nz, ny, nx = spec.shape
     sz, sy, sx = spec.spacing_mm
-    # voxel centres in mm from the volume centre, broadcastable (z, 1, 1), (1, y, 1), (1, 1, x)
-    coords = (
-        ((np.arange(nz) - (nz - 1) / 2) * sz)[:, None, None],
+    z1 = nz if z1 is None else z1
+    return (
+        ((np.arange(z0, z1) - (nz - 1) / 2) * sz)[:, None, None],
         ((np.arange(ny) - (ny - 1) / 2) * sy)[None, :, None],
         ((np.arange(nx) - (nx - 1) / 2) * sx)[None, None, :],
     )
+
+
+def phantom_geometry(spec: PhantomSpec, rng: np.random.Generator | None = None) -> PhantomGeometry:
+    """Draw the body, organ and lesion ellipsoids of ``spec`` (from ``rng``, default seeded by spec.seed).
+
+    :func:`render_phantom` draws its noise from the same generator after this, so the order of
+    draws here is part of every seed's volume.
+    """
+    rng = np.random.default_rng(spec.seed) if rng is None else rng
+    nz, ny, nx = spec.shape
+    sz, sy, sx = spec.spacing_mm
     half = np.array([nz * sz, ny * sy, nx * sx]) / 2
 
     def jitter(lo: float, hi: float, n: int = 3) -> np.ndarray:
@@ -91,7 +115,6 @@ def render_phantom(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray]:
 
     # body: in-plane semi-axes ~ 80 % / 90 % of the half field of view, long in z
     body_semi = np.array([1.5 * half[0], 0.80 * half[1], 0.92 * half[2]]) * jitter(0.93, 1.03)
-    body = _ellipsoid(coords, np.zeros(3), body_semi) <= 1.0
     # organ layouts as fractions of the body's semi-axes (z, y, x): y > 0 posterior, x > 0 left
     frac = body_semi / np.array([1.5, 1.0, 1.0])
     layouts: list[tuple[int, np.ndarray, np.ndarray]] = [
@@ -100,12 +123,12 @@ def render_phantom(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray]:
         (3, np.array([-0.40, 0.52, -0.42]), np.array([0.30, 0.22, 0.18])),  # right kidney
         (3, np.array([-0.38, 0.52, 0.42]), np.array([0.30, 0.22, 0.18])),  # left kidney
     ]
-    labels = np.zeros(spec.shape, dtype=np.uint8)
+    shapes = []
     liver_centre = liver_semi = None
     for class_id, centre_frac, semi_frac in layouts:
         centre = (centre_frac + jitter(-0.04, 0.04)) * frac
         semi = semi_frac * frac * jitter(0.88, 1.12)
-        labels[(_ellipsoid(coords, centre, semi) <= 1.0) & body] = class_id
+        shapes.append((class_id, centre, semi))
         if class_id == 1:
             liver_centre, liver_semi = centre, semi
     n_lesions = int(rng.integers(2, 5))
@@ -114,12 +137,58 @@ def render_phantom(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray]:
         direction = rng.normal(size=3)
         direction /= np.linalg.norm(direction)
         centre = liver_centre + direction * rng.uniform(0.0, 0.55) * liver_semi
-        labels[(_ellipsoid(coords, centre, np.full(3, radius)) <= 1.0) & body] = len(CLASS_NAMES) - 1
+        shapes.append((len(CLASS_NAMES) - 1, centre, np.full(3, radius)))
+    as_tuple = lambda a: tuple(float(v) for v in a)  # noqa: E731
+    return PhantomGeometry(body_semi=as_tuple(body_semi),
+                           shapes=tuple((c, as_tuple(centre), as_tuple(semi)) for c, centre, semi in shapes))
 
+
+def _render_clean(spec: PhantomSpec, geometry: PhantomGeometry, z0: int, z1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noise-free float32 HU and uint8 labels of planes z0:z1."""
+    coords = _coords(spec, z0, z1)
+    body = _ellipsoid(coords, np.zeros(3), np.asarray(geometry.body_semi)) <= 1.0
+    labels = np.zeros((z1 - z0, *spec.shape[1:]), dtype=np.uint8)
+    for class_id, centre, semi in geometry.shapes:
+        labels[(_ellipsoid(coords, np.asarray(centre), np.asarray(semi)) <= 1.0) & body] = class_id
     hu = np.where(body, np.asarray(CLASS_HU, dtype=np.float32)[labels], np.float32(AIR_HU))
+    return hu, labels
+
+
+def _to_int16(hu: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+
+
+def render_phantom(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Render the phantom.
+
+    Returns:
+        ``(hu, labels)``: (z, y, x) int16 HU and (z, y, x) uint8 class ids (:data:`CLASS_NAMES`).
+    """
+    rng = np.random.default_rng(spec.seed)
+    geometry = phantom_geometry(spec, rng)
+    hu, labels = _render_clean(spec, geometry, 0, spec.shape[0])
     if spec.noise_hu > 0:
         hu = hu + rng.normal(0.0, spec.noise_hu, size=spec.shape).astype(np.float32)
-    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), labels
+    return _to_int16(hu), labels
+
+
+def render_phantom_slab(spec: PhantomSpec, geometry: PhantomGeometry, z0: int, z1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Planes z0:z1 of the phantom, its memory that of the slab only.
+
+    Labels (and the noise-free HU) equal those planes of :func:`render_phantom`; the noise is
+    drawn per slab from a generator seeded by ``(spec.seed, z0, z1)``, so a volume written slab
+    by slab is deterministic for a seed and slab size but its noise is not :func:`render_phantom`'s.
+
+    Returns:
+        ``(hu, labels)``: (z1 - z0, y, x) int16 HU and uint8 class ids.
+    """
+    if not 0 <= z0 < z1 <= spec.shape[0]:
+        raise ValueError(f"slab {z0}:{z1} is not inside 0:{spec.shape[0]}")
+    hu, labels = _render_clean(spec, geometry, z0, z1)
+    if spec.noise_hu > 0:
+        noise = np.random.default_rng([spec.seed, z0, z1]).normal(0.0, spec.noise_hu, size=hu.shape)
+        hu += noise.astype(np.float32)
+    return _to_int16(hu), labels
 
 
 def phantom_affine(spec: PhantomSpec) -> np.ndarray:
@@ -145,6 +214,50 @@ def write_phantom(spec: PhantomSpec, image_path: Path, truth_path: Path) -> tupl
         img.header.set_xyzt_units("mm")
         nib.save(img, str(path))
     return Path(image_path), Path(truth_path)
+
+
+#: Most voxels rendered at a time by :func:`write_phantom_image` (~16 M: a few hundred MB of temporaries).
+SLAB_VOXELS = 16 * 2**20
+
+
+def write_phantom_image(spec: PhantomSpec, path: Path, *, slab_voxels: int = SLAB_VOXELS) -> Path:
+    """Write the HU volume as an uncompressed NIfTI ``.nii`` (int16), slab by slab along z.
+
+    For volumes too large to render at once (512 x 512 x 1024 is 268 M voxels: about 6 GB of
+    float temporaries whole): the header is written first, then each slab of
+    :func:`render_phantom_slab` is appended. NIfTI stores voxel (i, j, k) = (x, y, z) with i
+    fastest, so a C-ordered (z, y, x) slab is already a contiguous run of the file. Memory: one
+    slab (at most ``slab_voxels``, at least one plane), never the volume. Same affine as
+    :func:`write_phantom`; no truth file (the labels are those of :func:`render_phantom`).
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if path.suffix != ".nii":
+        raise ValueError(f"{path}: write_phantom_image writes an uncompressed .nii")
+    nz, ny, nx = spec.shape
+    affine = phantom_affine(spec)
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape((nx, ny, nz))
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header.set_xyzt_units("mm")
+    header.set_slope_inter(1.0, 0.0)
+    offset = 352  # 348-byte header + the 4-byte extension flag of a single-file NIfTI-1
+    header.set_data_offset(offset)
+    geometry = phantom_geometry(spec)
+    planes = max(1, int(slab_voxels) // (ny * nx))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as fh:
+        fh.write(header.binaryblock)
+        fh.write(b"\0" * (offset - fh.tell()))
+        for z0 in range(0, nz, planes):
+            hu, _ = render_phantom_slab(spec, geometry, z0, min(nz, z0 + planes))
+            fh.write(np.ascontiguousarray(hu, dtype="<i2").tobytes())
+    tmp.replace(path)
+    return path
 
 
 def read_labels(path: Path) -> np.ndarray:

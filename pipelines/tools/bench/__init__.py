@@ -25,6 +25,7 @@ For each synthetic scene size, one run measures:
 Where each part lives:
 
 * :mod:`~pipelines.tools.bench.config`: :class:`BenchConfig` and ``parse_sizes`` (CLI sizes);
+  :class:`VolumeBenchConfig`, ``parse_volume_sizes`` and ``parse_classes`` for volumes;
 * :mod:`~pipelines.tools.bench.maths`: the pure maths (redundancies, ratios, shares, scaling,
   the peer's memory estimate), no torch, no Ray, no I/O;
 * :mod:`~pipelines.tools.bench.probes`: GPU sampler, machine facts, device probe;
@@ -34,7 +35,9 @@ Where each part lives:
   JSON header;
 * :mod:`~pipelines.tools.bench.run`: ``run_bench``, the orchestration (scene generation is never
   part of a measurement);
-* :mod:`~pipelines.tools.bench.report`: the result JSON and the tables.
+* :mod:`~pipelines.tools.bench.report`: the result JSON and the tables;
+* :mod:`~pipelines.tools.bench.volume`: ``tessera bench --volume``, tessera against MONAI on 3D
+  volumes per volume size and class count, both sides in memory-watched children (OOM reported).
 
 The driver-side modules never import torch at import time. See docs/benchmarks.md for what each
 figure means.

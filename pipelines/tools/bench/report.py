@@ -11,13 +11,13 @@ from typing import Any
 from pipelines.tools.bench.maths import BREAKDOWN_STAGES
 
 
-def write_results(result: Mapping[str, Any], out_dir: Path) -> Path:
-    """Write out_dir/bench-<UTC time>.json and a copy as bench-latest.json; return the former."""
+def write_results(result: Mapping[str, Any], out_dir: Path, *, prefix: str = "bench") -> Path:
+    """Write out_dir/<prefix>-<UTC time>.json and a copy as <prefix>-latest.json; return the former."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = out_dir / f"bench-{stamp}.json"
+    path = out_dir / f"{prefix}-{stamp}.json"
     text = json.dumps({**result, "json_path": str(path)}, indent=2, default=str)
     path.write_text(text)
-    (out_dir / "bench-latest.json").write_text(text)
+    (out_dir / f"{prefix}-latest.json").write_text(text)
     return path
 
 
@@ -87,7 +87,9 @@ def render_tables(result: Mapping[str, Any]) -> list[Any]:
             _fmt(r.get("skip_gain"), ".2f"), _fmt(r.get("skipped_chunk_share"), ".1%"),
             _fmt(r.get("skipped_px_share"), ".1%"), _fmt(r.get("skip_model_s_saved"), ".1f"),
             _fmt(r.get("monai_eq_overlap"), ".4f"), _fmt(r.get("monai_eq_px_s"), ".3f", 1e6),
-            _fmt(r.get("tessera_vs_monai_eq"), ".2f"), _fmt(r.get("monai_eq_agreement"), ".4f"),
+            _fmt(r.get("tessera_vs_monai_eq"), ".2f"), _side(r, "tessera", "tessera_start_s", ".1f"),
+            _side(r, "tessera", "tessera_steady_voxels_s", ".3f", 1e6), _fmt(r.get("tessera_steady_vs_monai_eq"), ".2f"),
+            _fmt(r.get("monai_eq_agreement"), ".4f"),
         )
         stages.add_row(size, *(_fmt(r["breakdown"][s], ".1%") for s in BREAKDOWN_STAGES),
                        _fmt(r["predictor_busy"], ".1%"), _fmt(r["predict_model_share"], ".1%"),
@@ -99,3 +101,59 @@ def render_tables(result: Mapping[str, Any]) -> list[Any]:
                     "MONAI eq.: the peer at the overlap giving tessera's redundancy without the skip")
     fair.caption_justify = "left"
     return [speed, memory, peer, fair, stages]
+
+
+def _side(row: Mapping[str, Any], side: str, key: str, spec: str, scale: float = 1.0) -> str:
+    """A side's figure, or "OOM" / "skipped" where it did not run."""
+    status = row.get(f"{side}_status")
+    if status == "oom":
+        return "OOM"
+    if status == "skipped":
+        return "skipped"
+    return _fmt(row.get(key), spec, scale)
+
+
+def render_volume_tables(result: Mapping[str, Any]) -> list[Any]:
+    """Rich tables of a volume result: one row per (volume, classes), tessera against MONAI, and
+    the peer at equal redundancy; OOM and its reason where a side did not fit."""
+    from rich.table import Table
+
+    resolved, config = result["resolved"], result["config"]
+    main = Table(title=(f"tessera vs MONAI sliding_window_inference: unet3d w{config['base_channels']} "
+                        f"d{config['depth']} on {resolved['device']}, roi {config['tile_size']}^3, overlap "
+                        f"{config['tile_overlap']}, gaussian, batch {resolved['batch_size']}, tessera chunk "
+                        f"{config['chunk_size']} halo {config['halo']}"), title_justify="left")
+    for col in ("size", "classes", "Mvox", "tessera s", "tessera Mvox/s", "tessera peak MiB", "x smallest",
+                "MONAI s", "MONAI Mvox/s", "MONAI peak MiB", "x smallest", "speed tessera/MONAI",
+                "memory tessera/MONAI", "agreement"):
+        main.add_column(col, justify="right")
+    fair = Table(title="at equal redundancy (model voxels per output voxel)", title_justify="left")
+    for col in ("size", "classes", "redund. tessera", "redund. MONAI", "MONAI eq. overlap", "MONAI eq. Mvox/s",
+                "tessera / MONAI eq.", "tessera 1st chunk s", "tessera after it Mvox/s", "after it / MONAI eq.",
+                "eq. agreement"):
+        fair.add_column(col, justify="right")
+    notes: list[str] = []
+    for r in result["rows"]:
+        main.add_row(
+            r["size"], str(r["classes"]), _fmt(r["voxels"], ".1f", 1e6),
+            _side(r, "tessera", "tessera_wall_s", ".1f"), _side(r, "tessera", "tessera_voxels_s", ".3f", 1e6),
+            _side(r, "tessera", "tessera_peak_mib", ".0f"), _side(r, "tessera", "tessera_memory_vs_smallest", ".2f"),
+            _side(r, "monai", "monai_s", ".1f"), _side(r, "monai", "monai_voxels_s", ".3f", 1e6),
+            _side(r, "monai", "monai_peak_mib", ".0f"), _side(r, "monai", "monai_memory_vs_smallest", ".2f"),
+            _fmt(r.get("tessera_vs_monai"), ".2f"), _fmt(r.get("memory_tessera_vs_monai"), ".2f"),
+            _fmt(r.get("monai_agreement"), ".4f"),
+        )
+        fair.add_row(
+            r["size"], str(r["classes"]), _fmt(r["redundancy_tessera"]), _fmt(r["redundancy_monai"]),
+            _fmt(r.get("monai_eq_overlap"), ".4f"), _side(r, "monai_eq", "monai_eq_voxels_s", ".3f", 1e6),
+            _fmt(r.get("tessera_vs_monai_eq"), ".2f"), _side(r, "tessera", "tessera_start_s", ".1f"),
+            _side(r, "tessera", "tessera_steady_voxels_s", ".3f", 1e6), _fmt(r.get("tessera_steady_vs_monai_eq"), ".2f"),
+            _fmt(r.get("monai_eq_agreement"), ".4f"),
+        )
+        for side in ("tessera", "monai"):
+            if r.get(f"{side}_status") == "oom":
+                notes.append(f"{r['size']}, {r['classes']} classes, {side}: {r[f'{side}_error']}")
+    if notes:
+        main.caption = "\n".join(notes)
+        main.caption_justify = "left"
+    return [main, fair]
