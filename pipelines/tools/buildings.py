@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from affine import Affine
 
-from pipelines.tools.synthetic import BAND_NAMES, _fbm_grid, _pixel_noise
+from pipelines.tools.synthetic import BAND_NAMES, _fbm_grid, _pixel_noise, write_scene_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -309,40 +309,14 @@ def write_building_scene(
     Raises:
         ValueError: ``block`` is not a positive multiple of 512.
     """
-    import rasterio
-    from rasterio.windows import Window
 
     if block < TILE_BLOCK_PX or block % TILE_BLOCK_PX:
         raise ValueError(f"block must be a positive multiple of {TILE_BLOCK_PX} px, got {block}")
-    common = dict(
-        driver="GTiff", height=spec.height, width=spec.width, crs=spec.crs, transform=spec.transform, tiled=True,
-        blockxsize=TILE_BLOCK_PX, blockysize=TILE_BLOCK_PX, compress="deflate", zlevel=1, predictor=2,
-        bigtiff="IF_SAFER",
-    )
     tags = dict(generator="pipelines.tools.buildings", seed=str(spec.seed), classes=",".join(CLASS_NAMES),
                 large_site_probability=str(spec.large_site_probability))
-    image = rasterio.open(image_path, "w", count=len(BAND_NAMES), dtype="uint16", interleave="pixel", **common)
-    truth = None
-    try:
-        image.descriptions = BAND_NAMES
-        image.update_tags(**tags)
-        if truth_path is not None:
-            truth = rasterio.open(truth_path, "w", count=1, dtype="uint32", **common)
-            truth.descriptions = ("instance",)
-            truth.update_tags(**tags)
-        for row0 in range(0, spec.height, block):
-            for col0 in range(0, spec.width, block):
-                h = min(block, spec.height - row0)
-                w = min(block, spec.width - col0)
-                bands, ids = render_building_window(spec, row0, col0, h, w)
-                window = Window(col0, row0, w, h)
-                image.write(bands, window=window)
-                if truth is not None:
-                    truth.write(ids, 1, window=window)
-    finally:
-        image.close()
-        if truth is not None:
-            truth.close()
+    write_scene_blocks(spec, image_path, truth_path, render=render_building_window, band_names=BAND_NAMES, tags=tags,
+                       image_nodata=None, truth_dtype="uint32", truth_nodata=None, truth_description="instance",
+                       block=block)
     logger.info("wrote %d x %d building scene (seed %d) to %s", spec.height, spec.width, spec.seed, image_path)
 
 

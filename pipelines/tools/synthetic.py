@@ -314,51 +314,13 @@ def write_scene(
     Raises:
         ValueError: ``block`` is not a positive multiple of 512.
     """
-    import rasterio
-    from rasterio.windows import Window
 
     if block < TILE_BLOCK_PX or block % TILE_BLOCK_PX:
         raise ValueError(f"block must be a positive multiple of {TILE_BLOCK_PX} px, got {block}")
-    common = dict(
-        driver="GTiff",
-        height=spec.height,
-        width=spec.width,
-        crs=spec.crs,
-        transform=spec.transform,
-        tiled=True,
-        blockxsize=TILE_BLOCK_PX,
-        blockysize=TILE_BLOCK_PX,
-        compress="deflate",
-        zlevel=1,
-        predictor=2,
-        num_threads="ALL_CPUS",
-        bigtiff="IF_SAFER",
-    )
     tags = dict(generator="pipelines.tools.synthetic", seed=str(spec.seed), classes=",".join(CLASS_NAMES))
-    image = rasterio.open(
-        image_path, "w", count=len(BAND_NAMES), dtype="uint16", nodata=NODATA_VALUE, interleave="pixel", **common
-    )
-    truth = None
-    try:
-        image.descriptions = BAND_NAMES
-        image.update_tags(**tags)
-        if truth_path is not None:
-            truth = rasterio.open(truth_path, "w", count=1, dtype="uint8", nodata=NODATA_CLASS, **common)
-            truth.descriptions = ("class",)
-            truth.update_tags(**tags)
-        for row0 in range(0, spec.height, block):
-            for col0 in range(0, spec.width, block):
-                h = min(block, spec.height - row0)
-                w = min(block, spec.width - col0)
-                bands, labels = render_window(spec, row0, col0, h, w)
-                window = Window(col0, row0, w, h)
-                image.write(bands, window=window)
-                if truth is not None:
-                    truth.write(labels, 1, window=window)
-    finally:
-        image.close()
-        if truth is not None:
-            truth.close()
+    write_scene_blocks(spec, image_path, truth_path, render=render_window, band_names=BAND_NAMES, tags=tags,
+                       image_nodata=NODATA_VALUE, truth_dtype="uint8", truth_nodata=NODATA_CLASS,
+                       truth_description="class", block=block)
     logger.info("wrote %d x %d synthetic scene (seed %d) to %s", spec.height, spec.width, spec.seed, image_path)
 
 
@@ -732,3 +694,45 @@ def _rasterize_buildings(
         shade = np.where(across[inside] > 0.0, np.float32(0.85), np.float32(1.0))
         colour[(slice(None),) + sub][:, inside] = buildings.roof[k][:, None] * shade[None, :]
     return mask, colour
+
+
+def write_scene_blocks(spec, image_path: Path, truth_path: Path | None, *, render, band_names, tags: dict[str, str],
+                       image_nodata: float | None, truth_dtype: str, truth_nodata: float | None,
+                       truth_description: str, block: int) -> None:
+    """Render a synthetic scene `block` x `block` px at a time into a uint16 GeoTIFF of
+    `band_names` (pixel-interleaved, 512 px deflate tiles, BigTIFF when needed, the spec's CRS and
+    transform) and, with `truth_path`, its one-band truth of `truth_dtype`: memory holds one block.
+
+    `render(spec, row0, col0, h, w)` returns ``(bands (C, h, w) uint16, truth (h, w))`` of a
+    window; the generators of this package render any window alone (`render_window`,
+    `pipelines.tools.buildings.render_building_window`).
+    """
+    import rasterio
+    from rasterio.windows import Window
+
+    common = dict(driver="GTiff", height=spec.height, width=spec.width, crs=spec.crs, transform=spec.transform,
+                  tiled=True, blockxsize=TILE_BLOCK_PX, blockysize=TILE_BLOCK_PX, compress="deflate", zlevel=1,
+                  predictor=2, num_threads="ALL_CPUS", bigtiff="IF_SAFER")
+    image = rasterio.open(image_path, "w", count=len(band_names), dtype="uint16", nodata=image_nodata,
+                          interleave="pixel", **common)
+    truth = None
+    try:
+        image.descriptions = tuple(band_names)
+        image.update_tags(**tags)
+        if truth_path is not None:
+            truth = rasterio.open(truth_path, "w", count=1, dtype=truth_dtype, nodata=truth_nodata, **common)
+            truth.descriptions = (truth_description,)
+            truth.update_tags(**tags)
+        for row0 in range(0, spec.height, block):
+            for col0 in range(0, spec.width, block):
+                h = min(block, spec.height - row0)
+                w = min(block, spec.width - col0)
+                bands, labels = render(spec, row0, col0, h, w)
+                window = Window(col0, row0, w, h)
+                image.write(bands, window=window)
+                if truth is not None:
+                    truth.write(labels, 1, window=window)
+    finally:
+        image.close()
+        if truth is not None:
+            truth.close()
