@@ -122,18 +122,9 @@ def crash_once_oracle(*, in_channels: int, num_classes: int, marker: str) -> Cra
 
 def crash_once_checkpoint(out_dir: Path, marker: Path, *, bands: int = 4, num_classes: int = 4) -> Path:
     """A checkpoint of CrashOnceOracle with the same card as oracle_checkpoint's defaults."""
-    model = CrashOnceOracle(bands, num_classes, marker=str(marker))
-    fields = {
-        "architecture": "tests.helpers:crash_once_oracle",
-        "arch_args": {"marker": str(marker)},
-        "in_channels": bands,
-        "classes": [{"id": i, "name": f"class{i}"} for i in range(num_classes)],
-        "bands": [{"name": f"b{i + 1}", "mean": 10000.0, "std": 3000.0} for i in range(bands)],
-        "tile_size": 64,
-        "halo": 8,
-        "stride": 1,
-    }
-    return save_checkpoint(model, fields, out_dir, name="crash-once")
+    return _save_oracle(CrashOnceOracle(bands, num_classes, marker=str(marker)), "tests.helpers:crash_once_oracle", {"marker": str(marker)}, bands=bands,
+                        num_classes=num_classes, mean=10000.0, std=3000.0, tile_size=64, halo=8, out_dir=out_dir,
+                        name="crash-once")
 
 
 class HangOracle(ThresholdOracle):
@@ -165,18 +156,9 @@ def hang_oracle(*, in_channels: int, num_classes: int, marker: str, hang_above: 
 def hang_checkpoint(out_dir: Path, marker: Path, *, hang_above: float = 1e30, bands: int = 4,
                     num_classes: int = 4) -> Path:
     """A checkpoint of HangOracle with the same card as oracle_checkpoint's defaults."""
-    model = HangOracle(bands, num_classes, marker=str(marker), hang_above=hang_above)
-    fields = {
-        "architecture": "tests.helpers:hang_oracle",
-        "arch_args": {"marker": str(marker), "hang_above": hang_above},
-        "in_channels": bands,
-        "classes": [{"id": i, "name": f"class{i}"} for i in range(num_classes)],
-        "bands": [{"name": f"b{i + 1}", "mean": 10000.0, "std": 3000.0} for i in range(bands)],
-        "tile_size": 64,
-        "halo": 8,
-        "stride": 1,
-    }
-    return save_checkpoint(model, fields, out_dir, name="hang")
+    return _save_oracle(HangOracle(bands, num_classes, marker=str(marker), hang_above=hang_above), "tests.helpers:hang_oracle", {"marker": str(marker), "hang_above": hang_above}, bands=bands,
+                        num_classes=num_classes, mean=10000.0, std=3000.0, tile_size=64, halo=8, out_dir=out_dir,
+                        name="hang")
 
 
 def assert_batched_equals_one_by_one(pred, windows, *, with_probabilities: bool) -> None:
