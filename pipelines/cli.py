@@ -186,7 +186,7 @@ def demo(
 @app.command()
 def query(
     sql: Annotated[str, typer.Argument(help="SQL over the views regions, scenes, chunks.")],
-    root: Annotated[Path, typer.Option(help="Output root of a job.")] = Path("tessera-demo"),
+    root: Annotated[str, typer.Option(help="Output root of a job (a folder or s3://bucket/prefix).")] = "tessera-demo",
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
 ) -> None:

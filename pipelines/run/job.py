@@ -42,7 +42,7 @@ from pipelines.run.stages import (
     done_chunk_keys,
     open_and_hash,
 )
-from pipelines.writers.atomic import atomic_write_text
+from pipelines.writers.outroot import worker_env, write_text
 from pipelines.writers.tables import write_table
 from schemas.errors import InputError, JobSpecError, TesseraError
 from schemas.job import JobSpec
@@ -157,7 +157,7 @@ def run_job(
         by_id = {o.context.scene_id: o for o in outcomes if o.context is not None}
         tasks = []
         for scene_id, ctx in scenes.items():
-            done = done_chunk_keys(Path(ctx.work_dir))
+            done = done_chunk_keys(ctx.work_dir)
             for w in stripe_order(by_id[scene_id].plan, READ_STRIPE_CHUNKS):
                 if chunk_key(w.index) not in done:
                     tasks.append(ChunkTask(scene_id=scene_id, window=w))
@@ -200,7 +200,7 @@ def _fused_pool(job: ResolvedJob) -> Any:
     res = job.spec.resources
     return FusedPool(predictor=_predictor_kwargs(job), actors=job.actors,
                      actor_options={"num_cpus": res.cpus_per_actor, "num_gpus": job.num_gpus_per_actor,
-                                    **_actor_remote_args(res)})
+                                    **_actor_remote_args(res, extra_env=worker_env(job.root))})
 
 
 def _split_pool(job: ResolvedJob, *, cluster_cpus: float) -> Any:
@@ -211,7 +211,7 @@ def _split_pool(job: ResolvedJob, *, cluster_cpus: float) -> Any:
     tasks = read_concurrency(job, cluster_cpus=cluster_cpus)
     return SplitPool(predictor=_predictor_kwargs(job), actors=job.actors,
                      actor_options={"num_cpus": res.cpus_per_actor, "num_gpus": job.num_gpus_per_actor,
-                                    **_actor_remote_args(res)},
+                                    **_actor_remote_args(res, extra_env=worker_env(job.root))},
                      read_tasks=tasks, write_tasks=tasks)
 
 
@@ -332,12 +332,14 @@ def read_concurrency(job: ResolvedJob, *, cluster_cpus: float) -> int:
     return max(2 * job.actors, int(free // 2))
 
 
-def _actor_remote_args(res: Any) -> dict[str, Any]:
+def _actor_remote_args(res: Any, *, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Extra Ray options of the predictor actors: a runtime environment with the malloc tunables
     (resources.malloc_tuning), unless the local Ray this process started gives its workers the
     wanted environment already (ensure_ray's worker_env). Without malloc tuning, an actor of
     such a Ray whose workers inherit tunables gets this process's own GLIBC_TUNABLES instead;
-    on any other Ray it inherits what the workers have, as before."""
+    on any other Ray it inherits what the workers have, as before. `extra_env`: more variables
+    for the actors (an S3 output root's endpoint and region: `pipelines.writers.outroot.worker_env`,
+    never credentials)."""
     inherited = inherited_worker_env()
     if res.malloc_tuning:
         env = actor_env(with_malloc_tunables(), inherited)
@@ -345,10 +347,11 @@ def _actor_remote_args(res: Any) -> dict[str, Any]:
         env = actor_env({GLIBC_TUNABLES: os.environ.get(GLIBC_TUNABLES, "")}, inherited)
     else:
         env = {}
+    env = {**env, **(extra_env or {})}
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _save_resolved_spec(job: ResolvedJob) -> None:
     """Save the resolved spec beside the outputs (what ran, with defaults filled in)."""
     resolved = job.spec.model_dump(mode="json") | {"resolved": job.parameters()}
-    atomic_write_text(job.root / "job.resolved.json", json.dumps(resolved, indent=2, sort_keys=True))
+    write_text(job.root / "job.resolved.json", json.dumps(resolved, indent=2, sort_keys=True))

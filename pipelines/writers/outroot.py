@@ -37,7 +37,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,25 @@ def s3_settings() -> dict[str, Any]:
     if _true(os.environ.get("AWS_NO_SIGN_REQUEST")):
         settings["skip_signature"] = True
     return settings
+
+
+#: Environment variables about *where* and *how* to reach object storage (no secrets), sent to the
+#: job's Ray actors with an S3 output root (`worker_env`).
+FORWARDED_ENV = (
+    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_S3_ENDPOINT", "AWS_HTTPS", "AWS_VIRTUAL_HOSTING",
+    "AWS_NO_SIGN_REQUEST", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
+)
+
+
+def worker_env(root: Location) -> dict[str, str]:
+    """The non-secret S3 variables of this process's environment (:data:`FORWARDED_ENV`) for the
+    job's workers when `root` is on S3 (else none). Credentials are never among them: Ray writes
+    a runtime environment in plain text to its logs, so the workers take credentials from their
+    own environment (a local Ray that ``tessera run`` starts inherits the driver's; the nodes of a
+    cluster have their instance role, profile or environment)."""
+    if not is_s3(root):
+        return {}
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
 def _object_store(bucket: str, prefix: str = "") -> Any:
@@ -339,6 +358,17 @@ def upload_from(location: Location) -> Iterator[Path]:
         tmp = Path(folder) / location.name
         yield tmp
         write_bytes(location, tmp.read_bytes())
+
+
+def write_file(location: Location, write: Callable[[Path], None]) -> None:
+    """Call `write(path)` to write a file at `location`: directly on local disk (`write` must
+    replace the file atomically itself, as ``ChunkRegions.to_npz`` does), into a local temporary
+    file that is then PUT as one object on S3."""
+    if isinstance(location, Path):
+        write(location)
+        return
+    with upload_from(location) as tmp:
+        write(tmp)
 
 
 @contextlib.contextmanager
