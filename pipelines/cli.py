@@ -227,7 +227,7 @@ def _cell(value: object) -> str:
 
 @app.command()
 def report(
-    root: Annotated[Path, typer.Argument(help="Output root of a job.")],
+    root: Annotated[str, typer.Argument(help="Output root of a job (s3:// roots: not yet).")],
     out: Annotated[Path | None, typer.Option(help="HTML file to write (default: ROOT/report.html).")] = None,
 ) -> None:
     """Write one self-contained HTML page: scenes done/failed with errors, class totals, quicklooks, model, timings."""
@@ -241,7 +241,7 @@ def report(
 
 @app.command()
 def export(
-    root: Annotated[Path, typer.Argument(help="Output root of a job.")],
+    root: Annotated[str, typer.Argument(help="Output root of a job (s3:// roots: not yet).")],
     fmt: Annotated[str, typer.Option("--format", help="cog (2D scenes) or nifti (volumes).")] = "cog",
     scene: Annotated[list[str] | None, typer.Option("--scene", help="Only this scene; repeatable.")] = None,
 ) -> None:

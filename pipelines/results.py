@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines.writers.outroot import Location, S3Location, as_location, list_prefixes, zarr_store
+from pipelines.writers.outroot import Location, S3Location, as_location, exists, list_prefixes, zarr_store
 from pipelines.writers.zarr_masks import read_store_grid, read_store_state
 from schemas import store as layout
 from schemas.errors import OutputError
@@ -91,7 +91,7 @@ class Results:
         """Scenes with a row in the scenes table, or a store in the root, sorted."""
         names = {row[0] for row in self._con.sql("SELECT scene FROM scenes").fetchall()}
         names |= {name[: -len(".zarr")] for name in list_prefixes(self.root)
-                  if name.endswith(".zarr") and read_store_state(self.root / name) is not None}
+                  if name.endswith(".zarr") and exists(self.root / name / "zarr.json")}
         return sorted(names)
 
     def status(self, scene: str) -> str:

@@ -212,7 +212,8 @@ def _split_pool(job: ResolvedJob, *, cluster_cpus: float) -> Any:
     return SplitPool(predictor=_predictor_kwargs(job), actors=job.actors,
                      actor_options={"num_cpus": res.cpus_per_actor, "num_gpus": job.num_gpus_per_actor,
                                     **_actor_remote_args(res, extra_env=worker_env(job.root))},
-                     read_tasks=tasks, write_tasks=tasks)
+                     read_tasks=tasks, write_tasks=tasks,
+                     write_options={"runtime_env": {"env_vars": env}} if (env := worker_env(job.root)) else None)
 
 
 def split_block_rows(job: ResolvedJob) -> int:

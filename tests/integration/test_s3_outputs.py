@@ -112,6 +112,7 @@ def test_an_s3_job_writes_what_a_local_job_writes_and_reads_back(s3, scene_and_m
 
 
 def test_an_interrupted_s3_job_resumes_only_missing_chunks_and_partial_stores_are_refused(s3, scene_and_model):
+    """...resumed through the split stages, whose write tasks write to the bucket too."""
     _, client = s3
     tmp, scene, card = scene_and_model
     uri = f"s3://{BUCKET}/jobs/resume"
@@ -141,7 +142,10 @@ def test_an_interrupted_s3_job_resumes_only_missing_chunks_and_partial_stores_ar
             r.masks("tile")
         assert (r.masks("tile", allow_partial=True).values[0:64, 64:128] == layout.NODATA_CLASS).all()
 
-    resumed = run_job(job_spec([scene], uri, card), base_dir=tmp)
+    # resumed with the split stages: read and write tasks beside the actor, the writes to S3
+    spec = job_spec([scene], uri, card)
+    spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"stages": "split"})})
+    resumed = run_job(spec, base_dir=tmp)
     assert resumed.scenes[0].n_todo == 2 and resumed.scenes[0].status == "complete"
     after = zarr.open_array(zarr_store(store, read_only=True), path=layout.CLASSES, mode="r")[:]
     np.testing.assert_array_equal(after, before)
