@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -85,12 +86,15 @@ def run(
     _setup_logging(verbose)
     try:
         spec = load_job_spec(job_file)
-        result = run_job(spec, base_dir=job_file.resolve().parent, ray_address=address)
+        with _progress_display() as on_progress:
+            result = run_job(spec, base_dir=job_file.resolve().parent, ray_address=address, on_progress=on_progress)
     except TesseraError as exc:
         _fail(exc)
     _print_result(result)
     _write_report(result.root)
     if result.failed:
+        err_console.print(f"[bold red]{len(result.failed)} of {len(result.scenes)} scene(s) failed[/] "
+                          "(reasons above and in tables/scenes)")
         raise typer.Exit(code=1)
 
 
@@ -366,6 +370,161 @@ def seams(
     console.print(render_table(rows, title=f"seams: {scene_size}² scene, chunk {chunk_size}, halo {halo}, "
                                            f"tile {tile_size or 'card'}; agreement = tiled == whole"))
     console.print(f"[bold]results:[/] {path}")
+
+
+@contextlib.contextmanager
+def _progress_display():
+    """A `run_job` progress callback: a live bar on a terminal; otherwise (a pipe, a submitted
+    job's log) a `tessera progress: ...` line every 10 s and as scenes finish, which
+    `tessera status JOB_ID` reads back."""
+    from pipelines.run.progress import ProgressLines, format_duration
+
+    if not err_console.is_terminal:
+        yield ProgressLines(lambda line: err_console.print(line, soft_wrap=True, markup=False, highlight=False))
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("chunks"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=err_console) as bar:
+        task = bar.add_task("chunks", total=None, info="")
+
+        def update(p) -> None:
+            bar.update(task, completed=p.chunks_done, total=p.chunks_total or None,
+                       info=f"scenes {p.scenes_complete} complete, {p.scenes_failed} failed, {p.scenes_running} "
+                            f"running of {p.scenes_total}, {p.mpx_per_s:.2f} Mpx/s, ETA {format_duration(p.eta_s)}")
+
+        yield update
+
+
+def _jobs_client(address: str | None):
+    """A Ray Jobs client for `address`, with the token found as Ray finds it (never shown)."""
+    from pipelines.run.submit import connect, find_auth_token
+
+    return connect(address, find_auth_token(os.environ, Path.home()))
+
+
+_ADDRESS_HELP = "Ray dashboard address, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)."
+
+
+@app.command()
+def submit(
+    job_file: Annotated[Path, typer.Argument(help="Job spec YAML.")],
+    address: Annotated[str | None, typer.Option(help=_ADDRESS_HELP)] = None,
+    python: Annotated[str, typer.Option(help="Python command on the cluster (with tessera's dependencies).")] = "python",
+    upload_models: Annotated[bool, typer.Option(
+        "--upload-models/--no-upload-models",
+        help="Upload the model cards and weights the spec names (default), or pass their paths as they are "
+        "(a shared path the cluster's nodes read).")] = True,
+    submission_id: Annotated[str | None, typer.Option(help="Job id to use (default: Ray's).")] = None,
+) -> None:
+    """Submit a job spec to a Ray cluster (Ray Jobs); prints the job id."""
+    import tempfile
+
+    from pipelines.run.submit import package_limit_bytes, stage_job_package, submit_package
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="tessera-submit-") as tmp:
+            package = stage_job_package(job_file, Path(tmp), upload_models=upload_models,
+                                        limit_bytes=package_limit_bytes(os.environ))
+            jobs = _jobs_client(address)
+            job_id = submit_package(jobs, package, python=python, submission_id=submission_id)
+    except TesseraError as exc:
+        _fail(exc)
+    sys.stdout.write(job_id + "\n")
+    hint = f" --address {address}" if address else ""
+    err_console.print(f"submitted {package.job_name!r} to {jobs.address} ({package.size_bytes / 2**20:.1f} MiB "
+                      f"uploaded with tessera's code); outputs go to {package.output_root}")
+    err_console.print(f"  tessera status {job_id}{hint}\n  tessera logs {job_id}{hint} --follow\n"
+                      f"  tessera stop {job_id}{hint}", markup=False, highlight=False)
+
+
+def _print_root_status(root: Path) -> None:
+    from pipelines.run.status import read_root_status
+
+    scenes = read_root_status(root)
+    table = Table(title=f"{root}: {len(scenes)} scene(s)")
+    for col in ("scene", "status", "chunks done/total", "error"):
+        table.add_column(col)
+    for s in scenes:
+        table.add_row(s.name, s.status, f"{s.chunks_done}/{s.chunks_total if s.chunks_total is not None else '?'}",
+                      s.error)
+    console.print(table)
+    counts = {k: sum(s.status == k for s in scenes) for k in ("complete", "failed", "partial")}
+    done = sum(s.chunks_done for s in scenes)
+    total = sum(s.chunks_total or 0 for s in scenes)
+    console.print(f"scenes: {counts['complete']} complete, {counts['failed']} failed, {counts['partial']} partial "
+                  f"(running or interrupted); chunks {done}/{total}", markup=False, highlight=False)
+
+
+@app.command()
+def status(
+    job_id: Annotated[str | None, typer.Argument(help="A submitted job's id (Ray Jobs).")] = None,
+    root: Annotated[Path | None, typer.Option(help="An output root to read instead (or as well).")] = None,
+    address: Annotated[str | None, typer.Option(help=_ADDRESS_HELP)] = None,
+) -> None:
+    """Show a submitted job's state and progress, and its scenes: complete, failed, partial, chunks."""
+    if job_id is None and root is None:
+        _fail(ValueError("name a job id (tessera status JOB_ID) or an output root (tessera status --root OUT)"))
+    try:
+        if job_id is not None:
+            from pipelines.run.submit import job_status
+
+            info = job_status(_jobs_client(address), job_id)
+            console.print(f"job {info.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""),
+                          markup=False, highlight=False)
+            if info.progress:
+                p = info.progress
+                console.print(f"chunks {p['chunks_done']}/{p['chunks_total']}, scenes {p['scenes_complete']} complete, "
+                              f"{p['scenes_failed']} failed, {p['scenes_running']} running of {p['scenes_total']}, "
+                              f"{p['mpx_per_s']:.2f} Mpx/s, ETA {p['eta']} (last progress line of its log)",
+                              markup=False, highlight=False)
+            if info.output_root:
+                console.print(f"outputs: {info.output_root}", markup=False, highlight=False)
+                if root is None and Path(info.output_root).is_dir():
+                    root = Path(info.output_root)
+        if root is not None:
+            _print_root_status(root)
+    except TesseraError as exc:
+        _fail(exc)
+
+
+@app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument(help="A submitted job's id.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the log until the job ends.")] = False,
+    address: Annotated[str | None, typer.Option(help=_ADDRESS_HELP)] = None,
+) -> None:
+    """Print a submitted job's log (its `tessera run` output)."""
+    from pipelines.run.submit import follow_job_logs, job_logs
+
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        jobs = _jobs_client(address)
+        if follow:
+            follow_job_logs(jobs, job_id, emit)
+        else:
+            emit(job_logs(jobs, job_id))
+    except TesseraError as exc:
+        _fail(exc)
+
+
+@app.command()
+def stop(
+    job_id: Annotated[str, typer.Argument(help="A submitted job's id.")],
+    address: Annotated[str | None, typer.Option(help=_ADDRESS_HELP)] = None,
+) -> None:
+    """Stop a submitted job (its outputs so far stay; re-submitting the spec resumes it)."""
+    from pipelines.run.submit import stop_job
+
+    try:
+        stopped = stop_job(_jobs_client(address), job_id)
+    except TesseraError as exc:
+        _fail(exc)
+    console.print(f"{job_id}: stop requested" if stopped else f"{job_id}: was not running", markup=False,
+                  highlight=False)
 
 
 if __name__ == "__main__":

@@ -25,3 +25,8 @@ class InputError(TesseraError):
 
 class OutputError(TesseraError):
     """An output location is unsafe or holds results of a different job fingerprint."""
+
+
+class ClusterError(TesseraError):
+    """A Ray cluster cannot be reached, refuses the credentials, does not know a job, or cannot
+    take what a submission would upload (names the address or the file, never a token)."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import JobSpecError
 from schemas.model_card import format_validation_errors
+from schemas.uris import check_uri, is_uri
 
 JOB_SPEC_VERSION = 1
 BUILTIN_PREFIX = "builtin:"
@@ -259,16 +260,52 @@ class OutputSpec(_Frozen):
         description="Replace outputs written under a different job fingerprint "
         "(otherwise such a scene fails with a clear error and nothing is touched).",
     )
+    shared_filesystem: bool = Field(
+        default=False,
+        description="Declare `root` a filesystem every node of the Ray cluster mounts at the same path "
+        "(NFS, EFS, Lustre, ...). On a cluster of more than one node a job refuses to start without "
+        "it: each node would write its chunks to its own local disk, and the driver would find them missing.",
+    )
+
+
+class StacSpec(_Frozen):
+    """Scenes from a STAC ItemCollection: one scene per item, its assets stacked as channels."""
+
+    items: str = Field(
+        description="STAC ItemCollection (GeoJSON FeatureCollection of items): a local path (relative to "
+        "the spec's folder) or an http(s):// URL (no credentials in it).",
+        examples=["items.json", "https://example.org/search/items.json"],
+    )
+    assets: tuple[str, ...] = Field(
+        min_length=1,
+        description="Asset keys stacked as the model's channels, in order; each asset gives all its bands. "
+        "Assets coarser than the finest one are resampled (bilinear) to its grid.",
+        examples=[["B04", "B03", "B02", "B08"]],
+    )
+
+    @field_validator("items")
+    @classmethod
+    def _clean_items_uri(cls, value: str) -> str:
+        if is_uri(value):
+            check_uri(value)
+        return value
 
 
 class JobSpec(_Frozen):
     """A whole tessera job."""
 
+    # a refused input URI may hold a secret: errors name the field and the redacted URI only
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
     version: int = Field(default=JOB_SPEC_VERSION, description="Job spec schema version.")
     name: str = Field(default="tessera-job", min_length=1, max_length=128, description="Job name for logs.")
     inputs: tuple[str, ...] = Field(
-        min_length=1, description="Scene paths or glob patterns (GeoTIFF/COG).",
-        examples=[["scenes/*.tif"]],
+        default=(), description="Scene paths or glob patterns (GeoTIFF/COG, NIfTI, DICOM series, Zarr); "
+        "URIs: https:// / http:// / s3:// COGs read by byte ranges, s3:// Zarr stores (never globbed; "
+        "no credentials in the URI: they come from the AWS environment); or '@<file>' naming a manifest: "
+        "a text file with one path, glob or URI per line ('#' comments, blank lines ignored; relative "
+        "entries are relative to the manifest's folder), for jobs of many scenes. At least one input, or `stac`.",
+        examples=[["scenes/*.tif"], ["@scenes.txt"], ["s3://bucket/scenes/T33UUP.tif", "https://example.org/cog.tif"]],
     )
     bands: tuple[int, ...] | None = Field(
         default=None, min_length=1,
@@ -282,6 +319,11 @@ class JobSpec(_Frozen):
         "magnitude |z|, or db = 10 log10 |z|^2 (floored at -100 dB).",
         examples=["db"],
     )
+    stac: StacSpec | None = Field(
+        default=None,
+        description="Scenes from a STAC ItemCollection (one per item, named by item id), besides `inputs`.",
+        examples=[{"items": "items.json", "assets": ["B04", "B03", "B02", "B08"]}],
+    )
     model: ModelSpec = Field(default_factory=ModelSpec)
     tiling: TilingSpec = Field(default_factory=TilingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -294,6 +336,25 @@ class JobSpec(_Frozen):
         if value != JOB_SPEC_VERSION:
             raise ValueError(f"unsupported job spec version {value}; this tessera reads version {JOB_SPEC_VERSION}")
         return value
+
+    @field_validator("inputs")
+    @classmethod
+    def _clean_uris(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """URIs must be of a scheme tessera reads and carry no credentials (`schemas.uris.check_uri`:
+        the spec is saved with the outputs); the error shows the URI redacted."""
+        for i, item in enumerate(value):
+            if is_uri(item):
+                try:
+                    check_uri(item)
+                except ValueError as exc:
+                    raise ValueError(f"inputs[{i}]: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _some_input(self) -> JobSpec:
+        if not self.inputs and self.stac is None:
+            raise ValueError("a job needs inputs (scene paths, globs or URIs) or stac (an ItemCollection)")
+        return self
 
     @field_validator("bands")
     @classmethod

@@ -26,6 +26,11 @@ Registered names (arch_args, defaults; native stride in px or voxels):
   box_score_thresh=0.05, box_detections_per_img=100``); 1.
 * ``instance_oracle``: test oracle, instance: connected components of ``channel 0 > threshold``
   (``threshold=0.5, class_channel=None``); 1. Images and volumes.
+* ``maskrcnn_light``: a light Mask R-CNN that trains on CPU, instance: ResNet-18 (or ``resnet34``) FPN,
+  narrow heads, no resizing (``backbone="resnet18", fpn_channels=128, norm="group",
+  anchor_sizes=(16, 32, 64, 128, 256), image_mean=None, image_std=None, box_score_thresh=0.05,
+  box_detections_per_img=100, rpn_batch_size_per_image=128, box_batch_size_per_image=128,
+  rpn_proposals=300, mask_head_channels=64, mask_head_layers=2``); 1.
 
 3D (volumes ``(N, C, D, H, W)``):
 
@@ -266,6 +271,8 @@ _REGISTRY: dict[str, _Entry] = {
     "unet_smp": _Entry(_lazy_zoo("build_smp_unet"), "semantic", _unet_smp_stride),
     "maskrcnn": _Entry(_lazy_zoo("build_maskrcnn"), "instance", _interpolating_stride("build_maskrcnn")),
     "instance_oracle": _Entry(_build_instance_oracle, "instance", _any_size(_build_instance_oracle), any_dims=True),
+    "maskrcnn_light": _Entry(_lazy_zoo("build_maskrcnn_light"), "instance",
+                             _interpolating_stride("build_maskrcnn_light")),
     "unet3d": _Entry(_build_unet3d, "semantic", _unet3d_stride, spatial_dims=3),
     "monai_unet": _Entry(_lazy_monai("build_monai_unet"), "semantic", _monai_stride("monai_unet_stride"),
                          spatial_dims=3),

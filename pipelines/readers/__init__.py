@@ -17,9 +17,17 @@ nifti      .nii .nii.gz (3D; 4D = channels, ``bands:``   :mod:`.nifti` (nibabel;
            required; .nii.gz converted once to Zarr)      cached as Zarr)
 zarr       .zarr (OME-Zarr 0.5 image, or a plain         :mod:`.zarr_volume` (zarr v3)
            (z, y, x) / (c, z, y, x) Zarr v3 array)
+stac       ``<items.json>#<item id>``: one item of a      :mod:`.stac` (pystac +
+           STAC ItemCollection (job spec ``stac:``),      rasterio)
+           its assets stacked on the finest grid
 =========  ============================================  ===========================
 
 The longest matching suffix wins (``.nii.gz`` over any reader claiming ``.gz``).
+
+Inputs by URI (:mod:`.remote`): a URI's suffix is that of its path, before any query string.
+GeoTIFF / COG from ``https://``, ``http://`` and ``s3://``, Zarr from ``s3://``
+(:data:`REMOTE_FORMATS`); NIfTI and DICOM from object storage are refused for now (a ``.nii.gz``
+has no random access and a DICOM series is a folder of files: copy them to a local disk).
 """
 
 from __future__ import annotations
@@ -33,7 +41,10 @@ from pipelines.readers.base import COMPLEX_DERIVATIONS, InputPolicy, Reader, Sce
 from pipelines.readers.dicom import DicomReader, is_dicom_series_dir
 from pipelines.readers.geotiff import GeoTiffReader
 from pipelines.readers.nifti import NiftiReader
+from pipelines.readers.stac import StacReader
 from pipelines.readers.zarr_volume import ZarrVolumeReader
+from schemas.errors import InputError
+from schemas.uris import is_uri, redact_uri, split_stac_path, uri_name, uri_scheme
 
 if TYPE_CHECKING:
     from schemas.window import ChunkWindow
@@ -41,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COMPLEX_DERIVATIONS",
     "READERS",
+    "REMOTE_FORMATS",
     "InputPolicy",
     "Reader",
     "SceneInfo",
@@ -55,20 +67,27 @@ __all__ = [
 
 #: Every reader by format name; the one with the longest suffix matching a path opens it.
 READERS: dict[str, Reader] = {
-    r.name: r for r in (GeoTiffReader(), DicomReader(), NiftiReader(), ZarrVolumeReader())
+    r.name: r for r in (GeoTiffReader(), DicomReader(), NiftiReader(), ZarrVolumeReader(), StacReader())
 }
 #: The reader for a path no reader claims by suffix (GDAL recognises its formats by content).
 FALLBACK_FORMAT = "geotiff"
+#: The formats read from URIs, and the URI schemes each takes (:mod:`pipelines.readers.remote`).
+REMOTE_FORMATS: dict[str, tuple[str, ...]] = {"geotiff": ("http", "https", "s3"), "zarr": ("s3",),
+                                              "stac": ("http", "https")}
 
 
 def reader_for(path: str | Path) -> Reader:
-    """The reader of a path, by its longest matching (lower-case) suffix; a directory no suffix
-    claims that holds DICOM files is a DICOM series; GDAL's for any other path."""
-    name = Path(str(path)).name.lower()
+    """The reader of a path or URI, by its longest matching (lower-case) suffix (a URI's: of its
+    path, before any query); a STAC item's path (``<items.json>#<item id>``) is the STAC
+    reader's; a directory no suffix claims that holds DICOM files is a DICOM series; GDAL's for
+    any other path."""
+    if split_stac_path(str(path)) is not None:
+        return READERS[StacReader.name]
+    name = (uri_name(str(path)) if is_uri(str(path)) else Path(str(path)).name).lower()
     matches = [(len(s), reader) for reader in READERS.values() for s in reader.suffixes if name.endswith(s)]
     if matches:
         return max(matches, key=lambda m: m[0])[1]
-    if is_dicom_series_dir(path):
+    if not is_uri(str(path)) and is_dicom_series_dir(path):
         return READERS[DicomReader.name]
     return READERS[FALLBACK_FORMAT]
 
@@ -86,9 +105,16 @@ def open_scene(path: str | Path, *, policy: InputPolicy = InputPolicy()) -> Scen
     """Metadata of one scene through its format's reader (see :meth:`Reader.open`).
 
     Raises:
-        InputError: naming the file: missing, unreadable, or refused by the input policy.
+        InputError: naming the file: missing, unreadable, or refused by the input policy; a URI
+            of a format or scheme not read remotely (:data:`REMOTE_FORMATS`).
     """
-    return reader_for(path).open(str(path), policy=policy)
+    reader = reader_for(path)
+    if is_uri(str(path)) and uri_scheme(str(path)) not in REMOTE_FORMATS.get(reader.name, ()):
+        takes = [f"{fmt} ({', '.join(s + '://' for s in schemes)})" for fmt, schemes in REMOTE_FORMATS.items()]
+        raise InputError(f"{redact_uri(str(path))}: {reader.name} inputs are not read from "
+                         f"{uri_scheme(str(path))}:// (remote inputs: {'; '.join(takes)}); "
+                         "copy the file to a local disk and give its path")
+    return reader.open(str(path), policy=policy)
 
 
 def read_window(info: SceneInfo, window: ChunkWindow, *, bands: tuple[int, ...] | None = None

@@ -49,11 +49,14 @@ class InputPolicy:
         cache_dir: folder for converted copies of inputs that cannot be read by window in place
             (a ``.nii.gz``: see :mod:`pipelines.readers.nifti`); the job sets
             ``<root>/_work/inputs``. None: a ``tessera-inputs`` folder in the system temp dir.
+        assets: the STAC asset keys a STAC item's scene stacks, in channel order (``stac.assets``
+            in the job spec: :mod:`pipelines.readers.stac`), or None; the other readers ignore it.
     """
 
     complex_bands: str = "refuse"
     bands: tuple[int, ...] | None = None
     cache_dir: str | None = None
+    assets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.complex_bands not in ("refuse", *COMPLEX_DERIVATIONS):
@@ -65,6 +68,8 @@ class InputPolicy:
                                 for b in bands):
                 raise ValueError(f"bands must be 1-based channel indexes (ints >= 1), got {self.bands!r}")
             object.__setattr__(self, "bands", tuple(int(b) for b in bands))
+        if self.assets is not None:
+            object.__setattr__(self, "assets", tuple(str(a) for a in self.assets))
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,17 @@ a 32-px halo decodes 4 x 4 blocks for 2 x 2 blocks of core, 4x the decoding. So 
 its last few datasets open (keyed by path, size and mtime: a replaced file is reopened) and GDAL's
 block cache, capped at `GDAL_CACHE_MB`, serves the blocks neighbours share; the job orders chunks
 in narrow stripes (`pipelines.plan.chunks.stripe_order`) so the blocks still needed stay in that cache.
+
+Remote COGs (``https://``, ``http://``, ``s3://``: :mod:`pipelines.readers.remote`) open through
+GDAL's ``/vsicurl/`` and ``/vsis3/`` under the remote GDAL options (`remote.gdal_options`, set
+with ``rasterio.Env`` around every open and read, so each worker process has them): a window
+fetches the byte ranges of the tiles it touches, never the whole file. ``SceneInfo.path`` keeps
+the URI; the GDAL path is derived from it where the file is opened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -23,7 +30,9 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, derive_real, finish_window, valid_mask
+from pipelines.readers.remote import check_remote, gdal_options, gdal_path
 from schemas.errors import InputError
+from schemas.uris import is_uri
 from schemas.window import ChunkWindow
 
 GDAL_CACHE_MB = 96
@@ -34,20 +43,32 @@ _open: OrderedDict[tuple[str, int, int], rasterio.io.DatasetReader] = OrderedDic
 _cache_set = False
 
 
-def _dataset(path: str) -> rasterio.io.DatasetReader:
-    """An open dataset of `path`, reused while the file is unchanged (see module docstring)."""
+def remote_env(path: str) -> contextlib.AbstractContextManager:
+    """``rasterio.Env`` with the remote GDAL options for a URI; nothing for a local path."""
+    return rasterio.Env(**gdal_options(path)) if is_uri(path) else contextlib.nullcontext()
+
+
+def open_raster(path: str) -> rasterio.io.DatasetReader:
+    """rasterio.open of a local path, or of a URI's GDAL path (call under `remote_env`)."""
+    return rasterio.open(gdal_path(path) if is_uri(path) else path)
+
+
+def cached_dataset(path: str) -> rasterio.io.DatasetReader:
+    """An open dataset of `path`, reused while the file is unchanged (see module docstring); a
+    URI's is reused for the life of the process (an input object changing during a job is not
+    noticed: its identity is taken once, when the job starts)."""
     global _cache_set
     if not _cache_set:
         rasterio.env.set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_MB * 2**20)
         _cache_set = True
-    if "://" in path:
+    if is_uri(path):
         key = (path, 0, 0)
     else:
         st = os.stat(path)
         key = (path, st.st_mtime_ns, st.st_size)
     ds = _open.get(key)
     if ds is None or ds.closed:
-        ds = rasterio.open(path)
+        ds = open_raster(path)
         _open[key] = ds
         while len(_open) > MAX_OPEN_DATASETS:
             _open.popitem(last=False)[1].close()
@@ -76,10 +97,12 @@ class GeoTiffReader:
                 bands the policy refuses.
         """
         path = str(path)
-        if "://" not in path and not Path(path).exists():
+        if is_uri(path):
+            check_remote(path)
+        elif not Path(path).exists():
             raise InputError(f"{path}: file not found")
         try:
-            with rasterio.open(path) as ds:
+            with remote_env(path), open_raster(path) as ds:
                 if ds.count < 1:
                     raise InputError(f"{path}: raster has no bands")
                 dtype, derive = check_dtype(path, tuple(ds.dtypes), policy)
@@ -127,9 +150,10 @@ class GeoTiffReader:
         (r, c) = window.read
         rio_window = Window(c.start, r.start, c.stop - c.start, r.stop - r.start)
         try:
-            ds = _dataset(info.path)
-            out_dtype = None if info.source_dtype in (None, ds.dtypes[0]) else info.source_dtype
-            pixels = ds.read(indexes, window=rio_window, out_dtype=out_dtype)
+            with remote_env(info.path):
+                ds = cached_dataset(info.path)
+                out_dtype = None if info.source_dtype in (None, ds.dtypes[0]) else info.source_dtype
+                pixels = ds.read(indexes, window=rio_window, out_dtype=out_dtype)
         except (RasterioError, OSError) as exc:
             close_datasets()  # a failed read may leave a handle in a bad state
             raise InputError(
@@ -158,8 +182,9 @@ class GeoTiffReader:
         """
         indexes = list(bands) if bands is not None else list(range(1, info.count + 1))
         try:
-            ds = _dataset(info.path)
-            pixels = ds.read(indexes, out_shape=(len(indexes), *out_shape), resampling=Resampling.nearest)
+            with remote_env(info.path):
+                ds = cached_dataset(info.path)
+                pixels = ds.read(indexes, out_shape=(len(indexes), *out_shape), resampling=Resampling.nearest)
         except (RasterioError, OSError) as exc:
             close_datasets()
             raise InputError(f"{info.path}: decimated read to {out_shape} failed: {exc}") from None

@@ -22,6 +22,11 @@ included).
 
 Windows are plain Zarr slices of the array: only the chunks a window touches are read and
 decoded. nodata is None (OME-Zarr has no nodata value; NaN voxels are invalid).
+
+A store in object storage, ``s3://bucket/prefix/image.zarr``, is read the same way through zarr's
+``ObjectStore`` over obstore's ``S3Store`` (endpoint, region and credentials from the environment:
+:mod:`pipelines.readers.remote`); a window fetches only the chunk objects it touches. Zarr over
+``http(s)://`` is not read (its identity would need a listing HTTP cannot give).
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ from typing import Any
 
 import numpy as np
 import zarr
+from obstore.exceptions import BaseError as ObjectStoreError
+from obstore.exceptions import NotFoundError as ObjectNotFoundError
 
 from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, finish_window
 from schemas import store as layout
 from schemas.errors import InputError
+from schemas.uris import is_uri, uri_scheme
 from schemas.window import ChunkWindow
 
 #: OME-Zarr space units -> mm as ``value * num / den`` (a divisor keeps 250 um exactly 0.25 mm).
@@ -49,10 +57,38 @@ _arrays: OrderedDict[str, zarr.Array] = OrderedDict()
 log = logging.getLogger(__name__)
 
 
+def _object_store(uri: str) -> Any:
+    """A read-only zarr ObjectStore rooted at an ``s3://bucket/prefix`` URI."""
+    from zarr.storage import ObjectStore
+
+    from pipelines.readers.remote import s3_store, split_s3
+
+    bucket, key = split_s3(uri)
+    return ObjectStore(s3_store(bucket, key), read_only=True)
+
+
+def _open_zarr_array(location: str) -> zarr.Array:
+    """zarr.open_array of a local folder or an ``s3://`` URI, read-only."""
+    if is_uri(location):
+        return zarr.open_array(store=_object_store(location), mode="r", zarr_format=3)  # no v2 key probes
+    return zarr.open_array(location, mode="r")
+
+
+def _child(location: str, name: str) -> str:
+    return f"{location.rstrip('/')}/{name}" if is_uri(location) else str(Path(location) / name)
+
+
+def _parent(location: str) -> str:
+    if is_uri(location):
+        head, _, _ = location.rstrip("/").rpartition("/")
+        return head if "://" in head and not head.endswith("://") else location
+    return str(Path(location).parent)
+
+
 def _array(data_path: str) -> zarr.Array:
     array = _arrays.get(data_path)
     if array is None:
-        array = zarr.open_array(data_path, mode="r")
+        array = _open_zarr_array(data_path)
         _arrays[data_path] = array
         while len(_arrays) > MAX_OPEN_ARRAYS:
             _arrays.popitem(last=False)
@@ -60,20 +96,40 @@ def _array(data_path: str) -> zarr.Array:
     return array
 
 
-def _node_attributes(folder: Path) -> dict[str, Any] | None:
-    """The attributes of the Zarr v3 node at `folder`, or None if it is not one."""
-    meta = folder / "zarr.json"
-    if not meta.is_file():
-        return None
+def _read_metadata(location: str) -> bytes | None:
+    """The bytes of ``<location>/zarr.json`` (a local folder or an ``s3://`` prefix), or None."""
+    if not is_uri(location):
+        meta = Path(location) / "zarr.json"
+        return meta.read_bytes() if meta.is_file() else None
+    import obstore
+
+    from pipelines.readers.remote import first_line, s3_store, split_s3
+
+    bucket, key = split_s3(_child(location, "zarr.json"))
     try:
-        return json.loads(meta.read_text()).get("attributes", {}) or {}
+        return bytes(obstore.get(s3_store(bucket), key).bytes())
+    except (FileNotFoundError, ObjectNotFoundError):  # obstore raises either, by version
+        return None
+    except ObjectStoreError as exc:  # permission, authentication, connection
+        raise InputError(f"{location}: cannot read zarr.json from S3: {type(exc).__name__}: {first_line(exc)}") from None
+
+
+def _node_attributes(folder: Path | str) -> dict[str, Any] | None:
+    """The attributes of the Zarr v3 node at `folder` (a local folder or an ``s3://`` prefix), or
+    None if it is not one."""
+    try:
+        raw = _read_metadata(str(folder))
+        return None if raw is None else json.loads(raw).get("attributes", {}) or {}
     except (OSError, ValueError):
         return None
 
 
-def _refuse_output_store(path: str, folder: Path) -> None:
+def _refuse_output_store(path: str, folder: str) -> None:
     # the store itself, an array in it, or an overview level (`overviews/<l>/classes`) in it
-    for node in (folder, *folder.parents[:3]):
+    nodes = [folder]
+    for _ in range(3):
+        nodes.append(_parent(nodes[-1]))
+    for node in dict.fromkeys(nodes):
         attrs = _node_attributes(node)
         tessera = attrs.get(layout.TESSERA_ATTR) if attrs else None
         if isinstance(tessera, dict) and layout.KEY_STATUS in tessera:
@@ -132,14 +188,15 @@ def _locate(path: str) -> tuple[str, tuple[str, ...], np.ndarray]:
     Raises:
         InputError: not a Zarr v3 node, a tessera output store, or a layout this reader does not take.
     """
-    folder = Path(path)
+    folder = path.rstrip("/") if is_uri(path) else str(Path(path))
     attrs = _node_attributes(folder)
     if attrs is None:
         raise InputError(f"{path}: not a Zarr v3 array or group (no zarr.json)")
     _refuse_output_store(path, folder)
     try:
-        node = zarr.open(str(folder), mode="r")
-    except (OSError, ValueError, KeyError) as exc:
+        node = (zarr.open(store=_object_store(folder), mode="r", zarr_format=3) if is_uri(folder)
+                else zarr.open(folder, mode="r"))
+    except (OSError, ValueError, KeyError, ObjectStoreError) as exc:
         raise InputError(f"{path}: cannot open as Zarr: {exc}") from None
     if isinstance(node, zarr.Array):
         names = node.metadata.dimension_names if hasattr(node.metadata, "dimension_names") else None
@@ -157,7 +214,7 @@ def _locate(path: str) -> tuple[str, tuple[str, ...], np.ndarray]:
             log.warning("%s: a plain Zarr array without geometry: read with 1 mm voxels, origin 0, "
                         "z along S, y along A, x along R (give an OME-Zarr image for real geometry)", path)
             affine = unit
-        return str(folder), tuple(names), affine
+        return folder, tuple(names), affine
     ome = attrs.get(layout.OME_ATTR)
     multiscales = ome.get("multiscales") if isinstance(ome, dict) else attrs.get("multiscales")
     if not multiscales:
@@ -175,7 +232,7 @@ def _locate(path: str) -> tuple[str, tuple[str, ...], np.ndarray]:
     affine = _exact_affine(path, attrs)
     if affine is None:
         affine = _ome_affine(path, multiscale, axes)
-    return str(folder / datasets[0]["path"]), names, affine
+    return _child(folder, datasets[0]["path"]), names, affine
 
 
 class ZarrVolumeReader:
@@ -192,12 +249,19 @@ class ZarrVolumeReader:
                 ``(c?, z, y, x)``, or a dtype the policy refuses.
         """
         path = str(path)
-        if not Path(path).is_dir():
+        if is_uri(path):
+            from pipelines.readers.remote import check_remote
+
+            check_remote(path)
+            if uri_scheme(path) != "s3":
+                raise InputError(f"{path}: Zarr inputs are read from local folders or s3:// prefixes, "
+                                 f"not {uri_scheme(path)}://")
+        elif not Path(path).is_dir():
             raise InputError(f"{path}: not found (a .zarr input is a folder)")
         data_path, names, affine = _locate(path)
         try:
-            array = zarr.open_array(data_path, mode="r")
-        except (OSError, ValueError, KeyError) as exc:
+            array = _open_zarr_array(data_path)
+        except (OSError, ValueError, KeyError, ObjectStoreError) as exc:
             raise InputError(f"{path}: cannot open the image array {data_path}: {exc}") from None
         if array.ndim != len(names):
             raise InputError(f"{path}: array {data_path} has {array.ndim} axes, the OME axes {list(names)}")
@@ -228,7 +292,7 @@ class ZarrVolumeReader:
                 pixels = np.stack([np.asarray(array[(b - 1, *window.read)]) for b in indexes])
             else:
                 pixels = np.asarray(array[window.read])[None]
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, ObjectStoreError) as exc:
             _arrays.clear()
             z, y, x = window.read
             raise InputError(f"{info.path}: read failed for z {z.start}:{z.stop}, y {y.start}:{y.stop}, "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from workers.runtime import GLIBC_TUNABLES, process_env
@@ -60,3 +61,36 @@ def inherited_worker_env() -> dict[str, str] | None:
         return None
     gcs, env = _local_ray
     return dict(env) if ray.get_runtime_context().gcs_address == gcs else None
+
+
+def shared_output_problem(nodes: Sequence[Mapping[str, Any]], *, root: Path, shared_filesystem: bool,
+                          cluster_may_grow: bool = False) -> str | None:
+    """Why a job must not start writing to `root` on this cluster, or None.
+
+    Every chunk is written by the process that computed it, on whichever node Ray placed it; the
+    driver then merges the chunks' partial statistics and markers from `root`. On more than one
+    node that works only when `root` is one filesystem that every node mounts at the same path,
+    which the job spec declares (`output.shared_filesystem: true`); a local disk per node would
+    scatter the chunks and the scenes would fail at the merge, after all the work.
+
+    Args:
+        nodes: `ray.nodes()`: one mapping per node, with "Alive" and "NodeManagerAddress".
+        root: the output root.
+        shared_filesystem: `output.shared_filesystem` of the job spec.
+        cluster_may_grow: the job waits for nodes that are not there yet (an autoscaling cluster
+            without the resources the job asks for): more nodes will join.
+
+    Returns:
+        The error text (names the root, the nodes and the fix), or None when the job may start.
+    """
+    if shared_filesystem:
+        return None
+    alive = [n for n in nodes if n.get("Alive")]
+    if len(alive) <= 1 and not cluster_may_grow:
+        return None
+    where = (f"the Ray cluster has {len(alive)} alive nodes "
+             f"({', '.join(sorted(str(n.get('NodeManagerAddress', '?')) for n in alive))})" if len(alive) > 1
+             else "the job waits for the Ray cluster to add nodes")
+    return (f"output.root {root}: {where}, and each node would write its chunks to its own disk. Put the "
+            "root on a filesystem every node mounts at the same path and set output.shared_filesystem: true, "
+            "or run on a single node")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -27,7 +28,10 @@ from typing import Any
 from pipelines.plan.chunks import stripe_order
 from pipelines.plan.scenes import assign_scene_names, expand_inputs, scene_name
 from pipelines.readers import InputPolicy, SceneInfo, is_input_dir, known_suffixes
-from pipelines.run.cluster import ensure_ray, inherited_worker_env
+from pipelines.readers.remote import worker_env
+from pipelines.readers.stac import stac_scene_paths
+from pipelines.run.cluster import ensure_ray, inherited_worker_env, shared_output_problem
+from pipelines.run.progress import JobProgress
 from pipelines.run.resolve import (
     ResolvedJob,
     cluster_fit_problem,
@@ -42,12 +46,13 @@ from pipelines.run.stages import (
     done_chunk_keys,
     open_and_hash,
 )
-from pipelines.writers.outroot import worker_env, write_text
+from pipelines.writers.outroot import is_s3, write_text
 from pipelines.writers.tables import write_table
-from schemas.errors import InputError, JobSpecError, TesseraError
+from schemas.errors import InputError, JobSpecError, OutputError, TesseraError
 from schemas.job import JobSpec
 from schemas.records import ChunkResult, ChunkTask, chunk_key
-from schemas.tables import STATUS_FAILED
+from schemas.tables import STATUS_COMPLETE, STATUS_FAILED
+from schemas.uris import is_uri
 from workers.runtime import GLIBC_TUNABLES, actor_env, with_malloc_tunables
 
 log = logging.getLogger("tessera")
@@ -87,6 +92,7 @@ def run_job(
     base_dir: Path,
     ray_address: str | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[JobProgress], None] | None = None,
 ) -> JobResult:
     """Run a job: every scene in the spec; each chunk owned by one task per attempt, written idempotently.
 
@@ -95,18 +101,26 @@ def run_job(
         base_dir: folder that relative paths in the spec are relative to (the spec's folder).
         ray_address: Ray cluster to connect to (default: RAY_ADDRESS or a local instance).
         on_chunk: progress callback (chunks done, chunks total).
+        on_progress: progress callback with scene counts and speed (`JobProgress`): once the
+            scenes are opened, at every chunk, and as each scene completes.
 
     Returns:
         JobResult with one outcome per scene; failed scenes carry their error and are also in
-        `tables/scenes`. Raises only for job-level problems (model, output root).
+        `tables/scenes`. Raises only for job-level problems (model, output root, inputs that
+        match nothing at all, a local output root on a multi-node cluster); those are raised
+        before the output root is created and, except the last, before Ray starts.
     """
     import ray
 
     t_start = time.perf_counter()
     started_at = datetime.now(timezone.utc)
     job = resolve_job(spec, base_dir=base_dir)
-    job.root.mkdir(parents=True, exist_ok=True)
     paths, unmatched = expand_inputs(spec.inputs, base_dir=base_dir, is_input_dir=is_input_dir)
+    if spec.stac is not None:  # one scene per item (pipelines.readers.stac)
+        paths += stac_scene_paths(spec.stac.items, base_dir=base_dir)
+    if not paths:  # nothing to do: say so before Ray starts or any output folder exists
+        raise InputError(f"inputs match no file: {', '.join(unmatched)} (relative paths are relative to "
+                         f"{base_dir}; a manifest's entries to its folder)")
     outcomes = [SceneOutcome(name=n, source=p) for n, p in zip(assign_scene_names(paths, suffixes=known_suffixes()), paths)]
     for pattern in unmatched:
         name = scene_name(pattern, suffixes=known_suffixes())
@@ -117,6 +131,13 @@ def run_job(
     cluster = ray.cluster_resources()
     job = place_on_cluster(job, cluster)
     local_cluster = not (ray_address or os.environ.get("RAY_ADDRESS"))
+    # an s3:// root is one store every node writes to, like a declared shared filesystem
+    problem = shared_output_problem(ray.nodes(), root=job.root,
+                                    shared_filesystem=spec.output.shared_filesystem or is_s3(job.root),
+                                    cluster_may_grow=not local_cluster and cluster_fit_problem(job, cluster) is not None)
+    if problem:
+        raise OutputError(problem)
+    job.root.mkdir(parents=True, exist_ok=True)
     if job.predictor_options.device == "cpu" and job.predictor_options.precision == "fp16":
         raise JobSpecError("inference.precision: fp16 needs GPU actors, and this job runs on CPU "
                            "(no GPU in the cluster, or resources.num_gpus_per_actor: 0); use bf16 or fp32")
@@ -129,10 +150,14 @@ def run_job(
     _save_resolved_spec(job)
     phases = {"setup_s": time.perf_counter() - t_start}
     pending = [o for o in outcomes if o.status != STATUS_FAILED]
+    # where and how to reach object storage, for the workers (never credentials: see remote.worker_env)
+    remote_env = (worker_env() if spec.stac is not None or is_s3(job.root) or any(is_uri(o.source) for o in pending)
+                  else {})
     # the actors start (import torch, load the model, on a GPU its context) while the scenes are hashed
     pool = None
     if pending:
-        pool = _fused_pool(job) if fused_stages(job) else _split_pool(job, cluster_cpus=cluster.get("CPU", 1.0))
+        pool = (_fused_pool(job, remote_env=remote_env) if fused_stages(job)
+                else _split_pool(job, cluster_cpus=cluster.get("CPU", 1.0), remote_env=remote_env))
     with pool or contextlib.nullcontext():
         t0 = time.perf_counter()
         sources = [o.source for o in pending]
@@ -140,7 +165,8 @@ def run_job(
             opened = _open_local(sources, policy=input_policy(job))
         else:
             opened = _open_all(sources, policy=input_policy(job), cpus=cluster.get("CPU", 1.0),
-                               task_cpus=0.0 if pool else 0.5)  # the pool holds the CPUs; hashing is I/O
+                               task_cpus=0.0 if pool else 0.5,  # the pool holds the CPUs; hashing is I/O
+                               remote_env=remote_env)
         scenes: dict[int, SceneContext] = {}
         for scene_id, (outcome, (info, sha, error)) in enumerate(zip(pending, opened)):
             try:
@@ -162,7 +188,8 @@ def run_job(
                 if chunk_key(w.index) not in done:
                     tasks.append(ChunkTask(scene_id=scene_id, window=w))
         phases["open_s"] = time.perf_counter() - t0
-        progress = _Progress(len(tasks), by_id, on_chunk)
+        progress = _Progress(tasks, by_id, on_chunk, outcomes=outcomes, on_progress=on_progress)
+        progress.report()
         if tasks:
             phases.update(_stream(job, tasks, scenes, progress, pool))
         phases.update(progress.phases())
@@ -174,6 +201,7 @@ def run_job(
                 finish_scene(job, outcome, started_at, t_start)
             except (TesseraError, OSError, ValueError) as exc:
                 outcome.status, outcome.error = STATUS_FAILED, str(exc)
+            progress.report()
         if outcome.status == STATUS_FAILED:
             outcome.row = scene_row(job, outcome, started_at, t_start)
             write_table(job.root, "scenes", outcome.name, [outcome.row])
@@ -193,17 +221,17 @@ def _predictor_kwargs(job: ResolvedJob) -> dict[str, Any]:
     }
 
 
-def _fused_pool(job: ResolvedJob) -> Any:
+def _fused_pool(job: ResolvedJob, *, remote_env: dict[str, str]) -> Any:
     """The fused actor pool of the job (pipelines.run.fused.FusedPool); its actors start now."""
     from pipelines.run.fused import FusedPool
 
     res = job.spec.resources
     return FusedPool(predictor=_predictor_kwargs(job), actors=job.actors,
                      actor_options={"num_cpus": res.cpus_per_actor, "num_gpus": job.num_gpus_per_actor,
-                                    **_actor_remote_args(res, extra_env=worker_env(job.root))})
+                                    **_actor_remote_args(res, remote_env)})
 
 
-def _split_pool(job: ResolvedJob, *, cluster_cpus: float) -> Any:
+def _split_pool(job: ResolvedJob, *, cluster_cpus: float, remote_env: dict[str, str]) -> Any:
     """The split stages of the job (pipelines.run.split.SplitPool); its actors start now."""
     from pipelines.run.split import SplitPool
 
@@ -211,9 +239,9 @@ def _split_pool(job: ResolvedJob, *, cluster_cpus: float) -> Any:
     tasks = read_concurrency(job, cluster_cpus=cluster_cpus)
     return SplitPool(predictor=_predictor_kwargs(job), actors=job.actors,
                      actor_options={"num_cpus": res.cpus_per_actor, "num_gpus": job.num_gpus_per_actor,
-                                    **_actor_remote_args(res, extra_env=worker_env(job.root))},
+                                    **_actor_remote_args(res, remote_env)},
                      read_tasks=tasks, write_tasks=tasks,
-                     write_options={"runtime_env": {"env_vars": env}} if (env := worker_env(job.root)) else None)
+                     task_options={"runtime_env": {"env_vars": remote_env}} if remote_env else None)
 
 
 def split_block_rows(job: ResolvedJob) -> int:
@@ -246,8 +274,8 @@ def windows_per_call(job: ResolvedJob) -> int:
     return windows_per_pass((job.chunk_size + 2 * job.halo,) * 2, o.tile_size, o.tile_overlap, o.batch_size)
 
 
-def _open_all(paths: list[str], *, policy: InputPolicy, cpus: float,
-              task_cpus: float = 0.5) -> list[tuple[SceneInfo | None, str | None, str | None]]:
+def _open_all(paths: list[str], *, policy: InputPolicy, cpus: float, task_cpus: float = 0.5,
+              remote_env: dict[str, str] | None = None) -> list[tuple[SceneInfo | None, str | None, str | None]]:
     """open_and_hash every path in Ray tasks (on the workers, which read the inputs), in order.
 
     One task per group of paths, at most one group per cluster CPU; each task's worker process
@@ -260,7 +288,8 @@ def _open_all(paths: list[str], *, policy: InputPolicy, cpus: float,
         return []
     groups = max(1, min(len(paths), int(cpus)))
     size = -(-len(paths) // groups)
-    task = ray.remote(num_cpus=task_cpus, max_calls=1)(_open_group)
+    env = {"runtime_env": {"env_vars": remote_env}} if remote_env else {}
+    task = ray.remote(num_cpus=task_cpus, max_calls=1, **env)(_open_group)
     parts = ray.get([task.remote(paths[i:i + size], policy) for i in range(0, len(paths), size)])
     return [item for part in parts for item in part]
 
@@ -283,11 +312,31 @@ def _open_group(paths: list[str], policy: InputPolicy) -> list[tuple[SceneInfo |
 
 
 class _Progress:
-    """Counts chunk records as they arrive; a failed chunk fails its scene (the first error is kept)."""
+    """Counts chunk records as they arrive; a failed chunk fails its scene (the first error is kept).
 
-    def __init__(self, total: int, by_id: dict[int, SceneOutcome], on_chunk: Callable[[int, int], None] | None):
-        self.total, self.by_id, self.on_chunk, self.done = total, by_id, on_chunk, 0
+    Reports `on_chunk(done, total)` and, with scene counts and output pixels, `on_progress`
+    (`report`, also called by the job as scenes finish)."""
+
+    def __init__(self, tasks: list[ChunkTask], by_id: dict[int, SceneOutcome],
+                 on_chunk: Callable[[int, int], None] | None, *, outcomes: list[SceneOutcome] = (),
+                 on_progress: Callable[[JobProgress], None] | None = None):
+        self.total, self.by_id, self.on_chunk, self.done = len(tasks), by_id, on_chunk, 0
+        self.outcomes, self.on_progress = outcomes, on_progress
+        # output pixels of each chunk's core, for Mpx/s
+        self.core_px = {(t.scene_id, t.key): math.prod(t.window.core_shape) for t in tasks} if on_progress else {}
+        self.pixels_done = 0
         self.t_start = self.t_first = self.t_last = 0.0
+
+    def report(self) -> None:
+        """Call on_progress with where the job stands now."""
+        if self.on_progress is None:
+            return
+        statuses = [o.status for o in self.outcomes]
+        self.on_progress(JobProgress(
+            chunks_done=self.done, chunks_total=self.total, scenes_total=len(statuses),
+            scenes_complete=statuses.count(STATUS_COMPLETE), scenes_failed=statuses.count(STATUS_FAILED),
+            pixels_done=self.pixels_done,
+            elapsed_s=(time.perf_counter() - self.t_start) if self.t_start else 0.0))
 
     def start(self) -> None:
         self.t_start = time.perf_counter()
@@ -304,6 +353,7 @@ class _Progress:
         if not self.done:
             self.t_first = self.t_last
         self.done += 1
+        self.pixels_done += self.core_px.get((record.scene_id, record.key), 0)
         if self.on_chunk:
             self.on_chunk(self.done, self.total)
         if record.error:
@@ -312,6 +362,7 @@ class _Progress:
                 log.error("scene %s failed: %s", outcome.name, record.error)
             outcome.status = STATUS_FAILED
             outcome.error = outcome.error or record.error
+        self.report()
 
 
 def read_concurrency(job: ResolvedJob, *, cluster_cpus: float) -> int:
@@ -333,14 +384,14 @@ def read_concurrency(job: ResolvedJob, *, cluster_cpus: float) -> int:
     return max(2 * job.actors, int(free // 2))
 
 
-def _actor_remote_args(res: Any, *, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+def _actor_remote_args(res: Any, remote_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Extra Ray options of the predictor actors: a runtime environment with the malloc tunables
     (resources.malloc_tuning), unless the local Ray this process started gives its workers the
     wanted environment already (ensure_ray's worker_env). Without malloc tuning, an actor of
     such a Ray whose workers inherit tunables gets this process's own GLIBC_TUNABLES instead;
-    on any other Ray it inherits what the workers have, as before. `extra_env`: more variables
-    for the actors (an S3 output root's endpoint and region: `pipelines.writers.outroot.worker_env`,
-    never credentials)."""
+    on any other Ray it inherits what the workers have, as before. `remote_env`, the non-secret
+    object-storage settings of a job with remote inputs (`pipelines.readers.remote.worker_env`),
+    is added to it."""
     inherited = inherited_worker_env()
     if res.malloc_tuning:
         env = actor_env(with_malloc_tunables(), inherited)
@@ -348,7 +399,7 @@ def _actor_remote_args(res: Any, *, extra_env: dict[str, str] | None = None) -> 
         env = actor_env({GLIBC_TUNABLES: os.environ.get(GLIBC_TUNABLES, "")}, inherited)
     else:
         env = {}
-    env = {**env, **(extra_env or {})}
+    env = {**env, **(remote_env or {})}
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 

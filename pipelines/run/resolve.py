@@ -273,12 +273,14 @@ def output_root(text: str, *, base_dir: Path) -> Location:
 
 def input_policy(job: ResolvedJob) -> InputPolicy:
     """The readers' input policy of a job: complex bands, the chosen bands (a 4D NIfTI needs them),
-    and where readers may cache converted inputs (`<root>/_work/inputs`, e.g. a `.nii.gz`
+    the STAC asset keys (``stac.assets``), and where readers may cache converted inputs (`<root>/_work/inputs`, e.g. a `.nii.gz`
     converted once to a chunked Zarr)."""
     spec = job.spec
+    stac = getattr(spec, "stac", None)
     return InputPolicy(complex_bands=spec.complex_bands, bands=spec.bands,
                        # converted inputs are read back window by window: a local cache for an S3 root
-                       cache_dir=None if is_s3(job.root) else str(job.root / WORK_DIR / INPUT_CACHE_DIR))
+                       cache_dir=None if is_s3(job.root) else str(job.root / WORK_DIR / INPUT_CACHE_DIR),
+                       assets=tuple(stac.assets) if stac is not None else None)
 
 
 def check_scene_fits_model(info: SceneInfo, *, bands: tuple[int, ...] | None, card: ModelCard) -> None:

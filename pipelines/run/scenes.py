@@ -60,6 +60,7 @@ from schemas.errors import InputError, OutputError
 from schemas.records import chunk_key
 from schemas.store import Grid, VolumeGrid
 from schemas.tables import CHUNK_SKIPPED_NODATA, SCHEMAS, STATUS_COMPLETE
+from schemas.uris import is_uri, redact_uri
 from schemas.window import ChunkWindow
 from workers.registry import model_kind
 
@@ -145,7 +146,7 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
                                    "ensemble": [{"name": c.card.name, "sha256": c.card.weights_sha256, "weight": w}
                                                 for c, w in job.ensemble]},
                 layout.KEY_HALO: job.halo,
-                layout.KEY_SOURCE: os.path.basename(info.path),
+                layout.KEY_SOURCE: source_attribute(info.path),
                 layout.KEY_INPUT_SHA256: sha,
             },
         )
@@ -153,6 +154,12 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
     done = done_chunk_keys(work_dir)
     outcome.n_todo = sum(1 for w in windows if chunk_key(w.index) not in done)
     outcome.status = "running"
+
+
+def source_attribute(path: str) -> str:
+    """The store's ``source`` attribute: a local input's file name, a remote input's URI (redacted:
+    `schemas.uris.redact_uri`; a job spec refuses URIs with credentials, this is a second guard)."""
+    return redact_uri(path) if is_uri(path) else os.path.basename(path)
 
 
 def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_start: float) -> None:
@@ -233,7 +240,7 @@ def scene_row(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_s
     info = ctx.info if ctx else None
     return {
         "scene": outcome.name,
-        "source": outcome.source,
+        "source": redact_uri(outcome.source),
         "status": outcome.status,
         "error": outcome.error,
         "fingerprint": ctx.fingerprint if ctx else None,

@@ -79,9 +79,8 @@ class SplitPool(ActorPool):
         read_tasks: read tasks in flight at most (blocks read but not yet predicted included).
         write_tasks: write tasks in flight at most.
         task_cpus: CPUs reserved per read or write task.
+        task_options: further Ray options of the read and write tasks (a ``runtime_env``), or None.
         in_flight: calls queued per actor, so it never waits for the driver between blocks.
-        write_options: more Ray options of the write tasks (an S3 output root's endpoint as a
-            runtime environment: `pipelines.writers.outroot.worker_env`, never credentials).
         stages: (actor class, read function, write function); the defaults are the real
             stages. Another triple (same signatures) runs the same scheduling on stand-ins, as
             the scheduling benchmark (tests/bench/split_scheduling.py) and tests do.
@@ -90,12 +89,12 @@ class SplitPool(ActorPool):
     def __init__(self, *, predictor: dict[str, Any], actors: int, actor_options: dict[str, Any],
                  read_tasks: int, write_tasks: int, task_cpus: float = 0.5, in_flight: int = 2,
                  stages: tuple[type, Callable[..., Any], Callable[..., Any]] | None = None,
-                 write_options: dict[str, Any] | None = None):
+                 task_options: dict[str, Any] | None = None):
         actor_cls, self._read_fn, self._write_fn = stages or (SplitPredictActor, _read_block, _write_block)
         super().__init__(actor_cls, predictor=predictor, actors=actors, actor_options=actor_options)
         self.read_tasks, self.write_tasks = max(1, read_tasks), max(1, write_tasks)
         self.task_cpus, self.in_flight = task_cpus, max(1, in_flight)
-        self.write_options = dict(write_options or {})
+        self.task_options = dict(task_options or {})
 
     def run(
         self,
@@ -127,8 +126,8 @@ class SplitPool(ActorPool):
         blocks = [list(tasks[i:i + batch_size]) for i in range(0, len(tasks), batch_size)]
         if not blocks:
             return {}
-        read = ray.remote(num_cpus=self.task_cpus)(self._read_fn)
-        write = ray.remote(num_cpus=self.task_cpus, **self.write_options)(self._write_fn)
+        read = ray.remote(num_cpus=self.task_cpus, **self.task_options)(self._read_fn)
+        write = ray.remote(num_cpus=self.task_cpus, **self.task_options)(self._write_fn)
         scenes_ref = ray.put(scenes)
         todo = deque(range(len(blocks)))
         reading: dict[Any, int] = {}  # read ref -> block

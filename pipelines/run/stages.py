@@ -19,6 +19,8 @@ import numpy as np
 
 from pipelines.georef import scene_row_areas_m2
 from pipelines.readers import InputPolicy, SceneInfo, open_scene, read_window
+from pipelines.readers.remote import remote_input_sha256
+from pipelines.readers.stac import stac_input_sha256
 from pipelines.stats.instances import instance_chunk
 from pipelines.stats.partials import chunk_regions, region_id_offset
 from pipelines.writers.outroot import Location, as_location, list_names, write_file, write_text
@@ -28,6 +30,7 @@ from schemas.errors import InputError, OutputError
 from schemas.instances import instances_file
 from schemas.records import ChunkResult, ChunkTask, Prediction, ReadWindow
 from schemas.tables import CHUNK_SKIPPED_NODATA, CHUNK_WRITTEN
+from schemas.uris import is_uri
 from workers.hashing import input_sha256
 
 
@@ -173,9 +176,19 @@ def write_instances(prediction: Prediction, ctx: SceneContext, work: Location) -
 
 
 def open_and_hash(path: str, policy: InputPolicy = InputPolicy()) -> tuple[SceneInfo | None, str | None, str | None]:
-    """(info, sha256, error) of one input; errors are returned, not raised (one scene fails alone)."""
+    """(info, sha256, error) of one input; errors are returned, not raised (one scene fails alone).
+
+    The checksum of a local input is that of its bytes (`workers.hashing.input_sha256`); a remote
+    one cannot be hashed without downloading it, so its identity stands in: the SHA-256 of its URI,
+    ETag, Last-Modified and size (`pipelines.readers.remote.remote_input_sha256`); a STAC item's,
+    that of its JSON and its assets (`pipelines.readers.stac.stac_input_sha256`).
+    """
     try:
         info = open_scene(path, policy=policy)
+        if info.format == "stac":
+            return info, stac_input_sha256(path, policy.assets), None
+        if is_uri(path):
+            return info, remote_input_sha256(path, is_store=info.format == "zarr"), None
         return info, input_sha256(Path(path)), None
     except InputError as exc:
         return None, None, str(exc)

@@ -25,7 +25,9 @@ driver, or a Ray worker on another node): ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOI
 ``AWS_S3_ENDPOINT`` with ``AWS_HTTPS=NO`` for a custom endpoint, ``AWS_VIRTUAL_HOSTING`` (path-style
 by default on a custom endpoint), ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, and the credentials
 ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` (or an instance role),
-which obstore and pyarrow read themselves. These are the variables the remote inputs use.
+which obstore and pyarrow read themselves: the variables, and the obstore configuration
+(``pipelines.readers.remote.s3_store``), of the remote inputs. The job sends the non-secret ones
+to its workers (``pipelines.readers.remote.worker_env``), never the credentials.
 Credentials are never part of a location: a root such as ``s3://key:secret@bucket/prefix`` is
 refused (:func:`as_location`), so they cannot reach ``job.resolved.json``, tables, store
 attributes or logs.
@@ -113,74 +115,21 @@ def as_location(text: str | os.PathLike[str] | S3Location) -> Location:
     return S3Location(parts.netloc, parts.path.strip("/"))
 
 
-# --- configuration ---------------------------------------------------------------------------
-# The same variables, read the same way, as the remote inputs' S3 access (pipelines.readers.remote
-# on the `cloudin` branch: s3_endpoint / s3_settings); one of the two copies goes when both are in.
+# --- configuration: the same variables, read the same way, as the remote inputs ----------------
 
 
 def _true(value: str | None) -> bool:
     return str(value or "").strip().upper() in ("YES", "TRUE", "ON", "1")
 
 
-def s3_endpoint() -> str | None:
-    """The S3 endpoint URL of this process's environment, or None for AWS itself."""
-    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if url:
-        return url.rstrip("/")
-    host = os.environ.get("AWS_S3_ENDPOINT")
-    if not host:
-        return None
-    if "://" in host:
-        return host.rstrip("/")
-    return ("http://" if os.environ.get("AWS_HTTPS", "YES").upper() in ("NO", "FALSE", "0") else "https://") + host
-
-
 def _region() -> str | None:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 
 
-def s3_settings() -> dict[str, Any]:
-    """obstore ``S3Store`` keyword arguments from the environment (no credentials: obstore reads
-    them from the environment itself, so they never pass through tessera's objects)."""
-    settings: dict[str, Any] = {}
-    endpoint = s3_endpoint()
-    if endpoint:
-        settings["endpoint"] = endpoint
-        if endpoint.startswith("http://"):
-            # a client option, not a top-level keyword: obstore 0.12 then cannot pickle the store
-            # (which dask's tokenizing of an xarray opened over it does)
-            settings["client_options"] = {"allow_http": True}
-        settings["virtual_hosted_style_request"] = _true(os.environ.get("AWS_VIRTUAL_HOSTING", "FALSE"))
-    if _region():
-        settings["region"] = _region()
-    if _true(os.environ.get("AWS_NO_SIGN_REQUEST")):
-        settings["skip_signature"] = True
-    return settings
-
-
-#: Environment variables about *where* and *how* to reach object storage (no secrets), sent to the
-#: job's Ray actors with an S3 output root (`worker_env`).
-FORWARDED_ENV = (
-    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_S3_ENDPOINT", "AWS_HTTPS", "AWS_VIRTUAL_HOSTING",
-    "AWS_NO_SIGN_REQUEST", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
-)
-
-
-def worker_env(root: Location) -> dict[str, str]:
-    """The non-secret S3 variables of this process's environment (:data:`FORWARDED_ENV`) for the
-    job's workers when `root` is on S3 (else none). Credentials are never among them: Ray writes
-    a runtime environment in plain text to its logs, so the workers take credentials from their
-    own environment (a local Ray that ``tessera run`` starts inherits the driver's; the nodes of a
-    cluster have their instance role, profile or environment)."""
-    if not is_s3(root):
-        return {}
-    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-
-
 def _object_store(bucket: str, prefix: str = "") -> Any:
-    from obstore.store import S3Store
+    from pipelines.readers.remote import s3_store
 
-    return S3Store(bucket, prefix=prefix or None, **s3_settings())
+    return s3_store(bucket, prefix or None)
 
 
 def zarr_store(location: str | os.PathLike[str] | S3Location, *, read_only: bool = False) -> Any:
@@ -199,6 +148,8 @@ def arrow_filesystem(location: Location) -> tuple[Any, str]:
     and the path, or ``pyarrow.fs.S3FileSystem`` (endpoint, scheme and region from the
     environment; credentials read by the AWS SDK itself) and ``bucket/key``."""
     import pyarrow.fs as pafs
+
+    from pipelines.readers.remote import s3_endpoint
 
     if isinstance(location, Path):
         return pafs.LocalFileSystem(), str(location)

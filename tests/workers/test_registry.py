@@ -111,11 +111,13 @@ def test_semantic_cases_cover_every_semantic_architecture():
 
 def test_registry_names_and_kinds():
     assert architectures() == (
-        "deeplabv3", "deeplabv3plus", "fcn_resnet50", "instance_oracle", "lraspp", "maskrcnn", "monai_basicunet",
-        "monai_segresnet", "monai_unet", "oracle_ramp", "oracle_threshold", "pspnet", "unet", "unet3d", "unet_smp",
+        "deeplabv3", "deeplabv3plus", "fcn_resnet50", "instance_oracle", "lraspp", "maskrcnn", "maskrcnn_light",
+        "monai_basicunet", "monai_segresnet", "monai_unet", "oracle_ramp", "oracle_threshold", "pspnet", "unet",
+        "unet3d", "unet_smp",
     )
     assert {name: model_kind(name) for name in architectures()}["maskrcnn"] == "instance"
-    assert [name for name in architectures() if model_kind(name) == "instance"] == ["instance_oracle", "maskrcnn"]
+    assert [name for name in architectures() if model_kind(name) == "instance"] == [
+        "instance_oracle", "maskrcnn", "maskrcnn_light"]
     assert model_kind("some.module:factory") == "semantic"
 
 

@@ -263,6 +263,142 @@ def build_maskrcnn(
     return model
 
 
+#: Backbones :func:`build_maskrcnn_light` takes (torchvision ResNets, random init).
+MASKRCNN_LIGHT_BACKBONES: tuple[str, ...] = ("resnet18", "resnet34")
+#: Its default anchor sides per FPN level P2..P6 (px): half torchvision's, for objects of 10-100 px.
+MASKRCNN_LIGHT_ANCHOR_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
+
+
+def build_maskrcnn_light(
+    in_channels: int,
+    num_classes: int,
+    *,
+    backbone: str = "resnet18",
+    fpn_channels: int = 128,
+    norm: str = "group",
+    anchor_sizes: Sequence[int] = MASKRCNN_LIGHT_ANCHOR_SIZES,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    box_score_thresh: float = 0.05,
+    box_detections_per_img: int = 100,
+    rpn_batch_size_per_image: int = 128,
+    box_batch_size_per_image: int = 128,
+    rpn_proposals: int = 300,
+    mask_head_channels: int = 64,
+    mask_head_layers: int = 2,
+) -> nn.Module:
+    """A light torchvision Mask R-CNN (ResNet-18/34 FPN, narrow heads) that trains on CPU: INSTANCE.
+
+    Same outputs as :func:`build_maskrcnn` (one dict per image: ``boxes`` ``(D, 4)`` float32
+    ``(x1, y1, x2, y2)`` px, ``labels`` ``(D,)`` int64, ``scores`` ``(D,)`` float32, ``masks``
+    ``(D, 1, H, W)`` float32 probabilities). Unlike ``maskrcnn`` with ``backbone="resnet18"``
+    (BatchNorm, torchvision's 256-wide heads), it is built for small CPU budgets and tiles of
+    synthetic or aerial imagery:
+
+    * the backbone is a random-init torchvision ResNet (``backbone``) whose first conv takes
+      ``in_channels`` bands, all layers trainable, with GroupNorm (``norm="group"``, 32 groups or
+      fewer; behaves the same in train and eval mode, so short from-scratch training needs no
+      running-statistics warm-up) or BatchNorm (``norm="batch"``);
+    * FPN and box head (two FC layers ``4 * fpn_channels`` wide) are ``fpn_channels`` wide
+      instead of 256/1024, the mask head has ``mask_head_layers`` 3x3 convs of
+      ``mask_head_channels`` instead of four of 256 (the default head is ~60x cheaper: on 2 CPU
+      cores torchvision's mask head cost more than the whole ResNet-18), and the RPN keeps
+      ``rpn_proposals`` proposals per image after NMS (``2 * rpn_proposals`` before) instead of
+      2000/1000 (train/test);
+    * images are NEVER resized (:class:`workers.models.detection.NativeResolutionTransform`, as
+      ``maskrcnn`` with ``min_size=None``): a tile of any size is predicted at its own resolution;
+    * inputs are expected normalised by the model card, so ``image_mean`` defaults to zeros and
+      ``image_std`` to ones.
+
+    Args:
+        in_channels: input bands.
+        num_classes: classes INCLUDING background (id 0), as torchvision counts them (>= 2).
+        backbone: one of :data:`MASKRCNN_LIGHT_BACKBONES`.
+        fpn_channels: FPN and head width (8..256, a multiple of 8).
+        norm: ``"group"`` or ``"batch"`` normalisation in the backbone.
+        anchor_sizes: anchor side (px) per FPN level P2, P3, P4, P5, pool (5 ints), aspect
+            ratios 0.5, 1, 2.
+        image_mean: per-band mean subtracted inside the model (``in_channels`` values); default 0.
+        image_std: per-band std (``in_channels`` positive values); default 1.
+        box_score_thresh: detections scoring below this are dropped.
+        box_detections_per_img: at most this many detections per image.
+        rpn_batch_size_per_image: anchors sampled per image for the RPN loss (torchvision: 256).
+        box_batch_size_per_image: proposals sampled per image for the box and mask losses
+            (torchvision: 512).
+        rpn_proposals: proposals kept per image after the RPN's NMS, in training and inference
+            (an upper bound on the objects a tile can hold).
+        mask_head_channels: width of the mask head's convs (and its upsampling layer).
+        mask_head_layers: 3x3 convs in the mask head (>= 1).
+    """
+    from torchvision.models import resnet
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.models.detection.rpn import AnchorGenerator
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    from workers.models.detection import NativeResolutionTransform
+
+    arch = "maskrcnn_light"
+    _check_sizes(arch, in_channels, num_classes)
+    if num_classes < 2:
+        raise ValueError(f"{arch} num_classes counts background (id 0), so must be >= 2, got {num_classes}")
+    if backbone not in MASKRCNN_LIGHT_BACKBONES:
+        raise ValueError(f"{arch} backbone must be one of {MASKRCNN_LIGHT_BACKBONES}, got {backbone!r}")
+    if norm not in ("group", "batch"):
+        raise ValueError(f"{arch} norm must be 'group' or 'batch', got {norm!r}")
+    _check_int(arch, "fpn_channels", fpn_channels, minimum=8, maximum=256)
+    if fpn_channels % 8:
+        raise ValueError(f"{arch} fpn_channels must be a multiple of 8, got {fpn_channels}")
+    for name, value in (("box_detections_per_img", box_detections_per_img),
+                        ("rpn_batch_size_per_image", rpn_batch_size_per_image),
+                        ("box_batch_size_per_image", box_batch_size_per_image),
+                        ("rpn_proposals", rpn_proposals), ("mask_head_channels", mask_head_channels),
+                        ("mask_head_layers", mask_head_layers)):
+        _check_int(arch, name, value, minimum=1)
+    sizes = list(anchor_sizes) if isinstance(anchor_sizes, Sequence) and not isinstance(anchor_sizes, str) else None
+    if sizes is None or len(sizes) != 5 or any(not isinstance(a, int) or isinstance(a, bool) or a < 1 for a in sizes):
+        raise ValueError(f"{arch} anchor_sizes must be 5 positive ints (P2..P6, px), got {anchor_sizes!r}")
+    mean = _band_stats("image_mean", image_mean, (0.0,), in_channels, positive=False)
+    std = _band_stats("image_std", image_std, (1.0,), in_channels, positive=True)
+
+    def group_norm(channels: int) -> nn.GroupNorm:
+        return nn.GroupNorm(min(32, channels // 4), channels)
+
+    norm_layer = group_norm if norm == "group" else nn.BatchNorm2d
+    body = getattr(resnet, backbone)(weights=None, norm_layer=norm_layer)
+    adapt_first_conv(body, in_channels, reuse_weights=False)
+    widths = [body.layer1[-1].conv2.out_channels * (2**i) for i in range(4)]  # 64, 128, 256, 512
+    features = BackboneWithFPN(
+        body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, widths, fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+    head_width = 4 * fpn_channels
+    model = MaskRCNN(
+        features,
+        num_classes=None,
+        image_mean=mean,
+        image_std=std,
+        rpn_anchor_generator=AnchorGenerator(tuple((a,) for a in sizes), ((0.5, 1.0, 2.0),) * 5),
+        rpn_batch_size_per_image=rpn_batch_size_per_image,
+        rpn_pre_nms_top_n_train=2 * rpn_proposals,
+        rpn_post_nms_top_n_train=rpn_proposals,
+        rpn_pre_nms_top_n_test=2 * rpn_proposals,
+        rpn_post_nms_top_n_test=rpn_proposals,
+        box_head=TwoMLPHead(fpn_channels * 7 * 7, head_width),
+        box_predictor=FastRCNNPredictor(head_width, num_classes),
+        box_score_thresh=float(box_score_thresh),
+        box_detections_per_img=box_detections_per_img,
+        box_batch_size_per_image=box_batch_size_per_image,
+        mask_head=MaskRCNNHeads(fpn_channels, (mask_head_channels,) * mask_head_layers, 1),
+        mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes),
+    )
+    base = model.transform
+    model.transform = NativeResolutionTransform(base.min_size, base.max_size, base.image_mean, base.image_std)
+    return model
+
+
 # ---------------------------------------------------------------------------- smp
 
 
