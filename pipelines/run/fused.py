@@ -118,11 +118,15 @@ class FusedPool(ActorPool):
             chunk_timeout_s: seconds a chunk may take (a call of n chunks gets n times this,
                 counted from when the actor is ready and its previous call returned); None: no limit.
 
-        An actor that dies is restarted once by Ray and its call retried once; after that the
-        chunks of its failed calls are failed records (their scenes fail, the rest go on) and
-        the other actors take over its remaining batches. Raises TesseraError only if every
-        actor died before any completed a batch (e.g. the model cannot be built on the
-        workers): a job-level problem.
+        An actor that dies is restarted once by Ray and its call retried once (where its node
+        still has room). When Ray gives up on it (restarted and died again, or its node lost
+        with no room left for a restart), the actor is dropped and each of its failed calls is
+        handed once more to another alive actor: the death was most likely not the chunks'
+        fault. A batch whose call dies a second time fails its chunks with the reason (their
+        scenes fail, the rest go on), so a chunk that kills every process it touches costs at
+        most two actors and cannot loop. The other actors take over the dropped actor's
+        remaining batches. Raises TesseraError only if every actor died before any completed a
+        batch (e.g. the model cannot be built on the workers): a job-level problem.
 
         A call past its deadline (a read that stalls, a model that hangs) is a hung chunk: its
         actor is killed and replaced by a fresh one, and the call's chunks are tried again one
@@ -144,6 +148,7 @@ class FusedPool(ActorPool):
         head_start: list[float | None] = [None] * len(handles)  # when the actor's current call began
         ready_refs = {h.__ray_ready__.remote(): w for w, h in enumerate(handles)} if chunk_timeout_s else {}
         timeouts = [0] * len(batches)  # times each batch timed out alone
+        deaths = [0] * len(batches)  # times a call of each batch died with its actor
         alive = set(range(len(handles)))
         completed = 0
         last_error = ""
@@ -184,6 +189,7 @@ class FusedPool(ActorPool):
                 for task in reversed(batches[b]):
                     batches.append([task])
                     timeouts.append(0)
+                    deaths.append(0)
                     queue.push_front(worker, len(batches) - 1)
             else:
                 timeouts[b] += 1
@@ -224,8 +230,19 @@ class FusedPool(ActorPool):
             try:
                 results = ray.get(ready[0])
             except ray.exceptions.RayActorError as exc:
-                last_error = actor_died(exc, worker, alive, any_done=completed > 0)
-                fail_batch(b, last_error)
+                if worker in alive:  # the first of its calls to come back dead: drop the actor
+                    last_error = actor_died(exc, worker, alive, any_done=completed > 0)
+                    head_start[worker] = None
+                deaths[b] += 1
+                if deaths[b] < 2 and alive:  # once more, on the alive actor with the fewest calls queued
+                    target = min(sorted(alive), key=lambda w: len(calls[w]))
+                    log.warning("predictor actor %d died with a call of %d chunks: handing it to actor %d",
+                                worker, len(batches[b]), target)
+                    queue.push_front(target, b)
+                    if len(calls[target]) < in_flight:
+                        submit(target)
+                else:
+                    fail_batch(b, last_error if deaths[b] < 2 else f"{last_error} (twice, on two actors)")
                 continue
             except ray.exceptions.RayTaskError as exc:  # a bug outside the per-chunk guards
                 completed += 1
