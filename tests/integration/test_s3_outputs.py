@@ -29,9 +29,19 @@ from pipelines.writers.outroot import as_location, zarr_store
 from schemas import store as layout
 from schemas.errors import OutputError
 from tests.helpers import job_spec, oracle_checkpoint, read_classes, smooth_scene, write_geotiff
-from tests.s3_output_server import TEST_SECRET, all_objects, environ, moto_server, s3_client, s3_env
+from tests.remote_servers import environ, moto_s3, s3_client, s3_env
 
 BUCKET = "tessera-out"
+TEST_SECRET = s3_env("http://127.0.0.1:1")["AWS_SECRET_ACCESS_KEY"]  # must appear in no output
+
+
+def all_objects(client, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    """Every object under `prefix` (key -> bytes), as the test's own S3 client sees them."""
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            out[item["Key"]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+    return out
 
 # A Ray of its own and two to four jobs per test: over a minute on the busy 2-core VM.
 pytestmark = pytest.mark.slow
@@ -51,7 +61,7 @@ def s3():
     import ray
 
     session_ray = ray.is_initialized()
-    with moto_server() as endpoint, environ(s3_env(endpoint)):
+    with moto_s3() as endpoint, environ(s3_env(endpoint)):
         client = s3_client(endpoint)
         client.create_bucket(Bucket=BUCKET)
         ray.shutdown()

@@ -18,7 +18,7 @@ from pipelines.writers.tables import write_table
 from pipelines.writers.zarr_masks import create_scene_store, mark_complete, read_store_state, write_chunk
 from schemas import store as layout
 from schemas.errors import OutputError
-from tests.s3_output_server import environ, moto_server, s3_client, s3_env
+from tests.remote_servers import environ, moto_s3, s3_client, s3_env
 
 UTM = 'PROJCS["WGS 84 / UTM zone 33N",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],' \
       'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]],PROJECTION["Transverse_Mercator"],' \
@@ -29,7 +29,7 @@ UTM = 'PROJCS["WGS 84 / UTM zone 33N",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID[
 @pytest.fixture(scope="module")
 def bucket():
     """A local S3 server with bucket `outroot-test`, its environment set for the module."""
-    with moto_server() as endpoint, environ(s3_env(endpoint)):
+    with moto_s3() as endpoint, environ(s3_env(endpoint)):
         s3_client(endpoint).create_bucket(Bucket="outroot-test")
         yield endpoint
 
