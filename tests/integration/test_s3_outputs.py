@@ -1,7 +1,7 @@
 """Jobs writing to object storage (``output.root: s3://bucket/prefix``) on a real local Ray and a
-real local S3 server (moto on 127.0.0.1): the classes equal the same job's on local disk, the
-tables answer ``tessera query --root s3://...`` and ``tessera.open``, no credential lands in any
-output, a partial store in the bucket is refused, and an interrupted job resumes computing only
+real local S3 server (moto on 127.0.0.1): a scene read from the bucket and written back to it has
+the classes of the same job's on local disk, the tables answer ``tessera query --root s3://...``
+and ``tessera.open``, no credential lands in any output, a partial store in the bucket is refused, and an interrupted job resumes computing only
 the chunks without a marker.
 
 The module runs its own local Ray, started after the server's environment is set, as
@@ -29,7 +29,7 @@ from pipelines.writers.outroot import as_location, zarr_store
 from schemas import store as layout
 from schemas.errors import OutputError
 from tests.helpers import job_spec, oracle_checkpoint, read_classes, smooth_scene, write_geotiff
-from tests.remote_servers import environ, moto_s3, s3_client, s3_env
+from tests.remote_servers import environ, moto_s3, s3_client, s3_env, upload_tree
 
 BUCKET = "tessera-out"
 TEST_SECRET = s3_env("http://127.0.0.1:1")["AWS_SECRET_ACCESS_KEY"]  # must appear in no output
@@ -87,8 +87,9 @@ def test_an_s3_job_writes_what_a_local_job_writes_and_reads_back(s3, scene_and_m
     local = tmp / "local"
     run_job(job_spec([scene], local, card), base_dir=tmp)
     uri = f"s3://{BUCKET}/jobs/a"
+    source = upload_tree(client, BUCKET, scene, "raw/tile.tif")  # read from the bucket, written back to it
     monkeypatch.chdir(tmp)  # a root mistaken for a relative path would show up here as ./s3:
-    result = run_job(job_spec([scene], uri, card), base_dir=tmp)
+    result = run_job(job_spec([source], uri, card), base_dir=tmp)
     assert [(s.status, s.error, s.n_todo) for s in result.scenes] == [("complete", None, 6)]
     assert str(result.root) == uri and not (tmp / "s3:").exists()
 
