@@ -225,7 +225,7 @@ def demo(
 @app.command()
 def query(
     sql: Annotated[str, typer.Argument(help="SQL over the views regions, scenes, chunks.")],
-    root: Annotated[Path, typer.Option(help="Output root of a job.")] = Path("tessera-demo"),
+    root: Annotated[str, typer.Option(help="Output root of a job (a folder or s3://bucket/prefix).")] = "tessera-demo",
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
 ) -> None:
@@ -266,7 +266,7 @@ def _cell(value: object) -> str:
 
 @app.command()
 def report(
-    root: Annotated[Path, typer.Argument(help="Output root of a job.")],
+    root: Annotated[str, typer.Argument(help="Output root of a job (s3:// roots: not yet).")],
     out: Annotated[Path | None, typer.Option(help="HTML file to write (default: ROOT/report.html).")] = None,
 ) -> None:
     """Write one self-contained HTML page: scenes done/failed with errors, class totals, quicklooks, model, timings."""
@@ -280,7 +280,7 @@ def report(
 
 @app.command()
 def export(
-    root: Annotated[Path, typer.Argument(help="Output root of a job.")],
+    root: Annotated[str, typer.Argument(help="Output root of a job (s3:// roots: not yet).")],
     fmt: Annotated[str, typer.Option("--format", help="cog (2D scenes) or nifti (volumes).")] = "cog",
     scene: Annotated[list[str] | None, typer.Option("--scene", help="Only this scene; repeatable.")] = None,
 ) -> None:

@@ -16,6 +16,11 @@ interrupted) is refused by default so it is never taken for a result.
 
 Tables go through :func:`pipelines.query.connect` (a sandboxed DuckDB over the Parquet files),
 so the API reads exactly what ``tessera query`` reads.
+
+The root may be ``s3://bucket/prefix`` (``tessera.open("s3://bucket/out")``): tables are read
+through pyarrow's S3 filesystem, masks through zarr's ObjectStore over obstore, configured from
+the AWS environment (:mod:`pipelines.writers.outroot`). A store is complete only once its root
+``zarr.json`` says so (written last, in one PUT), so the partial-store refusal holds there too.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipelines.writers.outroot import Location, S3Location, as_location, exists, list_prefixes, zarr_store
 from pipelines.writers.zarr_masks import read_store_grid, read_store_state
 from schemas import store as layout
 from schemas.errors import OutputError
@@ -38,10 +44,10 @@ class Results:
         OutputError: `root` is not a tessera output root.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path | S3Location):
         from pipelines.query import connect
 
-        self.root = Path(root)
+        self.root = as_location(root)
         self._con = connect(self.root)
 
     def close(self) -> None:
@@ -84,7 +90,8 @@ class Results:
     def scene_names(self) -> list[str]:
         """Scenes with a row in the scenes table, or a store in the root, sorted."""
         names = {row[0] for row in self._con.sql("SELECT scene FROM scenes").fetchall()}
-        names |= {p.name[: -len(".zarr")] for p in self.root.glob("*.zarr") if (p / "zarr.json").is_file()}
+        names |= {name[: -len(".zarr")] for name in list_prefixes(self.root)
+                  if name.endswith(".zarr") and exists(self.root / name / "zarr.json")}
         return sorted(names)
 
     def status(self, scene: str) -> str:
@@ -104,7 +111,7 @@ class Results:
         return rows[0][0] if rows else None
 
     # masks --------------------------------------------------------------------------------
-    def _store(self, scene: str) -> Path:
+    def _store(self, scene: str) -> Location:
         if not scene or "/" in scene or "\\" in scene or scene in (".", ".."):
             raise OutputError(f"{scene!r} is not a scene name")
         return self.root / f"{scene}.zarr"
@@ -132,7 +139,7 @@ class Results:
                               "or was interrupted); pass allow_partial=True to read it anyway")
         grid = read_store_grid(path)
         if isinstance(grid, layout.GeoGrid):
-            ds = xr.open_zarr(path, consolidated=None, decode_coords="all")
+            ds = xr.open_zarr(zarr_store(path, read_only=True), consolidated=None, decode_coords="all")
             if variable not in ds:
                 raise OutputError(f"{path}: no variable {variable!r}; it holds {', '.join(ds.data_vars)}")
             da = ds[variable]
@@ -155,13 +162,13 @@ def _affine(transform: tuple[float, ...]) -> Any:
     return Affine(*transform)
 
 
-def _volume_array(path: Path, variable: str, grid: layout.VolumeGrid) -> Any:
+def _volume_array(path: Location, variable: str, grid: layout.VolumeGrid) -> Any:
     import dask.array as da
     import numpy as np
     import xarray as xr
     import zarr
 
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
     if variable not in group:
         raise OutputError(f"{path}: no array {variable!r}")
     array = group[variable]
@@ -182,6 +189,6 @@ def _volume_array(path: Path, variable: str, grid: layout.VolumeGrid) -> Any:
     return xr.DataArray(data, dims=dims, coords=coords, name=variable, attrs=attrs)
 
 
-def open(root: str | Path) -> Results:  # noqa: A001  (the API's name: tessera.open)
+def open(root: str | Path | S3Location) -> Results:  # noqa: A001  (the API's name: tessera.open)
     """Open a job's output root (see :class:`Results`)."""
     return Results(root)

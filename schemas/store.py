@@ -127,6 +127,15 @@ SPATIAL_CONVENTION = {
     "description": "Spatial coordinate information",
 }
 
+# Completion. attrs[TESSERA_ATTR][KEY_STATUS] in the root zarr.json is the scene's commit point:
+# a store is created 'partial'; each chunk is written, then its partial statistics, then its
+# marker `<root>/_work/<scene>/<fingerprint[:16]>/<chunk key>.json`; when every chunk has a marker
+# the driver writes the tables, the overview levels and the quicklook, and only then sets the
+# status to 'complete'. That last write replaces one file (a rename on local disk) or one object
+# (one PUT on S3: all or nothing, there is no rename on object storage). So no reader can take a
+# partial store for a complete one, on either: every reader checks the status (the results API,
+# exports, a resumed job, which recomputes only chunks without a marker), and an interrupted
+# job, on disk or in a bucket, resumes from the markers alone.
 STORE_STATUS_PARTIAL = "partial"
 STORE_STATUS_COMPLETE = "complete"
 

@@ -95,7 +95,10 @@ def s3_settings() -> dict[str, Any]:
     endpoint = s3_endpoint()
     if endpoint:
         settings["endpoint"] = endpoint
-        settings["allow_http"] = endpoint.startswith("http://")
+        if endpoint.startswith("http://"):
+            # a client option, not a top-level keyword: with `allow_http=` obstore 0.12 cannot pickle
+            # the store (a Rust panic), which dask does when it tokenizes an xarray opened over it
+            settings["client_options"] = {"allow_http": True}
         # custom endpoints are path-style unless told otherwise (GDAL's default is virtual hosting
         # on AWS, and AWS_VIRTUAL_HOSTING=FALSE elsewhere)
         settings["virtual_hosted_style_request"] = _true(os.environ.get("AWS_VIRTUAL_HOSTING", "FALSE"))

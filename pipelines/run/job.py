@@ -46,7 +46,7 @@ from pipelines.run.stages import (
     done_chunk_keys,
     open_and_hash,
 )
-from pipelines.writers.atomic import atomic_write_text
+from pipelines.writers.outroot import is_s3, write_text
 from pipelines.writers.tables import write_table
 from schemas.errors import InputError, JobSpecError, OutputError, TesseraError
 from schemas.job import JobSpec
@@ -131,7 +131,9 @@ def run_job(
     cluster = ray.cluster_resources()
     job = place_on_cluster(job, cluster)
     local_cluster = not (ray_address or os.environ.get("RAY_ADDRESS"))
-    problem = shared_output_problem(ray.nodes(), root=job.root, shared_filesystem=spec.output.shared_filesystem,
+    # an s3:// root is one store every node writes to, like a declared shared filesystem
+    problem = shared_output_problem(ray.nodes(), root=job.root,
+                                    shared_filesystem=spec.output.shared_filesystem or is_s3(job.root),
                                     cluster_may_grow=not local_cluster and cluster_fit_problem(job, cluster) is not None)
     if problem:
         raise OutputError(problem)
@@ -149,7 +151,8 @@ def run_job(
     phases = {"setup_s": time.perf_counter() - t_start}
     pending = [o for o in outcomes if o.status != STATUS_FAILED]
     # where and how to reach object storage, for the workers (never credentials: see remote.worker_env)
-    remote_env = worker_env() if spec.stac is not None or any(is_uri(o.source) for o in pending) else {}
+    remote_env = (worker_env() if spec.stac is not None or is_s3(job.root) or any(is_uri(o.source) for o in pending)
+                  else {})
     # the actors start (import torch, load the model, on a GPU its context) while the scenes are hashed
     pool = None
     if pending:
@@ -180,7 +183,7 @@ def run_job(
         by_id = {o.context.scene_id: o for o in outcomes if o.context is not None}
         tasks = []
         for scene_id, ctx in scenes.items():
-            done = done_chunk_keys(Path(ctx.work_dir))
+            done = done_chunk_keys(ctx.work_dir)
             for w in stripe_order(by_id[scene_id].plan, READ_STRIPE_CHUNKS):
                 if chunk_key(w.index) not in done:
                     tasks.append(ChunkTask(scene_id=scene_id, window=w))
@@ -403,4 +406,4 @@ def _actor_remote_args(res: Any, remote_env: dict[str, str] | None = None) -> di
 def _save_resolved_spec(job: ResolvedJob) -> None:
     """Save the resolved spec beside the outputs (what ran, with defaults filled in)."""
     resolved = job.spec.model_dump(mode="json") | {"resolved": job.parameters()}
-    atomic_write_text(job.root / "job.resolved.json", json.dumps(resolved, indent=2, sort_keys=True))
+    write_text(job.root / "job.resolved.json", json.dumps(resolved, indent=2, sort_keys=True))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.readers import InputPolicy, SceneInfo
+from pipelines.writers.outroot import Location, S3Location, as_location, is_s3
 from schemas.errors import InputError, ModelCardError
 from schemas.job import JobSpec, default_batch_size
 from schemas.model_card import ModelCard, slice_array_axis
@@ -33,7 +34,7 @@ class ResolvedJob:
     """A job spec with its model loaded and every default filled in."""
 
     spec: JobSpec
-    root: Path
+    root: Location  # a local folder (Path) or an s3://bucket/prefix (S3Location)
     checkpoint: Checkpoint
     ensemble: tuple[tuple[Checkpoint, float], ...]
     chunk_size: int
@@ -156,12 +157,10 @@ def resolve_job(spec: JobSpec, *, base_dir: Path) -> ResolvedJob:
         fold_batchnorm=spec.inference.fold_batchnorm,
         instances=InstanceOptions(**spec.inference.instances.model_dump()),
     )
-    root = Path(spec.output.root).expanduser()
-    if not root.is_absolute():
-        root = base_dir / root
+    root = output_root(spec.output.root, base_dir=base_dir)
     return ResolvedJob(
         spec=spec,
-        root=root.resolve(),
+        root=root,
         checkpoint=checkpoint,
         ensemble=tuple(ensemble),
         chunk_size=tiling.chunk_size,
@@ -259,6 +258,19 @@ def cluster_fit_problem(job: ResolvedJob, cluster: dict[str, float]) -> str | No
     return None
 
 
+def output_root(text: str, *, base_dir: Path) -> Location:
+    """The job's output root: an ``s3://bucket/prefix`` (S3Location; credentials in it are
+    refused, see `pipelines.writers.outroot.as_location`), or a folder, relative to `base_dir`
+    unless absolute."""
+    location = as_location(text)
+    if isinstance(location, S3Location):
+        return location
+    root = location.expanduser()
+    if not root.is_absolute():
+        root = base_dir / root
+    return root.resolve()
+
+
 def input_policy(job: ResolvedJob) -> InputPolicy:
     """The readers' input policy of a job: complex bands, the chosen bands (a 4D NIfTI needs them),
     the STAC asset keys (``stac.assets``), and where readers may cache converted inputs (`<root>/_work/inputs`, e.g. a `.nii.gz`
@@ -266,7 +278,8 @@ def input_policy(job: ResolvedJob) -> InputPolicy:
     spec = job.spec
     stac = getattr(spec, "stac", None)
     return InputPolicy(complex_bands=spec.complex_bands, bands=spec.bands,
-                       cache_dir=str(job.root / WORK_DIR / INPUT_CACHE_DIR),
+                       # converted inputs are read back window by window: a local cache for an S3 root
+                       cache_dir=None if is_s3(job.root) else str(job.root / WORK_DIR / INPUT_CACHE_DIR),
                        assets=tuple(stac.assets) if stac is not None else None)
 
 

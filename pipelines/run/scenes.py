@@ -3,7 +3,12 @@ resume its store) and finish (merge partial statistics, write its tables, mark i
 
 Resumability: each finished chunk leaves `<root>/_work/<scene>/<fingerprint>/<index>.json`
 (written last, atomically) beside its partial stats. A re-run with the same fingerprint computes
-only chunks without a marker; a complete scene is not touched at all."""
+only chunks without a marker; a complete scene is not touched at all.
+
+The output root may be an ``s3://bucket/prefix`` (`pipelines.writers.outroot`): the store, the
+work folder's markers and partials and the tables are then objects in the bucket, written in the
+same order (a marker after its chunk, the store's complete status after everything), and the
+merge's scratch files (the regions spill, DuckDB's temp folder) go to a local temporary folder."""
 
 from __future__ import annotations
 
@@ -30,6 +35,15 @@ from pipelines.run.stages import (
 from pipelines.stats.partials import ChunkRegions
 from pipelines.writers.instances_table import scene_max_instance_id, write_instances
 from pipelines.writers.nifti_export import export_nifti
+from pipelines.writers.outroot import (
+    Location,
+    as_location,
+    exists,
+    is_s3,
+    local_copy,
+    read_text,
+    scratch_dir,
+)
 from pipelines.writers.overviews import build_overviews
 from pipelines.writers.quicklook import quicklook_path, write_quicklook
 from pipelines.writers.regions_table import RegionsSummary, write_regions
@@ -74,6 +88,12 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
     check_scene_fits_model(info, bands=spec.bands, card=job.card)
     slice_axis = scene_slice_axis(info, job.card)
     instances = is_instance_job(job)
+    if instances and is_s3(job.root):
+        raise OutputError(f"{job.root}: instance outputs are not written to object storage yet; use a local "
+                          "output root (or a semantic model)")
+    if is_s3(job.root) and "nifti" in spec.output.export and info.ndim == 3:
+        raise OutputError(f"{job.root}: the NIfTI export is not written to object storage yet; use a local "
+                          "output root or drop output.export: [nifti]")
     if instances and info.ndim != 2:
         raise InputError(f"{info.path}: a {info.ndim}-D volume, but model {job.card.name!r} "
                          f"({job.card.architecture}) is an instance model; instance outputs are written for "
@@ -149,9 +169,10 @@ def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, 
     if ctx is None:
         raise OutputError(f"scene {outcome.name}: cannot finish a scene that was never prepared")
     t0 = time.perf_counter()
-    work_dir = Path(ctx.work_dir)
+    work_dir = as_location(ctx.work_dir)
     windows = outcome.plan
-    missing = [w.index for w in windows if not (work_dir / f"{chunk_key(w.index)}.json").is_file()]
+    done = done_chunk_keys(work_dir)
+    missing = [w.index for w in windows if chunk_key(w.index) not in done]
     if missing:
         raise OutputError(f"{ctx.zarr_path}: {len(missing)} chunks have no manifest marker, e.g. {list(missing[0])}")
     grid_rows: dict[int, list[tuple[int, ...]]] = {}
@@ -160,11 +181,12 @@ def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, 
 
     def parts_by_row():  # read lazily: one row of chunk partials in memory at a time
         for i in sorted(grid_rows):
-            yield [ChunkRegions.from_npz(work_dir / f"{chunk_key(index)}.npz") for index in grid_rows[i]]
+            yield [read_partials(work_dir / f"{chunk_key(index)}.npz") for index in grid_rows[i]]
 
     grid = scene_grid(ctx.info)
-    regions = write_regions(job.root, ctx.name, parts_by_row(), work_dir=work_dir, grid=grid,
-                            class_names=job.card.class_names)
+    with scratch_dir(work_dir) as scratch:  # the work folder itself locally, a local temp folder for S3
+        regions = write_regions(job.root, ctx.name, parts_by_row(), work_dir=scratch, grid=grid,
+                                class_names=job.card.class_names)
     n_instances = None
     if is_instance_job(job):  # merge across chunk halos, relabel the store, the instances table
         n_instances = write_instances(job.root, ctx.name, zarr_path=Path(ctx.zarr_path), work_dir=work_dir,
@@ -175,7 +197,7 @@ def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, 
 
     def manifest_by_row():  # the chunks table a row of chunks at a time, totals on the way
         for i in sorted(grid_rows):
-            rows = [json.loads((work_dir / f"{chunk_key(index)}.json").read_text()) for index in grid_rows[i]]
+            rows = [json.loads(read_text(work_dir / f"{chunk_key(index)}.json")) for index in grid_rows[i]]
             for m in rows:
                 totals["n_chunks_skipped_nodata"] += m["status"] == CHUNK_SKIPPED_NODATA
                 for name in ("valid_pixels", "read_s", "predict_s", "write_s", "stats_s"):
@@ -192,12 +214,20 @@ def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, 
         "n_instances": n_instances,
     }
     write_table(job.root, "scenes", ctx.name, [outcome.row])
-    export_missing(job, ctx.name, Path(ctx.zarr_path), grid, replace=True)
+    zarr_path = as_location(ctx.zarr_path)
+    export_missing(job, ctx.name, zarr_path, grid, replace=True)
     # overview levels before the store is complete (a complete store always has them), then a quicklook
-    build_overviews(Path(ctx.zarr_path), class_colors=job.card.class_colors)
-    write_quicklook(Path(ctx.zarr_path), quicklook_path(job.root, ctx.name), info=ctx.info,
+    build_overviews(zarr_path, class_colors=job.card.class_colors)
+    write_quicklook(zarr_path, quicklook_path(job.root, ctx.name), info=ctx.info,
                     model_bands=job.card.quicklook_model_bands, job_bands=ctx.bands)
-    mark_complete(Path(ctx.zarr_path))
+    mark_complete(zarr_path)  # last: the commit point of the scene (schemas.store, "Completion")
+
+
+def read_partials(location: Location) -> ChunkRegions:
+    """A chunk's partial statistics from the work folder (a local file, or an object read into a
+    local temporary file)."""
+    with local_copy(location) as path:
+        return ChunkRegions.from_npz(path)
 
 
 def is_instance_job(job: ResolvedJob) -> bool:
@@ -230,11 +260,11 @@ def scene_row(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, t_s
     }
 
 
-def export_missing(job: ResolvedJob, name: str, zarr_path: Path, grid: Grid, *, replace: bool = False) -> None:
+def export_missing(job: ResolvedJob, name: str, zarr_path: Location, grid: Grid, *, replace: bool = False) -> None:
     """Write the exports the job asks for (`output.export`) that apply to this scene: `nifti` for a
     volume, `<root>/<scene>.nii.gz`; with `replace`, even where the file exists (a fresh result)."""
     out = job.root / f"{name}.nii.gz"
-    if "nifti" in job.spec.output.export and isinstance(grid, VolumeGrid) and (replace or not out.exists()):
+    if "nifti" in job.spec.output.export and isinstance(grid, VolumeGrid) and (replace or not exists(out)):
         export_nifti(zarr_path, out, grid=grid)
 
 

@@ -23,10 +23,10 @@ from pipelines.readers.remote import remote_input_sha256
 from pipelines.readers.stac import stac_input_sha256
 from pipelines.stats.instances import instance_chunk
 from pipelines.stats.partials import chunk_regions, region_id_offset
-from pipelines.writers.atomic import atomic_write_text
+from pipelines.writers.outroot import Location, as_location, list_names, write_file, write_text
 from pipelines.writers.zarr_masks import write_chunk, write_instance_chunk
 from schemas import store as layout
-from schemas.errors import InputError
+from schemas.errors import InputError, OutputError
 from schemas.instances import instances_file
 from schemas.records import ChunkResult, ChunkTask, Prediction, ReadWindow
 from schemas.tables import CHUNK_SKIPPED_NODATA, CHUNK_WRITTEN
@@ -50,11 +50,11 @@ class SceneContext:
     slice_axis: int | None = None  # a slice-wise model's slice axis in this scene (resolve.scene_slice_axis)
 
 
-def done_chunk_keys(work_dir: Path) -> set[str]:
-    """Keys of chunks whose manifest marker exists (the marker is written last)."""
-    if not work_dir.is_dir():
-        return set()
-    return {p.stem for p in work_dir.glob("c*.json")}
+def done_chunk_keys(work_dir: Location | str) -> set[str]:
+    """Keys of chunks whose manifest marker exists (the marker is written last); one listing of
+    the work folder, local or on S3."""
+    return {name[: -len(".json")] for name in list_names(as_location(work_dir))
+            if name.startswith("c") and name.endswith(".json")}
 
 
 _NO_PIXELS = np.zeros((0,), np.uint8)
@@ -118,7 +118,7 @@ def write_stage(prediction: Prediction, *, scenes: dict[int, SceneContext]) -> C
         else:
             labels = np.asarray(prediction.labels, dtype=np.uint8).reshape(window.core_shape)
             probs = prediction.probabilities
-            write_chunk(Path(ctx.zarr_path), window.core, labels,
+            write_chunk(as_location(ctx.zarr_path), window.core, labels,
                         probabilities=None if probs is None or np.size(probs) == 0 else np.asarray(probs))
         t1 = time.perf_counter()
         parts = chunk_regions(
@@ -130,10 +130,10 @@ def write_stage(prediction: Prediction, *, scenes: dict[int, SceneContext]) -> C
             pixel_area_m2_by_row=chunk_row_areas_m2(ctx.info, window.core),
             values=prediction.intensity,
         )
-        work = Path(ctx.work_dir)
+        work = as_location(ctx.work_dir)
         if prediction.instances is not None and not prediction.skip:
             write_instances(prediction, ctx, work)
-        parts.to_npz(work / f"{key}.npz")
+        write_file(work / f"{key}.npz", parts.to_npz)
         t2 = time.perf_counter()
         manifest_row = {
             "scene": ctx.name,
@@ -149,14 +149,14 @@ def write_stage(prediction: Prediction, *, scenes: dict[int, SceneContext]) -> C
             "stats_s": t2 - t1,
             "fingerprint": ctx.fingerprint,
         }
-        atomic_write_text(work / f"{key}.json", json.dumps(manifest_row))
-    except (OSError, ValueError) as exc:
+        write_text(work / f"{key}.json", json.dumps(manifest_row))  # last: the chunk is done
+    except (OSError, ValueError, OutputError) as exc:
         return ChunkResult(scene_id=ctx.scene_id, key=key,
                            error=f"{ctx.info.path}: writing chunk {list(window.index)} failed: {exc}")
     return ChunkResult(scene_id=ctx.scene_id, key=key)
 
 
-def write_instances(prediction: Prediction, ctx: SceneContext, work: Path) -> None:
+def write_instances(prediction: Prediction, ctx: SceneContext, work: Location) -> None:
     """The instance part of `write_stage`: the core's provisional ids to the store, the chunk's
     :class:`~pipelines.stats.instances.InstanceChunk` to the work folder (idempotent: the same
     prediction writes the same bytes and the same file)."""
@@ -171,8 +171,8 @@ def write_instances(prediction: Prediction, ctx: SceneContext, work: Path) -> No
         id_offset=region_id_offset(window.index, ctx.grid_shape, ctx.chunk_shape),
         pixel_area_m2_by_row=chunk_row_areas_m2(ctx.info, window.core),
     )
-    write_instance_chunk(Path(ctx.zarr_path), window.core, chunk.provisional_core())
-    chunk.to_npz(work / instances_file(prediction.task.key))
+    write_instance_chunk(as_location(ctx.zarr_path), window.core, chunk.provisional_core())
+    write_file(work / instances_file(prediction.task.key), chunk.to_npz)
 
 
 def open_and_hash(path: str, policy: InputPolicy = InputPolicy()) -> tuple[SceneInfo | None, str | None, str | None]:

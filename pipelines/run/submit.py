@@ -30,6 +30,7 @@ import yaml
 from pipelines.plan.scenes import MANIFEST_PREFIX, manifest_path, read_manifest
 from pipelines.run.progress import parse_progress
 from pipelines.spec import load_job_spec
+from pipelines.writers.outroot import as_location
 from schemas.errors import ClusterError, InputError, JobSpecError, ModelCardError
 from schemas.job import BUILTIN_PREFIX, parse_job_spec
 from schemas.model_card import parse_model_card
@@ -150,8 +151,10 @@ def stage_job_package(spec_path: Path, out_dir: Path, *, upload_models: bool = T
     """
     spec = load_job_spec(spec_path)
     base_dir = spec_path.resolve().parent
-    root = Path(spec.output.root).expanduser()
-    if not root.is_absolute():
+    root = as_location(spec.output.root)  # an s3:// root passes as it is (credentials in it refused)
+    if isinstance(root, Path):
+        root = root.expanduser()
+    if isinstance(root, Path) and not root.is_absolute():
         raise JobSpecError(
             f"{spec_path}: output.root {spec.output.root!r} is relative; on the cluster it would land in the "
             "job's temporary working folder and be lost. Give an absolute path that the cluster's nodes can "

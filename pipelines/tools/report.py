@@ -23,6 +23,7 @@ from typing import Any
 
 from pipelines.writers.atomic import atomic_write_text
 from pipelines.writers.cog_export import parse_hex_colors
+from schemas.errors import OutputError
 
 REPORT_FILE = "report.html"
 QUICKLOOKS_DIR = "quicklooks"
@@ -45,7 +46,11 @@ def write_report(root: str | Path, *, out: str | Path | None = None) -> Path:
         OutputError: `root` is not a tessera output root.
     """
     from pipelines.query import connect
+    from pipelines.writers.outroot import is_s3
 
+    if is_s3(root):
+        raise OutputError(f"{root}: reports of an s3:// output root are not written yet; query its tables "
+                          "with `tessera query --root` or tessera.open")
     root = Path(root)
     con = connect(root)
     try:

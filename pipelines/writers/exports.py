@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipelines.writers.cog_export import export_cog
 from pipelines.writers.nifti_export import export_nifti
+from pipelines.writers.outroot import is_s3
 from pipelines.writers.zarr_masks import read_store_grid, read_store_state
 from schemas import store as layout
 from schemas.errors import OutputError
@@ -35,15 +36,19 @@ class Exported:
     skipped: str = ""
 
 
-def export_root(root: Path, fmt: str, *, scenes: list[str] | None = None) -> list[Exported]:
+def export_root(root: str | Path, fmt: str, *, scenes: list[str] | None = None) -> list[Exported]:
     """Export every complete store of `root` (or the named `scenes`) in `fmt`.
 
     Raises:
-        OutputError: an unknown format, a root with no stores, or a named scene with no store.
+        OutputError: an unknown format, a root with no stores, a named scene with no store, or an
+            ``s3://`` root (not supported yet).
     """
     if fmt not in FORMATS:
         raise OutputError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)} "
                           "(GeoParquet polygons of regions are not built yet)")
+    if is_s3(root):
+        raise OutputError(f"{root}: exports of an s3:// output root are not written yet; export from a local copy "
+                          "of the root (its stores and tables)")
     root = Path(root)
     stores = sorted(p for p in root.glob("*.zarr") if (p / "zarr.json").is_file())
     if scenes:

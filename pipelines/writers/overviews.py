@@ -19,7 +19,6 @@ re-run writes the same bytes). `add_overviews` gives an older, complete store it
 from __future__ import annotations
 
 import itertools
-import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 import zarr
 
 from pipelines.plan.pyramid import PyramidLevel, mode_downsample, plan_pyramid
+from pipelines.writers.outroot import as_location, remove_tree, zarr_store
 from pipelines.writers.zarr_masks import read_store_grid, write_grid_arrays
 from schemas import store as layout
 from schemas.errors import OutputError
@@ -80,7 +80,7 @@ def build_level(source: zarr.Array, target: zarr.Array, factors: Sequence[int]) 
 def plan_store_levels(zarr_path: Path) -> tuple[PyramidLevel, ...]:
     """The levels `build_overviews` makes for a store (its `classes` shape and chunks, a volume's
     spacing)."""
-    classes = zarr.open_array(str(zarr_path), path=layout.CLASSES, mode="r")
+    classes = zarr.open_array(zarr_store(zarr_path, read_only=True), path=layout.CLASSES, mode="r")
     grid = read_store_grid(zarr_path)
     spacing = grid.spacing_mm if isinstance(grid, layout.VolumeGrid) else None
     return plan_pyramid(classes.shape, classes.chunks, spacing=spacing)
@@ -105,7 +105,7 @@ def build_overviews(zarr_path: Path, *, class_colors: Sequence[str] | None = Non
         OutputError: the store has no `classes`, or the colours do not match its classes.
     """
     try:
-        group = zarr.open_group(str(zarr_path), mode="r+")
+        group = zarr.open_group(zarr_store(zarr_path), mode="r+")
         classes = group[layout.CLASSES]
     except (FileNotFoundError, KeyError):
         raise OutputError(f"{zarr_path}: not a tessera store with `{layout.CLASSES}`") from None
@@ -117,8 +117,8 @@ def build_overviews(zarr_path: Path, *, class_colors: Sequence[str] | None = Non
     grid = read_store_grid(zarr_path)
     levels = plan_store_levels(zarr_path)
     if layout.OVERVIEWS in group:
-        shutil.rmtree(Path(zarr_path) / layout.OVERVIEWS)
-        group = zarr.open_group(str(zarr_path), mode="r+")
+        remove_tree(as_location(zarr_path) / layout.OVERVIEWS)
+        group = zarr.open_group(zarr_store(zarr_path), mode="r+")
     reports = []
     source = classes
     for level in levels[1:]:
@@ -142,7 +142,7 @@ def _write_level_metadata(zarr_path: Path, grid: layout.Grid, levels: Sequence[P
                           names: tuple[str, ...], colors: tuple[str, ...], attrs: dict[str, Any]) -> None:
     """Root attributes listing the levels: tessera's own records, and the 2D Zarr multiscales
     convention or the 3D OME multiscales + image-label."""
-    group = zarr.open_group(str(zarr_path), mode="r+")
+    group = zarr.open_group(zarr_store(zarr_path), mode="r+")
     records = []
     for level in levels:
         records.append({"level": level.level, "path": layout.level_path(level.level), "shape": list(level.shape),
@@ -183,7 +183,7 @@ def add_overviews(zarr_path: Path, *, class_colors: Sequence[str] | None = None)
     Raises:
         OutputError: the store is not complete (a partial store gets its levels from the job).
     """
-    group = zarr.open_group(str(zarr_path), mode="r")
+    group = zarr.open_group(zarr_store(zarr_path, read_only=True), mode="r")
     status = dict(group.attrs.get(layout.TESSERA_ATTR, {})).get(layout.KEY_STATUS)
     if status != layout.STORE_STATUS_COMPLETE:
         raise OutputError(f"{zarr_path}: status {status!r}; only a complete store is given overviews here "
@@ -191,5 +191,5 @@ def add_overviews(zarr_path: Path, *, class_colors: Sequence[str] | None = None)
     reports = build_overviews(zarr_path, class_colors=class_colors)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(str(zarr_path))
+        zarr.consolidate_metadata(zarr_store(zarr_path))
     return reports

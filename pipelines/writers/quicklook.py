@@ -27,7 +27,7 @@ import zarr
 from PIL import Image, ImageDraw
 
 from pipelines.readers import READERS, SceneInfo, read_window
-from pipelines.writers.atomic import atomic_path
+from pipelines.writers.outroot import as_location, upload_from, zarr_store
 from schemas import store as layout
 from schemas.model_card import default_class_colors
 from schemas.window import ChunkWindow
@@ -42,7 +42,7 @@ BACKGROUND = (32, 32, 32)
 
 def quicklook_path(root: Path, scene: str) -> Path:
     """`<root>/quicklooks/<scene>.png`."""
-    return Path(root) / QUICKLOOKS_DIR / f"{scene}.png"
+    return as_location(root) / QUICKLOOKS_DIR / f"{scene}.png"
 
 
 def choose_level(records: Sequence[dict], min_side: int = QUICKLOOK_MIN_SIDE) -> dict:
@@ -123,7 +123,7 @@ def write_quicklook_2d(zarr_path: Path, out_path: Path, *, info: SceneInfo, mode
         job_bands: the job's 1-based file band per model band, or None (file order).
         min_side: see `choose_level`.
     """
-    group = zarr.open_group(str(zarr_path), mode="r")
+    group = zarr.open_group(zarr_store(zarr_path, read_only=True), mode="r")
     attrs = group.attrs[layout.TESSERA_ATTR]
     records = attrs.get(layout.KEY_OVERVIEWS) or [  # a store without levels: level 0
         {"level": 0, "path": layout.CLASSES, "shape": list(group[layout.CLASSES].shape)}]
@@ -152,7 +152,7 @@ def write_quicklook_3d(zarr_path: Path, out_path: Path, *, info: SceneInfo, mode
     Panels left to right: z mid (y down, x right), y mid and x mid (z up); each resized so one
     screen pixel is the finest spacing of its two axes in both directions (nearest neighbour).
     """
-    group = zarr.open_group(str(zarr_path), mode="r")
+    group = zarr.open_group(zarr_store(zarr_path, read_only=True), mode="r")
     attrs = group.attrs[layout.TESSERA_ATTR]
     classes = group[layout.CLASSES]
     spacing = attrs[layout.KEY_SPACING_MM]
@@ -185,8 +185,7 @@ def write_quicklook_3d(zarr_path: Path, out_path: Path, *, info: SceneInfo, mode
 
 
 def _save(image: Image.Image, out_path: Path) -> Path:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_path) as tmp:
+    with upload_from(out_path) as tmp:  # a rename locally, one PUT on S3
         image.save(tmp, format="PNG")
     return out_path
 
@@ -194,6 +193,6 @@ def _save(image: Image.Image, out_path: Path) -> Path:
 def write_quicklook(zarr_path: Path, out_path: Path, *, info: SceneInfo, model_bands: Sequence[int],
                     job_bands: Sequence[int] | None = None) -> Path:
     """`write_quicklook_3d` for a volume store, `write_quicklook_2d` otherwise."""
-    attrs = zarr.open_group(str(zarr_path), mode="r").attrs[layout.TESSERA_ATTR]
+    attrs = zarr.open_group(zarr_store(zarr_path, read_only=True), mode="r").attrs[layout.TESSERA_ATTR]
     render = write_quicklook_3d if layout.KEY_AFFINE in attrs else write_quicklook_2d
     return render(zarr_path, out_path, info=info, model_bands=model_bands, job_bands=job_bands)

@@ -6,19 +6,23 @@ The grid passed to `create_scene_store` chooses the layout (`schemas.store`):
   variable holding `crs_wkt` and a GDAL `GeoTransform`.
 - `VolumeGrid` (3D): OME-Zarr 0.5 root attributes (`ome.multiscales` over `classes (z, y, x)`
   in millimetres), with the exact 4x4 affine in the tessera attributes.
+
+Every function takes the store's location: a local ``Path`` (as before) or an
+``S3Location`` (``s3://bucket/prefix/<scene>.zarr``, through zarr's ObjectStore; see
+:mod:`pipelines.writers.outroot`). The completion protocol is the same on both
+(:mod:`schemas.store`, "Completion").
 """
 
 from __future__ import annotations
 
 import functools
-import shutil
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 
+from pipelines.writers.outroot import Location, as_location, exists, remove_tree, zarr_store
 from schemas import store as layout
 from schemas.instances import INSTANCE_BACKGROUND, INSTANCES, instances_dtype
 
@@ -26,18 +30,18 @@ if TYPE_CHECKING:
     from pipelines.readers.base import SceneInfo
 
 
-def read_store_state(path: Path) -> dict[str, Any] | None:
+def read_store_state(path: Location | str) -> dict[str, Any] | None:
     """The tessera attributes of an existing store, or None when there is no store."""
-    if not (path / "zarr.json").is_file():
+    path = as_location(path)
+    if not exists(path / "zarr.json"):
         return None
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
     return dict(group.attrs.get(layout.TESSERA_ATTR, {}))
 
 
-def remove_store(path: Path) -> None:
+def remove_store(path: Location) -> None:
     """Delete a store (only ever called on a path under the output root)."""
-    if path.exists():
-        shutil.rmtree(path)
+    remove_tree(path)
 
 
 def scene_grid(info: SceneInfo) -> layout.Grid:
@@ -54,7 +58,7 @@ def scene_grid(info: SceneInfo) -> layout.Grid:
 
 
 def create_scene_store(
-    path: Path,
+    path: Location,
     *,
     shape: tuple[int, ...],
     chunk_shape: tuple[int, ...],
@@ -95,7 +99,7 @@ def create_scene_store(
         if len(value) != len(dims) or not all(isinstance(n, (int, np.integer)) and n > 0 for n in value):
             raise ValueError(f"{path}: {field} must be {len(dims)} positive integers {dims} for a "
                              f"{type(grid).__name__}, got {tuple(value)!r}")
-    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    group = zarr.open_group(zarr_store(path), mode="w-", zarr_format=3)
     attrs = {
         **provenance,
         layout.KEY_STATUS: layout.STORE_STATUS_PARTIAL,
@@ -174,15 +178,15 @@ def _(grid: layout.GeoGrid, group: zarr.Group, shape: tuple[int, ...]) -> None:
     group.create_array(layout.SPATIAL_REF, data=np.array(0, dtype=np.int32), attributes=ref_attrs)
 
 
-def read_store_grid(path: Path) -> layout.Grid:
+def read_store_grid(path: Location | str) -> layout.Grid:
     """The grid a store was created with, rebuilt from attrs['tessera'] (exact float64)."""
-    attrs = zarr.open_group(str(path), mode="r").attrs[layout.TESSERA_ATTR]
+    attrs = zarr.open_group(zarr_store(path, read_only=True), mode="r").attrs[layout.TESSERA_ATTR]
     if layout.KEY_AFFINE in attrs:
         return layout.VolumeGrid(affine=attrs[layout.KEY_AFFINE], spacing_mm=attrs[layout.KEY_SPACING_MM])
     return layout.GeoGrid(transform=attrs[layout.KEY_TRANSFORM], crs_wkt=attrs[layout.KEY_CRS_WKT])
 
 
-def write_chunk(path: Path, core: tuple[slice, ...], labels: np.ndarray, *,
+def write_chunk(path: Location, core: tuple[slice, ...], labels: np.ndarray, *,
                 probabilities: np.ndarray | None = None) -> None:
     """Write one output chunk of `classes` (and `probabilities` (K, *core shape) float16 if given).
 
@@ -192,7 +196,7 @@ def write_chunk(path: Path, core: tuple[slice, ...], labels: np.ndarray, *,
     Raises:
         ValueError: `core` has the wrong number of axes or does not start on a chunk boundary.
     """
-    classes = zarr.open_array(str(path), path=layout.CLASSES, mode="r+")
+    classes = zarr.open_array(zarr_store(path), path=layout.CLASSES, mode="r+")
     if len(core) != classes.ndim:
         raise ValueError(f"{path}: core {core!r} has {len(core)} axes, `{layout.CLASSES}` has {classes.ndim}")
     for axis, (s, chunk) in enumerate(zip(core, classes.chunks)):
@@ -201,10 +205,10 @@ def write_chunk(path: Path, core: tuple[slice, ...], labels: np.ndarray, *,
                              f"(chunk {chunk}); chunk writes must be chunk-aligned")
     classes[core] = labels
     if probabilities is not None:
-        zarr.open_array(str(path), path=layout.PROBABILITIES, mode="r+")[(slice(None), *core)] = probabilities
+        zarr.open_array(zarr_store(path), path=layout.PROBABILITIES, mode="r+")[(slice(None), *core)] = probabilities
 
 
-def write_instance_chunk(path: Path, core: tuple[slice, ...], ids: np.ndarray) -> None:
+def write_instance_chunk(path: Location, core: tuple[slice, ...], ids: np.ndarray) -> None:
     """Write one chunk core of `instances` (provisional or final ids; cast to the array's dtype,
     which holds every provisional id of the scene). Chunk-aligned like `write_chunk`: one writer
     per chunk, the same call twice writes the same bytes.
@@ -214,7 +218,7 @@ def write_instance_chunk(path: Path, core: tuple[slice, ...], ids: np.ndarray) -
             or ids beyond its dtype.
     """
     try:
-        array = zarr.open_array(str(path), path=INSTANCES, mode="r+")
+        array = zarr.open_array(zarr_store(path), path=INSTANCES, mode="r+")
     except FileNotFoundError:
         raise ValueError(f"{path}: no `{INSTANCES}` array; the store was created for a semantic model") from None
     if ids.size and int(ids.max()) > np.iinfo(array.dtype).max:
@@ -222,9 +226,14 @@ def write_instance_chunk(path: Path, core: tuple[slice, ...], ids: np.ndarray) -
     array[core] = ids.astype(array.dtype, copy=False)
 
 
-def mark_complete(path: Path, extra: dict[str, Any] | None = None) -> None:
-    """Set the store's status to 'complete' and consolidate metadata for fast opening."""
-    group = zarr.open_group(str(path), mode="r+")
+def mark_complete(path: Location, extra: dict[str, Any] | None = None) -> None:
+    """Set the store's status to 'complete' and consolidate metadata for fast opening.
+
+    The commit point of a scene (see `schemas.store`, "Completion"): called after every chunk,
+    table, overview and quicklook is written. The root ``zarr.json`` holding the status is
+    replaced in one write (a rename locally, one PUT on S3), so a reader sees 'partial' or
+    'complete', never a mix."""
+    group = zarr.open_group(zarr_store(path), mode="r+")
     attrs = dict(group.attrs[layout.TESSERA_ATTR])
     attrs.update(extra or {})
     attrs[layout.KEY_STATUS] = layout.STORE_STATUS_COMPLETE
@@ -233,4 +242,4 @@ def mark_complete(path: Path, extra: dict[str, Any] | None = None) -> None:
         # Consolidated metadata is not in the v3 spec yet, but zarr-python and xarray use it to
         # open a store in one read; readers without it still read the per-array metadata.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(zarr_store(path))

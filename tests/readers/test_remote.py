@@ -4,6 +4,8 @@ HEAD / HeadObject, and the formats that are refused from object storage."""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import rasterio
@@ -12,7 +14,7 @@ from rasterio.transform import from_origin
 from pipelines.plan.chunks import plan_chunks
 from pipelines.plan.scenes import assign_scene_names, expand_inputs, scene_name
 from pipelines.readers import close_readers, known_suffixes, open_scene, read_window, reader_for
-from pipelines.readers.remote import gdal_options, remote_input_sha256, s3_settings, worker_env
+from pipelines.readers.remote import gdal_options, remote_input_sha256, s3_settings, s3_store, worker_env
 from schemas.errors import InputError, JobSpecError
 from schemas.job import parse_job_spec
 from schemas.uris import check_uri, inline_credentials, is_uri, redact_uri, uri_name
@@ -110,8 +112,10 @@ def test_s3_settings_come_from_the_standard_environment():
     gdal_style = {"AWS_S3_ENDPOINT": "127.0.0.1:9000", "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE",
                   "AWS_REGION": "eu-west-1", "AWS_SECRET_ACCESS_KEY": "never-forwarded"}
     with environ(gdal_style):
-        assert s3_settings() == {"endpoint": "http://127.0.0.1:9000", "allow_http": True,
+        assert s3_settings() == {"endpoint": "http://127.0.0.1:9000", "client_options": {"allow_http": True},
                                  "virtual_hosted_style_request": False, "region": "eu-west-1"}
+        with environ({"AWS_ACCESS_KEY_ID": "an-id"}):  # what dask's tokenizing of an xarray over it does
+            pickle.loads(pickle.dumps(s3_store("bkt")))
         forwarded = worker_env()
         assert forwarded["AWS_S3_ENDPOINT"] == "127.0.0.1:9000" and "AWS_SECRET_ACCESS_KEY" not in forwarded
         assert "never-forwarded" not in repr(forwarded)

@@ -113,6 +113,15 @@ def test_a_relative_output_root_is_refused(tmp_path):
         stage_job_package(spec, tmp_path)
 
 
+def test_an_s3_output_root_is_packaged_as_it_is(tmp_path):
+    spec = _spec_folder(tmp_path, root="s3://bucket/jobs/out")
+    out = tmp_path / "pkg"
+    out.mkdir()
+    package = stage_job_package(spec, out)
+    assert parse_job_spec((out / "job.yaml").read_text(), source="s").output.root == "s3://bucket/jobs/out"
+    assert package.output_root == "s3://bucket/jobs/out"
+
+
 def test_a_missing_relative_manifest_is_refused(tmp_path):
     (tmp_path / "job.yaml").write_text("inputs: ['@nope.txt']\noutput: {root: /shared/out}\n")
     with pytest.raises(InputError, match="nope.txt: input manifest not found"):
