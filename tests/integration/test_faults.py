@@ -47,7 +47,7 @@ def test_a_chunk_that_always_hangs_fails_its_scene_alone_with_the_reason(tmp_pat
     monkeypatch.setenv("TESSERA_ALLOW_PLUGINS", "tests.helpers")
     good = write_geotiff(tmp_path / "good.tif", smooth_scene((96, 96), seed=1))
     data = smooth_scene((96, 96), seed=2)
-    data[0, 70, 70] = 65535  # normalised (65535 - 10000) / 3000 = 18.5: the oracle hangs on this chunk
+    data[0, 90, 90] = 65535  # normalised 18.5: the oracle hangs on the one window holding it (chunk 1, 1; halo 8)
     bad = write_geotiff(tmp_path / "bad.tif", data)
     marker = tmp_path / "first"
     marker.touch()  # no first-pass hang: only the sentinel chunk hangs
