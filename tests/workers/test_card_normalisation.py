@@ -105,9 +105,10 @@ def test_bundled_card_loads_unchanged():
     parsed = parse_model_card(BUNDLED_CARD.read_text(), source=str(BUNDLED_CARD))
     assert "spacing_mm" not in raw and not any("window" in b for b in raw["bands"])
     # every field as written, plus the new ones at their defaults (no clipping, spacing unknown,
-    # not slice-wise)
+    # not slice-wise, quicklook bands chosen by the renderer)
     assert parsed.model_dump(mode="json") == raw | {
-        "spacing_mm": None, "slices": None, "bands": [b | {"window": None} for b in raw["bands"]]}
+        "spacing_mm": None, "slices": None, "quicklook_bands": None,
+        "bands": [b | {"window": None} for b in raw["bands"]]}
 
 
 @pytest.mark.parametrize(
