@@ -85,3 +85,21 @@ class InstanceWindow:
     def count(self) -> int:
         """Objects in the window (local ids 1..count)."""
         return len(self.class_id)
+
+
+@dataclass(frozen=True)
+class LabelImage:
+    """One tile's objects as an id image: what an instance plugin may return instead of
+    torchvision's detection dict.
+
+    Attributes:
+        ids: tile-shaped integer ids, 0 = background; any positive ids (they need not be
+            consecutive: each distinct id is one object).
+        classes: class of id ``k`` at ``classes[k - 1]`` (``ids.max()`` entries), or None
+            (every object class 1).
+        scores: confidence of id ``k`` at ``scores[k - 1]`` in [0, 1], or None (1.0).
+    """
+
+    ids: np.ndarray
+    classes: np.ndarray | None = None
+    scores: np.ndarray | None = None

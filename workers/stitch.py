@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from schemas.errors import ModelCardError
-from schemas.instances import InstanceWindow
+from schemas.instances import InstanceWindow, LabelImage  # LabelImage: what instance plugins may return
 from schemas.model_card import ModelCard
 from schemas.store import NODATA_CLASS
 from workers.options import InstanceOptions
@@ -258,24 +258,6 @@ def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
         best = torch.where(better, plane, best)
         labels.masked_fill_(better, k)
     return labels
-
-
-@dataclass(frozen=True)
-class LabelImage:
-    """One tile's objects as an id image: what an instance plugin may return instead of
-    torchvision's detection dict.
-
-    Attributes:
-        ids: tile-shaped integer ids, 0 = background; any positive ids (they need not be
-            consecutive: each distinct id is one object).
-        classes: class of id ``k`` at ``classes[k - 1]`` (``ids.max()`` entries), or None
-            (every object class 1).
-        scores: confidence of id ``k`` at ``scores[k - 1]`` in [0, 1], or None (1.0).
-    """
-
-    ids: np.ndarray
-    classes: np.ndarray | None = None
-    scores: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

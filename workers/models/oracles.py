@@ -144,7 +144,7 @@ class InstanceOracle(torch.nn.Module):
         """(N, C, *spatial) normalised tiles, spatial (H, W) or (D, H, W) -> N label images."""
         from scipy import ndimage
 
-        from workers.stitch import LabelImage
+        from schemas.instances import LabelImage
 
         if x.ndim not in (4, 5):
             raise ValueError(f"InstanceOracle takes (N, C, H, W) or (N, C, D, H, W), got {tuple(x.shape)}")
