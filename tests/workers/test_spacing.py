@@ -109,7 +109,13 @@ def test_windows_are_predicted_at_the_card_spacing_and_resampled_back(tmp_path):
     probs = F.interpolate(_oracle_probabilities(up)[None], size=padded.shape, mode="trilinear",
                           align_corners=False)[0]
     expected = probs.argmax(0).numpy().astype(np.uint8)[HALO:-HALO, HALO:-HALO, HALO:-HALO]
-    np.testing.assert_array_equal(labels, expected)
+    # compared where the two best probabilities differ by more than 1e-5: a window's softmax and
+    # interpolation may round an ulp differently from the whole volume's (vector lanes vs tails
+    # fall on other voxels, and CPUs differ), which can only flip a near-tie
+    top2 = probs.topk(2, dim=0).values
+    sure = ((top2[0] - top2[1]) > 1e-5).numpy()[HALO:-HALO, HALO:-HALO, HALO:-HALO]
+    assert sure.mean() > 0.75  # the rest are mostly exact ties of saturated probabilities
+    np.testing.assert_array_equal(labels[sure], expected[sure])
     at_own_spacing = _oracle_probabilities(volume).argmax(0).numpy()
     assert (labels != at_own_spacing).any()  # resampling changed some labels: it did happen
 
