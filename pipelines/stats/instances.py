@@ -41,11 +41,9 @@ instances).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,7 +52,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from pipelines.stats.partials import _areas_m2, _moments
+from pipelines.stats.partials import _areas_m2, _moments, save_npz_atomic
 from schemas.instances import InstanceWindow
 
 __all__ = [
@@ -216,18 +214,7 @@ class InstanceChunk:
         }
         if self.band_sums is not None:
             payload["band_sums"] = self.band_sums
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o644)
-                np.savez_compressed(f, allow_pickle=False, **payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        save_npz_atomic(path, payload, compressed=True)
 
     @staticmethod
     def read_ids(path: str | os.PathLike[str]) -> InstanceIds:

@@ -180,6 +180,23 @@ def _rebuild(cls: type, fields: dict[str, Any], arrays: dict[str, np.ndarray]) -
     return cls(**fields, arrays=arrays)
 
 
+def save_npz_atomic(path: Path, payload: Mapping[str, np.ndarray], *, compressed: bool = False) -> None:
+    """Write `payload` as `path` (.npz, no pickles, mode 0644), atomically and durably: a
+    temporary file beside it, fsync, then rename; a reader sees the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)
+            (np.savez_compressed if compressed else np.savez)(f, allow_pickle=False, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 @dataclass(frozen=True, eq=False, kw_only=True)
 class ChunkRegions(ArrayRecord):
     """Partial region statistics of one chunk core, and the region ids on its faces.
@@ -302,18 +319,7 @@ class ChunkRegions(ArrayRecord):
             "origin": np.asarray(self.origin, dtype=np.int64),
             "shape": np.asarray(self.shape, dtype=np.int64),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o644)
-                np.savez(f, allow_pickle=False, **payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        save_npz_atomic(path, payload)
 
     @classmethod
     def from_npz(cls, path: str | os.PathLike[str]) -> ChunkRegions:
