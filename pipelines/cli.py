@@ -281,10 +281,12 @@ def report(
 @app.command()
 def export(
     root: Annotated[str, typer.Argument(help="Output root of a job (s3:// roots: not yet).")],
-    fmt: Annotated[str, typer.Option("--format", help="cog (2D scenes) or nifti (volumes).")] = "cog",
+    fmt: Annotated[str, typer.Option(
+        "--format", help="cog (2D scenes), geoparquet (2D region polygons) or nifti (volumes).")] = "cog",
     scene: Annotated[list[str] | None, typer.Option("--scene", help="Only this scene; repeatable.")] = None,
 ) -> None:
-    """Export complete scenes for GIS and medical viewers: COG with overviews, or NIfTI on the input's affine."""
+    """Export complete scenes for GIS and medical viewers: COG with overviews, region polygons as GeoParquet, or NIfTI
+    on the input's affine."""
     from pipelines.writers.exports import export_root
 
     try:

@@ -199,6 +199,28 @@ CHUNKS_SCHEMA = pa.schema(
     },
 )
 
+#: `tessera export --format geoparquet`: one row per region of a 2D scene with its polygon; an
+#: export file (`<root>/exports/<scene>.regions.parquet`), not one of the job's tables.
+REGION_POLYGONS_SCHEMA = pa.schema(
+    [
+        pa.field("scene", pa.string(), nullable=False),
+        pa.field("region_id", pa.int64(), nullable=False),
+        pa.field("class_id", pa.uint8(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=True),
+        pa.field("pixel_count", pa.int64(), nullable=False),
+        pa.field("area_crs2", pa.float64(), nullable=False),
+        pa.field("bbox", BBOX_TYPE, nullable=False),
+        pa.field("geometry", pa.binary(), nullable=False),
+    ],
+    metadata={
+        b"description": b"One row per region (8-connected pixels of one class) of one 2D scene, dissolved across "
+        b"chunks with holes kept; region_id is the `regions` table's. GeoParquet 1.1 (the file's `geo` metadata: "
+        b"WKB `geometry`, PROJJSON CRS, `bbox` covering).",
+        b"units": b"area_crs2: pixel_count x pixel area (squared CRS units; the polygon's area); bbox, geometry: "
+        b"scene CRS, pixel edges",
+    },
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "regions": REGIONS_SCHEMA,
     "volume_regions": VOLUME_REGIONS_SCHEMA,

@@ -2,6 +2,9 @@
 
 * ``cog``: each complete 2D store as ``<root>/exports/<scene>.tif``, a Cloud-Optimized GeoTIFF
   with the scene's CRS and transform and mode overviews (`pipelines.writers.cog_export`).
+* ``geoparquet``: each complete 2D store's regions (the `regions` table's, 8-connected pixels of
+  one class) as ``<root>/exports/<scene>.regions.parquet``, GeoParquet 1.1 polygons dissolved
+  per region id with holes kept, in the scene's CRS (`pipelines.writers.region_polygons`).
 * ``nifti``: each complete volume store as ``<root>/exports/<scene>.nii.gz`` with the input's
   exact affine (`pipelines.writers.nifti_export`; a job's ``output.export: [nifti]`` writes the
   same file as ``<root>/<scene>.nii.gz`` while it runs).
@@ -19,11 +22,12 @@ from pathlib import Path
 from pipelines.writers.cog_export import export_cog
 from pipelines.writers.nifti_export import export_nifti
 from pipelines.writers.outroot import is_s3
+from pipelines.writers.region_polygons import export_region_polygons
 from pipelines.writers.zarr_masks import read_store_grid, read_store_state
 from schemas import store as layout
 from schemas.errors import OutputError
 
-FORMATS = ("cog", "nifti")
+FORMATS = ("cog", "geoparquet", "nifti")
 EXPORTS_DIR = "exports"
 
 
@@ -44,8 +48,7 @@ def export_root(root: str | Path, fmt: str, *, scenes: list[str] | None = None) 
             ``s3://`` root (not supported yet).
     """
     if fmt not in FORMATS:
-        raise OutputError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)} "
-                          "(GeoParquet polygons of regions are not built yet)")
+        raise OutputError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
     if is_s3(root):
         raise OutputError(f"{root}: exports of an s3:// output root are not written yet; export from a local copy "
                           "of the root (its stores and tables)")
@@ -76,6 +79,14 @@ def export_root(root: str | Path, fmt: str, *, scenes: list[str] | None = None) 
             path = export_cog(store, out_dir / f"{scene}.tif", grid=grid,
                               class_names=tuple(state.get(layout.KEY_CLASS_NAMES, ())) or ("class_0",),
                               class_colors=state.get("class_colors"))
+        elif fmt == "geoparquet":
+            if not isinstance(grid, layout.GeoGrid):
+                results.append(Exported(scene, None, "a volume: region polygons are 2D; use the volume_regions "
+                                                     "table or --format nifti"))
+                continue
+            path = export_region_polygons(store, out_dir / f"{scene}.regions.parquet", scene=scene, grid=grid,
+                                          class_names=tuple(state.get(layout.KEY_CLASS_NAMES, ())),
+                                          regions_table=root / "tables" / "regions" / f"{scene}.parquet")
         else:
             if not isinstance(grid, layout.VolumeGrid):
                 results.append(Exported(scene, None, "a 2D scene: use --format cog"))

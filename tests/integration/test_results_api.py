@@ -77,6 +77,37 @@ def test_export_cog_from_the_cli_has_the_input_georeferencing(oracle_run):
     assert skipped.exit_code == 1 and "a 2D scene" in skipped.output
 
 
+def test_export_geoparquet_gives_the_regions_table_as_polygons_in_the_input_crs(oracle_run):
+    import duckdb
+    import geopandas as gpd
+    import rasterio.features
+    from skimage.measure import label
+
+    _, scene, root, _ = oracle_run
+    out = CliRunner().invoke(app, ["export", str(root), "--format", "geoparquet"])
+    assert out.exit_code == 0, out.output
+    path = root / "exports" / "scene_one.regions.parquet"
+    frame = gpd.read_parquet(path)
+    regions = duckdb.sql(f"SELECT region_id, class_id, pixel_count FROM '{root}/tables/regions/scene_one.parquet' "
+                         "ORDER BY region_id").df()
+    assert list(frame["region_id"]) == list(regions["region_id"])
+    assert list(frame["pixel_count"]) == list(regions["pixel_count"])
+    classes = read_classes(root, "scene_one")
+    with rasterio.open(scene) as src:
+        assert frame.crs == src.crs
+        back = rasterio.features.rasterize(zip(frame.geometry, frame["region_id"]), out_shape=classes.shape,
+                                           transform=src.transform, fill=0, dtype="int64")
+        np.testing.assert_allclose(frame.geometry.area, frame["pixel_count"] * abs(src.transform.a * src.transform.e))
+    truth = label(classes, background=255, connectivity=2)
+    pairs = np.unique(np.stack([back[truth > 0], truth[truth > 0]]), axis=1)
+    assert np.array_equal(back > 0, truth > 0) and pairs.shape[1] == truth.max() == len(frame)
+    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+    # DuckDB joins it to the regions table as README shows
+    joined = duckdb.sql(f"SELECT count(*), count(area_m2) FROM '{path}' JOIN "
+                        f"'{root}/tables/regions/scene_one.parquet' USING (scene, region_id)").fetchall()[0]
+    assert joined == (len(frame), len(frame))
+
+
 def test_open_and_export_a_volume(tmp_path):
     nib = pytest.importorskip("nibabel")
     data = np.random.default_rng(2).normal(0, 400, size=(11, 13, 9)).astype(np.int16)  # (i, j, k)
@@ -104,6 +135,8 @@ def test_open_and_export_a_volume(tmp_path):
     img = nib.load(root / "exports" / "ct.nii.gz")
     assert np.allclose(img.affine, affine) and img.shape == data.shape
     np.testing.assert_array_equal(np.asarray(img.dataobj), read_classes(root, "ct").transpose(2, 1, 0))
+    polygons = CliRunner().invoke(app, ["export", str(root), "--format", "geoparquet"])
+    assert polygons.exit_code == 1 and "region polygons are 2D" in polygons.output
 
 
 def test_the_report_is_one_self_contained_page_naming_every_scene(oracle_run, tmp_path):
