@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install browser demo test test-slow bench clean
 
 $(BIN)/tessera: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,15 @@ install: $(BIN)/tessera
 demo: install
 	$(BIN)/tessera demo
 
-test: install
+# Debian's Chromium and ChromeDriver for the report's browser test, where we are root with apt;
+# without them that one test skips (and says why)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    timeout 300 apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1; } || \
+	  echo "no Chromium/ChromeDriver: the report's headless-browser test will skip"
+
+test: install browser
 	$(BIN)/pytest -q
 
 test-slow: install
