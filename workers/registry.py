@@ -25,7 +25,8 @@ Registered names (arch_args, defaults; native stride in px or voxels):
   min_size=800 (None: native resolution), max_size=1333, image_mean=None, image_std=None,
   box_score_thresh=0.05, box_detections_per_img=100``); 1.
 * ``instance_oracle``: test oracle, instance: connected components of ``channel 0 > threshold``
-  (``threshold=0.5, class_channel=None``); 1. Images and volumes.
+  (``threshold=0.5, class_channel=None, given_labels=False``: with it, channel 0 holds the ids); 1. Images
+  and volumes.
 * ``maskrcnn_light``: a light Mask R-CNN that trains on CPU, instance: ResNet-18 (or ``resnet34``) FPN,
   narrow heads, no resizing (``backbone="resnet18", fpn_channels=128, norm="group",
   anchor_sizes=(16, 32, 64, 128, 256), image_mean=None, image_std=None, box_score_thresh=0.05,

@@ -85,6 +85,20 @@ def test_oracle_through_the_predictor_equals_skimage_label_on_the_window(tmp_pat
     assert probs is None
 
 
+def test_oracle_with_given_labels_renumbers_each_tile_and_keeps_touching_ids_apart():
+    model = build_model("instance_oracle", in_channels=1, num_classes=2, arch_args={"given_labels": True})
+    ids = np.array([[0, 9, 9, 4],
+                    [7, 9, 4, 4],
+                    [7, 0, 0, 0]], dtype=np.float32)
+    (out,) = model(torch.from_numpy(ids)[None, None])
+    # 9, 4 and 7 touch; each stays one object, numbered in raster order of its first pixel
+    np.testing.assert_array_equal(out.ids, [[0, 1, 1, 2], [3, 1, 2, 2], [3, 0, 0, 0]])
+    (empty,) = model(torch.zeros(1, 1, 2, 2))
+    assert not empty.ids.any()
+    with pytest.raises(ModelCardError, match="given_labels must be true or false"):
+        build_model("instance_oracle", in_channels=1, num_classes=2, arch_args={"given_labels": "yes"})
+
+
 def test_oracle_with_nodata_and_in_3d(tmp_path):
     ckpt = checkpoint(tmp_path, "instance_oracle")
     pred = Predictor(build_from_checkpoint(ckpt), ckpt.card, options=PredictorOptions(**CPU))

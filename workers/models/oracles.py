@@ -114,6 +114,11 @@ class InstanceOracle(torch.nn.Module):
     ``scipy.ndimage.label``) number them; ``x`` is the tile after the card's normalisation
     (with mean 0 and std 1 the raw values).
 
+    With ``given_labels``, channel 0 is a label image instead (rounded to ints; > 0 is an
+    object): each id present in the tile is one object, renumbered 1..k within the tile in raster
+    order of its first pixel, so tiles share no ids and touching objects with different ids stay
+    apart (e.g. real instance annotations, which a real model would predict per tile).
+
     Every object scores 1.0. Its class is 1, or with ``class_channel`` set, the largest value
     of that channel over the object's pixels rounded to an int, which must lie in
     ``1 .. num_classes - 1``. An object larger than the tile is labelled as far as the tile
@@ -124,13 +129,17 @@ class InstanceOracle(torch.nn.Module):
         num_classes: classes including the background (>= 2).
         threshold: foreground where channel 0 exceeds it.
         class_channel: band carrying each object's class, or None (class 1).
+        given_labels: channel 0 holds the ids (above), not a foreground to label.
 
     Returns (forward): one :class:`workers.stitch.LabelImage` per tile.
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, threshold: float = 0.5,
-                 class_channel: int | None = None):
+                 class_channel: int | None = None, given_labels: bool = False):
         super().__init__()
+        if not isinstance(given_labels, bool):
+            raise ValueError(f"given_labels must be true or false, got {given_labels!r}")
+        self.given_labels = given_labels
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background, so must be >= 2, got {num_classes}")
         if class_channel is not None and not (isinstance(class_channel, int) and 0 <= class_channel < in_channels):
@@ -152,7 +161,10 @@ class InstanceOracle(torch.nn.Module):
         structure = np.ones((3,) * (x.ndim - 2), dtype=bool)
         out = []
         for tile in array:
-            ids, n = ndimage.label(tile[0] > float(self.threshold), structure=structure)
+            if self.given_labels:
+                ids, n = _renumbered(np.rint(tile[0]).astype(np.int64))
+            else:
+                ids, n = ndimage.label(tile[0] > float(self.threshold), structure=structure)
             classes = None
             if self.class_channel is not None and n:
                 top = ndimage.maximum(tile[self.class_channel], labels=ids, index=np.arange(1, n + 1))
@@ -162,3 +174,17 @@ class InstanceOracle(torch.nn.Module):
                                      f"{sorted(set(classes.tolist()))}, outside 1..{self.num_classes - 1}")
             out.append(LabelImage(ids.astype(np.int32), classes=classes))
         return out
+
+
+def _renumbered(given: np.ndarray) -> tuple[np.ndarray, int]:
+    """A label image's ids > 0 renumbered 1..k in raster order of each id's first pixel."""
+    flat = given.ravel()
+    fg = np.flatnonzero(flat > 0)
+    if not fg.size:
+        return np.zeros(given.shape, dtype=np.int64), 0
+    present, first = np.unique(flat[fg], return_index=True)
+    rank = np.empty(len(present), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(1, len(present) + 1)
+    out = np.zeros(flat.shape, dtype=np.int64)
+    out[fg] = rank[np.searchsorted(present, flat[fg])]
+    return out.reshape(given.shape), len(present)
