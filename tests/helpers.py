@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +161,53 @@ def hang_checkpoint(out_dir: Path, marker: Path, *, hang_above: float = 1e30, ba
     return _save_oracle(HangOracle(bands, num_classes, marker=str(marker), hang_above=hang_above), "tests.helpers:hang_oracle", {"marker": str(marker), "hang_above": hang_above}, bands=bands,
                         num_classes=num_classes, mean=10000.0, std=3000.0, tile_size=64, halo=8, out_dir=out_dir,
                         name="hang")
+
+
+def chunk_markers(root: Path, scene: str) -> dict[str, int]:
+    """A scene's chunk markers (`c*.json` in its work folders) by file name, with their mtimes (ns)."""
+    return {p.name: p.stat().st_mtime_ns for p in (root / "_work" / scene).glob("*/c*.json")}
+
+
+def settled_chunk_markers(root: Path, scene: str, *, quiet_s: float = 1.0, timeout_s: float = 60.0) -> dict[str, int]:
+    """`chunk_markers` once they have not changed for `quiet_s`: after a driver is killed, workers
+    it started may finish the chunks they hold before they notice and exit."""
+    deadline = time.monotonic() + timeout_s
+    seen = chunk_markers(root, scene)
+    while True:
+        time.sleep(quiet_s)
+        now = chunk_markers(root, scene)
+        if now == seen:
+            return now
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{root}: chunk markers of {scene!r} still changing after {timeout_s} s")
+        seen = now
+
+
+def store_digest(root: Path) -> dict[str, str]:
+    """sha256 of every chunk file of the Zarr stores of an output root (the zarr.json metadata,
+    status and provenance, left out; tables are compared apart): what a resumed run must write
+    byte for byte."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel.split("/")[0].endswith(".zarr") and not rel.endswith("zarr.json"):
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+CHUNK_TIMINGS = ("read_s", "predict_s", "write_s", "stats_s")  # columns of tables/chunks that vary run to run
+
+
+def assert_same_tables(root: Path, other: Path, scene: str) -> None:
+    """A scene's regions and chunks tables are equal in two output roots (the chunks table's
+    timings left out)."""
+    import pyarrow.parquet as pq
+
+    for table in ("regions", "chunks"):
+        a, b = (pq.read_table(r / "tables" / table / f"{scene}.parquet") for r in (root, other))
+        if table == "chunks":
+            a, b = a.drop_columns(list(CHUNK_TIMINGS)), b.drop_columns(list(CHUNK_TIMINGS))
+        assert a.equals(b), f"tables/{table}/{scene}.parquet differs"
 
 
 def assert_batched_equals_one_by_one(pred, windows, *, with_probabilities: bool) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -21,7 +24,15 @@ from pipelines.cli import app
 from pipelines.run.status import read_root_status
 from pipelines.run.submit import AuthToken, connect, job_status
 from schemas.errors import ClusterError
-from tests.helpers import oracle_checkpoint, smooth_scene, write_geotiff
+from tests.helpers import (
+    assert_same_tables,
+    chunk_markers,
+    oracle_checkpoint,
+    settled_chunk_markers,
+    smooth_scene,
+    store_digest,
+    write_geotiff,
+)
 
 runner = CliRunner()
 
@@ -174,3 +185,72 @@ def test_submit_runs_the_job_on_the_cluster_and_status_logs_stop_follow_it(token
     assert final.status == "STOPPED"
     (scene,) = read_root_status(big_root)
     assert scene.status == "partial" and 0 < scene.chunks_done < scene.chunks_total == 1024
+
+
+def _submit(spec: Path, address: str, token: str) -> str:
+    sub = runner.invoke(app, ["submit", str(spec), "--address", address], env={"RAY_AUTH_TOKEN": token})
+    assert sub.exit_code == 0, sub.output
+    return sub.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_submitted_job_whose_driver_is_killed_resumes_when_submitted_again(token_cluster, tmp_path):
+    # An overnight job's driver dies (SIGKILL: an OOM kill, a lost head process), not a clean
+    # stop. Ray reports the job FAILED; submitting the same spec again resumes it: only chunks
+    # without a marker are computed, and the outputs equal those of an uninterrupted job.
+    address, token = token_cluster
+    jobs = connect(address, AuthToken(token, "test"))
+    size, chunk = 256, 16
+    total = (size // chunk) ** 2
+    root, clean_root = tmp_path / "out", tmp_path / "clean-out"
+    (tmp_path / "scenes").mkdir()
+    spec = _job_folder(tmp_path, size=(size, size), chunk=chunk, root=root)
+    clean_spec = tmp_path / "clean.yaml"
+    clean_spec.write_text(spec.read_text().replace(str(root), str(clean_root)))
+
+    first = _submit(spec, address, token)
+    pid = None
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # kill the driver once a quarter of the chunks have a marker
+        if pid is None:
+            info = jobs.client.get_job_info(first)
+            assert str(info.status.value) in ("PENDING", "RUNNING"), (info.status, info.message)
+            pid = int(info.driver_info.pid) if info.driver_info is not None else None
+        if pid is not None and len(chunk_markers(root, "a")) >= total // 4:
+            break
+        time.sleep(0.05 if pid is not None else 0.5)
+    assert pid is not None and "pipelines.cli" in psutil.Process(pid).cmdline()  # the job's `tessera run`
+    at_kill = len(chunk_markers(root, "a"))
+    os.kill(pid, signal.SIGKILL)
+    t_kill = time.time_ns()
+    assert 0 < at_kill < total, at_kill
+
+    killed = _wait(address, token, first, until=lambda i: i.finished, timeout_s=120)
+    assert killed.status == "FAILED", killed
+    t_failed = time.time_ns()
+    before = settled_chunk_markers(root, "a", quiet_s=2.0)  # the dead driver's actor is gone with it
+    assert at_kill <= len(before) < total
+    (scene,) = read_root_status(root)
+    assert (scene.status, scene.chunks_done, scene.chunks_total) == ("partial", len(before), total)
+
+    again = _submit(spec, address, token)  # the same spec, as it was submitted the first time
+    resumed = _wait(address, token, again, until=lambda i: i.finished, timeout_s=240)
+    assert resumed.status == "SUCCEEDED", (resumed.message, runner.invoke(
+        app, ["logs", again, "--address", address], env={"RAY_AUTH_TOKEN": token}).output[-4000:])
+    recomputed = resumed.progress["chunks_total"]  # chunks the re-submitted job computed
+    assert recomputed == total - len(before) <= total - at_kill  # at most the chunks in flight at the kill
+    after = chunk_markers(root, "a")
+    assert len(after) == total and {k: after[k] for k in before} == before  # no marked chunk was redone
+    assert [(s.name, s.status, s.chunks_done) for s in read_root_status(root)] == [("a", "complete", total)]
+    row = pq.read_table(root / "tables" / "scenes" / "a.parquet").to_pylist()[0]
+    assert (row["n_chunks"], row["n_chunks_computed"]) == (total, recomputed)
+
+    clean = _wait(address, token, _submit(clean_spec, address, token), until=lambda i: i.finished, timeout_s=240)
+    assert clean.status == "SUCCEEDED", clean.message
+    digest = store_digest(root)
+    assert digest and digest == store_digest(clean_root)  # the stores' bytes, chunk file by chunk file
+    assert_same_tables(root, clean_root, "a")
+    print(f"resubmit: {total} chunks, {at_kill} marked at the kill, {len(before)} before re-submission "
+          f"(the last {(max(before.values()) - t_kill) / 1e9:.2f} s after the kill; FAILED after "
+          f"{(t_failed - t_kill) / 1e9:.1f} s), {recomputed} recomputed; {len(digest)} store files "
+          f"({sum((root / rel).stat().st_size for rel in digest)} bytes) equal a clean run's")
