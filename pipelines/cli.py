@@ -367,6 +367,9 @@ def bench(
     memory_budget_gib: Annotated[float | None, typer.Option(
         help="With --volume: memory either side may hold, GiB (default 80% of what is available); over it, "
         "the side is stopped and reported OOM.")] = None,
+    remote_latency: Annotated[str | None, typer.Option(
+        "--remote-latency", help="Instead: the job on the scene (first --size) from local disk vs over loopback "
+        "HTTP with this added latency per request, ms, comma-separated (20,50); writes bench-remote-*.json.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Benchmark the bare model vs the whole job vs MONAI on synthetic scenes; write a JSON report.
@@ -423,6 +426,16 @@ def bench(
             monai_max_side=monai_max_side, monai_equal_redundancy=monai_equal_redundancy, seed=seed, out_dir=out, malloc_tuning=malloc_tuning,
             channels_last=channels_last, fold_batchnorm=fold_batchnorm,
         )
+        if remote_latency is not None:
+            from pipelines.tools.bench.remote import format_rows, run_remote_bench
+
+            latencies = [float(v) for v in remote_latency.split(",") if v.strip()]
+            result = run_remote_bench(config, latencies_ms=latencies,
+                                      on_progress=lambda line: console.print(f"[dim]{line}[/]"))
+            for line in format_rows(result):
+                console.print(line)
+            console.print(f"[bold]results:[/] {result['json_path']} (and bench-remote-latest.json beside it)")
+            return
         result = run_bench(config, on_progress=lambda line: console.print(f"[dim]{line}[/]"))
     except (TesseraError, ValueError) as exc:
         _fail(exc)

@@ -147,6 +147,13 @@ class ResourcesSpec(_Frozen):
         "once more on its own, then failed with the reason while the job goes on. null: no limit. "
         "Fused stages only (the CPU default); the split stages have no limit yet.",
     )
+    prefetch: bool | None = Field(
+        default=None,
+        description="A fused actor reads the next chunk's window in a background thread while it "
+        "predicts the current one, so reads over a network (HTTP, S3) overlap compute. null: on "
+        "for scenes given by URI, off for local files (whose reads are CPU work on the actor's "
+        "own core). Outputs do not depend on it.",
+    )
     malloc_tuning: bool = Field(
         default=True,
         validation_alias=AliasChoices("malloc_tuning", "malloc_hugepages"),

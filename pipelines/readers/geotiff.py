@@ -162,11 +162,15 @@ class GeoTiffReader:
         return finish_window(pixels, window, info)
 
     def read_decimated(self, info: SceneInfo, out_shape: tuple[int, int], *, bands: tuple[int, ...] | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
+                       ) -> tuple[np.ndarray, np.ndarray] | None:
         """The whole scene at a reduced size (quicklooks): rasterio's ``out_shape`` read, nearest
         neighbour, so GDAL reads the file's overview closest to `out_shape` when it has one and
         decimates the full-resolution blocks through its block cache when not. Memory: the
         output, never the full-resolution scene.
+
+        A scene given by URI is read this way only where the file has an overview at least half
+        as fine as the reduction asks (a COG's): decimating full-resolution blocks would fetch
+        the whole object over the network for a thumbnail. Without one: None.
 
         Args:
             info: from `open`.
@@ -184,6 +188,9 @@ class GeoTiffReader:
         try:
             with remote_env(info.path):
                 ds = cached_dataset(info.path)
+                reduction = max(ds.height / max(1, out_shape[0]), ds.width / max(1, out_shape[1]))
+                if is_uri(info.path) and reduction >= 2 and max(ds.overviews(indexes[0]) or [1]) < reduction / 2:
+                    return None
                 pixels = ds.read(indexes, out_shape=(len(indexes), *out_shape), resampling=Resampling.nearest)
         except (RasterioError, OSError) as exc:
             close_datasets()

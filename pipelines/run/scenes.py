@@ -121,6 +121,7 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
         scene_id=scene_id, name=outcome.name, info=info, bands=spec.bands, zarr_path=str(zarr_path),
         work_dir=str(work_dir), fingerprint=fingerprint,
         grid_shape=grid_shape, chunk_shape=chunk_shape, slice_axis=slice_axis,
+        prefetch=is_uri(outcome.source) if spec.resources.prefetch is None else spec.resources.prefetch,
     )
     outcome.input_sha256 = sha
     outcome.plan = windows

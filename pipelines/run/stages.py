@@ -48,6 +48,7 @@ class SceneContext:
     grid_shape: tuple[int, ...]
     chunk_shape: tuple[int, ...]
     slice_axis: int | None = None  # a slice-wise model's slice axis in this scene (resolve.scene_slice_axis)
+    prefetch: bool = False  # fused actors read this scene's next window while predicting (resources.prefetch)
 
 
 def done_chunk_keys(work_dir: Location | str) -> set[str]:

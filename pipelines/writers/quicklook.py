@@ -5,7 +5,8 @@ and a legend; `<root>/quicklooks/<scene>.png`, written by the job when a scene i
   `QUICKLOOK_MIN_SIDE` px (level 0 only when the scene itself is no bigger), and the input read
   at that level's size through the reader's `read_decimated` (GeoTIFF: rasterio's ``out_shape``
   read; GDAL takes the file's overviews when it has them, else decimates the full-resolution
-  blocks while reading, nearest neighbour). A format without one gets the mask over grey.
+  blocks while reading, nearest neighbour). A format without one, or a scene by URI without
+  overviews (it would be fetched whole for a thumbnail), gets the mask over grey.
 - 3D (`write_quicklook_3d`): three orthogonal mid slices of the array axes (z, y, x): the
   z = mid plane ("axial" for an axis-aligned scan), y = mid ("coronal") and x = mid ("sagittal"),
   each read through the scene's reader as a one-voxel-thick window, drawn with pixels stretched
@@ -104,7 +105,8 @@ def _file_bands(model_bands: Sequence[int], job_bands: Sequence[int] | None) -> 
 
 def _read_decimated(info: SceneInfo, bands: list[int], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
     """(B, h, w) pixels and (h, w) valid of a 2D scene at `shape` through its reader's
-    `read_decimated`, or None for a reader without one (only GDAL rasters have it)."""
+    `read_decimated`, or None for a reader without one (only GDAL rasters have it) or where it
+    would be costly (a remote scene without overviews)."""
     reader = READERS[info.format]
     if not hasattr(reader, "read_decimated"):
         return None

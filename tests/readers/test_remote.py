@@ -162,6 +162,25 @@ def test_a_window_of_an_http_cog_fetches_a_small_fraction_of_the_file(cog):
     print(f"http window read: {fetched} of {size} bytes ({fetched / size:.1%}) in {len(ranged)} range requests")
 
 
+def test_a_remote_quicklook_read_uses_overviews_and_never_fetches_a_file_without_them(cog, tmp_path):
+    from tests.helpers import write_geotiff
+
+    folder, path, data = cog
+    plain = write_geotiff(folder / "plain.tif", data)  # tiled, no overviews
+    reader = reader_for(str(path))
+    with RangeServer(folder) as server:
+        close_readers()
+        pixels, valid = reader.read_decimated(open_scene(f"{server.url}/scene.tif"), (128, 128), bands=(1,))
+        assert pixels.shape == (1, 128, 128) and valid.all()
+        assert server.bytes_sent["/scene.tif"] < 0.1 * path.stat().st_size  # an overview, not the blocks
+        close_readers()
+        assert reader.read_decimated(open_scene(f"{server.url}/plain.tif"), (128, 128), bands=(1,)) is None
+        assert server.bytes_sent["/plain.tif"] < 0.05 * plain.stat().st_size  # the header only
+    close_readers()
+    local, _ = reader.read_decimated(open_scene(str(plain)), (128, 128), bands=(1,))  # local files: decimated
+    assert local.shape == (1, 128, 128)
+
+
 def test_the_identity_of_an_http_input_follows_the_object(tmp_path):
     write_cog(tmp_path / "a.tif", smooth_scene((64, 64), seed=1))
     with RangeServer(tmp_path) as server:
