@@ -43,6 +43,7 @@ from pipelines.writers.outroot import (
     local_copy,
     read_text,
     scratch_dir,
+    upload_from,
 )
 from pipelines.writers.overviews import build_overviews
 from pipelines.writers.quicklook import quicklook_path, write_quicklook
@@ -91,9 +92,6 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
     if instances and is_s3(job.root):
         raise OutputError(f"{job.root}: instance outputs are not written to object storage yet; use a local "
                           "output root (or a semantic model)")
-    if is_s3(job.root) and "nifti" in spec.output.export and info.ndim == 3:
-        raise OutputError(f"{job.root}: the NIfTI export is not written to object storage yet; use a local "
-                          "output root or drop output.export: [nifti]")
     if instances and info.ndim != 2:
         raise InputError(f"{info.path}: a {info.ndim}-D volume, but model {job.card.name!r} "
                          f"({job.card.architecture}) is an instance model; instance outputs are written for "
@@ -266,7 +264,8 @@ def export_missing(job: ResolvedJob, name: str, zarr_path: Location, grid: Grid,
     volume, `<root>/<scene>.nii.gz`; with `replace`, even where the file exists (a fresh result)."""
     out = job.root / f"{name}.nii.gz"
     if "nifti" in job.spec.output.export and isinstance(grid, VolumeGrid) and (replace or not exists(out)):
-        export_nifti(zarr_path, out, grid=grid)
+        with upload_from(out) as tmp:  # local: atomic rename; S3: one PUT
+            export_nifti(zarr_path, tmp, grid=grid, gzipped=True)
 
 
 def class_summary(grid: Grid, class_names: Sequence[str], regions: RegionsSummary) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from pipelines.writers.atomic import atomic_write_text
 from pipelines.writers.cog_export import parse_hex_colors
+from pipelines.writers.outroot import Location, exists, read_bytes, read_text
 from schemas.errors import OutputError
 
 REPORT_FILE = "report.html"
@@ -39,19 +40,17 @@ img.quicklook{max-width:100%;border:1px solid #ccc}pre{background:#f7f7f7;paddin
 """
 
 
-def write_report(root: str | Path, *, out: str | Path | None = None) -> Path:
-    """Render `<root>/report.html` (or `out`) from the root's tables and quicklooks.
+def write_report(root: str | Path, *, out: str | Path | None = None) -> Location:
+    """Render `<root>/report.html` (or `out`) from the root's tables and quicklooks; the root may
+    be local or ``s3://`` (the page is PUT as one object there).
 
     Raises:
         OutputError: `root` is not a tessera output root.
     """
     from pipelines.query import connect
-    from pipelines.writers.outroot import is_s3
+    from pipelines.writers.outroot import as_location, upload_from
 
-    if is_s3(root):
-        raise OutputError(f"{root}: reports of an s3:// output root are not written yet; query its tables "
-                          "with `tessera query --root` or tessera.open")
-    root = Path(root)
+    root = as_location(root)
     con = connect(root)
     try:
         scenes = con.sql("SELECT * FROM scenes ORDER BY scene").to_arrow_table().to_pylist()
@@ -61,12 +60,15 @@ def write_report(root: str | Path, *, out: str | Path | None = None) -> Path:
         con.close()
     resolved = _read_json(root / "job.resolved.json")
     page = render_report(root, scenes, chunks, resolved)
-    path = Path(out) if out is not None else root / REPORT_FILE
-    atomic_write_text(path, page)
-    return path
+    if out is not None:
+        atomic_write_text(Path(out), page)
+        return Path(out)
+    with upload_from(root / REPORT_FILE) as tmp:  # local: atomic rename; S3: one PUT
+        tmp.write_text(page)
+    return root / REPORT_FILE
 
 
-def render_report(root: Path, scenes: Sequence[dict[str, Any]], chunks: Sequence[dict[str, Any]],
+def render_report(root: Location, scenes: Sequence[dict[str, Any]], chunks: Sequence[dict[str, Any]],
                   resolved: dict[str, Any] | None) -> str:
     """The report's HTML (see the module docstring); pure apart from reading the quicklook PNGs."""
     e = html.escape
@@ -113,7 +115,7 @@ def render_report(root: Path, scenes: Sequence[dict[str, Any]], chunks: Sequence
     return "\n".join(parts)
 
 
-def _scene_section(root: Path, s: dict[str, Any], chunks: list[dict[str, Any]],
+def _scene_section(root: Location, s: dict[str, Any], chunks: list[dict[str, Any]],
                    colors: list[tuple[int, int, int]] | None) -> str:
     e = html.escape
     name = s["scene"]
@@ -122,8 +124,8 @@ def _scene_section(root: Path, s: dict[str, Any], chunks: list[dict[str, Any]],
     if s.get("error"):
         out.append(f"<p class=failed>{e(s['error'])}</p>")
     quicklook = root / QUICKLOOKS_DIR / f"{name}.png"
-    if quicklook.is_file():
-        data = base64.b64encode(quicklook.read_bytes()).decode("ascii")
+    if exists(quicklook):
+        data = base64.b64encode(read_bytes(quicklook)).decode("ascii")
         out.append(f"<img class=quicklook alt='quicklook of {e(name)}' src='data:image/png;base64,{data}'>")
     rows = s.get("class_areas") or s.get("class_volumes") or []
     if rows:
@@ -203,8 +205,8 @@ def _prod(values: Sequence[int]) -> int:
     return out if values else 0
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Location) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return json.loads(read_text(path)) if exists(path) else None
+    except (OSError, ValueError, OutputError):
         return None

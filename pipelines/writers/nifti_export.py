@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 
 from pipelines.writers.atomic import atomic_path
+from pipelines.writers.outroot import zarr_store
 from schemas import store as layout
 from schemas.store import VolumeGrid
 
@@ -33,13 +34,15 @@ def nifti_affine(grid: VolumeGrid) -> np.ndarray:
     return out
 
 
-def export_nifti(zarr_path: Path, out_path: Path, *, grid: VolumeGrid) -> Path:
+def export_nifti(zarr_path: Path, out_path: Path, *, grid: VolumeGrid, gzipped: bool | None = None) -> Path:
     """Write the store's ``classes`` as `out_path` (``.nii`` or ``.nii.gz``), atomically.
 
     Args:
         zarr_path: a complete volume store (`pipelines.writers.zarr_masks`).
         out_path: the NIfTI file to write (replaced atomically: never half a file).
         grid: the store's geometry (its affine becomes the file's sform and qform).
+        gzipped: gzip the file; None: where `out_path` ends with ``.gz`` (pass it when writing
+            to a temporary name).
 
     Returns:
         `out_path`.
@@ -49,7 +52,7 @@ def export_nifti(zarr_path: Path, out_path: Path, *, grid: VolumeGrid) -> Path:
     """
     import nibabel as nib
 
-    classes = zarr.open_array(str(zarr_path), path=layout.CLASSES, mode="r")
+    classes = zarr.open_array(zarr_store(zarr_path, read_only=True), path=layout.CLASSES, mode="r")
     if classes.ndim != 3:
         raise ValueError(f"{zarr_path}: classes has {classes.ndim} axes; a NIfTI export needs a (z, y, x) volume")
     nz, ny, nx = classes.shape
@@ -62,7 +65,9 @@ def export_nifti(zarr_path: Path, out_path: Path, *, grid: VolumeGrid) -> Path:
     header.set_xyzt_units(xyz="mm")
     header["vox_offset"] = 352
     slab = int(classes.chunks[0])
-    opener = gzip.open if out_path.name.endswith(".gz") else open
+    if gzipped is None:
+        gzipped = out_path.name.endswith(".gz")
+    opener = gzip.open if gzipped else open
     with atomic_path(out_path) as tmp:
         with opener(tmp, "wb") as fh:
             fh.write(header.binaryblock)

@@ -32,6 +32,7 @@ from pipelines.stats.merge import MergedRegions, merge_regions
 from pipelines.stats.partials import chunk_regions, label_chunk, region_id_offset
 from pipelines.writers.atomic import atomic_path
 from pipelines.writers.instances_table import BBOX_COLUMN, GEOMETRY_COLUMN, PolygonTracer, geo_metadata
+from pipelines.writers.outroot import Location, exists, local_copy, zarr_store
 from schemas import store as layout
 from schemas.errors import OutputError
 from schemas.store import GeoGrid
@@ -47,14 +48,14 @@ def _cores(shape: Sequence[int], chunks: Sequence[int]):
                            slice(j * chunks[1], min((j + 1) * chunks[1], shape[1])))
 
 
-def trace_regions(store: Path | str) -> tuple[MergedRegions, list]:
+def trace_regions(store: Location | str) -> tuple[MergedRegions, list]:
     """The regions of a 2D store's `classes` and their polygons in pixel coordinates (x = column,
     y = row, pixel edges), in region_id order.
 
     Raises:
         ValueError: the store's `classes` is not 2-D.
     """
-    classes = zarr.open_array(str(store), path=layout.CLASSES, mode="r")
+    classes = zarr.open_array(zarr_store(store, read_only=True), path=layout.CLASSES, mode="r")
     if classes.ndim != 2:
         raise ValueError(f"{store}: region polygons need a (y, x) scene, `{layout.CLASSES}` is {classes.ndim}-D")
     shape, chunks = tuple(classes.shape), tuple(classes.chunks)
@@ -77,9 +78,10 @@ def trace_regions(store: Path | str) -> tuple[MergedRegions, list]:
     return merged, tracer.polygons(merged.region_id, transform=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
 
 
-def _check_against_table(merged: MergedRegions, table: Path) -> None:
+def _check_against_table(merged: MergedRegions, table: Location) -> None:
     """The rebuilt regions must be the `regions` table's: same ids, classes and pixel counts."""
-    t = pq.read_table(table, columns=["region_id", "class_id", "pixel_count"])
+    with local_copy(table) as path:
+        t = pq.read_table(path, columns=["region_id", "class_id", "pixel_count"])
     ids, cls, count = (t.column(c).to_numpy() for c in ("region_id", "class_id", "pixel_count"))
     order = np.argsort(ids, kind="stable")
     if not (len(ids) == len(merged) and np.array_equal(ids[order], merged.region_id)
@@ -115,8 +117,8 @@ def region_polygons_table(scene: str, merged: MergedRegions, polygons: Sequence,
     return pa.table(columns, schema=REGION_POLYGONS_SCHEMA)
 
 
-def export_region_polygons(store: Path, out: Path, *, scene: str, grid: GeoGrid, class_names: Sequence[str],
-                           regions_table: Path | None = None) -> Path:
+def export_region_polygons(store: Location, out: Path, *, scene: str, grid: GeoGrid, class_names: Sequence[str],
+                           regions_table: Location | None = None) -> Path:
     """Write a 2D store's regions as GeoParquet 1.1 polygons to `out` (atomically).
 
     Args:
@@ -130,7 +132,7 @@ def export_region_polygons(store: Path, out: Path, *, scene: str, grid: GeoGrid,
     if not isinstance(grid, GeoGrid):
         raise ValueError(f"{store}: region polygons are written for 2D scenes, got a {type(grid).__name__}")
     merged, polygons = trace_regions(store)
-    if regions_table is not None and regions_table.is_file():
+    if regions_table is not None and exists(regions_table):
         _check_against_table(merged, regions_table)
     table = region_polygons_table(scene, merged, polygons, grid=grid, class_names=class_names)
     with atomic_path(out) as tmp:

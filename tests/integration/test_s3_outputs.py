@@ -162,3 +162,42 @@ def test_an_interrupted_s3_job_resumes_only_missing_chunks_and_partial_stores_ar
     np.testing.assert_array_equal(after, before)
     rows = run_query(uri, "SELECT n_chunks_computed FROM scenes").to_pylist()
     assert rows == [{"n_chunks_computed": 2}]
+
+
+def test_exports_and_the_report_of_an_s3_root_are_written_into_the_bucket(s3, scene_and_model, tmp_path):
+    import io
+
+    import geopandas
+    import rasterio
+
+    from pipelines.cli import app
+    from pipelines.tools.report import write_report
+
+    _, client = s3
+    tmp, scene, card = scene_and_model
+    uri = f"s3://{BUCKET}/jobs/exports"
+    local = tmp_path / "local"
+    run_job(job_spec([scene], uri, card), base_dir=tmp)
+    run_job(job_spec([scene], local, card), base_dir=tmp)
+    for fmt in ("cog", "geoparquet"):
+        out = CliRunner().invoke(app, ["export", uri, "--format", fmt])
+        assert out.exit_code == 0 and f"{uri}/exports/tile." in out.output, out.output
+    skipped = CliRunner().invoke(app, ["export", uri, "--format", "nifti"])
+    assert skipped.exit_code == 1 and "a 2D scene" in skipped.output
+    page = write_report(uri)
+    assert str(page) == f"{uri}/report.html"
+
+    objects = all_objects(client, BUCKET, "jobs/exports/")
+    cog = tmp_path / "tile.tif"
+    cog.write_bytes(objects["jobs/exports/exports/tile.tif"])
+    with rasterio.open(cog) as ds, rasterio.open(scene) as src:
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert ds.crs == src.crs and ds.transform == src.transform
+        np.testing.assert_array_equal(ds.read(1), read_classes(local, "tile"))
+    frame = geopandas.read_parquet(io.BytesIO(objects["jobs/exports/exports/tile.regions.parquet"]))
+    regions = run_query(local, "SELECT region_id, pixel_count FROM regions ORDER BY region_id").to_pylist()
+    assert frame.crs.to_epsg() == 32633
+    assert list(zip(frame["region_id"], frame["pixel_count"])) == [(r["region_id"], r["pixel_count"]) for r in regions]
+    html = objects["jobs/exports/report.html"].decode()
+    assert "tile" in html and "data:image/png;base64," in html and "1 complete" in html
+    assert TEST_SECRET not in html and not any(k.endswith(".tmp") for k in objects)

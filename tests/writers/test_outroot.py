@@ -117,13 +117,3 @@ def test_local_tables_are_written_as_before(tmp_path):
     assert path == tmp_path / "tables" / "chunks" / "s.parquet"
     assert pq.read_table(path).num_rows == 0
     assert [p.name for p in path.parent.iterdir()] == ["s.parquet"]  # no temporary file left
-
-
-def test_exports_and_reports_of_an_s3_root_say_they_are_not_built_yet():
-    from pipelines.tools.report import write_report
-    from pipelines.writers.exports import export_root
-
-    with pytest.raises(OutputError, match="exports of an s3:// output root are not written yet"):
-        export_root("s3://bkt/out", "cog")
-    with pytest.raises(OutputError, match="reports of an s3:// output root are not written yet"):
-        write_report("s3://bkt/out")
