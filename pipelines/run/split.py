@@ -20,6 +20,10 @@ span 0.57 against 0.90). Here:
 - a predicted block goes to a write task at once (labels only: pixels never come back);
 - only the small per-chunk records come back to the driver.
 
+Faults are handled as in the fused pool, with its retry rules (`pipelines.run.pools.Batches`,
+`CallClock`): a stage past `resources.chunk_timeout_s` is hung (see `SplitPool.run`), and the
+calls in flight of an actor Ray gave up on go to a fresh actor.
+
 The predictor actors start when the pool is made, so torch, the CUDA context and the model load
 while the driver opens and hashes the inputs.
 """

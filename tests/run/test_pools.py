@@ -2,7 +2,10 @@
 on the sleeping stand-in stages of tests/bench/split_scheduling.py: every chunk's record exactly
 once, and a failed read or write task fails only its block's chunks, naming the scene's file.
 Both pools: actors that cannot be built fail the job with one clear error. The fused pool: a
-batch whose actor died is handed once more to another actor; one that dies twice fails alone."""
+batch whose actor died is handed once more to another actor; one that dies twice fails alone.
+The split pool on faulty stand-ins: a hung actor call or read task times out and is retried, a
+chunk that always hangs fails alone with the reason; the calls of an actor Ray gave up on go to
+a fresh actor, and a block that kills every actor it touches fails alone after two."""
 
 from __future__ import annotations
 
