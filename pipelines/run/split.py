@@ -214,6 +214,7 @@ class SplitPool(ActorPool):
                 replacements -= 1
                 log.error("predictor actor %d died: %s (replacing it)", worker, exc)
                 last_error = f"the predictor actor died: {error_line(exc)}"
+                ray.kill(self.handles[worker], no_restart=True)  # were it only unreachable, it holds its resources
                 calls = take_calls(worker, self.replace(worker))
             else:
                 last_error = actor_died(exc, worker, alive, any_done=predicted > 0)
