@@ -141,11 +141,14 @@ class ResourcesSpec(_Frozen):
     chunk_timeout_s: float | None = Field(
         default=900.0,
         gt=0.0,
-        description="Seconds one chunk may take in a predictor actor (read, predict, write; a call of "
-        "n chunks gets n times this, counted from when the actor is ready). Past it the chunk is "
-        "hung (a read that stalls, a model that hangs): the actor is replaced, the chunk tried "
-        "once more on its own, then failed with the reason while the job goes on. null: no limit. "
-        "Fused stages only (the CPU default); the split stages have no limit yet.",
+        description="Seconds one chunk may take. Fused stages (the CPU default): in a predictor actor "
+        "(read, predict, write; a call of n chunks gets n times this, counted from when the actor "
+        "is ready and its previous call returned). Split stages (the GPU default): in each stage, "
+        "a predictor actor call of n chunks n times this (counted likewise), a read or write task "
+        "of n chunks n + 1 times this from its submission (one for its worker to start). Past it "
+        "the chunk is hung (a read that stalls, a model that hangs): the actor is replaced (a "
+        "split task cancelled), the chunks tried again one at a time, a chunk that hangs a second "
+        "time alone failed with the reason while the job goes on. null: no limit.",
     )
     prefetch: bool | None = Field(
         default=None,

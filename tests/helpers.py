@@ -102,31 +102,50 @@ def read_classes(root: Path, scene: str) -> np.ndarray:
 
 class CrashOnceOracle(ThresholdOracle):
     """A ThresholdOracle whose first forward pass kills its process (as an OOM kill or a lost
-    node would): it creates `marker` and exits; once the marker exists it predicts normally."""
+    node would): it creates `marker` and exits; once the marker exists it predicts normally.
 
-    def __init__(self, in_channels: int, num_classes: int, *, marker: str):
+    With `times` n it dies on its first n passes, creating `marker`, `marker.1`, ... `marker.<n-1>`
+    (one file per death); with `crash_above` only on passes whose first input channel exceeds it
+    (a sentinel pixel in one chunk)."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, marker: str, times: int = 1,
+                 crash_above: float | None = None):
         super().__init__(in_channels, num_classes)
-        self.marker = marker
+        self.marker, self.times, self.crash_above = marker, times, crash_above
 
     def forward(self, x):
         import os
 
-        if not os.path.exists(self.marker):
-            Path(self.marker).touch()
-            os._exit(1)
+        if self.crash_above is None or float(x[:, 0].max()) > self.crash_above:
+            deaths = crash_count(self.marker)
+            if deaths < self.times:
+                Path(self.marker if deaths == 0 else f"{self.marker}.{deaths}").touch()
+                os._exit(1)
         return super().forward(x)
 
 
-def crash_once_oracle(*, in_channels: int, num_classes: int, marker: str) -> CrashOnceOracle:
+def crash_count(marker: Path | str) -> int:
+    """How many times a CrashOnceOracle with this marker killed its process."""
+    n = 0
+    while Path(str(marker) if n == 0 else f"{marker}.{n}").exists():
+        n += 1
+    return n
+
+
+def crash_once_oracle(*, in_channels: int, num_classes: int, marker: str, times: int = 1,
+                      crash_above: float | None = None) -> CrashOnceOracle:
     """Plugin factory of CrashOnceOracle (architecture "tests.helpers:crash_once_oracle")."""
-    return CrashOnceOracle(in_channels, num_classes, marker=marker)
+    return CrashOnceOracle(in_channels, num_classes, marker=marker, times=times, crash_above=crash_above)
 
 
-def crash_once_checkpoint(out_dir: Path, marker: Path, *, bands: int = 4, num_classes: int = 4) -> Path:
+def crash_once_checkpoint(out_dir: Path, marker: Path, *, bands: int = 4, num_classes: int = 4, times: int = 1,
+                          crash_above: float | None = None) -> Path:
     """A checkpoint of CrashOnceOracle with the same card as oracle_checkpoint's defaults."""
-    return _save_oracle(CrashOnceOracle(bands, num_classes, marker=str(marker)), "tests.helpers:crash_once_oracle", {"marker": str(marker)}, bands=bands,
-                        num_classes=num_classes, mean=10000.0, std=3000.0, tile_size=64, halo=8, out_dir=out_dir,
-                        name="crash-once")
+    args = {"marker": str(marker)} | ({"times": times} if times != 1 else {}) | (
+        {"crash_above": crash_above} if crash_above is not None else {})
+    return _save_oracle(CrashOnceOracle(bands, num_classes, **args), "tests.helpers:crash_once_oracle", args,
+                        bands=bands, num_classes=num_classes, mean=10000.0, std=3000.0, tile_size=64, halo=8,
+                        out_dir=out_dir, name="crash-once")
 
 
 class HangOracle(ThresholdOracle):

@@ -19,13 +19,20 @@ from the far end of the longest remaining run.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pipelines.run.pools import ActorPool, actor_died, error_line, failed_result
+from pipelines.run.pools import (
+    ActorPool,
+    Batches,
+    CallClock,
+    actor_died,
+    error_line,
+    failed_result,
+    timed_out_reason,
+)
 from pipelines.run.stages import SceneContext, read_stage, write_stage
 from schemas.records import ChunkResult, ChunkTask, ReadWindow
 from workers.actors import PredictorActor  # torch-free until an actor starts
@@ -158,18 +165,14 @@ class FusedPool(ActorPool):
         """
         import ray
 
-        batches = [list(tasks[i:i + batch_size]) for i in range(0, len(tasks), batch_size)]
-        if not batches:
+        batches = Batches(tasks, batch_size)
+        if not len(batches):
             return
         handles = self.handles[:len(batches)]
         scenes_ref = ray.put(scenes)
         queue = BatchQueue(len(batches), len(handles))
         pending: dict[Any, tuple[int, int]] = {}
-        calls: list[deque[Any]] = [deque() for _ in handles]  # each actor's calls, in the order it runs them
-        head_start: list[float | None] = [None] * len(handles)  # when the actor's current call began
-        ready_refs = {h.__ray_ready__.remote(): w for w, h in enumerate(handles)} if chunk_timeout_s else {}
-        timeouts = [0] * len(batches)  # times each batch timed out alone
-        deaths = [0] * len(batches)  # times a call of each batch died with its actor
+        clock = CallClock(handles, chunk_timeout_s)  # each actor's calls, in the order it runs them
         alive = set(range(len(handles)))
         completed = 0
         last_error = ""
@@ -179,46 +182,28 @@ class FusedPool(ActorPool):
             if b is not None:
                 ref = handles[worker].run.remote(batches[b], scenes_ref)
                 pending[ref] = (worker, b)
-                calls[worker].append(ref)
+                clock.add(worker, ref, len(batches[b]))
 
         def fail_batch(b: int, problem: str) -> None:
             for task in batches[b]:
                 on_record(failed_result(task, scenes, problem))
 
-        def deadline(worker: int) -> float:
-            if head_start[worker] is None or not calls[worker]:
-                return float("inf")
-            return head_start[worker] + chunk_timeout_s * len(batches[pending[calls[worker][0]][1]])
-
         def hung(worker: int) -> None:
             """The actor's current call passed its deadline: replace the actor, retry or fail its chunks."""
-            nonlocal last_error
-            b = pending[calls[worker][0]][1]
-            elapsed = time.perf_counter() - (head_start[worker] or 0.0)
+            b = pending[clock.head(worker)][1]
+            elapsed = clock.elapsed(worker)
             log.error("predictor actor %d: a call of %d chunks hung for %.0f s (chunk_timeout_s %.0f): replacing "
                       "the actor", worker, len(batches[b]), elapsed, chunk_timeout_s)
             ray.kill(handles[worker], no_restart=True)
             handles[worker] = self.replace(worker)
-            if chunk_timeout_s:
-                ready_refs[handles[worker].__ray_ready__.remote()] = worker
-            head_start[worker] = None
-            queued = [pending.pop(ref)[1] for ref in calls[worker]]
-            calls[worker].clear()
+            queued = [pending.pop(ref)[1] for ref in clock.reset(worker, handles[worker])]
             for later in reversed(queued[1:]):  # the other queued call: back to the front, untouched
                 queue.push_front(worker, later)
-            if len(batches[b]) > 1:  # again, one chunk per call, to find the chunk that hangs
-                for task in reversed(batches[b]):
-                    batches.append([task])
-                    timeouts.append(0)
-                    deaths.append(0)
-                    queue.push_front(worker, len(batches) - 1)
-            else:
-                timeouts[b] += 1
-                if timeouts[b] >= 2:
-                    fail_batch(b, f"timed out twice after {elapsed:.0f} s (resources.chunk_timeout_s: "
-                                  f"{chunk_timeout_s:g} per chunk): a read or prediction that hangs")
-                else:
-                    queue.push_front(worker, b)
+            again = batches.after_timeout(b)  # one chunk per call, to find the chunk that hangs; or b alone again
+            for retry in reversed(again):
+                queue.push_front(worker, retry)
+            if not again:
+                fail_batch(b, timed_out_reason(elapsed, chunk_timeout_s))
             for _ in range(in_flight):
                 submit(worker)
 
@@ -226,44 +211,30 @@ class FusedPool(ActorPool):
             for _ in range(in_flight):
                 submit(worker)
         while pending:
-            timeout = None
-            if chunk_timeout_s:
-                first = min((deadline(w) for w in alive), default=float("inf"))
-                timeout = max(0.0, first - time.perf_counter()) if first != float("inf") else None
-            ready, _ = ray.wait([*pending, *ready_refs], num_returns=1, timeout=timeout)
+            ready, _ = ray.wait([*pending, *clock.refs], num_returns=1, timeout=clock.wait_s(alive))
             if not ready:
-                now = time.perf_counter()
-                for worker in sorted(alive):
-                    if calls[worker] and deadline(worker) <= now:
-                        hung(worker)
+                for worker in clock.overdue(alive):
+                    hung(worker)
                 continue
-            if ready[0] in ready_refs:
-                worker = ready_refs.pop(ready[0])
-                if head_start[worker] is None:
-                    head_start[worker] = time.perf_counter()
+            if clock.is_ready_ref(ready[0]):
                 continue
             worker, b = pending.pop(ready[0])
-            if calls[worker] and calls[worker][0] == ready[0]:
-                calls[worker].popleft()
-            else:  # not expected: an actor runs its calls in order
-                calls[worker] = deque(r for r in calls[worker] if r != ready[0])
-            head_start[worker] = time.perf_counter() if head_start[worker] is not None else None
+            clock.done(worker, ready[0])
             try:
                 results = ray.get(ready[0])
             except ray.exceptions.RayActorError as exc:
                 if worker in alive:  # the first of its calls to come back dead: drop the actor
                     last_error = actor_died(exc, worker, alive, any_done=completed > 0)
-                    head_start[worker] = None
-                deaths[b] += 1
-                if deaths[b] < 2 and alive:  # once more, on the alive actor with the fewest calls queued
-                    target = min(sorted(alive), key=lambda w: len(calls[w]))
+                    clock.reset(worker, None)
+                if batches.after_death(b) and alive:  # once more, on the alive actor with the fewest calls queued
+                    target = min(sorted(alive), key=clock.queued)
                     log.warning("predictor actor %d died with a call of %d chunks: handing it to actor %d",
                                 worker, len(batches[b]), target)
                     queue.push_front(target, b)
-                    if len(calls[target]) < in_flight:
+                    if clock.queued(target) < in_flight:
                         submit(target)
                 else:
-                    fail_batch(b, last_error if deaths[b] < 2 else f"{last_error} (twice, on two actors)")
+                    fail_batch(b, last_error if batches.deaths[b] < 2 else f"{last_error} (twice, on two actors)")
                 continue
             except ray.exceptions.RayTaskError as exc:  # a bug outside the per-chunk guards
                 completed += 1

@@ -261,7 +261,8 @@ def _stream(job: ResolvedJob, tasks: list[ChunkTask], scenes: dict[int, SceneCon
         pool.run(tasks, scenes=scenes, on_record=progress, batch_size=FUSED_BATCH,
                  chunk_timeout_s=job.spec.resources.chunk_timeout_s)
         return {}
-    return pool.run(tasks, scenes=scenes, on_record=progress, batch_size=split_block_rows(job))
+    return pool.run(tasks, scenes=scenes, on_record=progress, batch_size=split_block_rows(job),
+                    chunk_timeout_s=job.spec.resources.chunk_timeout_s)
 
 
 def windows_per_call(job: ResolvedJob) -> int:

@@ -1,6 +1,7 @@
 """Faults of an overnight run, each on a real local Ray: a hung chunk times out and is retried
-or failed alone; a driver killed with SIGKILL mid-job is re-run and resumes with byte-identical
-outputs."""
+or failed alone (fused and split stages); a predictor actor that Ray gives up on has its calls
+handed to a fresh actor (split stages); a driver killed with SIGKILL mid-job is re-run and
+resumes with byte-identical outputs."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import pytest
 from pipelines.run.job import run_job
 from tests.helpers import (
     assert_same_tables,
+    crash_count,
+    crash_once_checkpoint,
     hang_checkpoint,
     job_spec,
     oracle_checkpoint,
@@ -34,8 +37,13 @@ def _with(spec, **resources):
     return spec.model_copy(update={"resources": spec.resources.model_copy(update=resources)})
 
 
+# per-chunk timeouts: a split block holds 8 chunks (a fused call 4), so the split jobs get less per chunk
+_TIMEOUT_S = {"fused": 6.0, "split": 3.0}
+
+
+@pytest.mark.parametrize("stages", ["fused", pytest.param("split", marks=pytest.mark.slow)])
 def test_a_hung_chunk_times_out_its_actor_is_replaced_and_the_retry_changes_no_output(oracle_run, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, stages):
     # The model's first forward pass hangs for an hour. Past chunk_timeout_s the actor is killed
     # and replaced, the call's chunks are tried again one per call, and the job completes with
     # exactly the outputs of an undisturbed run, long before the hang would have ended.
@@ -43,7 +51,8 @@ def test_a_hung_chunk_times_out_its_actor_is_replaced_and_the_retry_changes_no_o
     _, scene, root0, _ = oracle_run
     marker = tmp_path / "hung"
     root = tmp_path / "out"
-    spec = _with(job_spec([scene], root, hang_checkpoint(tmp_path / "m", marker)), chunk_timeout_s=6.0)
+    spec = _with(job_spec([scene], root, hang_checkpoint(tmp_path / "m", marker)),
+                 chunk_timeout_s=_TIMEOUT_S[stages], stages=stages)
     t0 = time.perf_counter()
     result = run_job(spec, base_dir=tmp_path)
     assert marker.exists() and time.perf_counter() - t0 < 300
@@ -52,7 +61,8 @@ def test_a_hung_chunk_times_out_its_actor_is_replaced_and_the_retry_changes_no_o
 
 
 @pytest.mark.slow
-def test_a_chunk_that_always_hangs_fails_its_scene_alone_with_the_reason(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stages", ["fused", "split"])
+def test_a_chunk_that_always_hangs_fails_its_scene_alone_with_the_reason(tmp_path, monkeypatch, stages):
     monkeypatch.setenv("TESSERA_ALLOW_PLUGINS", "tests.helpers")
     good = write_geotiff(tmp_path / "good.tif", smooth_scene((96, 96), seed=1))
     data = smooth_scene((96, 96), seed=2)
@@ -62,13 +72,34 @@ def test_a_chunk_that_always_hangs_fails_its_scene_alone_with_the_reason(tmp_pat
     marker.touch()  # no first-pass hang: only the sentinel chunk hangs
     root = tmp_path / "out"
     spec = _with(job_spec([good, bad], root, hang_checkpoint(tmp_path / "m", marker, hang_above=15.0)),
-                 chunk_timeout_s=6.0, actors=2)
+                 chunk_timeout_s=_TIMEOUT_S[stages], actors=2, stages=stages,
+                 **({"cpus_per_actor": 0.5} if stages == "split" else {}))  # room for the split tasks on 2 CPUs
     result = run_job(spec, base_dir=tmp_path)
     status = {s.name: (s.status, s.error) for s in result.scenes}
     assert status["good"] == ("complete", None)
     assert status["bad"][0] == "failed"
     assert "bad.tif" in status["bad"][1] and "timed out twice" in status["bad"][1]
     assert "chunk [1, 1]" in status["bad"][1]  # the one chunk holding the sentinel pixel, found alone
+
+
+def test_split_an_actor_ray_gave_up_on_is_replaced_and_its_calls_change_no_output(tmp_path, monkeypatch):
+    # The model kills its process on every pass over the second block's sentinel pixel, twice:
+    # Ray restarts the actor and retries its calls once, then gives up on it. The split stages
+    # start a fresh actor and hand it the dead one's calls; the job completes with exactly the
+    # outputs of an undisturbed run.
+    monkeypatch.setenv("TESSERA_ALLOW_PLUGINS", "tests.helpers")
+    data = smooth_scene((200, 200), seed=7)
+    data[0, 195, 195] = 65535  # normalised 18.5, in the windows of chunk rows 2-3 only: the second block of 8
+    scene = write_geotiff(tmp_path / "s.tif", data)
+    clean = _with(job_spec([scene], tmp_path / "clean", oracle_checkpoint(tmp_path / "m0")), stages="split")
+    assert [s.status for s in run_job(clean, base_dir=tmp_path).scenes] == ["complete"]
+    marker = tmp_path / "crashed"
+    root = tmp_path / "out"
+    card = crash_once_checkpoint(tmp_path / "m", marker, times=2, crash_above=15.0)
+    result = run_job(_with(job_spec([scene], root, card), stages="split"), base_dir=tmp_path)
+    assert crash_count(marker) == 2  # died, restarted by Ray, died again: Ray gave up on it
+    assert [(s.status, s.error) for s in result.scenes] == [("complete", None)]
+    np.testing.assert_array_equal(read_classes(root, "s"), read_classes(tmp_path / "clean", "s"))
 
 
 _DRIVER = """
