@@ -194,7 +194,7 @@ def test_split_a_hung_read_task_is_cancelled_and_retried(ray_local, tmp_path):
     assert all(r.error == "" for r in records)
 
 
-@pytest.mark.slow  # 21-24 s each; the job-level fault tests cover the same path
+@pytest.mark.slow  # 21-24 s each on 2 cores
 @pytest.mark.parametrize("stage", ["hangs", "hang_read"])
 def test_split_a_chunk_that_always_hangs_fails_alone_with_the_reason(ray_local, tmp_path, stage):
     tasks, records = _run_split_faults(tmp_path, **{stage: {4: 99}}, chunk_timeout_s=3.0)
