@@ -26,8 +26,9 @@ The longest matching suffix wins (``.nii.gz`` over any reader claiming ``.gz``).
 
 Inputs by URI (:mod:`.remote`): a URI's suffix is that of its path, before any query string.
 GeoTIFF / COG from ``https://``, ``http://`` and ``s3://``, Zarr from ``s3://``
-(:data:`REMOTE_FORMATS`); NIfTI and DICOM from object storage are refused for now (a ``.nii.gz``
-has no random access and a DICOM series is a folder of files: copy them to a local disk).
+and NIfTI (``.nii``, ``.nii.gz``) from all three (:data:`REMOTE_FORMATS`; a NIfTI is downloaded
+once, streamed, and converted into the reader's Zarr cache: see :mod:`.nifti`). DICOM from object
+storage is refused (a series is a folder of files: copy it to a local disk).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ READERS: dict[str, Reader] = {
 FALLBACK_FORMAT = "geotiff"
 #: The formats read from URIs, and the URI schemes each takes (:mod:`pipelines.readers.remote`).
 REMOTE_FORMATS: dict[str, tuple[str, ...]] = {"geotiff": ("http", "https", "s3"), "zarr": ("s3",),
-                                              "stac": ("http", "https")}
+                                              "stac": ("http", "https"), "nifti": ("http", "https", "s3")}
 
 
 def reader_for(path: str | Path) -> Reader:

@@ -67,7 +67,9 @@ import zarr
 from nibabel.filebasedimages import ImageFileError
 
 from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, finish_window
+from pipelines.readers.remote import download, remote_input_sha256
 from schemas.errors import InputError
+from schemas.uris import is_uri, redact_uri, uri_name
 from schemas.window import ChunkWindow
 
 #: Largest slab (bytes, in the read dtype) streamed from a ``.nii.gz`` at a time; a slab is
@@ -81,6 +83,8 @@ CACHE_CHUNK_YX = 64
 DEFAULT_CACHE_NAME = "tessera-inputs"
 MAX_OPEN_FILES = 4
 _GZ = ".nii.gz"
+#: A NIfTI given by URI: its header, saved in its cache entry (no voxels; nibabel reads it as an image).
+HEADER_FILE = "source-header.nii"
 
 _images: OrderedDict[tuple[str, int, int], nib.Nifti1Image] = OrderedDict()
 _caches: OrderedDict[str, zarr.Array] = OrderedDict()
@@ -182,12 +186,20 @@ def _read_stream(path: str, read):
                          "replace the file") from None
 
 
-def convert_gz(path: str, img: nib.Nifti1Image, entry: Path) -> None:
-    """Stream a ``.nii.gz`` into a Zarr array ``(C, z, y, x)`` at `entry` (see module docstring).
+def convert_gz(path: str, img: nib.Nifti1Image, entry: Path, *, source: str | None = None) -> None:
+    """Stream a ``.nii.gz`` (or a downloaded ``.nii``) into a Zarr array ``(C, z, y, x)`` at
+    `entry` (see module docstring).
+
+    Args:
+        path: the local file to stream.
+        source: what the cache entry and the errors name (a remote input's URI); default `path`.
 
     Raises:
         InputError: the gzip stream or the image data are truncated or corrupt.
     """
+    shown = source or path
+    source = source or os.path.abspath(path)
+    opener = gzip.open if path.lower().endswith((_GZ, ".gz")) else open
     entry.parent.mkdir(parents=True, exist_ok=True)
     partial = entry.with_name(f"{entry.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     shape = tuple(int(n) for n in img.shape)
@@ -196,25 +208,25 @@ def convert_gz(path: str, img: nib.Nifti1Image, entry: Path) -> None:
     planes = _slab_planes(shape, 8)
     array = None
     try:
-        with gzip.open(path, "rb") as raw:
+        with opener(path, "rb") as raw:
             stream = _ForwardStream(raw)
             # the image's own proxy, over our stream (a loaded header has its scaling reset to NaN:
             # the proxy keeps the file's slope and intercept)
-            source = img.dataobj
-            proxy = type(source)(stream, (source.shape, source.dtype, source.offset, source.slope, source.inter),
-                                 mmap=False, order=source.order)
+            dataobj = img.dataobj
+            proxy = type(dataobj)(stream, (dataobj.shape, dataobj.dtype, dataobj.offset, dataobj.slope,
+                                           dataobj.inter), mmap=False, order=dataobj.order)
             for c in range(count):
                 for k0 in range(0, shape[2], planes):
                     k1 = min(k0 + planes, shape[2])
                     key = (slice(None), slice(None), slice(k0, k1), *((c,) if len(shape) == 4 else ()))
-                    slab = _read_stream(path, lambda: np.asarray(proxy[key]))  # (x, y, k), F order
+                    slab = _read_stream(shown, lambda: np.asarray(proxy[key]))  # (x, y, k), F order
                     slab = slab.astype(slab.dtype.newbyteorder("="), copy=False)
                     if array is None:
                         array = zarr.create_array(
                             store=str(partial), shape=(count, shape[2], shape[1], shape[0]),
                             chunks=(1, planes, min(shape[1], CACHE_CHUNK_YX), min(shape[0], CACHE_CHUNK_YX)),
                             dtype=slab.dtype, fill_value=0, dimension_names=("c", "z", "y", "x"),
-                            attributes={"tessera_input_cache": {"source": os.path.abspath(path)}},
+                            attributes={"tessera_input_cache": {"source": redact_uri(source)}},
                         )
                     slab = slab.T  # (k, y, x), C-contiguous
                     step_y, step_x = array.chunks[2:]
@@ -222,7 +234,7 @@ def convert_gz(path: str, img: nib.Nifti1Image, entry: Path) -> None:
                         for x0 in range(0, shape[0], step_x):
                             array[c, k0:k1, y0:y0 + step_y, x0:x0 + step_x] = slab[:, y0:y0 + step_y, x0:x0 + step_x]
                     del slab
-            while _read_stream(path, lambda: raw.read(1 << 20)):  # to the end: gzip checks CRC and length
+            while _read_stream(shown, lambda: raw.read(1 << 20)):  # to the end: gzip checks CRC and length
                 pass
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -239,14 +251,58 @@ def convert_gz(path: str, img: nib.Nifti1Image, entry: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def remote_cache_entry(uri: str, identity: str, cache_dir: str | None) -> Path:
+    """The cache folder of a NIfTI given by URI: keyed by the URI and the object's identity
+    (``remote_input_sha256``), so every node that converts it names it alike."""
+    folder = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / DEFAULT_CACHE_NAME
+    name = uri_name(uri)
+    stem = name[: -len(_GZ)] if name.lower().endswith(_GZ) else name[: -len(".nii")]
+    stem = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in stem)
+    uri_hash = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return folder / f"{stem or 'volume'}-{uri_hash}-{identity[:12]}.zarr"
+
+
+def _convert_remote(uri: str, entry: Path) -> nib.Nifti1Image:
+    """Download the object at `uri` beside `entry` (streamed), convert it into `entry`, delete the
+    download; returns its image (header)."""
+    suffix = _GZ if uri_name(uri).lower().endswith(_GZ) else ".nii"
+    local = entry.with_name(f".{entry.name}.download-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        download(uri, local)
+        img = _load(str(local))
+        if not entry.is_dir():
+            convert_gz(str(local), img, entry, source=uri)
+        header = entry / HEADER_FILE
+        if not header.is_file():  # the header alone (affine, shape, scaling) for later opens
+            tmp = header.with_name(f".{HEADER_FILE}.{uuid.uuid4().hex[:8]}")
+            tmp.write_bytes(img.header.binaryblock + b"\0" * 4)
+            os.replace(tmp, header)
+        return img
+    finally:
+        local.unlink(missing_ok=True)
+
+
+def _load_remote_header(uri: str, entry: Path) -> nib.Nifti1Image:
+    """The image (header only) of a NIfTI given by URI whose cache entry exists: from the header
+    saved in the entry at conversion (:data:`HEADER_FILE`); downloaded again if it is missing."""
+    saved = entry / HEADER_FILE
+    return _load(str(saved)) if saved.is_file() else _convert_remote(uri, entry)
+
+
 def _cache_array(path: str, data_path: str) -> zarr.Array:
-    """The cache array of a ``.nii.gz`` opened earlier; converted again here if it is missing."""
+    """The cache array of a ``.nii.gz`` (or a NIfTI given by URI) opened earlier; converted again
+    here if it is missing (e.g. on another node, when the cache folder is node-local)."""
     array = _caches.get(data_path)
     if array is not None:
         _caches.move_to_end(data_path)
         return array
     entry = Path(data_path)
-    if not entry.is_dir():
+    if not entry.is_dir() and is_uri(path):
+        if remote_cache_entry(path, remote_input_sha256(path), str(entry.parent)) != entry:
+            raise InputError(f"{redact_uri(path)}: the object changed after it was opened (ETag, Last-Modified "
+                             "or size); run the job again")
+        _convert_remote(path, entry)
+    elif not entry.is_dir():
         if not Path(path).is_file():
             raise InputError(f"{path}: file not found")
         expected = cache_entry(path, str(entry.parent))
@@ -303,6 +359,8 @@ class NiftiReader:
                 4D file without a channel choice; the message names the file and what to set.
         """
         path = str(path)
+        if is_uri(path):
+            return self._open_remote(path, policy)
         if not Path(path).is_file():
             raise InputError(f"{path}: file not found")
         gz = path.lower().endswith(_GZ)
@@ -337,6 +395,26 @@ class NiftiReader:
         return SceneInfo.of_volume(path, fmt=self.name, shape=shape_xyz[::-1], count=count, dtype=dtype,
                                    source_dtype=source.newbyteorder("=").name, derive=derive, block_shape=block,
                                    affine=affine, data_path=data_path)
+
+    def _open_remote(self, uri: str, policy: InputPolicy) -> SceneInfo:
+        """A NIfTI at an ``http(s)://`` or ``s3://`` URI: downloaded once (streamed to a local
+        temporary file beside the cache) and converted into the same Zarr cache as a ``.nii.gz``,
+        keyed by the URI and the object's identity; the download is deleted after. A read on a
+        node without the entry downloads and converts it there."""
+        entry = remote_cache_entry(uri, remote_input_sha256(uri), policy.cache_dir)
+        img = _load_remote_header(uri, entry) if entry.is_dir() else _convert_remote(uri, entry)
+        count = _check_shape(uri, img, policy)
+        source = img.header.get_data_dtype()
+        if source.fields:
+            raise InputError(f"{redact_uri(uri)}: bands of type {source.descr} (NIfTI RGB) are not supported")
+        check_dtype(uri, (source.name,), policy)
+        array = zarr.open_array(str(entry), mode="r")
+        dtype, derive = check_dtype(uri, (np.dtype(array.dtype).name,), policy)
+        shape_xyz = tuple(int(n) for n in img.shape[:3])
+        return SceneInfo.of_volume(uri, fmt=self.name, shape=shape_xyz[::-1], count=count, dtype=dtype,
+                                   source_dtype=source.newbyteorder("=").name, derive=derive,
+                                   block_shape=tuple(int(n) for n in array.chunks[1:]),
+                                   affine=array_affine(img.affine), data_path=str(entry))
 
     def read(
         self, info: SceneInfo, window: ChunkWindow, *, bands: tuple[int, ...] | None = None

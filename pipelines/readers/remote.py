@@ -223,6 +223,53 @@ def remote_input_sha256(uri: str, *, is_store: bool = False) -> str:
     return _identity(uri, [_http_head(uri)])
 
 
+def download(uri: str, dest: os.PathLike[str] | str) -> int:
+    """Copy the object at `uri` (``http(s)://`` or ``s3://``) to the local file `dest`, streamed
+    (never held in memory), under a temporary name renamed when complete; returns its size.
+
+    Raises:
+        InputError: the object is missing or cannot be read (naming the URI).
+    """
+    import shutil
+    import tempfile
+
+    check_remote(uri)
+    dest = os.fspath(dest)
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=".download-", suffix=".partial")
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if uri_scheme(uri) == "s3":
+                import obstore
+                from obstore.exceptions import BaseError, NotFoundError
+
+                bucket, key = split_s3(uri)
+                try:
+                    for part in obstore.get(s3_store(bucket), key).stream(min_chunk_size=8 * 2**20):
+                        out.write(part)
+                        size += len(part)
+                except (FileNotFoundError, NotFoundError):
+                    raise InputError(f"{uri}: no such object") from None
+                except BaseError as exc:
+                    raise InputError(f"{uri}: cannot read from S3: {type(exc).__name__}: {first_line(exc)}") from None
+            else:
+                try:
+                    with urllib.request.urlopen(uri, timeout=HEAD_TIMEOUT_S) as response:
+                        shutil.copyfileobj(response, out, 8 * 2**20)
+                        size = out.tell()
+                except urllib.error.HTTPError as exc:
+                    raise InputError(f"{redact_uri(uri)}: HTTP {exc.code} {exc.reason} (GET)") from None
+                except (urllib.error.URLError, OSError) as exc:
+                    raise InputError(f"{redact_uri(uri)}: download failed: {getattr(exc, 'reason', exc)}") from None
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return size
+
+
 def check_remote(uri: str) -> None:
     """Refuse a URI tessera cannot read (:func:`schemas.uris.check_uri`) as an InputError."""
     try:
@@ -234,6 +281,7 @@ def check_remote(uri: str) -> None:
 __all__ = [
     "REMOTE_SCHEMES",
     "check_remote",
+    "download",
     "gdal_options",
     "gdal_path",
     "is_uri",

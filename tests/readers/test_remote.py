@@ -5,6 +5,7 @@ HEAD / HeadObject, and the formats that are refused from object storage."""
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from rasterio.transform import from_origin
 
 from pipelines.plan.chunks import plan_chunks
 from pipelines.plan.scenes import assign_scene_names, expand_inputs, scene_name
-from pipelines.readers import close_readers, known_suffixes, open_scene, read_window, reader_for
+from pipelines.readers import InputPolicy, close_readers, known_suffixes, open_scene, read_window, reader_for
 from pipelines.readers.remote import gdal_options, remote_input_sha256, s3_settings, s3_store, worker_env
 from schemas.errors import InputError, JobSpecError
 from schemas.job import parse_job_spec
@@ -127,8 +128,7 @@ def test_s3_settings_come_from_the_standard_environment():
         assert s3_settings()["endpoint"] == "https://minio.internal:9443"
 
 
-@pytest.mark.parametrize("uri, fmt", [("https://h/ct.nii.gz", "nifti"), ("s3://b/ct.nii", "nifti"),
-                                      ("https://h/img.zarr", "zarr")])
+@pytest.mark.parametrize("uri, fmt", [("https://h/img.zarr", "zarr"), ("s3://b/series/IM0001.dcm", "dicom")])
 def test_formats_not_read_remotely_are_refused_by_name(uri, fmt):
     with pytest.raises(InputError, match=f"{fmt} inputs are not read from .*copy the file"):
         open_scene(uri)
@@ -228,3 +228,62 @@ def test_cogs_and_zarr_images_read_from_a_local_s3_server(tmp_path, cog):
         with pytest.raises(InputError, match="not a Zarr v3 array or group"):
             open_scene("s3://scenes/vol/missing.zarr")
         close_readers()
+
+
+# --- NIfTI from HTTP and S3 ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_nifti_volumes_over_http_and_s3_read_as_their_local_copies(tmp_path, suffix):
+    from tests.readers.test_nifti import nifti_affine, volume, write_nifti
+
+    path = write_nifti(tmp_path / f"ct{suffix}", volume((19, 23, 17), seed=4), nifti_affine("LPS"), "int16")
+    policy = InputPolicy(cache_dir=str(tmp_path / "cache"))
+    local = open_scene(str(path), policy=InputPolicy(cache_dir=str(tmp_path / "local-cache")))
+    with RangeServer(tmp_path) as server:
+        uri = f"{server.url}/{path.name}"
+        close_readers()
+        info = open_scene(uri, policy=policy)
+        assert info.path == uri and info.shape == local.shape and info.affine == local.affine
+        assert info.dtype == local.dtype and info.source_dtype == local.source_dtype
+        assert server.bytes_sent[f"/{path.name}"] == path.stat().st_size  # downloaded once, whole
+        assert not [p for p in (tmp_path / "cache").iterdir() if "download" in p.name]  # and deleted after
+        for w in plan_chunks(info.shape, (8, 8, 8), 2)[::3]:
+            np.testing.assert_array_equal(read_window(info, w)[0], read_window(local, w)[0])
+        # another node (no cache entry): the read downloads and converts it there
+        shutil.rmtree(info.data_path)
+        close_readers()
+        w = plan_chunks(info.shape, (8, 8, 8), 2)[-1]
+        np.testing.assert_array_equal(read_window(info, w)[0], read_window(local, w)[0])
+        # a re-open reuses the entry and its saved header: nothing more is fetched
+        close_readers()
+        server.reset()
+        again = open_scene(uri, policy=policy)
+        assert again.affine == local.affine and again.data_path == info.data_path
+        assert sum(server.bytes_sent.values()) == 0
+    with moto_s3() as endpoint, environ(s3_env(endpoint)):
+        client = s3_client(endpoint)
+        client.create_bucket(Bucket="ct-scans")
+        s3_uri = upload_tree(client, "ct-scans", path, f"scans/{path.name}")
+        close_readers()
+        info = open_scene(s3_uri, policy=InputPolicy(cache_dir=str(tmp_path / "s3-cache")))
+        assert info.shape == local.shape and info.affine == local.affine
+        w = plan_chunks(info.shape, (8, 8, 8), 2)[5]
+        np.testing.assert_array_equal(read_window(info, w)[0], read_window(local, w)[0])
+        with pytest.raises(InputError, match="no such object"):
+            open_scene("s3://ct-scans/scans/missing.nii.gz", policy=policy)
+    close_readers()
+
+
+def test_a_truncated_remote_nifti_is_refused_naming_the_uri_and_leaves_no_cache(tmp_path):
+    from tests.readers.test_nifti import nifti_affine, volume, write_nifti
+
+    path = write_nifti(tmp_path / "ct.nii.gz", volume((12, 12, 12), seed=1), nifti_affine("RAS"), "int16")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    cache = tmp_path / "cache"
+    with RangeServer(tmp_path) as server:
+        uri = f"{server.url}/ct.nii.gz"
+        with pytest.raises(InputError, match=f"{uri}: truncated or corrupt"):
+            open_scene(uri, policy=InputPolicy(cache_dir=str(cache)))
+    assert not cache.exists() or not any(cache.iterdir())
