@@ -240,3 +240,22 @@ def assert_batched_equals_one_by_one(pred, windows, *, with_probabilities: bool)
             np.testing.assert_allclose(probs.astype(np.float32), one_probs.astype(np.float32), atol=1e-3)
         else:
             assert probs is None and one_probs is None
+
+
+def classes_store(path: Path, labels: np.ndarray, *, chunk: int, transform=(10.0, 0.0, 500000.0, 0.0, -10.0, 4649776.0),
+                  crs_wkt: str | None = None, class_names=("water", "land", "urban")):
+    """A 2D scene store at `path` holding `labels` as its classes, written chunk by chunk;
+    returns (path, grid). Default grid: UTM 33N, 10 m pixels."""
+    from rasterio.crs import CRS
+
+    from pipelines.writers.zarr_masks import create_scene_store, write_chunk
+    from schemas.store import GeoGrid
+
+    grid = GeoGrid(transform=transform, crs_wkt=crs_wkt or CRS.from_epsg(32633).to_wkt())
+    create_scene_store(path, shape=labels.shape, chunk_shape=(chunk, chunk), grid=grid, class_names=class_names,
+                       provenance={})
+    for y in range(0, labels.shape[0], chunk):
+        for x in range(0, labels.shape[1], chunk):
+            core = (slice(y, min(y + chunk, labels.shape[0])), slice(x, min(x + chunk, labels.shape[1])))
+            write_chunk(path, core, labels[core])
+    return path, grid

@@ -8,22 +8,15 @@ import rasterio
 from rasterio.crs import CRS
 
 from pipelines.writers.cog_export import default_class_colors, export_cog, parse_hex_colors
-from pipelines.writers.zarr_masks import create_scene_store, write_chunk
+from pipelines.writers.zarr_masks import create_scene_store
 from schemas.store import NODATA_CLASS, GeoGrid
+from tests.helpers import classes_store
 
 UTM = CRS.from_epsg(32633).to_wkt()
 
 
 def _store(tmp_path, labels, *, chunk=256, transform=(10.0, 0.0, 500000.0, 0.0, -10.0, 4649776.0)):
-    path = tmp_path / "s.zarr"
-    grid = GeoGrid(transform=transform, crs_wkt=UTM)
-    create_scene_store(path, shape=labels.shape, chunk_shape=(chunk, chunk), grid=grid,
-                       class_names=("water", "land", "urban"), provenance={})
-    for y in range(0, labels.shape[0], chunk):
-        for x in range(0, labels.shape[1], chunk):
-            core = (slice(y, min(y + chunk, labels.shape[0])), slice(x, min(x + chunk, labels.shape[1])))
-            write_chunk(path, core, labels[core])
-    return path, grid
+    return classes_store(tmp_path / "s.zarr", labels, chunk=chunk, transform=transform, crs_wkt=UTM)
 
 
 def test_cog_is_tiled_with_mode_overviews_and_the_store_georeferencing(tmp_path):

@@ -13,24 +13,16 @@ from rasterio.transform import Affine
 from skimage.measure import label
 
 from pipelines.writers.region_polygons import export_region_polygons, trace_regions
-from pipelines.writers.zarr_masks import create_scene_store, write_chunk
 from schemas.errors import OutputError
-from schemas.store import NODATA_CLASS, GeoGrid
+from schemas.store import NODATA_CLASS
+from tests.helpers import classes_store
 
 UTM = CRS.from_epsg(32633).to_wkt()
 TRANSFORM = (10.0, 0.0, 500000.0, 0.0, -10.0, 4649776.0)
 
 
 def _store(tmp_path, labels, *, chunk=16):
-    path = tmp_path / "s.zarr"
-    grid = GeoGrid(transform=TRANSFORM, crs_wkt=UTM)
-    create_scene_store(path, shape=labels.shape, chunk_shape=(chunk, chunk), grid=grid,
-                       class_names=("water", "land", "urban"), provenance={})
-    for y in range(0, labels.shape[0], chunk):
-        for x in range(0, labels.shape[1], chunk):
-            core = (slice(y, min(y + chunk, labels.shape[0])), slice(x, min(x + chunk, labels.shape[1])))
-            write_chunk(path, core, labels[core])
-    return path, grid
+    return classes_store(tmp_path / "s.zarr", labels, chunk=chunk, transform=TRANSFORM, crs_wkt=UTM)
 
 
 def _labels() -> np.ndarray:
