@@ -18,7 +18,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -39,7 +38,6 @@ from pipelines.writers.outroot import (
     Location,
     as_location,
     exists,
-    is_s3,
     local_copy,
     read_text,
     scratch_dir,
@@ -89,9 +87,6 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
     check_scene_fits_model(info, bands=spec.bands, card=job.card)
     slice_axis = scene_slice_axis(info, job.card)
     instances = is_instance_job(job)
-    if instances and is_s3(job.root):
-        raise OutputError(f"{job.root}: instance outputs are not written to object storage yet; use a local "
-                          "output root (or a semantic model)")
     if instances and info.ndim != 2:
         raise InputError(f"{info.path}: a {info.ndim}-D volume, but model {job.card.name!r} "
                          f"({job.card.architecture}) is an instance model; instance outputs are written for "
@@ -188,7 +183,7 @@ def finish_scene(job: ResolvedJob, outcome: SceneOutcome, started_at: datetime, 
                                 class_names=job.card.class_names)
     n_instances = None
     if is_instance_job(job):  # merge across chunk halos, relabel the store, the instances table
-        n_instances = write_instances(job.root, ctx.name, zarr_path=Path(ctx.zarr_path), work_dir=work_dir,
+        n_instances = write_instances(job.root, ctx.name, zarr_path=as_location(ctx.zarr_path), work_dir=work_dir,
                                       indices=[w.index for w in windows], grid_shape=ctx.grid_shape, grid=grid,
                                       class_names=job.card.class_names).n_instances
     merge_s = time.perf_counter() - t0

@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import BinaryIO
 
 import numpy as np
 
@@ -217,7 +218,7 @@ class InstanceChunk:
         save_npz_atomic(path, payload, compressed=True)
 
     @staticmethod
-    def read_ids(path: str | os.PathLike[str]) -> InstanceIds:
+    def read_ids(path: str | os.PathLike[str] | BinaryIO) -> InstanceIds:
         """The :class:`InstanceIds` of a file written by :meth:`to_npz` (the ids and the objects'
         core pixels, not the partial statistics).
 
@@ -234,10 +235,10 @@ class InstanceChunk:
                     raise ValueError("ids must be uint32 and within the objects described")
                 return InstanceIds(**_placement(npz["placement"], ids.ndim), ids=ids, core_pixels=core_pixels)
         except (KeyError, ValueError, zipfile.BadZipFile, EOFError) as error:
-            raise ValueError(f"{os.fspath(path)}: not a readable instance file: {error}") from error
+            raise ValueError(f"{_file_name(path)}: not a readable instance file: {error}") from error
 
     @classmethod
-    def from_npz(cls, path: str | os.PathLike[str]) -> InstanceChunk:
+    def from_npz(cls, path: str | os.PathLike[str] | BinaryIO) -> InstanceChunk:
         """Read a file written by :meth:`to_npz`.
 
         Raises:
@@ -254,7 +255,13 @@ class InstanceChunk:
                 return cls(**_placement(npz["placement"], fields["ids"].ndim),
                            band_sums=npz["band_sums"] if "band_sums" in npz.files else None, **fields)
         except (KeyError, ValueError, zipfile.BadZipFile, EOFError) as error:
-            raise ValueError(f"{os.fspath(path)}: not a readable instance file: {error}") from error
+            raise ValueError(f"{_file_name(path)}: not a readable instance file: {error}") from error
+
+
+def _file_name(path: object) -> str:
+    """A path's text, or a file object's ``name`` (an object's bytes read from object storage)."""
+    name = getattr(path, "name", None)
+    return str(name) if isinstance(name, str) and not isinstance(path, os.PathLike) else os.fspath(path)
 
 
 def _placement(values: np.ndarray, ndim: int) -> dict[str, object]:

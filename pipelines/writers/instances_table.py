@@ -22,6 +22,7 @@ Steps (:func:`write_instances`), all resumable:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,6 +43,7 @@ from pipelines.stats.instances import (
     merge_instance_ids,
     merge_instance_stats,
 )
+from pipelines.writers.outroot import Location, read_bytes, zarr_store
 from pipelines.writers.tables import write_table_batches
 from schemas.instances import INSTANCES, instances_file
 from schemas.records import chunk_key
@@ -72,19 +74,35 @@ class InstancesSummary:
     n_matches: int
 
 
-def instance_chunk_loader(work_dir: Path, *, ids_only: bool = False):
-    """``index -> InstanceChunk | None``: a chunk's instance file in `work_dir`, None where the
-    chunk has none (skipped as nodata); with `ids_only`, its :class:`InstanceIds` (what the
-    matching reads)."""
+def instance_chunk_loader(work_dir: Location, *, ids_only: bool = False):
+    """``index -> InstanceChunk | None``: a chunk's instance file in `work_dir` (local or S3: one
+    GET into memory), None where the chunk has none (skipped as nodata); with `ids_only`, its
+    :class:`InstanceIds` (what the matching reads)."""
+    local = isinstance(work_dir, Path)
+
     def load(index: tuple[int, ...]) -> InstanceChunk | InstanceIds | None:
         path = work_dir / instances_file(chunk_key(index))
-        if not path.is_file():
+        if local and not path.is_file():
             return None
-        return InstanceChunk.read_ids(path) if ids_only else InstanceChunk.from_npz(path)
+        source: Any = path
+        if not local:
+            try:
+                source = _NamedBytes(read_bytes(path), str(path))
+            except FileNotFoundError:
+                return None
+        return InstanceChunk.read_ids(source) if ids_only else InstanceChunk.from_npz(source)
     return load
 
 
-def relabel_chunk(zarr_path: Path, chunk: InstanceChunk, keys: np.ndarray, finals: np.ndarray, *,
+class _NamedBytes(io.BytesIO):
+    """An object's bytes as a file for ``np.load``, named by its URI (in error messages)."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+
+def relabel_chunk(zarr_path: Location, chunk: InstanceChunk, keys: np.ndarray, finals: np.ndarray, *,
                   array: Any = None) -> tuple[bool, bool, np.ndarray | None]:
     """Apply the relabel table (sorted ``keys`` -> ``finals``, uint64) to one chunk of the store's
     `instances` array. A chunk without objects in its core is not read.
@@ -98,7 +116,7 @@ def relabel_chunk(zarr_path: Path, chunk: InstanceChunk, keys: np.ndarray, final
     if not len(core_ids):
         return False, False, None
     if array is None:
-        array = zarr.open_array(str(zarr_path), path=INSTANCES, mode="r+")
+        array = zarr.open_array(zarr_store(zarr_path), path=INSTANCES, mode="r+")
     core = tuple(slice(o, o + n) for o, n in zip(chunk.core_origin, chunk.core_shape, strict=True))
     stored = array[core]
     mine = np.isin(keys, core_ids)
@@ -111,7 +129,7 @@ def relabel_chunk(zarr_path: Path, chunk: InstanceChunk, keys: np.ndarray, final
     return True, True, mapped
 
 
-def write_instances(root: Path, scene: str, *, zarr_path: Path, work_dir: Path, indices: Iterable[tuple[int, ...]],
+def write_instances(root: Location, scene: str, *, zarr_path: Location, work_dir: Location, indices: Iterable[tuple[int, ...]],
                     grid_shape: Sequence[int], grid: GeoGrid, class_names: Sequence[str],
                     iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> InstancesSummary:
     """Merge, relabel and tabulate a scene's instances (the steps in the module docstring).
@@ -146,7 +164,7 @@ def write_instances(root: Path, scene: str, *, zarr_path: Path, work_dir: Path, 
     counts = {"needed": 0, "rewritten": 0}
     tracer = PolygonTracer()
     try:
-        array = zarr.open_array(str(zarr_path), path=INSTANCES, mode="r+")
+        array = zarr.open_array(zarr_store(zarr_path), path=INSTANCES, mode="r+")
     except FileNotFoundError:
         raise ValueError(f"{zarr_path}: no `{INSTANCES}` array; the store was created for a semantic model") from None
 

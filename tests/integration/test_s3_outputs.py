@@ -201,3 +201,37 @@ def test_exports_and_the_report_of_an_s3_root_are_written_into_the_bucket(s3, sc
     html = objects["jobs/exports/report.html"].decode()
     assert "tile" in html and "data:image/png;base64," in html and "1 complete" in html
     assert TEST_SECRET not in html and not any(k.endswith(".tmp") for k in objects)
+
+
+def test_an_instance_job_on_an_s3_root_writes_what_a_local_one_writes(s3, tmp_path):
+    import io
+
+    import geopandas
+    import pyarrow.parquet as pq
+
+    from schemas.instances import INSTANCES
+    from tests.integration.test_instances_job import CHUNK, HALO, instance_oracle_card, instance_scene
+
+    _, client = s3
+    data = instance_scene()
+    scene = write_geotiff(tmp_path / "objects.tif", data, nodata=None)
+    card = instance_oracle_card(tmp_path / "model")
+    local, uri = tmp_path / "local", f"s3://{BUCKET}/jobs/instances"
+    tiling = {"chunk_size": CHUNK, "halo": HALO, "tile_size": CHUNK + 2 * HALO}
+    run_job(job_spec([scene], local, card, **tiling), base_dir=tmp_path)
+    result = run_job(job_spec([scene], uri, card, **tiling), base_dir=tmp_path)
+    assert [(s.status, s.error) for s in result.scenes] == [("complete", None)]
+
+    remote_ids = zarr.open_array(zarr_store(as_location(f"{uri}/objects.zarr"), read_only=True), path=INSTANCES,
+                                 mode="r")[:]
+    local_ids = zarr.open_array(str(local / "objects.zarr"), path=INSTANCES, mode="r")[:]
+    np.testing.assert_array_equal(remote_ids, local_ids)  # the same merge and relabel, through the bucket
+    objects = all_objects(client, BUCKET, "jobs/instances/")
+    assert any(k.endswith(".instances.npz") for k in objects if "/_work/" in k)
+    remote = pq.read_table(io.BytesIO(objects["jobs/instances/tables/instances/objects.parquet"]))
+    mine = pq.read_table(local / "tables" / "instances" / "objects.parquet")
+    assert remote.num_rows == mine.num_rows > 10
+    assert remote.drop_columns(["geometry"]).equals(mine.drop_columns(["geometry"]))
+    frame = geopandas.read_parquet(io.BytesIO(objects["jobs/instances/tables/instances/objects.parquet"]))
+    assert frame.crs.to_epsg() == 32633
+    assert not any(TEST_SECRET.encode() in body for body in objects.values())
