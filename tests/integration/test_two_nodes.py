@@ -22,8 +22,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.helpers import job_spec, oracle_checkpoint, read_classes, smooth_scene, write_geotiff
-from tests.integration.test_faults import _tree_digest
+from tests.helpers import job_spec, oracle_checkpoint, read_classes, smooth_scene, store_digest, write_geotiff
 from tests.integration.test_submit_cluster import _free_port
 
 _DRIVER = """
@@ -174,6 +173,6 @@ def test_a_worker_node_lost_mid_job_the_job_completes_on_the_head_with_identical
     assert actors_on_node2 >= 1 and done < total, killed_at
     assert "scenes complete" in output.splitlines(), output[-3000:]  # Ray's own log lines interleave
     np.testing.assert_array_equal(read_classes(lost, "big"), read_classes(clean, "big"))
-    assert _tree_digest(lost) == _tree_digest(clean)  # every store chunk, byte for byte
+    assert store_digest(lost) == store_digest(clean)  # every store chunk, byte for byte
     work = next((lost / "_work" / "big").iterdir())
     assert len(list(work.glob("c*.json"))) == total == 256
