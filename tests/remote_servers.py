@@ -28,8 +28,10 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 
 @contextmanager
-def moto_s3() -> Iterator[str]:
-    """moto's S3 server on a free 127.0.0.1 port; yields its endpoint URL (``http://127.0.0.1:<port>``)."""
+def moto_s3(requests: list[tuple[str, str, str]] | None = None) -> Iterator[str]:
+    """moto's S3 server on a free 127.0.0.1 port; yields its endpoint URL (``http://127.0.0.1:<port>``).
+    With `requests`, every request is appended to it as (method, path, access key id of its
+    signature, "" when unsigned): which client wrote or read what."""
     import logging
 
     from moto.server import ThreadedMotoServer
@@ -37,11 +39,25 @@ def moto_s3() -> Iterator[str]:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    if requests is not None:
+        server._server.app = _recording(server._server.app, requests)  # the handler calls server.app
     try:
         host, port = server.get_host_and_port()
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+def _recording(app, requests: list[tuple[str, str, str]]):
+    """A WSGI app that appends (method, path, access key id) of each request, then calls `app`."""
+    import re
+
+    def recorded(environ, start_response):
+        signed = re.search(r"Credential=([^/,\s]+)/", environ.get("HTTP_AUTHORIZATION", ""))
+        requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), signed.group(1) if signed else ""))
+        return app(environ, start_response)
+
+    return recorded
 
 
 @contextmanager

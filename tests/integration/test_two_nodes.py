@@ -7,6 +7,7 @@ byte, and one chunk marker per planned chunk."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +25,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.helpers import job_spec, oracle_checkpoint, read_classes, smooth_scene, write_geotiff
-from tests.integration.test_faults import _tree_digest
+from tests.helpers import job_spec, oracle_checkpoint, read_classes, smooth_scene, store_digest, write_geotiff
 from tests.integration.test_submit_cluster import _free_port
 
 _DRIVER = """
@@ -78,11 +80,25 @@ def _actors_on(proc: subprocess.Popen) -> int:
     return n
 
 
-@pytest.fixture
-def two_nodes():
+@dataclass
+class TwoNodes:
+    """A running two-node loopback cluster (`two_node_cluster`)."""
+
+    address: str  # the GCS address, 127.0.0.1:<port>
+    env: dict[str, str]  # an environment for a driver (token auth, no RAY_ADDRESS)
+    head: subprocess.Popen  # the head's `ray start --block`
+    node: subprocess.Popen  # the second node's
+    temp_head: Path  # each node's Ray temp dir (sessions, logs, spilled objects)
+    temp_node: Path
+
+
+@contextlib.contextmanager
+def two_node_cluster(*, head_env: dict[str, str] | None = None,
+                     node_env: dict[str, str] | None = None) -> Iterator[TwoNodes]:
     """A head (2 CPUs) and a second node (2 CPUs, resource node2) on 127.0.0.1, token auth, each
-    with its own temp dir; yields (GCS address, environment for a driver, the second node's
-    `ray start` process). Fast node-death detection (1 s health checks)."""
+    with its own temp dir and with `head_env` / `node_env` added to its own environment (its
+    raylet's, which its workers inherit). Fast node-death detection (1 s health checks). Every
+    process the two `ray start` started is gone afterwards, and both temp dirs."""
     token = secrets.token_hex(16)
     port = _free_port()
     temp_head = tempfile.mkdtemp(prefix="t2h", dir="/tmp")
@@ -90,19 +106,21 @@ def two_nodes():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
-    head_env = env | {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-                      "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "1000"}
+    head_environ = env | {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                          "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "1000",
+                          **(head_env or {})}
     head = _ray_start(["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                       f"--ray-client-server-port={_free_port()}"], head_env, temp_head)
+                       f"--ray-client-server-port={_free_port()}"], head_environ, temp_head)
     address = f"127.0.0.1:{port}"
     node = None
     processes: list[psutil.Process] = []
     try:
         _wait_for_nodes(address, env, 1, head)
-        node = _ray_start([f"--address={address}", "--num-cpus=2", '--resources={"node2": 1}'], env, temp_node)
+        node = _ray_start([f"--address={address}", "--num-cpus=2", '--resources={"node2": 1}'],
+                          env | (node_env or {}), temp_node)
         _wait_for_nodes(address, env, 2, node)
         processes = _tree(head) + _tree(node)
-        yield address, env, node
+        yield TwoNodes(address, env, head, node, Path(temp_head), Path(temp_node))
     finally:
         for proc in (node, head):
             if proc is not None and proc.poll() is None:
@@ -115,6 +133,14 @@ def two_nodes():
         _kill_tree([p for p in processes if p.is_running()])  # only what these two `ray start` started
         shutil.rmtree(temp_head, ignore_errors=True)
         shutil.rmtree(temp_node, ignore_errors=True)
+
+
+@pytest.fixture
+def two_nodes():
+    """`two_node_cluster()`: yields (GCS address, environment for a driver, the second node's
+    `ray start` process)."""
+    with two_node_cluster() as cluster:
+        yield cluster.address, cluster.env, cluster.node
 
 
 def _wait_for_nodes(address: str, env: dict[str, str], n: int, proc: subprocess.Popen) -> None:
@@ -174,6 +200,6 @@ def test_a_worker_node_lost_mid_job_the_job_completes_on_the_head_with_identical
     assert actors_on_node2 >= 1 and done < total, killed_at
     assert "scenes complete" in output.splitlines(), output[-3000:]  # Ray's own log lines interleave
     np.testing.assert_array_equal(read_classes(lost, "big"), read_classes(clean, "big"))
-    assert _tree_digest(lost) == _tree_digest(clean)  # every store chunk, byte for byte
+    assert store_digest(lost) == store_digest(clean)  # every store chunk, byte for byte
     work = next((lost / "_work" / "big").iterdir())
     assert len(list(work.glob("c*.json"))) == total == 256
