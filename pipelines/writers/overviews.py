@@ -12,6 +12,11 @@ never by the scene), and writes the metadata readers use to find them (`schemas.
 - 3D: the root `ome.multiscales` lists every level with its scale and translation, and the root
   carries an OME-Zarr `image-label` (colours and names from the model card).
 
+Where: on a Ray cluster of two or more nodes, a level of at least :data:`DISTRIBUTED_MIN_BLOCKS`
+chunks is built as Dask tasks on the cluster (Dask-on-Ray), each a band of the level's chunk rows
+that opens the store itself; a smaller level, one machine or no Ray: in this process. Either way each output chunk is the same
+function of the same input chunks, so the bytes do not depend on where it ran (tested).
+
 Re-running rebuilds the same levels (they are removed and written again: deterministic, so a
 re-run writes the same bytes). `add_overviews` gives an older, complete store its levels.
 """
@@ -19,6 +24,7 @@ re-run writes the same bytes). `add_overviews` gives an older, complete store it
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +39,14 @@ from pipelines.writers.zarr_masks import read_store_grid, write_grid_arrays
 from schemas import store as layout
 from schemas.errors import OutputError
 from schemas.model_card import default_class_colors
+
+#: Levels with at least this many chunks are built as Ray tasks when Ray is connected (a 32768²
+#: scene's first level in 1024-px chunks has 256); smaller ones in this process.
+DISTRIBUTED_MIN_BLOCKS = 64
+#: Most Ray tasks (bands of chunk rows) per level.
+MAX_LEVEL_TASKS = 16
+#: Alive Ray nodes needed to build levels as Ray tasks (a cluster, not one machine's local Ray).
+DISTRIBUTED_MIN_NODES = 2
 
 
 @dataclass(frozen=True)
@@ -51,15 +65,19 @@ class LevelReport:
     shape: tuple[int, ...]
     n_blocks: int
     max_block_elements: int
+    tasks: int = 0  # Ray tasks the level was split into (0: built in this process)
 
 
-def build_level(source: zarr.Array, target: zarr.Array, factors: Sequence[int]) -> LevelReport:
+def build_level(source: zarr.Array, target: zarr.Array, factors: Sequence[int], *,
+                rows: tuple[int, int] | None = None) -> LevelReport:
     """Fill `target` with the mode of each `factors` block of `source`, one target chunk at a time.
 
     Args:
         source: the previous level (uint8 classes).
         target: the new level, ``ceil(source.shape / factors)`` per axis.
         factors: 1 or 2 per axis.
+        rows: only the target chunks whose index along axis 0 is in ``[rows[0], rows[1])``
+            (one task's band); None: all.
 
     Returns:
         A `LevelReport` (blocks read and the largest block's size).
@@ -67,6 +85,8 @@ def build_level(source: zarr.Array, target: zarr.Array, factors: Sequence[int]) 
     factors = tuple(int(f) for f in factors)
     n_blocks = max_elements = 0
     ranges = [range(0, n, c) for n, c in zip(target.shape, target.chunks)]
+    if rows is not None:
+        ranges[0] = ranges[0][rows[0]:rows[1]]
     for starts in itertools.product(*ranges):
         out = tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, target.chunks, target.shape))
         read = tuple(slice(o.start * f, min(o.stop * f, n)) for o, f, n in zip(out, factors, source.shape))
@@ -75,6 +95,45 @@ def build_level(source: zarr.Array, target: zarr.Array, factors: Sequence[int]) 
         max_elements = max(max_elements, block.size)
         target[out] = mode_downsample(block, factors, nodata=layout.NODATA_CLASS)
     return LevelReport(level=-1, shape=tuple(target.shape), n_blocks=n_blocks, max_block_elements=max_elements)
+
+
+def _level_band(store: str, source_path: str, target_path: str, factors: tuple[int, ...],
+                rows: tuple[int, int]) -> tuple[int, int]:
+    """One Ray task of a distributed level: the band `rows` of the target's chunk rows, the store
+    opened here (a local path on a shared filesystem, or ``s3://`` with this node's credentials).
+    Returns (blocks, largest block's elements)."""
+    group = zarr.open_group(zarr_store(as_location(store)), mode="r+")
+    report = build_level(group[source_path], group[target_path], factors, rows=rows)
+    return report.n_blocks, report.max_block_elements
+
+
+def _build_level_on_ray(zarr_path: Path, source_path: str, target: zarr.Array, factors: tuple[int, ...]
+                        ) -> LevelReport | None:
+    """Build a level as Dask tasks on the connected Ray cluster (Dask-on-Ray), one band of target
+    chunk rows each, when Ray is up with at least :data:`DISTRIBUTED_MIN_NODES` alive nodes and
+    the level has at least :data:`DISTRIBUTED_MIN_BLOCKS` chunks; None otherwise (the caller
+    builds it here: on one machine, new task processes would only add memory). The tasks ask for no CPU: the predictor
+    actors hold the cluster's CPUs while other scenes run, and a level must not wait for them."""
+    import ray
+
+    n_blocks = math.prod(-(-n // c) for n, c in zip(target.shape, target.chunks))
+    if not ray.is_initialized() or n_blocks < DISTRIBUTED_MIN_BLOCKS:
+        return None
+    if sum(1 for node in ray.nodes() if node.get("Alive")) < DISTRIBUTED_MIN_NODES:
+        return None
+    import dask
+    from ray.util.dask import ray_dask_get
+
+    n_rows = -(-target.shape[0] // target.chunks[0])
+    n_tasks = max(1, min(n_rows, MAX_LEVEL_TASKS, 2 * int(ray.cluster_resources().get("CPU", 1))))
+    edges = [round(i * n_rows / n_tasks) for i in range(n_tasks + 1)]
+    target_path = target.path
+    with dask.annotate(ray_remote_args={"num_cpus": 0}):
+        parts = [dask.delayed(_level_band, pure=False)(str(zarr_path), source_path, target_path, factors, (a, b))
+                 for a, b in zip(edges, edges[1:]) if b > a]
+    done = dask.compute(*parts, scheduler=ray_dask_get)
+    return LevelReport(level=-1, shape=tuple(target.shape), n_blocks=sum(n for n, _ in done),
+                       max_block_elements=max(m for _, m in done), tasks=len(parts))
 
 
 def plan_store_levels(zarr_path: Path) -> tuple[PyramidLevel, ...]:
@@ -131,8 +190,10 @@ def build_overviews(zarr_path: Path, *, class_colors: Sequence[str] | None = Non
                                               "factors_from_level_0": list(level.cumulative)})
         if isinstance(grid, layout.GeoGrid):
             write_grid_arrays(level_grid, level_group, level.shape)
-        report = build_level(source, target, level.factors)
-        reports.append(LevelReport(level.level, report.shape, report.n_blocks, report.max_block_elements))
+        report = (_build_level_on_ray(zarr_path, source.path, target, tuple(level.factors))
+                  or build_level(source, target, level.factors))
+        reports.append(LevelReport(level.level, report.shape, report.n_blocks, report.max_block_elements,
+                                   report.tasks))
         source = target
     _write_level_metadata(zarr_path, grid, levels, names, colors, attrs)
     return tuple(reports)

@@ -88,7 +88,10 @@ def test_rotated_2d_grid_scales_the_affine_columns():
     assert grid.level((4, 2)).transform == (16.0, 24.0, 100.0, 12.0, -32.0, 200.0)
 
 
-def test_levels_are_computed_chunk_by_chunk_with_memory_bounded_by_the_chunk(tmp_path):
+def test_levels_are_computed_chunk_by_chunk_with_memory_bounded_by_the_chunk(tmp_path, monkeypatch):
+    import pipelines.writers.overviews as overviews
+
+    monkeypatch.setattr(overviews, "DISTRIBUTED_MIN_BLOCKS", 10**9)  # this process's memory, whatever Ray is up
     chunk = 64
     peaks = {}
     for side in (512, 1024):
@@ -108,6 +111,30 @@ def test_levels_are_computed_chunk_by_chunk_with_memory_bounded_by_the_chunk(tmp
     # 4x the pixels, about the same peak (Python-side allocations, numpy and zarr buffers included)
     assert peaks[1024] < 1.5 * peaks[512], peaks
     assert peaks[1024] < 1024 * 1024 / 3, f"peak {peaks[1024]} B for a 1 MiB scene"
+
+
+def test_large_levels_are_built_as_ray_tasks_with_the_same_bytes(tmp_path, monkeypatch, ray_local):
+    import pipelines.writers.overviews as overviews
+
+    labels = np.tile(_labels((128, 128), seed=5), (4, 4))[:500, :470]  # level 1: 16 x 15 chunks of 16
+    here, there = tmp_path / "here.zarr", tmp_path / "ray.zarr"
+    _store_2d(here, labels, chunk=16)
+    _store_2d(there, labels, chunk=16)
+    monkeypatch.setattr(overviews, "DISTRIBUTED_MIN_BLOCKS", 10**9)
+    local = build_overviews(here, class_colors=COLORS)
+    monkeypatch.setattr(overviews, "DISTRIBUTED_MIN_BLOCKS", 64)
+    assert build_overviews(there)[0].tasks == 0  # one machine: built here
+    monkeypatch.setattr(overviews, "DISTRIBUTED_MIN_NODES", 1)  # as on a cluster
+    remote = build_overviews(there, class_colors=COLORS)
+    assert [r.tasks for r in local] == [0] * len(local)
+    assert remote[0].tasks > 1 and remote[0].n_blocks == 16 * 15  # level 1 on Ray, in bands of chunk rows
+    assert [r.tasks for r in remote[2:]] == [0] * len(remote[2:])  # small levels here
+    assert [(r.shape, r.n_blocks, r.max_block_elements) for r in remote] == [
+        (r.shape, r.n_blocks, r.max_block_elements) for r in local]
+    a, b = zarr.open_group(str(here), mode="r"), zarr.open_group(str(there), mode="r")
+    for level in range(1, len(local) + 1):
+        np.testing.assert_array_equal(a[layout.level_path(level)][:], b[layout.level_path(level)][:])
+    assert a.attrs.asdict() == b.attrs.asdict()
 
 
 def test_rebuilding_writes_the_same_levels_and_metadata(tmp_path):
