@@ -163,14 +163,14 @@ def hanging_read(tasks, scenes):
 
 
 def _run_split_faults(tmp_path, *, n=9, block=3, actors=1, chunk_timeout_s=None, dies=None, hangs=None,
-                      hang_read=None):
+                      hang_read=None, read_tasks=2):
     tasks = standin.tasks_of(n)
     scenes = standin.scenes_stub()
     scenes[0].folder, scenes[0].hang_read = str(tmp_path), {tasks[i].key: k for i, k in (hang_read or {}).items()}
     predictor = {"folder": str(tmp_path), "dies": {tasks[i].key: k for i, k in (dies or {}).items()},
                  "hangs": {tasks[i].key: k for i, k in (hangs or {}).items()}}
     records = []
-    with SplitPool(predictor=predictor, actors=actors, actor_options={"num_cpus": 0.25}, read_tasks=2,
+    with SplitPool(predictor=predictor, actors=actors, actor_options={"num_cpus": 0.25}, read_tasks=read_tasks,
                    write_tasks=2, task_cpus=0.25,
                    stages=(SplitFaultyActor, hanging_read, standin.write_block)) as pool:
         pool.run(tasks, scenes=scenes, on_record=records.append, batch_size=block, chunk_timeout_s=chunk_timeout_s)
@@ -208,13 +208,16 @@ def test_split_a_chunk_that_always_hangs_fails_alone_with_the_reason(ray_local, 
 def test_split_the_calls_of_an_actor_ray_gave_up_on_go_to_a_fresh_actor(ray_local, tmp_path):
     # The second block's process dies twice: Ray restarts the actor and retries its calls once,
     # then gives up on it; the pool replaces it and hands its calls to the fresh actor.
-    tasks, records = _run_split_faults(tmp_path, dies={4: 2})
+    # one read task: blocks reach the actor in order, so the first block is done before the second
+    # kills it (were the second block read first, no block would be done and, by design, losing
+    # every actor before any block is done is a job-level error)
+    tasks, records = _run_split_faults(tmp_path, dies={4: 2}, read_tasks=1)
     assert _files(tmp_path, "died") == 2
     assert all(r.error == "" for r in records)
 
 
 def test_split_a_block_that_kills_every_actor_it_touches_fails_alone_after_two(ray_local, tmp_path):
-    tasks, records = _run_split_faults(tmp_path, dies={4: 99})
+    tasks, records = _run_split_faults(tmp_path, dies={4: 99}, read_tasks=1)  # in order, as above
     assert _files(tmp_path, "died") == 4  # two actors, each restarted once by Ray; then no more
     failed = sorted(r.key for r in records if r.error)
     assert failed == sorted(t.key for t in tasks[3:6])
