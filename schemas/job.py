@@ -311,11 +311,14 @@ class JobSpec(_Frozen):
     name: str = Field(default="tessera-job", min_length=1, max_length=128, description="Job name for logs.")
     inputs: tuple[str, ...] = Field(
         default=(), description="Scene paths or glob patterns (GeoTIFF/COG, NIfTI, DICOM series, Zarr); "
-        "URIs: https:// / http:// / s3:// COGs read by byte ranges, s3:// Zarr stores (never globbed; "
-        "no credentials in the URI: they come from the AWS environment); or '@<file>' naming a manifest: "
+        "URIs: https:// / http:// / s3:// COGs read by byte ranges, s3:// Zarr stores, http(s):// / s3:// "
+        "NIfTI files, s3://bucket/prefix/ DICOM series (the objects directly under the prefix; the "
+        "trailing '/' is required) (never globbed; no credentials in the URI: they come from the AWS "
+        "environment); or '@<file>' naming a manifest: "
         "a text file with one path, glob or URI per line ('#' comments, blank lines ignored; relative "
         "entries are relative to the manifest's folder), for jobs of many scenes. At least one input, or `stac`.",
-        examples=[["scenes/*.tif"], ["@scenes.txt"], ["s3://bucket/scenes/T33UUP.tif", "https://example.org/cog.tif"]],
+        examples=[["scenes/*.tif"], ["@scenes.txt"], ["s3://bucket/scenes/T33UUP.tif", "https://example.org/cog.tif"],
+                  ["s3://bucket/ct/series1/"]],
     )
     bands: tuple[int, ...] | None = Field(
         default=None, min_length=1,

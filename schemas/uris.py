@@ -2,7 +2,9 @@
 
 A job input is either a local path (or glob) or a URI of one of :data:`REMOTE_SCHEMES`:
 ``https://host/path/scene.tif``, ``http://...``, ``s3://bucket/key``. A URI is one object (or,
-for ``s3://.../image.zarr``, one Zarr store under a prefix); it is never globbed.
+for ``s3://.../image.zarr``, one Zarr store under a prefix; for ``s3://bucket/prefix/``, whose path
+ends with ``/``, the folder of objects directly under the prefix: a DICOM series,
+:func:`is_folder_uri`); it is never globbed.
 
 Credentials never travel in a URI. A job spec is saved beside the outputs (``job.resolved.json``)
 and the input is recorded in ``tables/scenes`` (``source``) and in each store's attributes, so a
@@ -49,9 +51,16 @@ def uri_path(uri: str) -> str:
     return urlsplit(str(uri)).path.rstrip("/")
 
 
+def is_folder_uri(uri: str) -> bool:
+    """Whether a URI names a folder: its path (before any query string) ends with ``/``
+    (``s3://bucket/ct/series1/``). A folder no reader claims by suffix is a DICOM series."""
+    return is_uri(uri) and urlsplit(str(uri)).path.endswith("/")
+
+
 def uri_name(uri: str) -> str:
-    """The last segment of a URI's path (``https://h/x/scene.tif?v=2`` -> ``scene.tif``); the
-    bucket for ``s3://bucket``."""
+    """The last segment of a URI's path (``https://h/x/scene.tif?v=2`` -> ``scene.tif``), a
+    folder's last name for a folder URI (``s3://b/ct/series1/`` -> ``series1``); the bucket for
+    ``s3://bucket`` and ``s3://bucket/``."""
     name = uri_path(uri).rsplit("/", 1)[-1]
     return name or urlsplit(str(uri)).hostname or ""
 

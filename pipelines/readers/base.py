@@ -20,7 +20,9 @@ before any of its chunks is planned, with an error naming the file:
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 COMPLEX_DERIVATIONS = ("magnitude", "db")
 #: ``db`` of a zero sample (``|z|^2`` floored at 1e-10): finite, so the model never sees -inf.
 DB_FLOOR = -100.0
+#: Folder in the system temp dir for input caches when the policy names none.
+DEFAULT_CACHE_NAME = "tessera-inputs"
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,9 @@ class InputPolicy:
             whose format is ambiguous without one (a 4D NIfTI: channels or time points?) refuses
             a file when it is None; the others ignore it.
         cache_dir: folder for converted copies of inputs that cannot be read by window in place
-            (a ``.nii.gz``: see :mod:`pipelines.readers.nifti`); the job sets
-            ``<root>/_work/inputs``. None: a ``tessera-inputs`` folder in the system temp dir.
+            (a ``.nii.gz``, a NIfTI given by URI: see :mod:`pipelines.readers.nifti`; a DICOM
+            series in S3: :mod:`pipelines.readers.dicom`); the job sets ``<root>/_work/inputs``.
+            None: a ``tessera-inputs`` folder in the system temp dir (:func:`input_cache_folder`).
         assets: the STAC asset keys a STAC item's scene stacks, in channel order (``stac.assets``
             in the job spec: :mod:`pipelines.readers.stac`), or None; the other readers ignore it.
     """
@@ -70,6 +75,12 @@ class InputPolicy:
             object.__setattr__(self, "bands", tuple(int(b) for b in bands))
         if self.assets is not None:
             object.__setattr__(self, "assets", tuple(str(a) for a in self.assets))
+
+
+def input_cache_folder(cache_dir: str | None) -> Path:
+    """The folder of the readers' local input caches: `cache_dir` (``InputPolicy.cache_dir``), or
+    :data:`DEFAULT_CACHE_NAME` in the system temp dir when it is None."""
+    return Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / DEFAULT_CACHE_NAME
 
 
 @dataclass(frozen=True)
@@ -96,8 +107,9 @@ class SceneInfo:
         orientation: axis codes of the array axes (e.g. ``"SAR"``: z runs to S, y to A, x to R),
             or None.
         data_path: where the reader reads the pixels when that is not ``path`` itself (a
-            ``.nii.gz`` converted to a Zarr cache, the image array inside an OME-Zarr group),
-            or None. Set by the reader's ``open``, so that ``read`` in another process finds it.
+            ``.nii.gz`` converted to a Zarr cache, the image array inside an OME-Zarr group, the
+            local cache folder of a DICOM series in S3), or None. Set by the reader's ``open``, so
+            that ``read`` in another process finds it.
     """
 
     path: str

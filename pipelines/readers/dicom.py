@@ -45,12 +45,41 @@ Reading a window decodes only the slices of its z range (``dcmread`` of those fi
 and columns and reflect-pads it to the full window. Each process keeps the sorted series index of
 its last few directories and an LRU cache of decoded slices (stored values, bounded by
 :data:`SLICE_CACHE_MB`) that neighbouring halo windows share.
+
+Series in object storage. ``s3://bucket/prefix/`` (the path ends with ``/``: a folder URI,
+``schemas.uris.is_folder_uri``) names the series made of the objects *directly* under the prefix
+(not those of its sub-folders); the trailing ``/`` is required (without it the URI names one
+object, and a ``.dcm`` object alone is refused with its folder's URI to give instead). HTTP(S)
+cannot list a folder, so a series at an ``http(s)://`` URI is refused (copy it to a local disk, or
+put it in S3).
+
+- Identity: the listing of those objects (key, ETag, size; ``remote.list_folder``, every page)
+  hashed with the URI, the same value the job records as the scene's ``input_sha256``
+  (``remote_input_sha256(uri, is_store=True, recursive=False)``).
+- Cache: at open the objects are downloaded (streamed, several at a time, each GET conditional on
+  the ETag listed; hidden names ``.*`` are skipped, as locally) into
+  ``<cache_dir>/<folder name>-<URI hash>-<identity[:12]>.dicom`` (``InputPolicy.cache_dir``: the
+  job's ``<root>/_work/inputs``, else ``tessera-inputs`` in the system temp dir). They go into a
+  hidden ``.<entry>.partial-*`` sibling renamed into place when complete, so a half-downloaded
+  series is never taken for a complete one; when several processes race, the first rename wins
+  and the others delete their copy and use it. An entry present is reused without downloading
+  (a re-open lists the prefix only); earlier entries of the same URI (other identities) are
+  deleted once a new one is complete; a crash may leave a ``.*.partial-*`` folder to delete.
+- Then :func:`scan_series` checks the local copy as it checks a local folder, its errors naming
+  the URI and the objects (``s3://bucket/prefix/IM0004.dcm``), never the cache folder; a
+  refused series keeps no cache entry. ``SceneInfo.path`` stays the URI (tables and messages show
+  it), ``SceneInfo.data_path`` is the cache entry. A read in a process (node) where the entry is
+  missing lists the prefix again and, if its identity is unchanged, downloads it there; if the
+  objects changed since the open (added, removed, replaced), the read fails: run the job again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
+import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from itertools import permutations
@@ -62,8 +91,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
-from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, finish_window
+from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, finish_window, input_cache_folder
+from pipelines.readers.remote import download_folder, folder_object_name, list_folder, listing_identity
 from schemas.errors import InputError
+from schemas.uris import is_folder_uri, is_uri, redact_uri, uri_name, uri_scheme
 from schemas.window import ChunkWindow
 
 logger = logging.getLogger(__name__)
@@ -87,6 +118,12 @@ SLICE_CACHE_MB = 128
 MAX_CACHED_SERIES = 4
 #: How many ignored file names the open warning quotes.
 QUOTE_NAMES = 5
+#: Suffix of the cache folder of a series downloaded from S3 (see the module docstring).
+CACHE_SUFFIX = ".dicom"
+#: Why a series is not read over HTTP(S), and what to do instead (the end of its error message).
+HTTP_SERIES_REFUSAL = ("a DICOM series is a folder of objects and HTTP(S) cannot list a folder: copy the series to "
+                       "a local disk and give its folder, or put it in S3 and give s3://bucket/prefix/ (the "
+                       "trailing '/' names the folder)")
 
 #: What to install for transfer syntaxes pydicom decodes only with an extra package.
 _INSTALL_HINTS = (
@@ -101,7 +138,7 @@ class DicomSeries:
     """The sorted index of one series directory (headers only); small and picklable.
 
     Attributes:
-        directory: the directory as given.
+        directory: the directory as given (for a series in S3: its local cache folder).
         files: file names (in `directory`) in array z order.
         slopes, intercepts: ``RescaleSlope`` / ``RescaleIntercept`` per slice, z order.
         shape: ``(z, rows, cols)`` voxels.
@@ -378,12 +415,15 @@ def _volume_geometry(directory: str, headers: dict[str, pydicom.Dataset],
     spacing = (float(np.linalg.norm(step)), float(row_spacing), float(col_spacing))
     return files, ras, spacing
 
-def scan_series(directory: str, *, policy: InputPolicy = InputPolicy()) -> DicomSeries:
+def scan_series(directory: str, *, policy: InputPolicy = InputPolicy(), source: str | None = None) -> DicomSeries:
     """Read every header of a series directory, check it is one evenly spaced volume, sort it.
 
     Args:
         directory: a directory of single-frame DICOM slices of one series.
         policy: the job's input policy (integer and float32 values pass it).
+        source: what the errors and warnings name instead of `directory`, a file as
+            ``<source>/<name>``: for a series downloaded from S3, its URI without the trailing
+            ``/`` (so a file is named by its object's URI); default `directory`.
 
     Returns:
         The series index (see :class:`DicomSeries`).
@@ -391,8 +431,9 @@ def scan_series(directory: str, *, policy: InputPolicy = InputPolicy()) -> Dicom
     Raises:
         InputError: naming the directory (and file): see the module docstring for what is refused.
     """
+    shown = source or directory
     if not os.path.exists(directory):
-        raise InputError(f"{directory}: directory not found")
+        raise InputError(f"{shown}: directory not found")
     if not os.path.isdir(directory):
         if directory.lower().endswith(DICOM_SUFFIX) or _has_magic(directory):
             raise InputError(f"{directory}: a single DICOM file; a series is read from its directory: "
@@ -401,55 +442,57 @@ def scan_series(directory: str, *, policy: InputPolicy = InputPolicy()) -> Dicom
     try:
         entries = _files(directory)
     except OSError as exc:
-        raise InputError(f"{directory}: cannot list the series directory: {exc}") from None
+        raise InputError(f"{shown}: cannot list the series directory: {exc}") from None
     headers: dict[str, pydicom.Dataset] = {}
     ignored: list[str] = []
     for name in entries:
         path = os.path.join(directory, name)
+        where = f"{source}/{name}" if source else path
         if not _has_magic(path):
             if name.lower().endswith(DICOM_SUFFIX):
-                raise InputError(f"{path}: no DICOM preamble ('DICM' at byte 128); rewrite it as a "
+                raise InputError(f"{where}: no DICOM preamble ('DICM' at byte 128); rewrite it as a "
                                  "DICOM Part 10 file or move it out of the series directory")
             ignored.append(name)
             continue
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            raise InputError(f"{path}: unreadable DICOM header: {exc}") from None
+            raise InputError(f"{where}: unreadable DICOM header: {exc}") from None
         if "Rows" not in ds:
             ignored.append(name)
             continue
         headers[name] = ds
     if not headers:
-        raise InputError(f"{directory}: no DICOM image files ({len(ignored)} other files ignored)")
+        raise InputError(f"{shown}: no DICOM image files ({len(ignored)} other files ignored)")
     if ignored:
-        logger.warning("%s: ignored %d entries that are not DICOM images: %s%s", directory, len(ignored),
+        logger.warning("%s: ignored %d entries that are not DICOM images: %s%s", shown, len(ignored),
                        ", ".join(ignored[:QUOTE_NAMES]), ", ..." if len(ignored) > QUOTE_NAMES else "")
-    _group_by_series(directory, headers)
-    _check_slices(directory, headers)
+    # from here on, `shown` names the series in the errors (a file: "<shown>/<name>")
+    _group_by_series(shown, headers)
+    _check_slices(shown, headers)
 
     uid_by_file = {}
     for name, ds in headers.items():
         uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         if not uid:
-            raise InputError(f"{directory}/{name}: the file meta has no TransferSyntaxUID")
+            raise InputError(f"{shown}/{name}: the file meta has no TransferSyntaxUID")
         uid_by_file[name] = str(uid)
-    _check_decodable(directory, uid_by_file)
+    _check_decodable(shown, uid_by_file)
 
-    rows = int(_check_equal(directory, headers, "Rows"))
-    cols = int(_check_equal(directory, headers, "Columns"))
-    bits = int(_check_equal(directory, headers, "BitsAllocated"))
-    signed = int(_check_equal(directory, headers, "PixelRepresentation"))
-    _check_equal(directory, headers, "PhotometricInterpretation")
+    rows = int(_check_equal(shown, headers, "Rows"))
+    cols = int(_check_equal(shown, headers, "Columns"))
+    bits = int(_check_equal(shown, headers, "BitsAllocated"))
+    signed = int(_check_equal(shown, headers, "PixelRepresentation"))
+    _check_equal(shown, headers, "PhotometricInterpretation")
     if bits not in (8, 16, 32):
-        raise InputError(f"{directory}: BitsAllocated {bits}; 8, 16 and 32 are supported")
+        raise InputError(f"{shown}: BitsAllocated {bits}; 8, 16 and 32 are supported")
     source_dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}").name
 
-    files, ras, spacing = _volume_geometry(directory, headers)
-    slopes = tuple(_scalar(headers[f], "RescaleSlope", 1.0, f"{directory}/{f}") for f in files)
-    intercepts = tuple(_scalar(headers[f], "RescaleIntercept", 0.0, f"{directory}/{f}") for f in files)
+    files, ras, spacing = _volume_geometry(shown, headers)
+    slopes = tuple(_scalar(headers[f], "RescaleSlope", 1.0, f"{shown}/{f}") for f in files)
+    intercepts = tuple(_scalar(headers[f], "RescaleIntercept", 0.0, f"{shown}/{f}") for f in files)
     rescaled = any(s != 1.0 or i != 0.0 for s, i in zip(slopes, intercepts, strict=True))
-    dtype, _ = check_dtype(directory, ("float32" if rescaled else source_dtype,), policy)
+    dtype, _ = check_dtype(shown, ("float32" if rescaled else source_dtype,), policy)
     return DicomSeries(
         directory=directory,
         files=files,
@@ -471,11 +514,11 @@ _slice_cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
 _slice_cache_bytes = 0
 
 
-def _series_key(directory: str) -> tuple[str, int]:
+def _series_key(directory: str, shown: str | None = None) -> tuple[str, int]:
     try:
         return directory, os.stat(directory).st_mtime_ns
     except OSError as exc:
-        raise InputError(f"{directory}: cannot read the series directory: {exc}") from None
+        raise InputError(f"{shown or directory}: cannot read the series directory: {exc}") from None
 
 
 def _remember(key: tuple[str, int], series: DicomSeries) -> None:
@@ -485,15 +528,92 @@ def _remember(key: tuple[str, int], series: DicomSeries) -> None:
         _series_cache.popitem(last=False)
 
 
+def _shown(path: str) -> str:
+    """How errors name a series: a URI redacted and without its trailing ``/`` (a file of it is
+    then ``<shown>/<name>``, its object's URI); a local path as given."""
+    return redact_uri(path).rstrip("/") if is_uri(path) else path
+
+
+def remote_series_entry(uri: str, identity: str, cache_dir: str | None) -> Path:
+    """The cache folder of a series in S3: keyed by its folder name, the URI and the identity of
+    its listing (:func:`pipelines.readers.remote.listing_identity`), so that every node names it
+    alike and a changed series gets another entry."""
+    stem = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in uri_name(uri))
+    uri_hash = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return input_cache_folder(cache_dir) / f"{stem or 'series'}-{uri_hash}-{identity[:12]}{CACHE_SUFFIX}"
+
+
+def _check_series_uri(uri: str) -> None:
+    """Refuse a URI that does not name a series folder in S3 (see the module docstring)."""
+    shown = _shown(uri)
+    if uri_scheme(uri) != "s3":
+        raise InputError(f"{shown}: {HTTP_SERIES_REFUSAL}")
+    if not is_folder_uri(uri):
+        folder = shown.rsplit("/", 1)[0] + "/"
+        raise InputError(f"{shown}: names one object, not a series folder; a DICOM series in S3 is the objects "
+                         f"directly under a prefix: give its folder with the trailing '/' ({folder})")
+
+
+def _download_series(uri: str, rows: list[dict], entry: Path) -> None:
+    """Download the listed objects of a series (hidden names skipped) into a temporary sibling of
+    `entry`, renamed to `entry` when complete; a process that loses the race to another keeps
+    the other's entry. Earlier entries of the same URI are deleted after.
+
+    Raises:
+        InputError: an object missing, replaced since the listing, or unreadable (naming its URI).
+    """
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    partial = entry.with_name(f".{entry.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    partial.mkdir()
+    try:
+        download_folder(uri, [r for r in rows if not folder_object_name(uri, r["key"]).startswith(".")], partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    try:
+        os.rename(partial, entry)
+    except OSError as exc:  # another process completed the same entry first: keep theirs
+        shutil.rmtree(partial, ignore_errors=True)
+        if not entry.is_dir():
+            raise InputError(f"{_shown(uri)}: cannot move the downloaded series into its cache folder "
+                             f"{entry}: {exc}") from None
+    prefix = entry.name.rsplit("-", 1)[0] + "-"
+    for stale in entry.parent.glob(f"{prefix}*{CACHE_SUFFIX}"):  # earlier versions of the same series
+        if stale.name != entry.name:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _local_copy(info: SceneInfo) -> str:
+    """The folder a scene's slices are read from: its directory, or for a series in S3 its cache
+    entry, downloaded again here if missing (another node) after checking that the listing still
+    has the identity the entry was opened with.
+
+    Raises:
+        InputError: the objects under the prefix changed since the open (run the job again).
+    """
+    if info.data_path is None:
+        return info.path
+    entry = Path(info.data_path)
+    if not entry.is_dir() and is_uri(info.path):
+        rows = list_folder(info.path)
+        if remote_series_entry(info.path, listing_identity(info.path, rows), str(entry.parent)) != entry:
+            raise InputError(f"{redact_uri(info.path)}: the objects under this prefix changed after the series was "
+                             "opened (an object added, removed or replaced); run the job again")
+        _download_series(info.path, rows, entry)
+    return str(entry)
+
+
 def _series(info: SceneInfo) -> DicomSeries:
     """The series index of a scene in this process: scanned again in a process that did not open
     it, or after the directory changed, and then checked against what :meth:`DicomReader.open` saw."""
-    key = _series_key(info.path)
+    directory = _local_copy(info)
+    shown = _shown(info.path)
+    key = _series_key(directory, shown)
     series = _series_cache.get(key)
     if series is None:
-        series = scan_series(info.path)
+        series = scan_series(directory, source=shown if info.data_path is not None else None)
         if (series.shape, series.affine, series.dtype) != (info.shape, info.affine, info.dtype):
-            raise InputError(f"{info.path}: the series changed since it was opened (now shape {series.shape}, "
+            raise InputError(f"{shown}: the series changed since it was opened (now shape {series.shape}, "
                              f"dtype {series.dtype}; then {info.shape}, {info.dtype}); run the job again")
     _remember(key, series)
     return series
@@ -537,17 +657,40 @@ class DicomReader:
     suffixes = (DICOM_SUFFIX,)
 
     def open(self, path: str, *, policy: InputPolicy = InputPolicy()) -> SceneInfo:
-        """A series' metadata from its headers (see :func:`scan_series` for what is checked).
+        """A series' metadata from its headers (see :func:`scan_series` for what is checked); a
+        series in S3 (``s3://bucket/prefix/``) is downloaded to its cache folder first.
 
         Raises:
-            InputError: naming the directory and file: see the module docstring.
+            InputError: naming the directory (or URI) and file: see the module docstring.
         """
-        key = _series_key(str(path)) if os.path.isdir(path) else None
-        series = scan_series(str(path), policy=policy)
+        path = str(path)
+        if is_uri(path):
+            return self._open_remote(path, policy)
+        key = _series_key(path) if os.path.isdir(path) else None
+        series = scan_series(path, policy=policy)
         if key is not None:
             _remember(key, series)
+        return self._info(path, series)
+
+    def _open_remote(self, uri: str, policy: InputPolicy) -> SceneInfo:
+        """A series at ``s3://bucket/prefix/``: its objects listed, downloaded into the cache entry
+        of that listing unless it is there, and scanned there (see the module docstring)."""
+        _check_series_uri(uri)
+        rows = list_folder(uri)
+        entry = remote_series_entry(uri, listing_identity(uri, rows), policy.cache_dir)
+        if not entry.is_dir():
+            _download_series(uri, rows, entry)
+        try:
+            series = scan_series(str(entry), policy=policy, source=_shown(uri))
+        except InputError:
+            shutil.rmtree(entry, ignore_errors=True)  # a refused series keeps no copy
+            raise
+        _remember(_series_key(str(entry)), series)
+        return self._info(uri, series, data_path=str(entry))
+
+    def _info(self, path: str, series: DicomSeries, data_path: str | None = None) -> SceneInfo:
         return SceneInfo(
-            path=str(path),
+            path=path,
             shape=series.shape,
             count=1,
             dtype=series.dtype,
@@ -561,6 +704,7 @@ class DicomReader:
             affine=series.affine,
             spacing=series.spacing,
             orientation=series.orientation,
+            data_path=data_path,
         )
 
     def read(self, info: SceneInfo, window: ChunkWindow, *, bands: tuple[int, ...] | None = None
@@ -576,8 +720,8 @@ class DicomReader:
                 ask for a channel other than 1.
         """
         if bands is not None and tuple(bands) != (1,):
-            raise InputError(f"{info.path}: a DICOM series has one channel; bands {list(bands)} ask for others "
-                             "(set bands: [1] or leave it out)")
+            raise InputError(f"{_shown(info.path)}: a DICOM series has one channel; bands {list(bands)} ask for "
+                             "others (set bands: [1] or leave it out)")
         series = _series(info)
         zs, rs, cs = window.read
         pixels = np.empty((1, *window.read_shape), dtype=info.dtype)
@@ -585,7 +729,7 @@ class DicomReader:
             try:
                 stored = _stored_slice(series, z)
             except (InvalidDicomError, OSError, ValueError, RuntimeError, NotImplementedError, EOFError) as exc:
-                raise InputError(f"{info.path}/{series.files[z]}: decoding slice {z} for window "
+                raise InputError(f"{_shown(info.path)}/{series.files[z]}: decoding slice {z} for window "
                                  f"{list(window.index)} failed: {exc}") from None
             cut = stored[rs, cs]
             if series.rescaled:

@@ -55,7 +55,6 @@ import hashlib
 import io
 import os
 import shutil
-import tempfile
 import uuid
 import zlib
 from collections import OrderedDict
@@ -66,7 +65,7 @@ import numpy as np
 import zarr
 from nibabel.filebasedimages import ImageFileError
 
-from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, finish_window
+from pipelines.readers.base import InputPolicy, SceneInfo, check_dtype, finish_window, input_cache_folder
 from pipelines.readers.remote import download, remote_input_sha256
 from schemas.errors import InputError
 from schemas.uris import is_uri, redact_uri, uri_name
@@ -79,8 +78,6 @@ SLAB_BYTES = 64 * 2**20
 SLAB_PLANES = 32
 #: The cache's chunk size along y and x (voxels): with SLAB_PLANES, 1 MiB chunks of float64.
 CACHE_CHUNK_YX = 64
-#: Folder in the system temp dir when the policy names no cache folder.
-DEFAULT_CACHE_NAME = "tessera-inputs"
 MAX_OPEN_FILES = 4
 _GZ = ".nii.gz"
 #: A NIfTI given by URI: its header, saved in its cache entry (no voxels; nibabel reads it as an image).
@@ -131,7 +128,7 @@ def close_files() -> None:
 
 def cache_entry(path: str, cache_dir: str | None) -> Path:
     """The cache folder of a ``.nii.gz``: keyed by its absolute path and its size and mtime."""
-    folder = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / DEFAULT_CACHE_NAME
+    folder = input_cache_folder(cache_dir)
     size, mtime_ns = _stat_key(path)
     path_hash = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
     stat_hash = hashlib.sha256(f"{size}:{mtime_ns}".encode()).hexdigest()[:12]
@@ -254,7 +251,7 @@ def convert_gz(path: str, img: nib.Nifti1Image, entry: Path, *, source: str | No
 def remote_cache_entry(uri: str, identity: str, cache_dir: str | None) -> Path:
     """The cache folder of a NIfTI given by URI: keyed by the URI and the object's identity
     (``remote_input_sha256``), so every node that converts it names it alike."""
-    folder = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / DEFAULT_CACHE_NAME
+    folder = input_cache_folder(cache_dir)
     name = uri_name(uri)
     stem = name[: -len(_GZ)] if name.lower().endswith(_GZ) else name[: -len(".nii")]
     stem = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in stem)

@@ -5,6 +5,12 @@
   ranges of the tiles a window touches (:func:`gdal_path`, :func:`gdal_options`).
 - A Zarr v3 store at ``s3://bucket/prefix.zarr`` is read through zarr's ``ObjectStore`` over
   obstore's ``S3Store`` (:func:`s3_store`): a window reads only the chunk objects it touches.
+- A NIfTI at any of the three schemes is downloaded whole (:func:`download`, streamed) and
+  converted into a local cache (:mod:`pipelines.readers.nifti`).
+- A DICOM series at ``s3://bucket/prefix/`` (a folder URI: the path ends with ``/``) is the
+  objects directly under the prefix (:func:`list_folder`); they are downloaded into a local cache
+  folder (:func:`download_folder`) and read from there (:mod:`pipelines.readers.dicom`). HTTP(S)
+  cannot list a folder, so a series is not read from ``http(s)://``.
 
 Where the S3 endpoint, region and credentials come from: the standard AWS environment of the
 process that reads. GDAL reads ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
@@ -24,8 +30,9 @@ the nodes of a cluster use their own (instance role, profile or environment).
 
 Identity instead of a checksum: a remote object cannot be hashed without downloading it, so its
 ``input_sha256`` (what the scene's fingerprint and ``tables/scenes`` hold) is the SHA-256 of its
-URI with the ETag, Last-Modified and size the server reports (HTTP HEAD, S3 HeadObject), and for
-a Zarr store the same over the listing of every object under its prefix
+URI with the ETag, Last-Modified and size the server reports (HTTP HEAD, S3 HeadObject); for
+a Zarr store the same over the listing (key, ETag, size) of every object under its prefix, and for
+a DICOM series over the listing of the objects directly under its prefix
 (:func:`remote_input_sha256`). A changed object changes its ETag or Last-Modified, so a re-run
 recomputes it; the same bytes at another URI get another fingerprint (a local file's does not).
 """
@@ -67,6 +74,10 @@ FORWARDED_ENV = (
     "GDAL_HTTP_USERAGENT", "GDAL_HTTP_VERSION", "CURL_CA_BUNDLE", "SSL_CERT_FILE",
 )
 HEAD_TIMEOUT_S = 30.0
+#: Objects of a folder (a DICOM series) downloaded at once (:func:`download_folder`).
+DOWNLOAD_THREADS = 8
+#: How many sub-folders an empty folder's error names.
+QUOTE_FOLDERS = 5
 
 
 def _true(value: str | None) -> bool:
@@ -181,25 +192,57 @@ def _http_head(uri: str) -> dict[str, Any]:
     return row
 
 
-def _s3_rows(uri: str, *, listing: bool) -> list[dict[str, Any]]:
+def _s3_rows(uri: str, *, listing: bool, recursive: bool = True) -> list[dict[str, Any]]:
     import obstore
     from obstore.exceptions import BaseError, NotFoundError
 
     bucket, key = split_s3(uri)
+    folders: list[str] = []
     try:
         if not listing:
             meta = obstore.head(s3_store(bucket), key)
             return [{"etag": meta.get("e_tag"), "last_modified": meta.get("last_modified"), "size": meta["size"]}]
         rows = []
-        for batch in obstore.list(s3_store(bucket), prefix=key + "/"):
-            rows += [{"key": m["path"], "etag": m.get("e_tag"), "size": m["size"]} for m in batch]
+        if recursive:
+            for batch in obstore.list(s3_store(bucket), prefix=key + "/" if key else None):
+                rows += [{"key": m["path"], "etag": m.get("e_tag"), "size": m["size"]} for m in batch]
+        else:  # one level (every page: obstore follows the continuation tokens)
+            result = obstore.list_with_delimiter(s3_store(bucket), key + "/" if key else None)
+            folders = sorted(p.rsplit("/", 1)[-1] + "/" for p in result["common_prefixes"])
+            # a "folder marker" object (key "prefix/") is listed as the prefix itself: not one of its objects
+            rows = [{"key": m["path"], "etag": m.get("e_tag"), "size": m["size"]} for m in result["objects"]
+                    if m["path"] != key]
     except (FileNotFoundError, NotFoundError):  # obstore raises either, by version
         raise InputError(f"{uri}: no such object") from None
     except BaseError as exc:  # permission, authentication, connection, configuration
         raise InputError(f"{uri}: cannot read from S3: {type(exc).__name__}: {first_line(exc)}") from None
+    if not rows and folders:
+        shown = ", ".join(folders[:QUOTE_FOLDERS]) + (", ..." if len(folders) > QUOTE_FOLDERS else "")
+        raise InputError(f"{uri}: no objects directly under this prefix, only the folders {shown}; "
+                         "give the folder of one series (s3://bucket/prefix/series/)")
     if not rows:
-        raise InputError(f"{uri}: no objects under this prefix")
+        raise InputError(f"{uri}: no objects {'under' if recursive else 'directly under'} this prefix")
     return sorted(rows, key=lambda r: r["key"])
+
+
+def list_folder(uri: str) -> list[dict[str, Any]]:
+    """The objects directly under an ``s3://bucket/prefix/`` folder (not those of its sub-folders),
+    sorted by key: ``{"key", "etag", "size"}`` each, the rows :func:`listing_identity` hashes.
+
+    Raises:
+        InputError: nothing directly under the prefix (naming its sub-folders, if any), or S3
+            cannot be read (naming the URI).
+    """
+    check_remote(uri)
+    if uri_scheme(uri) != "s3":
+        raise InputError(f"{redact_uri(uri)}: {uri_scheme(uri)}:// cannot list a folder; give an s3:// URI")
+    return _s3_rows(uri, listing=True, recursive=False)
+
+
+def listing_identity(uri: str, rows: list[dict[str, Any]]) -> str:
+    """The identity of a folder from its listing (:func:`list_folder`): the same value as
+    ``remote_input_sha256(uri, is_store=True, recursive=False)`` over that listing."""
+    return _identity(uri, rows)
 
 
 def first_line(exc: BaseException) -> str:
@@ -207,19 +250,22 @@ def first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def remote_input_sha256(uri: str, *, is_store: bool = False) -> str:
+def remote_input_sha256(uri: str, *, is_store: bool = False, recursive: bool = True) -> str:
     """The identity of a remote input (see the module docstring): SHA-256 of its URI and the
     ETag / Last-Modified / size of its object (HTTP HEAD, S3 HeadObject), or with `is_store`
-    (a Zarr store under an ``s3://`` prefix) of every object listed under the prefix.
+    (under an ``s3://`` prefix) of the key, ETag and size of every object listed under the prefix:
+    all of them for a Zarr store, only those directly under it with ``recursive=False`` (a DICOM
+    series folder).
 
     Raises:
-        InputError: the object is missing or the server unreachable (naming the URI).
+        InputError: the object is missing, nothing is listed under the prefix, or the server is
+            unreachable (naming the URI).
     """
     check_remote(uri)
     if uri_scheme(uri) == "s3":
-        return _identity(uri, _s3_rows(uri, listing=is_store))
+        return _identity(uri, _s3_rows(uri, listing=is_store, recursive=recursive))
     if is_store:
-        raise InputError(f"{uri}: a Zarr store over HTTP cannot be listed; give an s3:// URI")
+        raise InputError(f"{uri}: a folder or Zarr store over HTTP cannot be listed; give an s3:// URI")
     return _identity(uri, [_http_head(uri)])
 
 
@@ -270,6 +316,60 @@ def download(uri: str, dest: os.PathLike[str] | str) -> int:
     return size
 
 
+def folder_object_name(uri: str, key: str) -> str:
+    """The name of an object of a folder URI (:func:`list_folder`): its key after the prefix."""
+    prefix = split_s3(uri)[1]
+    return key[len(prefix) + 1:] if prefix else key
+
+
+def download_folder(uri: str, rows: list[dict[str, Any]], folder: os.PathLike[str] | str) -> int:
+    """Copy the objects of a folder URI (`rows`: from :func:`list_folder`) into the local `folder`
+    (which must exist), each under its name (:func:`folder_object_name`), streamed (never held in
+    memory), :data:`DOWNLOAD_THREADS` at a time; returns the bytes copied. Each GET asks for the
+    ETag the listing gave (``If-Match``), so the copies are the bytes whose identity the listing
+    holds: an object replaced since it was listed fails here instead of mixing versions.
+
+    Raises:
+        InputError: an object missing, replaced since the listing, or unreadable (naming its URI).
+    """
+    import obstore
+    from obstore.exceptions import BaseError, NotFoundError, PreconditionError
+
+    check_remote(uri)
+    bucket, _ = split_s3(uri)
+    store = s3_store(bucket)
+
+    def fetch(row: dict[str, Any]) -> int:
+        shown = f"s3://{bucket}/{row['key']}"
+        name = folder_object_name(uri, row["key"])
+        size = 0
+        try:
+            options = {"if_match": row["etag"]} if row.get("etag") else None
+            with open(os.path.join(os.fspath(folder), name), "wb") as out:
+                for part in obstore.get(store, row["key"], options=options).stream(min_chunk_size=8 * 2**20):
+                    out.write(part)
+                    size += len(part)
+        except PreconditionError:
+            raise InputError(f"{shown}: the object was replaced after the folder was listed (another ETag); "
+                             "run the job again") from None
+        except (FileNotFoundError, NotFoundError):
+            raise InputError(f"{shown}: no such object (deleted after the folder was listed); "
+                             "run the job again") from None
+        except BaseError as exc:
+            raise InputError(f"{shown}: cannot read from S3: {type(exc).__name__}: {first_line(exc)}") from None
+        except OSError as exc:
+            raise InputError(f"{shown}: cannot write its local copy: {exc}") from None
+        return size
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(DOWNLOAD_THREADS, len(rows))))
+    try:
+        return sum(pool.map(fetch, rows))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after a failure, start no more downloads
+
+
 def check_remote(uri: str) -> None:
     """Refuse a URI tessera cannot read (:func:`schemas.uris.check_uri`) as an InputError."""
     try:
@@ -282,9 +382,13 @@ __all__ = [
     "REMOTE_SCHEMES",
     "check_remote",
     "download",
+    "download_folder",
+    "folder_object_name",
     "gdal_options",
     "gdal_path",
     "is_uri",
+    "list_folder",
+    "listing_identity",
     "remote_input_sha256",
     "s3_settings",
     "s3_store",

@@ -181,15 +181,18 @@ def open_and_hash(path: str, policy: InputPolicy = InputPolicy()) -> tuple[Scene
 
     The checksum of a local input is that of its bytes (`workers.hashing.input_sha256`); a remote
     one cannot be hashed without downloading it, so its identity stands in: the SHA-256 of its URI,
-    ETag, Last-Modified and size (`pipelines.readers.remote.remote_input_sha256`); a STAC item's,
-    that of its JSON and its assets (`pipelines.readers.stac.stac_input_sha256`).
+    ETag, Last-Modified and size (`pipelines.readers.remote.remote_input_sha256`), for a Zarr store
+    of the listing of every object under its prefix, for a DICOM series in S3 of the listing of
+    the objects directly under its prefix (what its reader downloads); a STAC item's, that of its
+    JSON and its assets (`pipelines.readers.stac.stac_input_sha256`).
     """
     try:
         info = open_scene(path, policy=policy)
         if info.format == "stac":
             return info, stac_input_sha256(path, policy.assets), None
         if is_uri(path):
-            return info, remote_input_sha256(path, is_store=info.format == "zarr"), None
+            return info, remote_input_sha256(path, is_store=info.format in ("zarr", "dicom"),
+                                             recursive=info.format != "dicom"), None
         return info, input_sha256(Path(path)), None
     except InputError as exc:
         return None, None, str(exc)

@@ -1,10 +1,11 @@
-"""Jobs over remote inputs on a real local Ray: a COG served over HTTP (range reads), COGs and a
-Zarr volume in a local S3 server (moto), each giving the same classes as the same file read from
-the local disk; what the tables and stores record about them; and (slow) a signed-S3 job through
-the CLI whose credentials end up nowhere on disk."""
+"""Jobs over remote inputs on a real local Ray: a COG served over HTTP (range reads), COGs, a
+Zarr volume and a DICOM series in a local S3 server (moto), each giving the same classes as the
+same file (folder) read from the local disk; what the tables and stores record about them; and
+(slow) a signed-S3 job through the CLI whose credentials end up nowhere on disk."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -96,6 +97,48 @@ def test_s3_cogs_and_a_zarr_volume_give_the_classes_of_their_local_copies(tmp_pa
     np.testing.assert_array_equal(remote, local)
     rows = scenes_table(tmp_path / "out3d")
     assert rows["ct-2"]["source"] == zarr_uri + "/" and rows["ct-2"]["class_volumes"] == rows["ct"]["class_volumes"]
+
+
+def test_a_dicom_series_in_s3_gives_the_classes_of_its_local_folder(tmp_path):
+    """A series named by its folder URI (``s3://bucket/ct/series1/``, public bucket, unsigned
+    requests as above) beside the same series in a local folder: downloaded once into the job's
+    input cache, the same classes; the scene is named after the folder and recorded by its URI
+    with the listing's identity; a series with a missing slice in S3 fails alone, naming its URI."""
+    from tests.integration.test_volumes import _ct
+    from tests.readers.test_dicom import write_series
+
+    local = tmp_path / "local-series"
+    write_series(local, _ct(), orientation="oblique")
+    broken = tmp_path / "broken"
+    write_series(broken, _ct(seed=4), orientation="axial")
+    sorted(broken.iterdir())[5].unlink()
+    card = oracle_checkpoint(tmp_path / "model", bands=1, mean=0.0, std=500.0, tile_size=8, halo=2)
+    root = tmp_path / "out"
+    with moto_s3() as endpoint:
+        client = s3_client(endpoint)
+        client.create_bucket(Bucket="public-ct", ACL="public-read")
+        uri = upload_tree(client, "public-ct", local, "ct/series1", public=True) + "/"
+        broken_uri = upload_tree(client, "public-ct", broken, "ct/broken", public=True) + "/"
+        env = {k: v for k, v in s3_env(endpoint).items() if not k.endswith(("KEY_ID", "ACCESS_KEY"))}
+        with environ({**env, "AWS_NO_SIGN_REQUEST": "YES"}):
+            result = run_job(JobSpec.model_validate({
+                "inputs": [str(local), uri, broken_uri], "model": {"card": str(card)},
+                "tiling": {"volume_chunk_size": 8, "halo": 2, "tile_size": 8, "tile_overlap": 0.5},
+                "resources": {"actors": 1, "torch_threads": 1},
+                "output": {"root": str(root)},
+            }), base_dir=tmp_path)
+            identity = remote_input_sha256(uri, is_store=True, recursive=False)
+    status = {s.name: (s.status, s.error) for s in result.scenes}
+    assert status["local-series"] == status["series1"] == ("complete", None)
+    assert status["broken"][0] == "failed" and status["broken"][1].startswith(f"{broken_uri[:-1]}: 1 slice(s) missing")
+    local_classes, remote_classes = read_classes(root, "local-series"), read_classes(root, "series1")
+    assert remote_classes.shape == (14, 20, 22) and len(np.unique(local_classes)) > 1
+    np.testing.assert_array_equal(remote_classes, local_classes)
+    rows = scenes_table(root)
+    assert rows["series1"]["source"] == uri and rows["series1"]["input_sha256"] == identity
+    assert rows["series1"]["class_volumes"] == rows["local-series"]["class_volumes"]
+    cached = [p.name for p in (root / "_work" / "inputs").iterdir()]
+    assert cached == [f"series1-{hashlib.sha256(uri.encode()).hexdigest()[:12]}-{identity[:12]}.dicom"]
 
 
 def test_a_stac_item_over_http_gives_the_classes_of_its_bands_stacked_locally(tmp_path):

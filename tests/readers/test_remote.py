@@ -128,9 +128,13 @@ def test_s3_settings_come_from_the_standard_environment():
         assert s3_settings()["endpoint"] == "https://minio.internal:9443"
 
 
-@pytest.mark.parametrize("uri, fmt", [("https://h/img.zarr", "zarr"), ("s3://b/series/IM0001.dcm", "dicom")])
-def test_formats_not_read_remotely_are_refused_by_name(uri, fmt):
-    with pytest.raises(InputError, match=f"{fmt} inputs are not read from .*copy the file"):
+@pytest.mark.parametrize("uri, fmt, fix", [
+    ("https://h/img.zarr", "zarr", "copy the file"),
+    ("https://h/series/", "dicom", "HTTP.S. cannot list a folder: copy the series to a local disk .* or put it in S3"),
+    ("http://h/series/IM0001.dcm", "dicom", "copy the series to a local disk"),
+])
+def test_formats_not_read_remotely_are_refused_by_name(uri, fmt, fix):
+    with pytest.raises(InputError, match=f"{fmt} inputs are not read from .*{fix}"):
         open_scene(uri)
 
 
