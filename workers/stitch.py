@@ -39,7 +39,7 @@ from schemas.model_card import ModelCard
 from schemas.store import NODATA_CLASS
 from workers.options import InstanceOptions
 from workers.registry import model_kind
-from workers.tiles import BlendAccumulator
+from workers.tiles import BlendAccumulator, BlendBuffers
 
 Result = TypeVar("Result")
 
@@ -140,19 +140,25 @@ class SemanticStitcher(Stitcher[SemanticResult]):
         window: the window (shape, core, nodata mask, tile weights, whether to keep probabilities).
         num_classes: K, the class planes of every output.
         device: torch device of the blend buffers (the model's device).
+        buffers: where the blend buffers come from and go back to after :meth:`finalize` (one
+            per predictor, so windows of one shape reuse them); None: new ones per window.
 
     The scores added are probabilities, or logits when the window is one tile and only labels
     are wanted (the argmax is the same; the caller then skips the softmax).
     """
 
-    def __init__(self, window: StitchWindow, *, num_classes: int, device: str | torch.device = "cpu"):
+    def __init__(self, window: StitchWindow, *, num_classes: int, device: str | torch.device = "cpu",
+                 buffers: BlendBuffers | None = None):
         if num_classes <= 0:
             raise ValueError(f"num_classes must be > 0, got {num_classes}")
         self.window = window
         self.num_classes = num_classes
         self.device = torch.device(device)
+        self._pool = buffers
+        self._taken = (None if buffers is None or window.tile_weights is None
+                       else buffers.take(window.shape, num_classes, device=self.device))
         self._acc = (None if window.tile_weights is None
-                     else BlendAccumulator(window.shape, num_classes, device=self.device))
+                     else BlendAccumulator(window.shape, num_classes, device=self.device, buffers=self._taken))
         self._whole: torch.Tensor | None = None
         self._closed = False
 
@@ -209,8 +215,13 @@ class SemanticStitcher(Stitcher[SemanticResult]):
         return scores
 
     def finalize(self) -> SemanticResult:
-        """Labels (and float16 probabilities) of the core (see :class:`SemanticResult`)."""
-        return finish_semantic(self.finalize_scores(), self.window)
+        """Labels (and float16 probabilities) of the core (see :class:`SemanticResult`); the blend
+        buffers go back to their pool (the result holds copies, never a view of them)."""
+        result = finish_semantic(self.finalize_scores(), self.window)
+        if self._pool is not None and self._taken is not None:
+            self._pool.give(self._taken)
+        self._taken = None
+        return result
 
 
 def finish_semantic(scores: torch.Tensor, window: StitchWindow) -> SemanticResult:
@@ -544,7 +555,8 @@ StitcherFactory = Callable[[StitchWindow], Stitcher]
 
 
 def _semantic(card: ModelCard, device: torch.device, options: InstanceOptions) -> StitcherFactory:
-    return lambda window: SemanticStitcher(window, num_classes=card.num_classes, device=device)
+    buffers = BlendBuffers()  # one pool per factory, i.e. per predictor: windows reuse the blend buffers
+    return lambda window: SemanticStitcher(window, num_classes=card.num_classes, device=device, buffers=buffers)
 
 
 def _instance(card: ModelCard, device: torch.device, options: InstanceOptions) -> StitcherFactory:

@@ -8,6 +8,13 @@ tile's class probabilities are weighted by a smooth map that is highest in the t
     blended[c, x] = sum_t w_t(x) * p_t[c, x] / sum_t w_t(x)
 
 over the tiles ``t`` containing voxel ``x``. The sums are float32 (or float64), never fp16.
+
+The two sums are the largest allocations of a window (K x window voxels x 4 bytes: 1.4 GB for
+117 classes and a 144³ window), and a predictor needs them again for the next window of the
+same shape: :class:`BlendBuffers` keeps them between windows. Allocated afresh per window, they
+made a predictor process grow by whole buffers over a long job (steps of one buffer, measured
+on CPU with the predictor processes' malloc tunables, which keep freed memory in the heap: other
+allocations land in a freed buffer's hole and the next buffer goes on top).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import torch
 from schemas.checks import as_int
 from workers.tileplan import BLEND_MODES, GAUSSIAN_FLOOR, _as_shape, blend_weights, plan_tiles
 
-__all__ = ["BLEND_MODES", "GAUSSIAN_FLOOR", "BlendAccumulator", "blend_weights", "plan_tiles"]
+__all__ = ["BLEND_MODES", "GAUSSIAN_FLOOR", "BlendAccumulator", "BlendBuffers", "blend_weights", "plan_tiles"]
 
 
 class BlendAccumulator:
@@ -35,6 +42,9 @@ class BlendAccumulator:
         n_channels: Number of channels (classes) of the predictions; > 0.
         device: Torch device of the buffers (``"cpu"``, ``"cuda:0"``, ...).
         dtype: Accumulation dtype, ``torch.float32`` or ``torch.float64`` (never half precision).
+        buffers: ``(sum, weight)`` tensors of shapes ``(C, *window_shape)`` and ``window_shape``,
+            of ``dtype`` on ``device``, to accumulate into instead of new ones (zeroed here; from
+            :class:`BlendBuffers`). :meth:`finalize` returns the first.
 
     Example:
         >>> acc = BlendAccumulator((4, 6), 2)
@@ -53,6 +63,7 @@ class BlendAccumulator:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self._window = _as_shape(window_shape, "window_shape")
         self._channels = as_int(n_channels, "n_channels")
@@ -62,10 +73,18 @@ class BlendAccumulator:
             raise ValueError(f"accumulation dtype must be torch.float32 or torch.float64, got {dtype!r}")
         self._device = torch.device(device)
         self._dtype = dtype
-        self._sum: torch.Tensor | None = torch.zeros(
-            (self._channels, *self._window), dtype=dtype, device=self._device
-        )
-        self._weight: torch.Tensor | None = torch.zeros(self._window, dtype=dtype, device=self._device)
+        self._sum: torch.Tensor | None
+        self._weight: torch.Tensor | None
+        if buffers is None:
+            self._sum = torch.zeros((self._channels, *self._window), dtype=dtype, device=self._device)
+            self._weight = torch.zeros(self._window, dtype=dtype, device=self._device)
+        else:
+            total, weight = buffers
+            for name, t, shape in (("sum", total, (self._channels, *self._window)), ("weight", weight, self._window)):
+                if tuple(t.shape) != shape or t.dtype != dtype or t.device != self._device or not t.is_contiguous():
+                    raise ValueError(f"the {name} buffer is {tuple(t.shape)} {t.dtype} on {t.device}; this "
+                                     f"accumulator needs a contiguous {shape} {dtype} on {self._device}")
+            self._sum, self._weight = total.zero_(), weight.zero_()
         self._numpy_weights: tuple[np.ndarray, torch.Tensor] | None = None
 
     @property
@@ -201,3 +220,36 @@ class BlendAccumulator:
         self._sum = self._weight = None
         self._numpy_weights = None
         return total
+
+
+class BlendBuffers:
+    """Blend accumulator buffers kept from one window to the next of the same shape.
+
+    :meth:`take` hands out a ``(sum, weight)`` pair (a kept one, or new), :meth:`give` takes it
+    back once nothing refers to it any more. It keeps only pairs of the last key asked for
+    (window shape, classes, dtype, device), as many as were in use at once, so it holds no
+    more than the windows in flight did; a pair never given back is simply freed.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._free: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def take(self, window_shape: Sequence[int], n_channels: int, *, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ``(sum (n_channels, *window_shape), weight window_shape)`` pair, contents undefined."""
+        window = tuple(int(n) for n in window_shape)
+        device = torch.device(device)
+        key = (window, int(n_channels), dtype, device)
+        if key != self._key:
+            self._key, self._free = key, []
+        if self._free:
+            return self._free.pop()
+        return (torch.empty((int(n_channels), *window), dtype=dtype, device=device),
+                torch.empty(window, dtype=dtype, device=device))
+
+    def give(self, buffers: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Keep a pair from :meth:`take` for a later window (dropped if the key has changed)."""
+        total, weight = buffers
+        if (tuple(weight.shape), int(total.shape[0]), total.dtype, total.device) == self._key:
+            self._free.append(buffers)

@@ -11,7 +11,7 @@ from schemas.model_card import ModelCard
 from workers.models.oracles import ThresholdOracle
 from workers.predictor import Predictor, PredictorOptions
 from workers.stitch import InstanceStitcher, SemanticStitcher, Stitcher, StitchWindow, stitcher_factory
-from workers.tiles import blend_weights, plan_tiles
+from workers.tiles import BlendBuffers, blend_weights, plan_tiles
 
 
 def _card(architecture="oracle_threshold", name="t") -> ModelCard:
@@ -55,6 +55,44 @@ def test_overlapping_tiles_are_blended_with_the_weights():
     wa[0:4], wb[2:6] = w, w
     np.testing.assert_allclose(scores[0].numpy(), wa / (wa + wb), rtol=1e-6)
     np.testing.assert_allclose(scores.sum(0).numpy(), np.ones(6), rtol=1e-6)
+
+
+def test_windows_of_one_shape_reuse_the_blend_buffers_and_get_the_same_results():
+    """A pool hands the buffers of a finalized window to the next window of its shape; results are
+    those of fresh buffers (the leftovers are zeroed), and scores handed out are never reused."""
+    tile, offsets = plan_tiles((10, 12), 6, 0.5)
+    w = blend_weights(tile)
+    gen = torch.Generator().manual_seed(0)
+    outputs = [torch.rand((len(offsets), 4, *tile), generator=gen) for _ in range(3)]
+    pool = BlendBuffers()
+
+    def run(out, buffers, *, probabilities=False):
+        stitcher = SemanticStitcher(StitchWindow((10, 12), core=(slice(2, 8), slice(3, 9)), tile_weights=w,
+                                                 with_probabilities=probabilities), num_classes=4, buffers=buffers)
+        stitcher.add(offsets, out)
+        return stitcher, stitcher.finalize()
+
+    first, want = run(outputs[0], pool)
+    (kept_sum, kept_weight), = pool._free
+    for out in outputs[1:]:
+        _, got = run(out, pool, probabilities=True)
+        assert pool._free[0][0].data_ptr() == kept_sum.data_ptr()  # the same memory, again
+        _, fresh = run(out, None, probabilities=True)
+        np.testing.assert_array_equal(got.labels, fresh.labels)
+        np.testing.assert_array_equal(got.probabilities, fresh.probabilities)
+    _, again = run(outputs[0], pool)
+    np.testing.assert_array_equal(again.labels, want.labels)
+
+    taken = SemanticStitcher(StitchWindow((10, 12), tile_weights=w), num_classes=4, buffers=pool)
+    assert pool._free == []  # in use
+    taken.add(offsets, outputs[0])
+    scores = taken.finalize_scores()  # handed to the caller: not given back
+    assert pool._free == [] and scores.data_ptr() == kept_sum.data_ptr()
+    other = SemanticStitcher(StitchWindow((10, 12), tile_weights=w), num_classes=4, buffers=pool)
+    assert other._taken[0].data_ptr() != scores.data_ptr()
+    other_shape = SemanticStitcher(StitchWindow((8, 12), tile_weights=blend_weights((6, 6))), num_classes=4,
+                                   buffers=pool)
+    assert tuple(other_shape._taken[1].shape) == (8, 12)
 
 
 def test_add_after_finalize_and_finalizing_twice_are_refused():
