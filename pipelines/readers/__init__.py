@@ -127,7 +127,14 @@ def open_scene(path: str | Path, *, policy: InputPolicy = InputPolicy()) -> Scen
         hint = REMOTE_REFUSAL_HINTS.get(reader.name, "copy the file to a local disk and give its path")
         raise InputError(f"{redact_uri(str(path))}: {reader.name} inputs are not read from "
                          f"{uri_scheme(str(path))}:// (remote inputs: {'; '.join(takes)}); {hint}")
-    return reader.open(str(path), policy=policy)
+    try:
+        return reader.open(str(path), policy=policy)
+    except InputError as exc:
+        if uri_scheme(str(path)) == "s3" and reader.name == FALLBACK_FORMAT and "." not in uri_name(str(path)):
+            # no suffix: perhaps a series folder named without its trailing slash
+            raise InputError(f"{exc} (if {redact_uri(str(path))} is a folder of DICOM slices, end the URI with "
+                             "'/' to name the series)") from None
+        raise
 
 
 def read_window(info: SceneInfo, window: ChunkWindow, *, bands: tuple[int, ...] | None = None

@@ -167,6 +167,9 @@ def test_uris_that_name_no_series_folder_in_s3_are_refused_with_what_to_do(tmp_p
         open_scene(f"s3://{BUCKET}/study/", policy=policy)
     with pytest.raises(InputError, match=rf"^s3://{BUCKET}/nothing/: no objects directly under this prefix$"):
         open_scene(f"s3://{BUCKET}/nothing/", policy=policy)
+    with pytest.raises(InputError, match=rf"\(if s3://{BUCKET}/study/s is a folder of DICOM slices, end the URI "
+                                         r"with '/' to name the series\)$"):
+        open_scene(f"s3://{BUCKET}/study/s", policy=policy)  # the folder without its slash: one (missing) object
 
 
 def test_objects_changed_after_open_are_refused_at_a_read_that_must_download_again(tmp_path, s3):
