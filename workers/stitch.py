@@ -155,10 +155,14 @@ class SemanticStitcher(Stitcher[SemanticResult]):
         self.num_classes = num_classes
         self.device = torch.device(device)
         self._pool = buffers
+        core = window.core_slices
+        core_shape = tuple(len(range(*s.indices(n))) for s, n in zip(core, window.shape, strict=True))
         self._taken = (None if buffers is None or window.tile_weights is None
-                       else buffers.take(window.shape, num_classes, device=self.device))
+                       else buffers.take(core_shape, num_classes, device=self.device))
+        # only the core is blended: the halo's scores are never used
         self._acc = (None if window.tile_weights is None
-                     else BlendAccumulator(window.shape, num_classes, device=self.device, buffers=self._taken))
+                     else BlendAccumulator(window.shape, num_classes, device=self.device, buffers=self._taken,
+                                           region=core))
         self._whole: torch.Tensor | None = None
         self._closed = False
 
@@ -194,8 +198,9 @@ class SemanticStitcher(Stitcher[SemanticResult]):
         self._whole = outputs[0]
 
     def finalize_scores(self) -> torch.Tensor:
-        """The blended scores of the whole window, ``(K, *window)`` on the device; closes the
-        stitcher (for callers that want the scores themselves, e.g. ``predict_probabilities``).
+        """The blended scores of the core, ``(K, *core)`` on the device (the whole window's when
+        it has no core: ``predict_probabilities``); closes the stitcher. Only the core is blended
+        (the accumulator's region): the halo only lends its context to the model.
 
         Raises:
             RuntimeError: if already finalized, or if no tile (or an uncovered voxel) was added.
@@ -209,7 +214,7 @@ class SemanticStitcher(Stitcher[SemanticResult]):
         elif self._whole is None:
             raise RuntimeError("cannot finalize: no output was added for this window")
         else:
-            scores = self._whole
+            scores = self._whole[(slice(None), *self.window.core_slices)]
         self._closed = True
         self._whole = self._acc = None
         return scores
@@ -217,7 +222,7 @@ class SemanticStitcher(Stitcher[SemanticResult]):
     def finalize(self) -> SemanticResult:
         """Labels (and float16 probabilities) of the core (see :class:`SemanticResult`); the blend
         buffers go back to their pool (the result holds copies, never a view of them)."""
-        result = finish_semantic(self.finalize_scores(), self.window)
+        result = finish_core(self.finalize_scores(), self.window)
         if self._pool is not None and self._taken is not None:
             self._pool.give(self._taken)
         self._taken = None
@@ -230,8 +235,13 @@ def finish_semantic(scores: torch.Tensor, window: StitchWindow) -> SemanticResul
     ``labels[x] = argmax_c scores[c, x]`` (first on ties), NODATA_CLASS where ``window.valid``
     is False; probabilities NaN there.
     """
+    return finish_core(scores[(slice(None), *window.core_slices)], window)
+
+
+def finish_core(core_probs: torch.Tensor, window: StitchWindow) -> SemanticResult:
+    """(K, *core) scores of the window's core -> labels (and float16 probabilities) of the core
+    (see :func:`finish_semantic`)."""
     core = window.core_slices
-    core_probs = scores[(slice(None), *core)]
     labels = argmax_classes(core_probs)
     if window.valid is not None:
         core_valid = _mask_to_device(window.valid[core], core_probs.device)

@@ -45,6 +45,12 @@ class BlendAccumulator:
         buffers: ``(sum, weight)`` tensors of shapes ``(C, *window_shape)`` and ``window_shape``,
             of ``dtype`` on ``device``, to accumulate into instead of new ones (zeroed here; from
             :class:`BlendBuffers`). :meth:`finalize` returns the first.
+        region: the part of the window to accumulate, one slice per axis within it (default:
+            the whole window). Tiles are still given in window coordinates; only the part of
+            each inside `region` is added, so the buffers (and :meth:`finalize`'s result) are
+            region-shaped. Each voxel of the region gets the same terms in the same order as
+            with the whole window: the result is the whole window's, cropped (a core needs no
+            buffer for the halo around it: 0.70x the memory for a 144³ window of a 128³ core).
 
     Example:
         >>> acc = BlendAccumulator((4, 6), 2)
@@ -64,8 +70,11 @@ class BlendAccumulator:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
+        region: Sequence[slice] | None = None,
     ) -> None:
         self._window = _as_shape(window_shape, "window_shape")
+        self._part = self._check_region(region)
+        extent = tuple(s.stop - s.start for s in self._part)
         self._channels = as_int(n_channels, "n_channels")
         if self._channels <= 0:
             raise ValueError(f"n_channels must be > 0, got {n_channels!r}")
@@ -76,21 +85,40 @@ class BlendAccumulator:
         self._sum: torch.Tensor | None
         self._weight: torch.Tensor | None
         if buffers is None:
-            self._sum = torch.zeros((self._channels, *self._window), dtype=dtype, device=self._device)
-            self._weight = torch.zeros(self._window, dtype=dtype, device=self._device)
+            self._sum = torch.zeros((self._channels, *extent), dtype=dtype, device=self._device)
+            self._weight = torch.zeros(extent, dtype=dtype, device=self._device)
         else:
             total, weight = buffers
-            for name, t, shape in (("sum", total, (self._channels, *self._window)), ("weight", weight, self._window)):
+            for name, t, shape in (("sum", total, (self._channels, *extent)), ("weight", weight, extent)):
                 if tuple(t.shape) != shape or t.dtype != dtype or t.device != self._device or not t.is_contiguous():
                     raise ValueError(f"the {name} buffer is {tuple(t.shape)} {t.dtype} on {t.device}; this "
                                      f"accumulator needs a contiguous {shape} {dtype} on {self._device}")
             self._sum, self._weight = total.zero_(), weight.zero_()
         self._numpy_weights: tuple[np.ndarray, torch.Tensor] | None = None
 
+    def _check_region(self, region: Sequence[slice] | None) -> tuple[slice, ...]:
+        if region is None:
+            return tuple(slice(0, n) for n in self._window)
+        if len(region) != len(self._window):
+            raise ValueError(f"region {tuple(region)} has {len(region)} axes but the window {self._window} has "
+                             f"{len(self._window)}")
+        out = []
+        for s, n in zip(region, self._window, strict=True):
+            start, stop, step = s.indices(n)
+            if step != 1 or stop <= start:
+                raise ValueError(f"region {tuple(region)} is not a non-empty box of the window {self._window}")
+            out.append(slice(start, stop))
+        return tuple(out)
+
     @property
     def window_shape(self) -> tuple[int, ...]:
         """Window size in voxels per axis."""
         return self._window
+
+    @property
+    def region(self) -> tuple[slice, ...]:
+        """The accumulated part of the window (the whole window unless one was given)."""
+        return self._part
 
     @property
     def n_channels(self) -> int:
@@ -170,8 +198,18 @@ class BlendAccumulator:
         w = self._weights_tensor(weights)
         if tuple(w.shape) != tile:
             raise ValueError(f"weights of shape {tuple(w.shape)} do not match the tile shape {tile} of probs")
-        total[(slice(None), *region)].addcmul_(probs.to(device=self._device, dtype=self._dtype), w)
-        weight[region].add_(w)
+        # the part of the tile inside the accumulated region: src in tile, dst in the buffers
+        src, dst = [], []
+        for r, acc in zip(region, self._part, strict=True):
+            lo, hi = max(r.start, acc.start), min(r.stop, acc.stop)
+            if hi <= lo:
+                return  # the tile adds nothing to the region
+            src.append(slice(lo - r.start, hi - r.start))
+            dst.append(slice(lo - acc.start, hi - acc.start))
+        src_t, dst_t = tuple(src), tuple(dst)
+        total[(slice(None), *dst_t)].addcmul_(probs[(slice(None), *src_t)].to(device=self._device, dtype=self._dtype),
+                                              w[src_t])
+        weight[dst_t].add_(w[src_t])
 
     def add_batch(
         self, offsets: Sequence[Sequence[int]], probs: torch.Tensor, weights: torch.Tensor | np.ndarray
@@ -198,10 +236,11 @@ class BlendAccumulator:
             self.add(offset, tile_probs, weights)
 
     def finalize(self) -> torch.Tensor:
-        """Normalise and return the blended window; the accumulator is closed afterwards.
+        """Normalise and return the blended window (its region); the accumulator is closed afterwards.
 
         Returns:
-            ``(C, *window_shape)`` tensor of ``dtype`` on ``device``: weighted sum / weight sum.
+            ``(C, *region_shape)`` (the window's, without a region) tensor of ``dtype`` on
+            ``device``: weighted sum / weight sum.
 
         Raises:
             RuntimeError: If already finalized, or if a voxel got no weight (the message names
@@ -210,7 +249,7 @@ class BlendAccumulator:
         total, weight = self._open("finalize")
         uncovered = weight <= 0
         if bool(uncovered.any()):
-            first = tuple(int(i) for i in torch.nonzero(uncovered)[0])
+            first = tuple(int(i) + r.start for i, r in zip(torch.nonzero(uncovered)[0], self._part, strict=True))
             count = int(uncovered.sum())
             raise RuntimeError(
                 f"{count} voxel(s) of the window {self._window} got no weight, the first at {first}; "

@@ -83,13 +83,16 @@ def test_windows_of_one_shape_reuse_the_blend_buffers_and_get_the_same_results()
     _, again = run(outputs[0], pool)
     np.testing.assert_array_equal(again.labels, want.labels)
 
-    taken = SemanticStitcher(StitchWindow((10, 12), tile_weights=w), num_classes=4, buffers=pool)
+    taken = SemanticStitcher(StitchWindow((10, 12), core=(slice(2, 8), slice(3, 9)), tile_weights=w), num_classes=4,
+                             buffers=pool)
     assert pool._free == []  # in use
     taken.add(offsets, outputs[0])
     scores = taken.finalize_scores()  # handed to the caller: not given back
     assert pool._free == [] and scores.data_ptr() == kept_sum.data_ptr()
-    other = SemanticStitcher(StitchWindow((10, 12), tile_weights=w), num_classes=4, buffers=pool)
+    other = SemanticStitcher(StitchWindow((10, 12), core=(slice(2, 8), slice(3, 9)), tile_weights=w), num_classes=4,
+                             buffers=pool)
     assert other._taken[0].data_ptr() != scores.data_ptr()
+    assert tuple(other._taken[0].shape) == (4, 6, 6)  # the core's: the halo is not blended
     other_shape = SemanticStitcher(StitchWindow((8, 12), tile_weights=blend_weights((6, 6))), num_classes=4,
                                    buffers=pool)
     assert tuple(other_shape._taken[1].shape) == (8, 12)

@@ -264,3 +264,28 @@ def test_accumulator_on_gpu() -> None:
     out = acc.finalize()
     assert out.device.type == "cuda"
     torch.testing.assert_close(out.cpu(), x, rtol=1e-6, atol=1e-6)
+
+
+def test_a_region_accumulates_the_cropped_window_and_names_uncovered_voxels_in_window_coordinates():
+    """Blending only a core region gives the whole window's blend, cropped, in a core-sized buffer."""
+    tile, offsets = plan_tiles((14, 17, 9), 6, 0.4)
+    w = blend_weights(tile)
+    gen = torch.Generator().manual_seed(3)
+    probs = [torch.rand((3, *tile), generator=gen) for _ in offsets]
+    core = (slice(2, 12), slice(3, 15), slice(1, 8))
+    whole, part = BlendAccumulator((14, 17, 9), 3), BlendAccumulator((14, 17, 9), 3, region=core)
+    for o, p in zip(offsets, probs, strict=True):
+        whole.add(o, p, w)
+        part.add(o, p, w)
+    assert part.region == core
+    got = part.finalize()
+    assert tuple(got.shape) == (3, 10, 12, 7)
+    torch.testing.assert_close(got, whole.finalize()[(slice(None), *core)], rtol=1e-6, atol=1e-7)
+
+    lonely = BlendAccumulator((8, 8), 1, region=(slice(2, 6), slice(2, 6)))
+    lonely.add((0, 0), torch.ones((1, 4, 4)), np.ones((4, 4), np.float32))  # covers (2..3, 2..3) of the region
+    lonely.add((6, 6), torch.ones((1, 2, 2)), np.ones((2, 2), np.float32))  # outside the region: adds nothing
+    with pytest.raises(RuntimeError, match=r"12 voxel\(s\) of the window \(8, 8\) got no weight, the first at \(2, 4\)"):
+        lonely.finalize()
+    with pytest.raises(ValueError, match="not a non-empty box"):
+        BlendAccumulator((8, 8), 1, region=(slice(4, 4), slice(0, 8)))
