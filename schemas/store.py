@@ -30,35 +30,54 @@ Layout (2D, GeoGrid): GeoZarr-style CF metadata that xarray + rioxarray read.
   the level's pixel size, so a level's extent may reach past the scene's by less than one of
   its pixels.
 
-Layout (3D, VolumeGrid): OME-Zarr 0.5 as far as it fits a store that holds no source image.
-  classes       (z, y, x) uint8, fill 255; dimension_names == the OME axes names.
-  probabilities (class, z, y, x) float16, optional; NaN fill (not part of the OME image).
-  overviews/<l>/classes  level l (mode of 2x2x2 blocks, or 1x2x2 where an axis is already
-                coarse: an axis is halved while its spacing is below twice the finest, see
+Layout (3D, VolumeGrid): OME-Zarr 0.5 (https://ngff.openmicroscopy.org/0.5/), the spec's layout of
+an image with a label image: the root is the image of the input volume, the class mask is its
+label image `labels/classes`.
+  0             (c, z, y, x) the input as the reader returns it: the job's channels (`bands`, else
+                all), the reader's dtype (`SceneInfo.dtype`); chunks (channels, *chunk_shape), fill
+                `image_fill_value` (NaN for floats, 0 otherwise; a chunk skipped as wholly nodata
+                is never written, so it reads as the fill). Written by the write stage, the core
+                of each window's input (`schemas.records.Prediction.image`) before the classes and
+                the chunk's marker; a retry writes the same bytes. Extra storage: one copy of the
+                input in its dtype (compressed like every array).
+  1, 2, ...     image level l: the mean of each block of level l - 1 (`pipelines.plan.pyramid.
+                mean_downsample`: float64 sums, NaN left out, integers rounded with rint), with the
+                factors of the label level l; built with the label levels, chunk by chunk.
+  labels/       group; attrs[OME_ATTR] = {"version": "0.5", "labels": ["classes"]}.
+  labels/classes/        the label image (group).
+    0           (z, y, x) uint8 class ids, fill 255; dimension_names == the OME axes names.
+    1, 2, ...   level l (mode of 2x2x2 blocks, or 1x2x2 where an axis is already coarse: an axis
+                is halved while its spacing is below twice the finest, see
                 `pipelines.plan.pyramid.plan_pyramid`), until a level fits in one chunk.
-  Root attrs[OME_ATTR] = {"version": "0.5", "multiscales": [one multiscale named `classes`,
-  axes z/y/x of type space in millimeter, one dataset per level (level 0 = `classes`, then
-  `overviews/<l>/classes`) whose `coordinateTransformations` are a `scale` (= spacing x the
-  level's factor per axis) and a `translation` to the level's first voxel centre (origin +
-  (factor - 1) / 2 x spacing; the origin term only when the affine is axis-aligned, level 0 of
-  an oblique volume has no translation), `type` "mode"], "image-label": {"version": "0.5",
-  "colors": [{"label-value": k, "rgba": card colour, opaque}, ..., {255: transparent}],
-  "properties": [{"label-value": k, "name": class name}, ...]}} (see
-  `VolumeGrid.ome_multiscales`, `ome_image_label`); before the levels exist (a partial store)
-  `multiscales` lists level 0 alone and there is no image-label.
-  attrs[TESSERA_ATTR] holds the exact 4x4 `affine` (float64, row-major) and `spacing_mm`.
+    `classes_path(grid, l)` spells `labels/classes/<l>`: every reader and writer goes through it.
+  probabilities (class, z, y, x) float16, optional; NaN fill; at the root but not part of the OME
+                image (no multiscale lists it).
+  labels/classes attrs[OME_ATTR] = {"version": "0.5", "multiscales": [one multiscale named
+  `classes`, axes z/y/x of type space in millimeter, one dataset per level (paths "0", "1", ...
+  relative to the group) whose `coordinateTransformations` are a `scale` (= spacing x the level's
+  factor per axis) and a `translation` to the level's first voxel centre (origin + (factor - 1) / 2
+  x spacing; the origin term only when the affine is axis-aligned, level 0 of an oblique volume has
+  no translation), `type` "mode"], "image-label": {"version": "0.5", "colors": [{"label-value": k,
+  "rgba": card colour, opaque}, ..., {255: transparent}], "properties": [{"label-value": k, "name":
+  class name}, ...], "source": {"image": "../../"}}} (see `VolumeGrid.ome_label_attributes`,
+  `ome_image_label`).
+  Root attrs[OME_ATTR] = {"version": "0.5", "multiscales": [one multiscale named `image`, axes c
+  (type channel) then z/y/x as above, datasets "0", "1", ... whose transformations are the label
+  level's with a leading 1 (scale) and 0 (translation) for the channel axis, `type` "mean"]} (see
+  `VolumeGrid.ome_image_multiscales`); no image-label at the root.
+  Before the levels exist (a partial store) both multiscales list level 0 alone and
+  `labels/classes` has no image-label yet (it comes with the levels and the card's colours).
+  attrs[TESSERA_ATTR] holds the exact 4x4 `affine` (float64, row-major) and `spacing_mm`, and the
+  level records (`path` = the classes level, `image_path` = the image level).
   No x/y/z coordinate arrays and no spatial_ref: an oblique affine has no 1-D coordinates.
-  OME-Zarr clauses: the root is a valid 0.5 image (multiscales: axes, ordered datasets with
-  exactly one scale and at most one translation after it) and a valid label image (integer
-  pixels, `image-label` with `colors`, `properties`, `version`); ome-zarr-models 1.7 accepted a
-  written store as both `Image` and `ImageLabel` (checked by hand in a separate environment: it
-  pins pydantic < 2.13, older than tessera's, so it is not a test dependency). Not held: the spec nests label images in a "labels" group
-  inside the image they annotate (`labels/<name>` listed in `labels/zarr.json`, with
-  `source.image` pointing back); these stores hold no source image, so the label volume is the
-  root image itself, with `image-label` beside its `multiscales` and no `source`. Readers that
-  recognise a label image by its `image-label` (ome-zarr-py's Label node) find it at the root;
-  readers that only look under `labels/` do not. Moving it to `labels/classes` is for when the
-  store also carries the image.
+  OME-Zarr clauses: the root is a 0.5 image (multiscales: axes with one channel axis before the
+  space axes, ordered datasets with exactly one scale and at most one translation after it), the
+  `labels` group lists its label images, and `labels/classes` is a multiscale image with integer
+  pixels and an `image-label` (`colors`, `properties`, `source`, `version`). (The layout before
+  this one, the label volume itself at the root, was accepted by ome-zarr-models 1.7 as `Image` and
+  `ImageLabel`, checked by hand in a separate environment; this layout has not been put through a
+  validator: ome-zarr-models pins pydantic < 2.13, older than tessera's, so it is not a test
+  dependency.)
 
 Both layouts keep the tessera provenance under the TESSERA_ATTR key of the root group.
 """

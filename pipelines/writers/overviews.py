@@ -74,7 +74,8 @@ class LevelReport:
 
 
 def build_level(source: zarr.Array, target: zarr.Array, factors: Sequence[int], *,
-                rows: tuple[int, int] | None = None, resampling: str = layout.RESAMPLING_MODE) -> LevelReport:
+                rows: tuple[int, int] | None = None, resampling: str = layout.RESAMPLING_MODE,
+                band_axis: int = 0) -> LevelReport:
     """Fill `target` with the mode (or mean) of each `factors` block of `source`, one target chunk
     at a time.
 
@@ -82,8 +83,10 @@ def build_level(source: zarr.Array, target: zarr.Array, factors: Sequence[int], 
         source: the previous level (uint8 classes, or a volume's image for the mean).
         target: the new level, ``ceil(source.shape / factors)`` per axis.
         factors: 1 or 2 per axis.
-        rows: only the target chunks whose index along axis 0 is in ``[rows[0], rows[1])``
+        rows: only the target chunks whose index along `band_axis` is in ``[rows[0], rows[1])``
             (one task's band); None: all.
+        band_axis: the axis `rows` counts chunks along (1 for an image: its axis 0 is the
+            channels, one chunk).
         resampling: `layout.RESAMPLING_MODE` (`mode_downsample`, class masks) or
             `layout.RESAMPLING_MEAN` (`mean_downsample`, images).
 
@@ -94,7 +97,7 @@ def build_level(source: zarr.Array, target: zarr.Array, factors: Sequence[int], 
     n_blocks = max_elements = 0
     ranges = [range(0, n, c) for n, c in zip(target.shape, target.chunks)]
     if rows is not None:
-        ranges[0] = ranges[0][rows[0]:rows[1]]
+        ranges[band_axis] = ranges[band_axis][rows[0]:rows[1]]
     for starts in itertools.product(*ranges):
         out = tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, target.chunks, target.shape))
         read = tuple(slice(o.start * f, min(o.stop * f, n)) for o, f, n in zip(out, factors, source.shape))
@@ -109,17 +112,19 @@ def build_level(source: zarr.Array, target: zarr.Array, factors: Sequence[int], 
 
 
 def _level_band(store: str, source_path: str, target_path: str, factors: tuple[int, ...],
-                rows: tuple[int, int], resampling: str = layout.RESAMPLING_MODE) -> tuple[int, int]:
+                rows: tuple[int, int], resampling: str = layout.RESAMPLING_MODE, band_axis: int = 0
+                ) -> tuple[int, int]:
     """One Ray task of a distributed level: the band `rows` of the target's chunk rows, the store
     opened here (a local path on a shared filesystem, or ``s3://`` with this node's credentials).
     Returns (blocks, largest block's elements)."""
     group = zarr.open_group(zarr_store(as_location(store)), mode="r+")
-    report = build_level(group[source_path], group[target_path], factors, rows=rows, resampling=resampling)
+    report = build_level(group[source_path], group[target_path], factors, rows=rows, resampling=resampling,
+                         band_axis=band_axis)
     return report.n_blocks, report.max_block_elements
 
 
 def _build_level_on_ray(zarr_path: Path, source_path: str, target: zarr.Array, factors: tuple[int, ...],
-                        resampling: str = layout.RESAMPLING_MODE) -> LevelReport | None:
+                        resampling: str = layout.RESAMPLING_MODE, band_axis: int = 0) -> LevelReport | None:
     """Build a level as Dask tasks on the connected Ray cluster (Dask-on-Ray), one band of target
     chunk rows each, when Ray is up with at least :data:`DISTRIBUTED_MIN_NODES` alive nodes and
     the level has at least :data:`DISTRIBUTED_MIN_BLOCKS` chunks; None otherwise (the caller
@@ -135,13 +140,13 @@ def _build_level_on_ray(zarr_path: Path, source_path: str, target: zarr.Array, f
     import dask
     from ray.util.dask import ray_dask_get
 
-    n_rows = -(-target.shape[0] // target.chunks[0])
+    n_rows = -(-target.shape[band_axis] // target.chunks[band_axis])
     n_tasks = max(1, min(n_rows, MAX_LEVEL_TASKS, 2 * int(ray.cluster_resources().get("CPU", 1))))
     edges = [round(i * n_rows / n_tasks) for i in range(n_tasks + 1)]
     target_path = target.path
     with dask.annotate(ray_remote_args={"num_cpus": 0}):
         parts = [dask.delayed(_level_band, pure=False)(str(zarr_path), source_path, target_path, factors, (a, b),
-                                                       resampling)
+                                                       resampling, band_axis)
                  for a, b in zip(edges, edges[1:]) if b > a]
     done = dask.compute(*parts, scheduler=ray_dask_get)
     return LevelReport(level=-1, shape=tuple(target.shape), n_blocks=sum(n for n, _ in done),
@@ -219,7 +224,7 @@ def build_overviews(zarr_path: Path, *, class_colors: Sequence[str] | None = Non
             image_factors = (1, *level.factors)
             image_source = group[layout.image_path(level.level - 1)]
             image_report = (_build_level_on_ray(zarr_path, image_source.path, image_target, image_factors,
-                                                layout.RESAMPLING_MEAN)
+                                                layout.RESAMPLING_MEAN, band_axis=1)
                             or build_level(image_source, image_target, image_factors,
                                            resampling=layout.RESAMPLING_MEAN))
             report = LevelReport(-1, report.shape, report.n_blocks, report.max_block_elements,

@@ -138,6 +138,37 @@ def test_large_levels_are_built_as_ray_tasks_with_the_same_bytes(tmp_path, monke
     assert a.attrs.asdict() == b.attrs.asdict()
 
 
+def test_large_volume_levels_and_image_levels_are_built_as_ray_tasks_with_the_same_bytes(tmp_path, monkeypatch,
+                                                                                       ray_local):
+    import pipelines.writers.overviews as overviews
+
+    grid = layout.VolumeGrid(affine=np.eye(4))
+    labels = _labels((40, 21, 18), seed=2)
+    image = np.random.default_rng(2).normal(0, 100, (1, *labels.shape)).astype(np.float32)
+    stores = []
+    for name in ("here", "ray"):
+        path = tmp_path / f"{name}.zarr"
+        create_scene_store(path, shape=labels.shape, chunk_shape=(4, 8, 8), grid=grid, class_names=NAMES,
+                           provenance={"fingerprint": "f" * 64}, image=(1, "float32"))
+        write_chunk(path, tuple(slice(0, n) for n in labels.shape), labels, image=image)
+        stores.append(path)
+    here, there = stores
+    monkeypatch.setattr(overviews, "DISTRIBUTED_MIN_BLOCKS", 10**9)
+    local = build_overviews(here, class_colors=COLORS)
+    monkeypatch.setattr(overviews, "DISTRIBUTED_MIN_BLOCKS", 8)
+    monkeypatch.setattr(overviews, "DISTRIBUTED_MIN_NODES", 1)  # as on a cluster
+    remote = build_overviews(there, class_colors=COLORS)
+    # level 1 (20 x 11 x 9 in chunks of 4 x 8 x 8: 5 x 2 x 2): the classes in bands of chunk rows
+    # along z, the image likewise along its first spatial axis (its axis 0, the channels, is one
+    # chunk): 2 to 5 tasks each (at most 2 x the cluster's CPUs)
+    assert local[0].tasks == 0 and remote[0].tasks >= 2 * 2
+    a, b = zarr.open_group(str(here), mode="r"), zarr.open_group(str(there), mode="r")
+    for level in range(1, len(local) + 1):
+        np.testing.assert_array_equal(a[layout.classes_path(3, level)][:], b[layout.classes_path(3, level)][:])
+        np.testing.assert_array_equal(a[layout.image_path(level)][:], b[layout.image_path(level)][:])
+    np.testing.assert_array_equal(b["1"][:], mean_downsample(image, (1, 2, 2, 2)))
+
+
 def test_rebuilding_writes_the_same_levels_and_metadata(tmp_path):
     path = tmp_path / "s.zarr"
     _store_2d(path, _labels((80, 70)))
