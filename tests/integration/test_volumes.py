@@ -113,7 +113,8 @@ def test_a_dicom_series_runs_to_a_volume_store_regions_in_mm3_and_a_nifti_export
     assert not (root / "broken-series.nii.gz").exists()
 
 
-def test_nifti_volumes_in_ras_and_lps_run_and_export_on_their_own_affine(tmp_path):
+@pytest.mark.parametrize("stages", ["fused", "split"])
+def test_nifti_volumes_in_ras_and_lps_run_and_export_on_their_own_affine(tmp_path, stages):
     nib = pytest.importorskip("nibabel")
     inputs = tmp_path / "nifti"
     inputs.mkdir()
@@ -131,7 +132,9 @@ def test_nifti_volumes_in_ras_and_lps_run_and_export_on_their_own_affine(tmp_pat
     spec = JobSpec.model_validate({
         "inputs": ["nifti/*.nii.gz"], "model": {"card": str(card)},
         "tiling": {"volume_chunk_size": 8, "halo": 2, "tile_size": 8},
-        "resources": {"actors": 1, "torch_threads": 1},
+        # split: the input image travels on the Prediction records from the actor to the write tasks
+        "resources": {"actors": 1, "torch_threads": 1, "stages": stages,
+                      **({"cpus_per_actor": 0.5} if stages == "split" else {})},
         "output": {"root": str(root), "export": ["nifti"]},
     })
     result = run_job(spec, base_dir=tmp_path)
