@@ -70,14 +70,18 @@ label image `labels/classes`.
   attrs[TESSERA_ATTR] holds the exact 4x4 `affine` (float64, row-major) and `spacing_mm`, and the
   level records (`path` = the classes level, `image_path` = the image level).
   No x/y/z coordinate arrays and no spatial_ref: an oblique affine has no 1-D coordinates.
+  Volume jobs' fingerprints carry this layout (`pipelines.run.resolve.VOLUME_STORE_LAYOUT`), so a
+  store of the earlier layout (the classes at the root, no image) is another job's output.
   OME-Zarr clauses: the root is a 0.5 image (multiscales: axes with one channel axis before the
   space axes, ordered datasets with exactly one scale and at most one translation after it), the
   `labels` group lists its label images, and `labels/classes` is a multiscale image with integer
-  pixels and an `image-label` (`colors`, `properties`, `source`, `version`). (The layout before
-  this one, the label volume itself at the root, was accepted by ome-zarr-models 1.7 as `Image` and
-  `ImageLabel`, checked by hand in a separate environment; this layout has not been put through a
-  validator: ome-zarr-models pins pydantic < 2.13, older than tessera's, so it is not a test
-  dependency.)
+  pixels and an `image-label` (`colors`, `properties`, `source`, `version`). Checked by hand, not
+  by a test (the schemas are not vendored): the root and `labels/classes` of written stores (the
+  volume demo's, and an axis-aligned anisotropic one with overview levels) validate with jsonschema
+  against the OME-Zarr 0.5 JSON schemas `strict_image` (both) and `strict_label`
+  (`labels/classes`) of the ngff repository; 0.5 has no schema for the `labels` group, whose
+  `labels` list follows the spec's text. (ome-zarr-models, which accepted the earlier layout, pins
+  pydantic < 2.13, older than tessera's, so it is not a test dependency either.)
 
 Both layouts keep the tessera provenance under the TESSERA_ATTR key of the root group.
 """
