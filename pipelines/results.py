@@ -169,9 +169,10 @@ def _volume_array(path: Location, variable: str, grid: layout.VolumeGrid) -> Any
     import zarr
 
     group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
-    if variable not in group:
+    name = layout.classes_path(grid) if variable == layout.CLASSES else variable  # labels/classes/0
+    if name not in group:
         raise OutputError(f"{path}: no array {variable!r}")
-    array = group[variable]
+    array = group[name]
     data = da.from_zarr(array)
     dims = ("class", *layout.DIMENSIONS_3D) if array.ndim == 4 else layout.DIMENSIONS_3D
     affine = np.asarray(grid.affine, dtype=np.float64)

@@ -87,6 +87,14 @@ class ReadWindow:
             return None
         return np.ascontiguousarray(self.pixels[(0, *self.core_in_window)], dtype=np.float32)
 
+    def core_image(self) -> np.ndarray | None:
+        """Every channel's values on the core, ``(C, *core_shape)`` in the reader's dtype, for a
+        volume (3 spatial axes): what its store's root image holds; None for an image or a window
+        without pixels."""
+        if not self.needs_prediction or self.pixels.ndim != 4:
+            return None
+        return np.ascontiguousarray(self.pixels[(slice(None), *self.core_in_window)])
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -102,6 +110,10 @@ class Prediction:
         error: why reading or predicting failed, "" if nothing did.
         intensity: ``core_shape`` float32 input values of the first channel on the core, for the
             region statistics' mean intensity (volumes: HU of a CT); None for images.
+        instances: an instance model's objects of the window, else None.
+        image: ``(C, *core_shape)`` input values of every channel on the core in the reader's
+            dtype (`ReadWindow.core_image`), written to a volume store's root image; None for
+            images, and when skipped or failed.
     """
 
     task: ChunkTask
@@ -113,6 +125,7 @@ class Prediction:
     error: str = ""
     intensity: np.ndarray | None = None
     instances: InstanceWindow | None = None
+    image: np.ndarray | None = None
 
     @classmethod
     def passed_on(cls, read: ReadWindow, *, error: str = "") -> Prediction:

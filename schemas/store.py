@@ -18,7 +18,7 @@ Layout (2D, GeoGrid): GeoZarr-style CF metadata that xarray + rioxarray read.
                 opens one georeferenced. Root attributes list them in the Zarr conventions
                 GeoZarr builds on: `zarr_conventions` declares "multiscales" (v1) and "spatial"
                 (v0.1); `multiscales.layout` has one item per level, level 0 first, with
-                `asset` (the array path, `level_path`), `derived_from` (the level before),
+                `asset` (the array path, `classes_path`), `derived_from` (the level before),
                 `transform` {scale [2, 2] relative to it, translation [0, 0]: pixel corners
                 coincide}, `resampling_method` "mode", and the level's absolute
                 `spatial:transform` (a, b, c, d, e, f) and `spatial:shape`; the root has
@@ -30,35 +30,58 @@ Layout (2D, GeoGrid): GeoZarr-style CF metadata that xarray + rioxarray read.
   the level's pixel size, so a level's extent may reach past the scene's by less than one of
   its pixels.
 
-Layout (3D, VolumeGrid): OME-Zarr 0.5 as far as it fits a store that holds no source image.
-  classes       (z, y, x) uint8, fill 255; dimension_names == the OME axes names.
-  probabilities (class, z, y, x) float16, optional; NaN fill (not part of the OME image).
-  overviews/<l>/classes  level l (mode of 2x2x2 blocks, or 1x2x2 where an axis is already
-                coarse: an axis is halved while its spacing is below twice the finest, see
+Layout (3D, VolumeGrid): OME-Zarr 0.5 (https://ngff.openmicroscopy.org/0.5/), the spec's layout of
+an image with a label image: the root is the image of the input volume, the class mask is its
+label image `labels/classes`.
+  0             (c, z, y, x) the input as the reader returns it: the job's channels (`bands`, else
+                all), the reader's dtype (`SceneInfo.dtype`); chunks (channels, *chunk_shape), fill
+                `image_fill_value` (NaN for floats, 0 otherwise; a chunk skipped as wholly nodata
+                is never written, so it reads as the fill). Written by the write stage, the core
+                of each window's input (`schemas.records.Prediction.image`) before the classes and
+                the chunk's marker; a retry writes the same bytes. Extra storage: one copy of the
+                input in its dtype (compressed like every array).
+  1, 2, ...     image level l: the mean of each block of level l - 1 (`pipelines.plan.pyramid.
+                mean_downsample`: float64 sums, NaN left out, integers rounded with rint), with the
+                factors of the label level l; built with the label levels, chunk by chunk.
+  labels/       group; attrs[OME_ATTR] = {"version": "0.5", "labels": ["classes"]}.
+  labels/classes/        the label image (group).
+    0           (z, y, x) uint8 class ids, fill 255; dimension_names == the OME axes names.
+    1, 2, ...   level l (mode of 2x2x2 blocks, or 1x2x2 where an axis is already coarse: an axis
+                is halved while its spacing is below twice the finest, see
                 `pipelines.plan.pyramid.plan_pyramid`), until a level fits in one chunk.
-  Root attrs[OME_ATTR] = {"version": "0.5", "multiscales": [one multiscale named `classes`,
-  axes z/y/x of type space in millimeter, one dataset per level (level 0 = `classes`, then
-  `overviews/<l>/classes`) whose `coordinateTransformations` are a `scale` (= spacing x the
-  level's factor per axis) and a `translation` to the level's first voxel centre (origin +
-  (factor - 1) / 2 x spacing; the origin term only when the affine is axis-aligned, level 0 of
-  an oblique volume has no translation), `type` "mode"], "image-label": {"version": "0.5",
-  "colors": [{"label-value": k, "rgba": card colour, opaque}, ..., {255: transparent}],
-  "properties": [{"label-value": k, "name": class name}, ...]}} (see
-  `VolumeGrid.ome_multiscales`, `ome_image_label`); before the levels exist (a partial store)
-  `multiscales` lists level 0 alone and there is no image-label.
-  attrs[TESSERA_ATTR] holds the exact 4x4 `affine` (float64, row-major) and `spacing_mm`.
+    `classes_path(grid, l)` spells `labels/classes/<l>`: every reader and writer goes through it.
+  probabilities (class, z, y, x) float16, optional; NaN fill; at the root but not part of the OME
+                image (no multiscale lists it).
+  labels/classes attrs[OME_ATTR] = {"version": "0.5", "multiscales": [one multiscale named
+  `classes`, axes z/y/x of type space in millimeter, one dataset per level (paths "0", "1", ...
+  relative to the group) whose `coordinateTransformations` are a `scale` (= spacing x the level's
+  factor per axis) and a `translation` to the level's first voxel centre (origin + (factor - 1) / 2
+  x spacing; the origin term only when the affine is axis-aligned, level 0 of an oblique volume has
+  no translation), `type` "mode"], "image-label": {"version": "0.5", "colors": [{"label-value": k,
+  "rgba": card colour, opaque}, ..., {255: transparent}], "properties": [{"label-value": k, "name":
+  class name}, ...], "source": {"image": "../../"}}} (see `VolumeGrid.ome_label_attributes`,
+  `ome_image_label`).
+  Root attrs[OME_ATTR] = {"version": "0.5", "multiscales": [one multiscale named `image`, axes c
+  (type channel) then z/y/x as above, datasets "0", "1", ... whose transformations are the label
+  level's with a leading 1 (scale) and 0 (translation) for the channel axis, `type` "mean"]} (see
+  `VolumeGrid.ome_image_multiscales`); no image-label at the root.
+  Before the levels exist (a partial store) both multiscales list level 0 alone and
+  `labels/classes` has no image-label yet (it comes with the levels and the card's colours).
+  attrs[TESSERA_ATTR] holds the exact 4x4 `affine` (float64, row-major) and `spacing_mm`, and the
+  level records (`path` = the classes level, `image_path` = the image level).
   No x/y/z coordinate arrays and no spatial_ref: an oblique affine has no 1-D coordinates.
-  OME-Zarr clauses: the root is a valid 0.5 image (multiscales: axes, ordered datasets with
-  exactly one scale and at most one translation after it) and a valid label image (integer
-  pixels, `image-label` with `colors`, `properties`, `version`); ome-zarr-models 1.7 accepted a
-  written store as both `Image` and `ImageLabel` (checked by hand in a separate environment: it
-  pins pydantic < 2.13, older than tessera's, so it is not a test dependency). Not held: the spec nests label images in a "labels" group
-  inside the image they annotate (`labels/<name>` listed in `labels/zarr.json`, with
-  `source.image` pointing back); these stores hold no source image, so the label volume is the
-  root image itself, with `image-label` beside its `multiscales` and no `source`. Readers that
-  recognise a label image by its `image-label` (ome-zarr-py's Label node) find it at the root;
-  readers that only look under `labels/` do not. Moving it to `labels/classes` is for when the
-  store also carries the image.
+  Volume jobs' fingerprints carry this layout (`pipelines.run.resolve.VOLUME_STORE_LAYOUT`), so a
+  store of the earlier layout (the classes at the root, no image) is another job's output.
+  OME-Zarr clauses: the root is a 0.5 image (multiscales: axes with one channel axis before the
+  space axes, ordered datasets with exactly one scale and at most one translation after it), the
+  `labels` group lists its label images, and `labels/classes` is a multiscale image with integer
+  pixels and an `image-label` (`colors`, `properties`, `source`, `version`). Checked by hand, not
+  by a test (the schemas are not vendored): the root and `labels/classes` of written stores (the
+  volume demo's, and an axis-aligned anisotropic one with overview levels) validate with jsonschema
+  against the OME-Zarr 0.5 JSON schemas `strict_image` (both) and `strict_label`
+  (`labels/classes`) of the ngff repository; 0.5 has no schema for the `labels` group, whose
+  `labels` list follows the spec's text. (ome-zarr-models, which accepted the earlier layout, pins
+  pydantic < 2.13, older than tessera's, so it is not a test dependency either.)
 
 Both layouts keep the tessera provenance under the TESSERA_ATTR key of the root group.
 """
@@ -72,6 +95,9 @@ from typing import Any
 import numpy as np
 
 CLASSES = "classes"
+LABELS = "labels"  # 3D: the OME-Zarr labels group; the class mask is its label image `labels/classes`
+LABEL_IMAGE = f"{LABELS}/{CLASSES}"  # 3D: the label image group; its levels are `<LABEL_IMAGE>/<l>`
+CHANNEL_DIM = "c"  # 3D: the channel axis of the root image (the input volume), OME axis type "channel"
 PROBABILITIES = "probabilities"  # optional (class, *spatial) float16, NaN = nodata / not predicted
 PROBABILITIES_DTYPE = "float16"
 CLASS_DIM = "class"
@@ -103,9 +129,10 @@ KEY_SPACING_MM = "spacing_mm"  # 3D: voxel size per array axis (z, y, x), mm
 KEY_OVERVIEWS = "overviews"  # list of level records (level, path, shape, factors, cumulative, grid keys)
 KEY_CLASS_COLORS = "class_colors"  # '#rrggbb' per class id (the card's, or its default palette)
 
-# Overview levels 1, 2, ... of `classes`: `overviews/<level>/classes` (see `level_path`).
+# 2D overview levels 1, 2, ... of `classes`: `overviews/<level>/classes` (see `classes_path`).
 OVERVIEWS = "overviews"
 RESAMPLING_MODE = "mode"  # most frequent class per block, ties to the lowest id (pipelines.plan.pyramid)
+RESAMPLING_MEAN = "mean"  # 3D image levels: mean of each block (pipelines.plan.pyramid.mean_downsample)
 # 2D: the Zarr conventions GeoZarr builds on (github.com/zarr-conventions): "multiscales" (v1) lists
 # the levels in the root attribute `multiscales` = {"layout": [...], "resampling_method": "mode"},
 # each layout item with the level's absolute `spatial:transform` and `spatial:shape` from the
@@ -149,9 +176,31 @@ OME_SPACE_UNIT = "millimeter"
 SPACING_RTOL = 1e-4
 
 
-def level_path(level: int) -> str:
-    """Path of `classes` at overview `level` inside a store: `classes` (0), `overviews/<level>/classes`."""
+def classes_path(grid: int | GeoGrid | VolumeGrid, level: int = 0) -> str:
+    """Path of the `classes` array of overview `level` (0: full resolution) inside a store.
+
+    `grid` is the store's grid or its number of spatial axes. 2D: `classes` (level 0),
+    `overviews/<level>/classes`. 3D: the label image's level, `labels/classes/<level>`.
+    The one place these paths are spelled: every reader and writer of a store goes through it.
+    """
+    ndim = grid if isinstance(grid, int) else len(grid.dimension_names)
+    if ndim == 3:
+        return f"{LABEL_IMAGE}/{int(level)}"
+    if ndim != 2:
+        raise ValueError(f"classes_path: a store has 2 or 3 spatial axes, not {ndim}")
     return CLASSES if level == 0 else f"{OVERVIEWS}/{level}/{CLASSES}"
+
+
+def image_path(level: int = 0) -> str:
+    """Path of level `level` of a volume store's OME image (the input volume) at its root: `0`, `1`, ..."""
+    return str(int(level))
+
+
+def image_fill_value(dtype: str | np.dtype) -> float | int:
+    """Fill value of a volume store's image array: NaN for a float dtype (a volume's nodata,
+    `pipelines.readers.nifti`), 0 otherwise. A chunk that was never written (wholly nodata,
+    skipped) reads as it."""
+    return float("nan") if np.issubdtype(np.dtype(dtype), np.floating) else 0
 
 
 def hex_to_rgba(color: str, alpha: int = 255) -> list[int]:
@@ -348,9 +397,30 @@ class VolumeGrid:
         affine = np.asarray(self.affine, dtype=np.float64) @ step
         return VolumeGrid(affine=affine, spacing_mm=tuple(s * k for s, k in zip(self.spacing_mm, cumulative)))
 
+    def _ome_datasets(self, levels: list[tuple[str, tuple[int, ...]]], *, channel: bool) -> list[dict[str, Any]]:
+        """The `datasets` of an OME multiscale over `levels` (see `ome_multiscales`); with `channel`
+        each transformation has a leading channel entry (scale 1, translation 0)."""
+        if self.is_axis_aligned:
+            r, a, s = self.origin_mm
+            origin = (s, a, r)
+        else:
+            origin = None
+        lead_scale, lead_shift = ([1.0], [0.0]) if channel else ([], [])
+        datasets = []
+        for path, factors in levels:
+            transforms: list[dict[str, Any]] = [
+                {"type": "scale", "scale": lead_scale + [sp * f for sp, f in zip(self.spacing_mm, factors)]}]
+            if origin is not None or any(f != 1 for f in factors):
+                base = origin or (0.0, 0.0, 0.0)
+                transforms.append({"type": "translation", "translation": lead_shift + [
+                    t + (f - 1) / 2 * sp for t, f, sp in zip(base, factors, self.spacing_mm)]})
+            datasets.append({"path": path, "coordinateTransformations": transforms})
+        return datasets
+
     def ome_multiscales(self, levels: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
-        """The OME-Zarr 0.5 `ome` object of a root group whose image levels are `levels`, each
-        ``(dataset path, cumulative factor per axis)``, level 0 (factors 1) first.
+        """The OME-Zarr 0.5 `ome` object (multiscales only) of the label image `labels/classes`
+        whose levels are `levels`, each ``(dataset path relative to it, cumulative factor per
+        axis)``, level 0 (factors 1) first.
 
         Per level: `scale` = spacing_mm x factor; a `translation` to the level's first voxel
         centre, ``t0 + (factor - 1) / 2 x spacing_mm`` per axis, where ``t0`` is the origin as
@@ -359,29 +429,41 @@ class VolumeGrid:
         downsampling (pipelines.plan.pyramid).
         """
         axes = [{"name": name, "type": "space", "unit": OME_SPACE_UNIT} for name in DIMENSIONS_3D]
-        if self.is_axis_aligned:
-            r, a, s = self.origin_mm
-            origin = (s, a, r)
-        else:
-            origin = None
-        datasets = []
-        for path, factors in levels:
-            transforms: list[dict[str, Any]] = [
-                {"type": "scale", "scale": [sp * f for sp, f in zip(self.spacing_mm, factors)]}]
-            if origin is not None or any(f != 1 for f in factors):
-                base = origin or (0.0, 0.0, 0.0)
-                transforms.append({"type": "translation", "translation": [
-                    t + (f - 1) / 2 * sp for t, f, sp in zip(base, factors, self.spacing_mm)]})
-            datasets.append({"path": path, "coordinateTransformations": transforms})
-        multiscale: dict[str, Any] = {"name": CLASSES, "axes": axes, "datasets": datasets}
+        multiscale: dict[str, Any] = {"name": CLASSES, "axes": axes,
+                                      "datasets": self._ome_datasets(levels, channel=False)}
         if len(levels) > 1:
             multiscale.update(type=RESAMPLING_MODE, metadata={
                 "description": "most frequent class of each 2x2x2 (or 1x2x2 on an already coarse axis) block, "
                                "nodata (255) only where the whole block is nodata, ties to the lowest class id"})
         return {"version": OME_VERSION, "multiscales": [multiscale]}
 
+    def ome_image_multiscales(self, levels: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
+        """The OME-Zarr 0.5 `ome` object of the root image (the input volume, arrays `0`, `1`,
+        ...): axes c (type channel) then z, y, x as in `ome_multiscales`; each level's `scale`
+        and `translation` are the label level's with a leading 1 and 0 for the channel axis.
+        `type` "mean": each level is the mean of the blocks of the level before."""
+        axes = [{"name": CHANNEL_DIM, "type": "channel"}]
+        axes += [{"name": name, "type": "space", "unit": OME_SPACE_UNIT} for name in DIMENSIONS_3D]
+        multiscale: dict[str, Any] = {"name": "image", "axes": axes,
+                                      "datasets": self._ome_datasets(levels, channel=True)}
+        if len(levels) > 1:
+            multiscale.update(type=RESAMPLING_MEAN, metadata={
+                "description": "mean of each 2x2x2 (or 1x2x2 on an already coarse axis) block per channel, "
+                               "accumulated in float64, NaN ignored; integer inputs rounded to the nearest"})
+        return {"version": OME_VERSION, "multiscales": [multiscale]}
+
+    def ome_label_attributes(self, levels: list[tuple[str, tuple[int, ...]]],
+                             image_label: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The `ome` object of the label image `labels/classes`: `ome_multiscales(levels)`, and
+        when given `image_label` (`ome_image_label`) with ``source: {"image": "../../"}`` (the
+        root image it annotates) added."""
+        ome = self.ome_multiscales(levels)
+        if image_label is not None:
+            ome["image-label"] = {**image_label, "source": {"image": "../../"}}
+        return ome
+
     def ome_attributes(self, dataset_path: str) -> dict[str, Any]:
-        """The OME-Zarr 0.5 `ome` object of a root group whose one image level is `dataset_path`.
+        """The OME-Zarr 0.5 `ome` object of the label image whose one level is `dataset_path`.
 
         Axes z, y, x, type space, unit millimeter; physical axis z is scanner S, y is A, x is R.
         The dataset's `coordinateTransformations` are a `scale` (= spacing_mm) and, only when
@@ -397,8 +479,18 @@ class VolumeGrid:
         return {KEY_AFFINE: [list(row) for row in self.affine], KEY_SPACING_MM: list(self.spacing_mm)}
 
     def group_attributes(self) -> dict[str, Any]:
-        """Root group attributes beside TESSERA_ATTR: the OME-Zarr image of `classes`."""
-        return {OME_ATTR: self.ome_attributes(CLASSES)}
+        """Root group attributes beside TESSERA_ATTR: the OME-Zarr image (the input volume) with
+        its level 0 alone (the levels are listed when they are built)."""
+        return {OME_ATTR: self.ome_image_multiscales([(image_path(0), (1, 1, 1))])}
+
+    def labels_group_attributes(self) -> dict[str, Any]:
+        """Attributes of the `labels` group: the OME-Zarr list of its label images."""
+        return {OME_ATTR: {"version": OME_VERSION, "labels": [CLASSES]}}
+
+    def label_group_attributes(self) -> dict[str, Any]:
+        """Attributes of `labels/classes` when the store is created: its level 0 alone, no
+        `image-label` yet (written with the levels and the card's colours)."""
+        return {OME_ATTR: self.ome_label_attributes([("0", (1, 1, 1))])}
 
     def variable_attributes(self, attributes: dict[str, Any]) -> dict[str, Any]:
         """Attributes of a data array: as given (no CF grid mapping in scanner space)."""

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-import zarr
 from rasterio.transform import from_origin
 
-from schemas import store as layout
 from schemas.job import JobSpec
 from workers.checkpoints import save_checkpoint
 from workers.models.oracles import RampOracle, ThresholdOracle
@@ -96,8 +94,10 @@ def job_spec(inputs, root, card, **tiling) -> JobSpec:
 
 
 def read_classes(root: Path, scene: str) -> np.ndarray:
-    """The classes array a job wrote for a scene."""
-    return zarr.open_array(str(root / f"{scene}.zarr"), path=layout.CLASSES, mode="r")[:]
+    """The classes array a job wrote for a scene (2D `classes`, 3D `labels/classes/0`)."""
+    from pipelines.writers.zarr_masks import open_classes
+
+    return open_classes(root / f"{scene}.zarr")[:]
 
 
 class CrashOnceOracle(ThresholdOracle):

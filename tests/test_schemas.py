@@ -142,6 +142,10 @@ def test_gpu_default_follows_the_cluster(tmp_path):
     assert on_gpus.parameters()["device_type"] == "cuda" != auto.parameters()["device_type"]
     assert on_gpus.actors == 4  # one per GPU
     on_cpus = place_on_cluster(auto, {"CPU": 2})
+    # the volume store layout is in volumes' fingerprints only (an earlier-layout volume store is
+    # another job's output; 2D fingerprints stay as they were)
+    assert auto.parameters(3)["volume_store_layout"] == "ome-labels"
+    assert "volume_store_layout" not in auto.parameters(2)
     assert on_cpus.predictor_options == auto.predictor_options and on_cpus.num_gpus_per_actor == 0
     pinned = resolve_job(JobSpec.model_validate({"inputs": ["a.tif"], "model": {"card": str(card)},
                                                  "resources": {"num_gpus_per_actor": 0},

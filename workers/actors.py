@@ -48,6 +48,7 @@ class PredictorActor:
         """The prediction of one window (passed on untouched when it needs none)."""
         if not read.needs_prediction:
             return Prediction.passed_on(read)
+        image = read.core_image()  # a copy taken before the predictor sees the pixels
         t0 = time.perf_counter()
         pixels, valid, core = slice_axis_first(read)
         spacing = self._resample_spacing(read)
@@ -68,7 +69,8 @@ class PredictorActor:
                                                    with_probabilities=self.with_probabilities)
         labels, probs = slice_axis_back(read, labels, probs)
         return Prediction(task=read.task, labels=labels, probabilities=probs, read_s=read.read_s,
-                          predict_s=time.perf_counter() - t0, intensity=read.core_intensity(), instances=instances)
+                          predict_s=time.perf_counter() - t0, intensity=read.core_intensity(), instances=instances,
+                          image=image)
 
     def predict_batch(self, reads: list[ReadWindow]) -> list[Prediction]:
         """`predict_one` of each window, whole windows batched into forward passes where they fit
@@ -85,6 +87,7 @@ class PredictorActor:
                 todo.append(i)
         if not todo:
             return out
+        images = {i: reads[i].core_image() for i in todo}  # copies taken before the predictor sees the pixels
         t0 = time.perf_counter()
         results = self.predictor.predict_results([slice_axis_first(reads[i]) for i in todo],
                                                  with_probabilities=self.with_probabilities)
@@ -92,7 +95,8 @@ class PredictorActor:
         for i, result in zip(todo, results):
             labels, probs = slice_axis_back(reads[i], result.labels, result.probabilities)
             out[i] = Prediction(task=reads[i].task, labels=labels, probabilities=probs, read_s=reads[i].read_s,
-                                predict_s=seconds, intensity=reads[i].core_intensity(), instances=result.instances)
+                                predict_s=seconds, intensity=reads[i].core_intensity(), instances=result.instances,
+                                image=images[i])
         return out
 
     def _resample_spacing(self, read: ReadWindow) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

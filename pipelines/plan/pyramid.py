@@ -132,3 +132,52 @@ def mode_downsample(block: np.ndarray, factors: Sequence[int], *, nodata: int = 
         best_key[better] = key[better]
         best[better] = candidate[better]
     return best
+
+
+def mean_downsample(block: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """The mean of each ``factors`` block of an image (a volume store's input image levels).
+
+    Args:
+        block: any shape and numeric dtype (``(C, z, y, x)`` with factor 1 on the channel axis);
+            an odd edge makes short blocks, whose mean is over the values they have.
+        factors: block size per axis (positive ints).
+
+    Returns:
+        ``ceil(n / f)`` per axis in `block`'s dtype: the block means accumulated in float64; NaN
+        values are left out of a float block's mean (NaN only where the whole block is NaN);
+        integer means are rounded to the nearest integer (halves to even, ``np.rint``), which
+        stays within the dtype's range.
+
+    Memory: a float64 copy of the block and float64 sums of the output's size per reduced axis.
+    """
+    factors = tuple(int(f) for f in factors)
+    if block.ndim != len(factors) or min(factors, default=0) < 1:
+        raise ValueError(f"mean_downsample: factors {factors} for a block of shape {block.shape}")
+    values = block.astype(np.float64)
+    floating = np.issubdtype(block.dtype, np.floating)
+    counts = None
+    if floating:
+        valid = ~np.isnan(values)
+        values[~valid] = 0.0
+        counts = valid.astype(np.float64)
+    sums = values
+    for axis, f in enumerate(factors):
+        if f == 1:
+            continue
+        starts = np.arange(0, block.shape[axis], f)
+        sums = np.add.reduceat(sums, starts, axis=axis)
+        if counts is not None:
+            counts = np.add.reduceat(counts, starts, axis=axis)
+    if counts is None:  # integers: every voxel counts; a short block at an edge has fewer
+        counts = np.ones((1,) * block.ndim)
+        for axis, f in enumerate(factors):
+            n = block.shape[axis]
+            sizes = np.minimum(f, n - np.arange(0, n, f)).astype(np.float64)
+            shape = [1] * block.ndim
+            shape[axis] = len(sizes)
+            counts = counts * sizes.reshape(shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = sums / counts
+    if floating:
+        return mean.astype(block.dtype)
+    return np.rint(mean).astype(block.dtype)

@@ -125,7 +125,7 @@ def _node_attributes(folder: Path | str) -> dict[str, Any] | None:
 
 
 def _refuse_output_store(path: str, folder: str) -> None:
-    # the store itself, an array in it, or an overview level (`overviews/<l>/classes`) in it
+    # the store itself, an array in it, or a level in it (`overviews/<l>/classes`, `labels/classes/<l>`)
     nodes = [folder]
     for _ in range(3):
         nodes.append(_parent(nodes[-1]))

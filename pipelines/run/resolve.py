@@ -25,6 +25,10 @@ log = logging.getLogger("tessera")
 
 # Bump when the meaning of output bytes changes for the same inputs and parameters.
 OUTPUT_FORMAT_VERSION = 1
+#: The layout of a volume store (schemas.store, 3D): "ome-labels" = the input image at the root, the
+#: classes under labels/classes. In volumes' fingerprints only, so a store of the earlier layout
+#: (classes at the root) is another job's output, not one to resume; 2D fingerprints stay as they were.
+VOLUME_STORE_LAYOUT = "ome-labels"
 WORK_DIR = "_work"  # <root>/_work/: per-scene resume state, the readers' input cache
 INPUT_CACHE_DIR = "inputs"
 
@@ -83,6 +87,7 @@ class ResolvedJob:
             **({"slices": self.card.slices.model_dump()} if self.card.slices is not None else {}),
             # volumes are resampled to the card's spacing where theirs differs (workers.spacing)
             **({"spacing_mm": list(self.card.spacing_mm)} if self.card.spacing_mm is not None and ndim == 3 else {}),
+            **({"volume_store_layout": VOLUME_STORE_LAYOUT} if ndim == 3 else {}),
             "chunk_size": self.chunk_size_for(ndim),
             "halo": self.halo,
             "tile_size": o.tile_size,

@@ -125,14 +125,18 @@ def prepare_scene(job: ResolvedJob, outcome: SceneOutcome, scene_id: int, info: 
         export_missing(job, outcome.name, zarr_path, scene_grid(info))  # e.g. an export asked for later
         return
     if state is None:
+        grid = scene_grid(info)
         create_scene_store(
             zarr_path,
             shape=info.shape,
             chunk_shape=chunk_shape,
-            grid=scene_grid(info),
+            grid=grid,
             class_names=job.card.class_names,
             with_probabilities=spec.output.write_probabilities,
             instances_max_id=scene_max_instance_id(grid_shape, chunk_shape) if instances else None,
+            # a volume store's root image: the channels the job reads, in the reader's dtype
+            image=((len(spec.bands) if spec.bands else info.count, info.dtype)
+                   if isinstance(grid, layout.VolumeGrid) else None),
             provenance={
                 layout.KEY_FINGERPRINT: fingerprint,
                 layout.KEY_MODEL: {"name": job.card.name, "architecture": job.card.architecture,

@@ -94,7 +94,9 @@ def chunk_row_areas_m2(info: SceneInfo, core: tuple[slice, ...]) -> np.ndarray |
 
 def write_stage(prediction: Prediction, *, scenes: dict[int, SceneContext]) -> ChunkResult:
     """Write the chunk (idempotent: a retry rewrites the same bytes), its partial stats, then its
-    manifest marker (a fused actor, or a split write task).
+    manifest marker (a fused actor, or a split write task). A volume's chunk also writes the core
+    of its input (`Prediction.image`) to the store's root image; a skipped chunk writes nothing,
+    so its classes and image read as their fill values.
 
     With instances (`prediction.instances`, an instance model): the core's provisional ids
     (`id_offset + local`, `schemas.instances`) go to the store's `instances` array, and the
@@ -119,8 +121,13 @@ def write_stage(prediction: Prediction, *, scenes: dict[int, SceneContext]) -> C
         else:
             labels = np.asarray(prediction.labels, dtype=np.uint8).reshape(window.core_shape)
             probs = prediction.probabilities
+            image = prediction.image
+            if len(window.core) == 3 and image is None:  # a volume store's root image needs the input
+                raise OutputError(f"chunk {list(window.index)}: its prediction carries no input image "
+                                  "(Prediction.image) for the volume store")
             write_chunk(as_location(ctx.zarr_path), window.core, labels,
-                        probabilities=None if probs is None or np.size(probs) == 0 else np.asarray(probs))
+                        probabilities=None if probs is None or np.size(probs) == 0 else np.asarray(probs),
+                        image=image)
         t1 = time.perf_counter()
         parts = chunk_regions(
             labels,

@@ -49,7 +49,7 @@ def _grid_chunks(store: Path, state: dict) -> int | None:
 
     chunk = state.get(layout.KEY_CHUNK_SHAPE)
     try:
-        shape = zarr.open_array(str(store), path=layout.CLASSES, mode="r").shape
+        shape = zarr.open_array(str(store), path=layout.classes_path(len(chunk or ())), mode="r").shape
     except (FileNotFoundError, KeyError, ValueError):
         return None
     if not chunk or len(chunk) != len(shape):

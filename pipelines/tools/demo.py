@@ -55,7 +55,7 @@ def ensure_demo_scene(inputs_dir: Path, *, size: int, seed: int) -> tuple[Path, 
 
 def score_against_truth(zarr_path: Path, truth_path: Path, *, num_classes: int) -> np.ndarray:
     """Confusion matrix of a stored `classes` array vs a truth GeoTIFF, chunk by chunk."""
-    classes = zarr.open_array(str(zarr_path), path=layout.CLASSES, mode="r")
+    classes = zarr.open_array(str(zarr_path), path=layout.classes_path(2), mode="r")
     ch, cw = classes.chunks
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     with rasterio.open(truth_path) as truth:

@@ -19,10 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from pipelines.writers.atomic import atomic_path
-from pipelines.writers.outroot import zarr_store
+from pipelines.writers.zarr_masks import open_classes
 from schemas import store as layout
 from schemas.store import GeoGrid
 
@@ -78,7 +77,7 @@ def export_cog(zarr_path: Path, out_path: Path, *, grid: GeoGrid, class_names: S
     from rasterio.crs import CRS
     from rasterio.shutil import copy as rio_copy
 
-    classes = zarr.open_array(zarr_store(zarr_path, read_only=True), path=layout.CLASSES, mode="r")
+    classes = open_classes(zarr_path)
     if classes.ndim != 2:
         raise ValueError(f"{zarr_path}: classes has {classes.ndim} axes; a COG export needs a (y, x) scene")
     height, width = classes.shape

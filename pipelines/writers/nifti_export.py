@@ -18,11 +18,9 @@ import gzip
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from pipelines.writers.atomic import atomic_path
-from pipelines.writers.outroot import zarr_store
-from schemas import store as layout
+from pipelines.writers.zarr_masks import open_classes
 from schemas.store import VolumeGrid
 
 
@@ -52,7 +50,7 @@ def export_nifti(zarr_path: Path, out_path: Path, *, grid: VolumeGrid, gzipped: 
     """
     import nibabel as nib
 
-    classes = zarr.open_array(zarr_store(zarr_path, read_only=True), path=layout.CLASSES, mode="r")
+    classes = open_classes(zarr_path)
     if classes.ndim != 3:
         raise ValueError(f"{zarr_path}: classes has {classes.ndim} axes; a NIfTI export needs a (z, y, x) volume")
     nz, ny, nx = classes.shape

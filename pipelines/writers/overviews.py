@@ -1,4 +1,5 @@
-"""Overview levels of a store's `classes`, built chunk by chunk after every chunk is written.
+"""Overview levels of a store's `classes` (and of a volume store's image), built chunk by chunk
+after every chunk is written.
 
 `build_overviews` plans the levels (:func:`pipelines.plan.pyramid.plan_pyramid`), computes each
 from the previous one with mode downsampling, one output chunk at a time (`build_level`: it reads
@@ -9,8 +10,11 @@ never by the scene), and writes the metadata readers use to find them (`schemas.
   a `spatial_ref` whose GeoTransform is the level's (pixel size x 2^l), so
   ``xr.open_zarr(store, group="overviews/2")`` + rioxarray georeference it; the root lists the
   levels in the Zarr `multiscales` convention (v0.1.0, the one GeoZarr adopts).
-- 3D: the root `ome.multiscales` lists every level with its scale and translation, and the root
-  carries an OME-Zarr `image-label` (colours and names from the model card).
+- 3D: the class levels are `labels/classes/<l>`, listed with their scale and translation in the
+  `ome.multiscales` of `labels/classes` beside its OME-Zarr `image-label` (colours and names from
+  the model card, `source.image` "../../"); the root image (the input volume, `0`) gets the same
+  levels at `<l>`, each the mean of the blocks of the level before (`mean_downsample`, the same
+  factors, chunk by chunk), listed in the root's `ome.multiscales`.
 
 Where: on a Ray cluster of two or more nodes, a level of at least :data:`DISTRIBUTED_MIN_BLOCKS`
 chunks is built as Dask tasks on the cluster (Dask-on-Ray), each a band of the level's chunk rows
@@ -33,7 +37,7 @@ from typing import Any
 
 import zarr
 
-from pipelines.plan.pyramid import PyramidLevel, mode_downsample, plan_pyramid
+from pipelines.plan.pyramid import PyramidLevel, mean_downsample, mode_downsample, plan_pyramid
 from pipelines.writers.outroot import as_location, remove_tree, zarr_store
 from pipelines.writers.zarr_masks import read_store_grid, write_grid_arrays
 from schemas import store as layout
@@ -66,18 +70,25 @@ class LevelReport:
     n_blocks: int
     max_block_elements: int
     tasks: int = 0  # Ray tasks the level was split into (0: built in this process)
+    image_max_block_elements: int = 0  # 3D: the largest block of the image level read (values, all channels)
 
 
 def build_level(source: zarr.Array, target: zarr.Array, factors: Sequence[int], *,
-                rows: tuple[int, int] | None = None) -> LevelReport:
-    """Fill `target` with the mode of each `factors` block of `source`, one target chunk at a time.
+                rows: tuple[int, int] | None = None, resampling: str = layout.RESAMPLING_MODE,
+                band_axis: int = 0) -> LevelReport:
+    """Fill `target` with the mode (or mean) of each `factors` block of `source`, one target chunk
+    at a time.
 
     Args:
-        source: the previous level (uint8 classes).
+        source: the previous level (uint8 classes, or a volume's image for the mean).
         target: the new level, ``ceil(source.shape / factors)`` per axis.
         factors: 1 or 2 per axis.
-        rows: only the target chunks whose index along axis 0 is in ``[rows[0], rows[1])``
+        rows: only the target chunks whose index along `band_axis` is in ``[rows[0], rows[1])``
             (one task's band); None: all.
+        band_axis: the axis `rows` counts chunks along (1 for an image: its axis 0 is the
+            channels, one chunk).
+        resampling: `layout.RESAMPLING_MODE` (`mode_downsample`, class masks) or
+            `layout.RESAMPLING_MEAN` (`mean_downsample`, images).
 
     Returns:
         A `LevelReport` (blocks read and the largest block's size).
@@ -86,29 +97,34 @@ def build_level(source: zarr.Array, target: zarr.Array, factors: Sequence[int], 
     n_blocks = max_elements = 0
     ranges = [range(0, n, c) for n, c in zip(target.shape, target.chunks)]
     if rows is not None:
-        ranges[0] = ranges[0][rows[0]:rows[1]]
+        ranges[band_axis] = ranges[band_axis][rows[0]:rows[1]]
     for starts in itertools.product(*ranges):
         out = tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, target.chunks, target.shape))
         read = tuple(slice(o.start * f, min(o.stop * f, n)) for o, f, n in zip(out, factors, source.shape))
         block = source[read]
         n_blocks += 1
         max_elements = max(max_elements, block.size)
-        target[out] = mode_downsample(block, factors, nodata=layout.NODATA_CLASS)
+        if resampling == layout.RESAMPLING_MEAN:
+            target[out] = mean_downsample(block, factors)
+        else:
+            target[out] = mode_downsample(block, factors, nodata=layout.NODATA_CLASS)
     return LevelReport(level=-1, shape=tuple(target.shape), n_blocks=n_blocks, max_block_elements=max_elements)
 
 
 def _level_band(store: str, source_path: str, target_path: str, factors: tuple[int, ...],
-                rows: tuple[int, int]) -> tuple[int, int]:
+                rows: tuple[int, int], resampling: str = layout.RESAMPLING_MODE, band_axis: int = 0
+                ) -> tuple[int, int]:
     """One Ray task of a distributed level: the band `rows` of the target's chunk rows, the store
     opened here (a local path on a shared filesystem, or ``s3://`` with this node's credentials).
     Returns (blocks, largest block's elements)."""
     group = zarr.open_group(zarr_store(as_location(store)), mode="r+")
-    report = build_level(group[source_path], group[target_path], factors, rows=rows)
+    report = build_level(group[source_path], group[target_path], factors, rows=rows, resampling=resampling,
+                         band_axis=band_axis)
     return report.n_blocks, report.max_block_elements
 
 
-def _build_level_on_ray(zarr_path: Path, source_path: str, target: zarr.Array, factors: tuple[int, ...]
-                        ) -> LevelReport | None:
+def _build_level_on_ray(zarr_path: Path, source_path: str, target: zarr.Array, factors: tuple[int, ...],
+                        resampling: str = layout.RESAMPLING_MODE, band_axis: int = 0) -> LevelReport | None:
     """Build a level as Dask tasks on the connected Ray cluster (Dask-on-Ray), one band of target
     chunk rows each, when Ray is up with at least :data:`DISTRIBUTED_MIN_NODES` alive nodes and
     the level has at least :data:`DISTRIBUTED_MIN_BLOCKS` chunks; None otherwise (the caller
@@ -124,12 +140,13 @@ def _build_level_on_ray(zarr_path: Path, source_path: str, target: zarr.Array, f
     import dask
     from ray.util.dask import ray_dask_get
 
-    n_rows = -(-target.shape[0] // target.chunks[0])
+    n_rows = -(-target.shape[band_axis] // target.chunks[band_axis])
     n_tasks = max(1, min(n_rows, MAX_LEVEL_TASKS, 2 * int(ray.cluster_resources().get("CPU", 1))))
     edges = [round(i * n_rows / n_tasks) for i in range(n_tasks + 1)]
     target_path = target.path
     with dask.annotate(ray_remote_args={"num_cpus": 0}):
-        parts = [dask.delayed(_level_band, pure=False)(str(zarr_path), source_path, target_path, factors, (a, b))
+        parts = [dask.delayed(_level_band, pure=False)(str(zarr_path), source_path, target_path, factors, (a, b),
+                                                       resampling, band_axis)
                  for a, b in zip(edges, edges[1:]) if b > a]
     done = dask.compute(*parts, scheduler=ray_dask_get)
     return LevelReport(level=-1, shape=tuple(target.shape), n_blocks=sum(n for n, _ in done),
@@ -139,8 +156,8 @@ def _build_level_on_ray(zarr_path: Path, source_path: str, target: zarr.Array, f
 def plan_store_levels(zarr_path: Path) -> tuple[PyramidLevel, ...]:
     """The levels `build_overviews` makes for a store (its `classes` shape and chunks, a volume's
     spacing)."""
-    classes = zarr.open_array(zarr_store(zarr_path, read_only=True), path=layout.CLASSES, mode="r")
     grid = read_store_grid(zarr_path)
+    classes = zarr.open_array(zarr_store(zarr_path, read_only=True), path=layout.classes_path(grid), mode="r")
     spacing = grid.spacing_mm if isinstance(grid, layout.VolumeGrid) else None
     return plan_pyramid(classes.shape, classes.chunks, spacing=spacing)
 
@@ -165,7 +182,8 @@ def build_overviews(zarr_path: Path, *, class_colors: Sequence[str] | None = Non
     """
     try:
         group = zarr.open_group(zarr_store(zarr_path), mode="r+")
-        classes = group[layout.CLASSES]
+        grid = read_store_grid(zarr_path)
+        classes = group[layout.classes_path(grid)]
     except (FileNotFoundError, KeyError):
         raise OutputError(f"{zarr_path}: not a tessera store with `{layout.CLASSES}`") from None
     attrs = dict(group.attrs[layout.TESSERA_ATTR])
@@ -173,54 +191,102 @@ def build_overviews(zarr_path: Path, *, class_colors: Sequence[str] | None = Non
     colors = tuple(class_colors or attrs.get(layout.KEY_CLASS_COLORS) or default_class_colors(len(names)))
     if len(colors) != len(names):
         raise OutputError(f"{zarr_path}: {len(colors)} class colours for {len(names)} classes {list(names)}")
-    grid = read_store_grid(zarr_path)
+    volume = isinstance(grid, layout.VolumeGrid)
     levels = plan_store_levels(zarr_path)
-    if layout.OVERVIEWS in group:
-        remove_tree(as_location(zarr_path) / layout.OVERVIEWS)
+    if _remove_levels(zarr_path, group, grid):
         group = zarr.open_group(zarr_store(zarr_path), mode="r+")
+    image = group[layout.image_path(0)] if volume else None
     reports = []
     source = classes
     for level in levels[1:]:
-        level_group = group.require_group(f"{layout.OVERVIEWS}/{level.level}")
-        level_grid = grid.level(level.cumulative)
+        chunks = tuple(min(c, n) for c, n in zip(classes.chunks, level.shape))
+        extra = {"factors_from_level_0": list(level.cumulative)}
+        if volume:
+            level_group = group
+            name = layout.classes_path(grid, level.level)
+        else:
+            level_group = group.require_group(f"{layout.OVERVIEWS}/{level.level}")
+            name = layout.CLASSES
         target = level_group.create_array(
-            layout.CLASSES, shape=level.shape, chunks=tuple(min(c, n) for c, n in zip(classes.chunks, level.shape)),
+            name, shape=level.shape, chunks=chunks,
             dtype=layout.CLASSES_DTYPE, fill_value=layout.NODATA_CLASS, dimension_names=grid.dimension_names,
-            attributes=dict(classes.attrs) | {"resampling": layout.RESAMPLING_MODE,
-                                              "factors_from_level_0": list(level.cumulative)})
+            attributes=dict(classes.attrs) | {"resampling": layout.RESAMPLING_MODE, **extra})
         if isinstance(grid, layout.GeoGrid):
-            write_grid_arrays(level_grid, level_group, level.shape)
+            write_grid_arrays(grid.level(level.cumulative), level_group, level.shape)
         report = (_build_level_on_ray(zarr_path, source.path, target, tuple(level.factors))
                   or build_level(source, target, level.factors))
+        if image is not None:  # the input image's level: the mean of the same blocks of its level before
+            image_target = group.create_array(
+                layout.image_path(level.level), shape=(image.shape[0], *level.shape),
+                chunks=(image.chunks[0], *chunks), dtype=image.dtype, fill_value=image.fill_value,
+                dimension_names=tuple(image.metadata.dimension_names),
+                attributes=dict(image.attrs) | {"resampling": layout.RESAMPLING_MEAN, **extra})
+            image_factors = (1, *level.factors)
+            image_source = group[layout.image_path(level.level - 1)]
+            image_report = (_build_level_on_ray(zarr_path, image_source.path, image_target, image_factors,
+                                                layout.RESAMPLING_MEAN, band_axis=1)
+                            or build_level(image_source, image_target, image_factors,
+                                           resampling=layout.RESAMPLING_MEAN))
+            report = LevelReport(-1, report.shape, report.n_blocks, report.max_block_elements,
+                                 report.tasks + image_report.tasks, image_report.max_block_elements)
         reports.append(LevelReport(level.level, report.shape, report.n_blocks, report.max_block_elements,
-                                   report.tasks))
+                                   report.tasks, report.image_max_block_elements))
         source = target
     _write_level_metadata(zarr_path, grid, levels, names, colors, attrs)
     return tuple(reports)
 
 
+def _remove_levels(zarr_path: Path, group: zarr.Group, grid: layout.Grid) -> bool:
+    """Remove a store's overview levels (2D: `overviews`; 3D: `labels/classes/<l>` and the root
+    image's `<l>`, l >= 1); whether anything was removed."""
+    location = as_location(zarr_path)
+    if isinstance(grid, layout.GeoGrid):
+        if layout.OVERVIEWS not in group:
+            return False
+        remove_tree(location / layout.OVERVIEWS)
+        return True
+    labels = layout.LABEL_IMAGE
+    stale = [name for name in group.array_keys() if name.isdigit() and int(name) > 0]
+    stale += [f"{labels}/{name}" for name in group[labels].array_keys() if name.isdigit() and int(name) > 0]
+    for name in stale:
+        remove_tree(location / name)
+    return bool(stale)
+
+
 def _write_level_metadata(zarr_path: Path, grid: layout.Grid, levels: Sequence[PyramidLevel],
                           names: tuple[str, ...], colors: tuple[str, ...], attrs: dict[str, Any]) -> None:
     """Root attributes listing the levels: tessera's own records, and the 2D Zarr multiscales
-    convention or the 3D OME multiscales + image-label."""
+    convention or the 3D OME multiscales of the root image and of `labels/classes` (with its
+    image-label)."""
     group = zarr.open_group(zarr_store(zarr_path), mode="r+")
+    volume = isinstance(grid, layout.VolumeGrid)
     records = []
     for level in levels:
-        records.append({"level": level.level, "path": layout.level_path(level.level), "shape": list(level.shape),
+        record = {"level": level.level, "path": layout.classes_path(grid, level.level)}
+        if volume:
+            record["image_path"] = layout.image_path(level.level)
+        records.append({**record, "shape": list(level.shape),
                         "factors": list(level.factors), "cumulative": list(level.cumulative),
                         **grid.level(level.cumulative).tessera_attributes()})
     attrs.update({layout.KEY_OVERVIEWS: records, layout.KEY_CLASS_COLORS: list(colors)})
-    group.attrs[layout.TESSERA_ATTR] = attrs
-    if isinstance(grid, layout.VolumeGrid):
-        ome = grid.ome_multiscales([(layout.level_path(lv.level), lv.cumulative) for lv in levels])
-        ome["image-label"] = layout.ome_image_label(names, colors)
-        group.attrs[layout.OME_ATTR] = ome
+    if volume:
+        # the label image first, the root (image levels, provenance) last: one write each
+        label_levels = [(str(lv.level), lv.cumulative) for lv in levels]
+        label_group = group[layout.LABEL_IMAGE]
+        label_group.attrs[layout.OME_ATTR] = grid.ome_label_attributes(
+            label_levels, layout.ome_image_label(names, colors))
+        group.attrs.update({
+            layout.TESSERA_ATTR: attrs,
+            layout.OME_ATTR: grid.ome_image_multiscales([(layout.image_path(lv.level), lv.cumulative)
+                                                         for lv in levels]),
+        })
         return
+    group.attrs[layout.TESSERA_ATTR] = attrs
     layout_entries = []
     for level, record in zip(levels, records):
-        entry: dict[str, Any] = {"asset": layout.level_path(level.level)}
+        entry: dict[str, Any] = {"asset": layout.classes_path(grid, level.level)}
         if level.level:
-            entry["derived_from"] = layout.level_path(level.level - 1)
+            entry["derived_from"] = layout.classes_path(grid, level.level - 1)
             entry["resampling_method"] = layout.RESAMPLING_MODE
         entry["transform"] = {"scale": [float(f) for f in level.factors], "translation": [0.0] * len(level.factors)}
         entry["spatial:transform"] = record[layout.KEY_TRANSFORM]

@@ -128,7 +128,7 @@ def write_quicklook_2d(zarr_path: Path, out_path: Path, *, info: SceneInfo, mode
     group = zarr.open_group(zarr_store(zarr_path, read_only=True), mode="r")
     attrs = group.attrs[layout.TESSERA_ATTR]
     records = attrs.get(layout.KEY_OVERVIEWS) or [  # a store without levels: level 0
-        {"level": 0, "path": layout.CLASSES, "shape": list(group[layout.CLASSES].shape)}]
+        {"level": 0, "path": layout.classes_path(2), "shape": list(group[layout.classes_path(2)].shape)}]
     record = choose_level(records, min_side)
     labels = group[record["path"]][:]
     read = _read_decimated(info, _file_bands(model_bands, job_bands), tuple(labels.shape))
@@ -156,7 +156,7 @@ def write_quicklook_3d(zarr_path: Path, out_path: Path, *, info: SceneInfo, mode
     """
     group = zarr.open_group(zarr_store(zarr_path, read_only=True), mode="r")
     attrs = group.attrs[layout.TESSERA_ATTR]
-    classes = group[layout.CLASSES]
+    classes = group[layout.classes_path(3)]
     spacing = attrs[layout.KEY_SPACING_MM]
     colors = _colors(attrs)
     shape = tuple(classes.shape)

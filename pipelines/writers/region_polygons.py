@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zarr
 
 from pipelines.plan.chunks import chunk_grid_shape
 from pipelines.stats.merge import MergedRegions, merge_regions
 from pipelines.stats.partials import chunk_regions, label_chunk, region_id_offset
 from pipelines.writers.atomic import atomic_path
 from pipelines.writers.instances_table import BBOX_COLUMN, GEOMETRY_COLUMN, PolygonTracer, geo_metadata
-from pipelines.writers.outroot import Location, exists, local_copy, zarr_store
+from pipelines.writers.outroot import Location, exists, local_copy
+from pipelines.writers.zarr_masks import open_classes
 from schemas import store as layout
 from schemas.errors import OutputError
 from schemas.store import GeoGrid
@@ -55,9 +55,9 @@ def trace_regions(store: Location | str) -> tuple[MergedRegions, list]:
     Raises:
         ValueError: the store's `classes` is not 2-D.
     """
-    classes = zarr.open_array(zarr_store(store, read_only=True), path=layout.CLASSES, mode="r")
+    classes = open_classes(store)
     if classes.ndim != 2:
-        raise ValueError(f"{store}: region polygons need a (y, x) scene, `{layout.CLASSES}` is {classes.ndim}-D")
+        raise ValueError(f"{store}: region polygons need a (y, x) scene, `classes` is {classes.ndim}-D")
     shape, chunks = tuple(classes.shape), tuple(classes.chunks)
     grid = chunk_grid_shape(shape, chunks)
     parts = []

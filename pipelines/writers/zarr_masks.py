@@ -4,8 +4,10 @@ The grid passed to `create_scene_store` chooses the layout (`schemas.store`):
 - `GeoGrid` (2D): georeferenced the way xarray + rioxarray read it: `classes` has dimension
   names (y, x), 1-D `x`/`y` pixel-centre coordinates, and a CF `spatial_ref` grid-mapping
   variable holding `crs_wkt` and a GDAL `GeoTransform`.
-- `VolumeGrid` (3D): OME-Zarr 0.5 root attributes (`ome.multiscales` over `classes (z, y, x)`
-  in millimetres), with the exact 4x4 affine in the tessera attributes.
+- `VolumeGrid` (3D): OME-Zarr 0.5: the root is the image of the input volume (array `0`,
+  `(c, z, y, x)` in the reader's dtype, `ome.multiscales` in millimetres) and the class mask is
+  its label image `labels/classes` (level `labels/classes/0`, `(z, y, x)` uint8); the exact 4x4
+  affine is in the tessera attributes.
 
 Every function takes the store's location: a local ``Path`` (as before) or an
 ``S3Location`` (``s3://bucket/prefix/<scene>.zarr``, through zarr's ObjectStore; see
@@ -67,6 +69,7 @@ def create_scene_store(
     provenance: dict[str, Any],
     with_probabilities: bool = False,
     instances_max_id: int | None = None,
+    image: tuple[int, str] | None = None,
 ) -> None:
     """Create an empty scene store (status 'partial'); arrays are filled chunk by chunk.
 
@@ -88,9 +91,14 @@ def create_scene_store(
             scene's chunk grid: creates `instances` (same dims and chunks as `classes`, fill 0 =
             no instance) of dtype `schemas.instances.instances_dtype(instances_max_id)`
             (uint32, or uint64 past 2**32 - 1). None: no `instances` array.
+        image: ``(channels, dtype)`` of the input as the reader returns it (the job's bands,
+            `SceneInfo.dtype`): required for a `VolumeGrid`, whose root array `0` holds it
+            (chunks ``(channels, *chunk_shape)``, fill `schemas.store.image_fill_value`); must
+            be None for a `GeoGrid` (2D stores hold no image).
 
     Raises:
-        ValueError: a grid of another type, a shape or chunk shape that does not fit the grid.
+        ValueError: a grid of another type, a shape or chunk shape that does not fit the grid,
+            an image missing for a volume or given for a 2D scene.
     """
     if not isinstance(grid, (layout.GeoGrid, layout.VolumeGrid)):
         raise ValueError(f"{path}: grid must be a GeoGrid or a VolumeGrid, got {type(grid).__name__}")
@@ -99,6 +107,11 @@ def create_scene_store(
         if len(value) != len(dims) or not all(isinstance(n, (int, np.integer)) and n > 0 for n in value):
             raise ValueError(f"{path}: {field} must be {len(dims)} positive integers {dims} for a "
                              f"{type(grid).__name__}, got {tuple(value)!r}")
+    volume = isinstance(grid, layout.VolumeGrid)
+    if volume and (image is None or int(image[0]) < 1):
+        raise ValueError(f"{path}: a volume store needs its input image's (channels >= 1, dtype), got {image!r}")
+    if not volume and image is not None:
+        raise ValueError(f"{path}: a 2D store holds no input image (got image={image!r})")
     group = zarr.open_group(zarr_store(path), mode="w-", zarr_format=3)
     attrs = {
         **provenance,
@@ -111,8 +124,22 @@ def create_scene_store(
     extra = grid.group_attributes()
     if extra:  # 2D has none: its zarr.json stays byte for byte as before
         group.attrs.update(extra)
+    if volume:
+        channels, dtype = int(image[0]), str(np.dtype(image[1]))
+        group.create_array(
+            layout.image_path(0),
+            shape=(channels, *shape),
+            chunks=(channels, *chunk_shape),
+            dtype=dtype,
+            fill_value=layout.image_fill_value(dtype),
+            dimension_names=(layout.CHANNEL_DIM, *dims),
+            attributes={"long_name": "input image", "description": "the input volume as read (the job's "
+                        "channels, the reader's dtype); fill where a chunk was wholly nodata"},
+        )
+        group.create_group(layout.LABELS, attributes=grid.labels_group_attributes())
+        group.create_group(layout.LABEL_IMAGE, attributes=grid.label_group_attributes())
     group.create_array(
-        layout.CLASSES,
+        layout.classes_path(grid),
         shape=shape,
         chunks=chunk_shape,
         dtype=layout.CLASSES_DTYPE,
@@ -186,23 +213,40 @@ def read_store_grid(path: Location | str) -> layout.Grid:
     return layout.GeoGrid(transform=attrs[layout.KEY_TRANSFORM], crs_wkt=attrs[layout.KEY_CRS_WKT])
 
 
+def open_classes(path: Location | str, level: int = 0, *, mode: str = "r") -> zarr.Array:
+    """The `classes` array of overview `level` of a store, 2D or 3D (`schemas.store.classes_path`
+    of the grid in its attributes)."""
+    return zarr.open_array(zarr_store(path, read_only=mode == "r"), mode=mode,
+                           path=layout.classes_path(read_store_grid(path), level))
+
+
 def write_chunk(path: Location, core: tuple[slice, ...], labels: np.ndarray, *,
-                probabilities: np.ndarray | None = None) -> None:
-    """Write one output chunk of `classes` (and `probabilities` (K, *core shape) float16 if given).
+                probabilities: np.ndarray | None = None, image: np.ndarray | None = None) -> None:
+    """Write one output chunk of `classes` (and `probabilities` (K, *core shape) float16 if given,
+    and a volume's input `image` (C, *core shape) to the root image `0`, cast to its dtype).
 
     `core` has one slice per array axis (2 in 2D, 3 in 3D) and is aligned with the Zarr chunks,
     so each chunk has exactly one writer: no races, and the same call twice writes the same bytes.
+    The image goes first, then the classes, then the probabilities (all before the chunk's marker).
 
     Raises:
-        ValueError: `core` has the wrong number of axes or does not start on a chunk boundary.
+        ValueError: `core` has the wrong number of axes or does not start on a chunk boundary, or
+            an image for a 2D store.
     """
-    classes = zarr.open_array(zarr_store(path), path=layout.CLASSES, mode="r+")
-    if len(core) != classes.ndim:
-        raise ValueError(f"{path}: core {core!r} has {len(core)} axes, `{layout.CLASSES}` has {classes.ndim}")
+    classes_path = layout.classes_path(len(core))
+    try:
+        classes = zarr.open_array(zarr_store(path), path=classes_path, mode="r+")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no `{classes_path}` for a core of {len(core)} axes {core!r}") from None
     for axis, (s, chunk) in enumerate(zip(core, classes.chunks)):
         if (s.start or 0) % chunk:
             raise ValueError(f"{path}: core {core!r} starts inside a chunk on axis {axis} "
                              f"(chunk {chunk}); chunk writes must be chunk-aligned")
+    if image is not None:
+        if len(core) != 3:
+            raise ValueError(f"{path}: only a volume store holds its input image")
+        target = zarr.open_array(zarr_store(path), path=layout.image_path(0), mode="r+")
+        target[(slice(None), *core)] = np.asarray(image).astype(target.dtype, copy=False)
     classes[core] = labels
     if probabilities is not None:
         zarr.open_array(zarr_store(path), path=layout.PROBABILITIES, mode="r+")[(slice(None), *core)] = probabilities

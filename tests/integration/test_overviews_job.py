@@ -27,7 +27,7 @@ def test_a_finished_scene_has_levels_and_a_quicklook_and_a_rerun_keeps_them(orac
     level1 = mode_downsample(classes, (2, 2))
     np.testing.assert_array_equal(group["overviews/1/classes"][:], level1)
     np.testing.assert_array_equal(group["overviews/2/classes"][:], mode_downsample(level1, (2, 2)))
-    assert [e["asset"] for e in attrs[layout.MULTISCALES_ATTR]["layout"]] == [layout.level_path(k) for k in range(3)]
+    assert [e["asset"] for e in attrs[layout.MULTISCALES_ATTR]["layout"]] == [layout.classes_path(2, k) for k in range(3)]
     assert attrs[layout.TESSERA_ATTR][layout.KEY_CLASS_COLORS] == ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
     quicklook = root / "quicklooks" / "scene_one.png"
     # no level reaches 1024 px: the quicklook is drawn at full resolution, legend on the right

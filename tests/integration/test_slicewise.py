@@ -84,7 +84,7 @@ def test_a_2d_model_runs_slice_by_slice_over_volumes_as_the_per_slice_loop(tmp_p
         info = open_scene(str(inputs / f"{name}.nii.gz"))
         axes[name] = slice_array_axis("axial", info.orientation, source=info.path)
         volume = np.asarray(nib.load(inputs / f"{name}.nii.gz").dataobj).transpose(2, 1, 0)  # (z, y, x)
-        classes = zarr.open_group(str(root / f"{name}.zarr"), mode="r")[layout.CLASSES][:]
+        classes = zarr.open_group(str(root / f"{name}.zarr"), mode="r")[layout.classes_path(3)][:]
         expected = _reference(volume, axes[name])
         np.testing.assert_array_equal(classes, expected)
         # the slice-wise 2D labels are not those of another slice axis (the test would catch a mix-up)

@@ -30,6 +30,15 @@ def _ct(shape=(14, 20, 22), seed=3) -> np.ndarray:
     return np.clip(1024 + field / field.std() * 600, 0, 4000).astype(np.int16)
 
 
+def _whole(info) -> np.ndarray:
+    """The whole volume as the job's reader returns it, ``(C, z, y, x)``."""
+    from pipelines.readers import read_window
+    from schemas.window import ChunkWindow
+
+    whole = tuple(slice(0, n) for n in info.shape)
+    return read_window(info, ChunkWindow(index=(0, 0, 0), core=whole, read=whole, pad=((0, 0),) * 3))[0]
+
+
 def test_a_dicom_series_runs_to_a_volume_store_regions_in_mm3_and_a_nifti_export(tmp_path):
     nib = pytest.importorskip("nibabel")
     stored = _ct()
@@ -55,16 +64,25 @@ def test_a_dicom_series_runs_to_a_volume_store_regions_in_mm3_and_a_nifti_export
     hu = stored.astype(np.float64) - 1024
     expected = threshold_oracle_numpy((hu / 500.0)[None].astype(np.float32), 4)
     store = zarr.open_group(str(root / "ct-series.zarr"), mode="r")
-    classes = store[layout.CLASSES][:]
+    classes = store[layout.classes_path(3)][:]
     np.testing.assert_array_equal(classes, expected)
     assert store.attrs["ome"]["version"] == "0.5"
-    assert store[layout.CLASSES].chunks == (8, 8, 8)
-    # overview levels listed in the root OME multiscales, colours in its image-label, a quicklook
-    datasets = store.attrs["ome"]["multiscales"][0]["datasets"]
+    assert store[layout.classes_path(3)].chunks == (8, 8, 8)
+    # the root image is the series as the reader reads it (HU after the rescale), in its dtype
+    image = store[layout.image_path(0)]
+    assert image.dtype == np.dtype(info.dtype) and image.shape == (1, *info.shape) and image.chunks == (1, 8, 8, 8)
+    np.testing.assert_array_equal(image[:], _whole(info))
+    np.testing.assert_allclose(image[0], hu)
+    # overview levels listed in the OME multiscales of labels/classes, colours in its image-label, a quicklook
+    labels = store[layout.LABEL_IMAGE]
+    datasets = labels.attrs["ome"]["multiscales"][0]["datasets"]
     records = store.attrs[layout.TESSERA_ATTR][layout.KEY_OVERVIEWS]
-    assert [d["path"] for d in datasets] == [r["path"] for r in records] and len(records) > 1
-    np.testing.assert_array_equal(store[datasets[1]["path"]][:], mode_downsample(classes, records[1]["factors"]))
-    assert [c["label-value"] for c in store.attrs["ome"]["image-label"]["colors"]] == [0, 1, 2, 3, 255]
+    assert [f"{layout.LABEL_IMAGE}/{d['path']}" for d in datasets] == [r["path"] for r in records]
+    assert len(records) > 1
+    np.testing.assert_array_equal(labels[datasets[1]["path"]][:], mode_downsample(classes, records[1]["factors"]))
+    assert [c["label-value"] for c in labels.attrs["ome"]["image-label"]["colors"]] == [0, 1, 2, 3, 255]
+    assert labels.attrs["ome"]["image-label"]["source"] == {"image": "../../"}
+    assert [d["path"] for d in store.attrs["ome"]["multiscales"][0]["datasets"]] == [r["image_path"] for r in records]
     assert (root / "quicklooks" / "ct-series.png").is_file()
 
     affine = np.asarray(info.affine, dtype=np.float64).reshape(4, 4)
@@ -95,7 +113,8 @@ def test_a_dicom_series_runs_to_a_volume_store_regions_in_mm3_and_a_nifti_export
     assert not (root / "broken-series.nii.gz").exists()
 
 
-def test_nifti_volumes_in_ras_and_lps_run_and_export_on_their_own_affine(tmp_path):
+@pytest.mark.parametrize("stages", ["fused", "split"])
+def test_nifti_volumes_in_ras_and_lps_run_and_export_on_their_own_affine(tmp_path, stages):
     nib = pytest.importorskip("nibabel")
     inputs = tmp_path / "nifti"
     inputs.mkdir()
@@ -113,7 +132,9 @@ def test_nifti_volumes_in_ras_and_lps_run_and_export_on_their_own_affine(tmp_pat
     spec = JobSpec.model_validate({
         "inputs": ["nifti/*.nii.gz"], "model": {"card": str(card)},
         "tiling": {"volume_chunk_size": 8, "halo": 2, "tile_size": 8},
-        "resources": {"actors": 1, "torch_threads": 1},
+        # split: the input image travels on the Prediction records from the actor to the write tasks
+        "resources": {"actors": 1, "torch_threads": 1, "stages": stages,
+                      **({"cpus_per_actor": 0.5} if stages == "split" else {})},
         "output": {"root": str(root), "export": ["nifti"]},
     })
     result = run_job(spec, base_dir=tmp_path)
@@ -129,7 +150,53 @@ def test_nifti_volumes_in_ras_and_lps_run_and_export_on_their_own_affine(tmp_pat
         # a voxel at a known scanner point: the same voxel in the input and in the export
         ras = affine @ np.array([3, 4, 5, 1.0])
         assert tuple(np.rint(np.linalg.inv(img.affine) @ ras)[:3].astype(int)) == (3, 4, 5)
+        # the store's root image is the input volume, voxel for voxel, in array order (z, y, x) = (k, j, i)
+        store = zarr.open_group(str(root / f"{name}.zarr"), mode="r")
+        image = store[layout.image_path(0)]
+        assert image.dtype == np.int16 and image.shape == (1, *data.shape[::-1])
+        np.testing.assert_array_equal(image[0], data.transpose(2, 1, 0))
+        np.testing.assert_array_equal(store[layout.classes_path(3)][:], expected.transpose(2, 1, 0))
+        _check_ome_layout(store, card)
     assert (root / "_work" / "inputs").is_dir()  # the .nii.gz inputs' one-time conversion
+
+
+def _check_ome_layout(store: zarr.Group, card) -> None:
+    """The OME-Zarr 0.5 layout of a volume store: the root image (channel axis, then z, y, x in mm,
+    datasets 0..n), the `labels` group listing `classes`, and the label image `labels/classes`
+    (the same spatial levels, image-label with the card's colours and `source` back to the root)."""
+    from workers.checkpoints import load_checkpoint
+
+    records = store.attrs[layout.TESSERA_ATTR][layout.KEY_OVERVIEWS]
+    n = len(records)
+    assert n > 1
+    root = store.attrs["ome"]
+    assert root["version"] == "0.5" and len(root["multiscales"]) == 1
+    image = root["multiscales"][0]
+    assert image["axes"] == [{"name": "c", "type": "channel"}] + [
+        {"name": a, "type": "space", "unit": "millimeter"} for a in "zyx"]
+    assert [d["path"] for d in image["datasets"]] == [str(k) for k in range(n)]
+    assert store.attrs.get("ome", {}).get("image-label") is None
+    assert store[layout.LABELS].attrs["ome"] == {"version": "0.5", "labels": ["classes"]}
+    label = store[layout.LABEL_IMAGE].attrs["ome"]
+    assert label["version"] == "0.5"
+    classes = label["multiscales"][0]
+    assert classes["axes"] == image["axes"][1:]
+    assert [d["path"] for d in classes["datasets"]] == [str(k) for k in range(n)]
+    for record, image_d, label_d in zip(records, image["datasets"], classes["datasets"]):
+        assert store[image_d["path"]].shape[1:] == store[f"{layout.LABEL_IMAGE}/{label_d['path']}"].shape \
+            == tuple(record["shape"])
+        for t_image, t_label in zip(image_d["coordinateTransformations"], label_d["coordinateTransformations"],
+                                    strict=True):
+            kind = t_label["type"]
+            assert t_image["type"] == kind and t_image[kind] == [1.0 if kind == "scale" else 0.0, *t_label[kind]]
+        scale = label_d["coordinateTransformations"][0]["scale"]
+        spacing = store.attrs[layout.TESSERA_ATTR][layout.KEY_SPACING_MM]
+        assert scale == pytest.approx([s * f for s, f in zip(spacing, record["cumulative"])])
+    colours = load_checkpoint(card).card.class_colors
+    image_label = label["image-label"]
+    assert image_label["source"] == {"image": "../../"}
+    assert image_label["colors"] == [{"label-value": k, "rgba": layout.hex_to_rgba(c)} for k, c in enumerate(colours)] \
+        + [{"label-value": 255, "rgba": [0, 0, 0, 0]}]
 
 
 def test_the_real_totalsegmentator_ct_runs_chunked_and_exports_on_its_affine(tmp_path):

@@ -143,11 +143,17 @@ def test_a_tessera_output_store_is_refused(tmp_path):
     grid = layout.VolumeGrid(affine=[[0, 0, 0.8, -100], [0, 0.8, 0, 50], [3.0, 0, 0, 20], [0, 0, 0, 1]])
     store = tmp_path / "scan.zarr"
     create_scene_store(store, shape=SHAPE, chunk_shape=(8, 8, 8), grid=grid, class_names=("bg", "organ"),
-                       provenance={"fingerprint": "f" * 64})
+                       provenance={"fingerprint": "f" * 64}, image=(1, "float32"))
     with pytest.raises(InputError, match=r"scan.zarr: is a tessera output store .*status 'partial'"):
         open_scene(store)
     with pytest.raises(InputError, match="is a tessera output store"):  # nor an array inside one
-        ZarrVolumeReader().open(str(store / layout.CLASSES))
+        ZarrVolumeReader().open(str(store / layout.classes_path(3)))
+    with pytest.raises(InputError, match="is a tessera output store"):  # nor its image, nor its label image
+        ZarrVolumeReader().open(str(store / layout.image_path(0)))
+    with pytest.raises(InputError, match="is a tessera output store"):
+        ZarrVolumeReader().open(str(store / layout.LABEL_IMAGE))
     build_overviews(store)
     with pytest.raises(InputError, match="is a tessera output store"):  # nor one of its overview levels
-        ZarrVolumeReader().open(str(store / layout.level_path(1)))
+        ZarrVolumeReader().open(str(store / layout.classes_path(3, 1)))
+    with pytest.raises(InputError, match="is a tessera output store"):
+        ZarrVolumeReader().open(str(store / layout.image_path(1)))

@@ -83,7 +83,8 @@ def test_a_volume_goes_through_the_stages_and_equals_the_whole_volume_oracle(tmp
                           options=PredictorOptions(device="cpu", tile_size=6, tile_overlap=0.5, batch_size=4))
     zarr_path = tmp_path / "ct.zarr"
     create_scene_store(zarr_path, shape=SHAPE, chunk_shape=CHUNK, grid=scene_grid(info),
-                       class_names=ckpt.card.class_names, provenance={"fingerprint": "test"})
+                       class_names=ckpt.card.class_names, provenance={"fingerprint": "test"},
+                       image=(info.count, info.dtype))
     ctx = SceneContext(scene_id=0, name="ct", info=info, bands=None, zarr_path=str(zarr_path),
                        work_dir=str(tmp_path / "work"), fingerprint="test",
                        grid_shape=chunk_grid_shape(SHAPE, CHUNK), chunk_shape=CHUNK)
@@ -100,11 +101,15 @@ def test_a_volume_goes_through_the_stages_and_equals_the_whole_volume_oracle(tmp
             assert read.pixels.shape == (2, *w.window_shape)
             labels, _ = predictor.predict_core(read.pixels, read.valid, core=read.core_in_window)
             prediction = Prediction(task=read.task, labels=labels, probabilities=None, read_s=read.read_s,
-                                    predict_s=0.0)
+                                    predict_s=0.0, image=read.core_image())
         result = write_stage(prediction, scenes={0: ctx})
         assert result.error == "" and result.key == read.task.key
     assert skipped == 3 * 3  # the first plane of chunks
-    classes = zarr.open_array(str(zarr_path), path=layout.CLASSES, mode="r")[:]
+    classes = zarr.open_array(str(zarr_path), path=layout.classes_path(3), mode="r")[:]
+    # the root image is the input, channel for channel (the skipped chunks read as the fill, 0 = their input)
+    image = zarr.open_array(str(zarr_path), path=layout.image_path(0), mode="r")
+    assert image.dtype == np.uint16 and image.chunks == (2, *CHUNK)
+    np.testing.assert_array_equal(image[:], data)
 
     valid = ~(data == 0).all(axis=0)
     x = ((data.astype(np.float32) - np.float32(10000.0)) * (np.float32(1.0) / np.float32(3000.0))) * valid

@@ -55,6 +55,7 @@ def test_a_volume_store_is_refused(tmp_path):
 
     path = tmp_path / "v.zarr"
     grid = VolumeGrid(affine=np.eye(4).tolist(), spacing_mm=(1.0, 1.0, 1.0))
-    create_scene_store(path, shape=(4, 8, 8), chunk_shape=(4, 8, 8), grid=grid, class_names=("a",), provenance={})
+    create_scene_store(path, shape=(4, 8, 8), chunk_shape=(4, 8, 8), grid=grid, class_names=("a",), provenance={},
+                       image=(1, "float32"))
     with pytest.raises(ValueError, match="needs a \\(y, x\\) scene"):
         export_cog(path, tmp_path / "v.tif", grid=GeoGrid(transform=(1, 0, 0, 0, -1, 0)), class_names=("a",))

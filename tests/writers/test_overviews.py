@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
 import zarr
 
-from pipelines.plan.pyramid import mode_downsample
+from pipelines.plan.pyramid import mean_downsample, mode_downsample
 from pipelines.writers.overviews import add_overviews, build_overviews
 from pipelines.writers.zarr_masks import create_scene_store, mark_complete, write_chunk
 from schemas import store as layout
@@ -49,7 +50,7 @@ def test_2d_levels_equal_the_chained_numpy_mode_and_carry_their_transforms(tmp_p
     assert [r.shape for r in reports] == shapes
     for level, shape in enumerate(shapes, start=1):
         want = mode_downsample(want, (2, 2))
-        level_array = group[layout.level_path(level)]
+        level_array = group[layout.classes_path(2, level)]
         np.testing.assert_array_equal(level_array[:], want)
         assert level_array.chunks == tuple(min(32, n) for n in shape) and level_array.shape == shape
         ref = group[f"overviews/{level}/spatial_ref"].attrs["GeoTransform"].split()
@@ -133,8 +134,39 @@ def test_large_levels_are_built_as_ray_tasks_with_the_same_bytes(tmp_path, monke
         (r.shape, r.n_blocks, r.max_block_elements) for r in local]
     a, b = zarr.open_group(str(here), mode="r"), zarr.open_group(str(there), mode="r")
     for level in range(1, len(local) + 1):
-        np.testing.assert_array_equal(a[layout.level_path(level)][:], b[layout.level_path(level)][:])
+        np.testing.assert_array_equal(a[layout.classes_path(2, level)][:], b[layout.classes_path(2, level)][:])
     assert a.attrs.asdict() == b.attrs.asdict()
+
+
+def test_large_volume_levels_and_image_levels_are_built_as_ray_tasks_with_the_same_bytes(tmp_path, monkeypatch,
+                                                                                       ray_local):
+    import pipelines.writers.overviews as overviews
+
+    grid = layout.VolumeGrid(affine=np.eye(4))
+    labels = _labels((40, 21, 18), seed=2)
+    image = np.random.default_rng(2).normal(0, 100, (1, *labels.shape)).astype(np.float32)
+    stores = []
+    for name in ("here", "ray"):
+        path = tmp_path / f"{name}.zarr"
+        create_scene_store(path, shape=labels.shape, chunk_shape=(4, 8, 8), grid=grid, class_names=NAMES,
+                           provenance={"fingerprint": "f" * 64}, image=(1, "float32"))
+        write_chunk(path, tuple(slice(0, n) for n in labels.shape), labels, image=image)
+        stores.append(path)
+    here, there = stores
+    monkeypatch.setattr(overviews, "DISTRIBUTED_MIN_BLOCKS", 10**9)
+    local = build_overviews(here, class_colors=COLORS)
+    monkeypatch.setattr(overviews, "DISTRIBUTED_MIN_BLOCKS", 8)
+    monkeypatch.setattr(overviews, "DISTRIBUTED_MIN_NODES", 1)  # as on a cluster
+    remote = build_overviews(there, class_colors=COLORS)
+    # level 1 (20 x 11 x 9 in chunks of 4 x 8 x 8: 5 x 2 x 2): the classes in bands of chunk rows
+    # along z, the image likewise along its first spatial axis (its axis 0, the channels, is one
+    # chunk): 2 to 5 tasks each (at most 2 x the cluster's CPUs)
+    assert local[0].tasks == 0 and remote[0].tasks >= 2 * 2
+    a, b = zarr.open_group(str(here), mode="r"), zarr.open_group(str(there), mode="r")
+    for level in range(1, len(local) + 1):
+        np.testing.assert_array_equal(a[layout.classes_path(3, level)][:], b[layout.classes_path(3, level)][:])
+        np.testing.assert_array_equal(a[layout.image_path(level)][:], b[layout.image_path(level)][:])
+    np.testing.assert_array_equal(b["1"][:], mean_downsample(image, (1, 2, 2, 2)))
 
 
 def test_rebuilding_writes_the_same_levels_and_metadata(tmp_path):
@@ -164,14 +196,25 @@ def test_3d_levels_scale_translation_and_image_label(tmp_path):
     path = tmp_path / "v.zarr"
     volume = _labels((10, 40, 36), seed=5)
     create_scene_store(path, shape=volume.shape, chunk_shape=(8, 8, 8), grid=grid, class_names=NAMES,
-                       provenance={"fingerprint": "f" * 64})
-    write_chunk(path, tuple(slice(0, n) for n in volume.shape), volume)
+                       provenance={"fingerprint": "f" * 64}, image=(1, "float32"))
+    write_chunk(path, tuple(slice(0, n) for n in volume.shape), volume,
+                image=volume[None].astype(np.float32))
     reports = build_overviews(path, class_colors=COLORS)
     group = zarr.open_group(str(path), mode="r")
-    ome = group.attrs[layout.OME_ATTR]
+    label_group = group[layout.LABEL_IMAGE]
+    ome = label_group.attrs[layout.OME_ATTR]
     datasets = ome["multiscales"][0]["datasets"]
     factors = [(1, 1, 1), (1, 2, 2), (2, 4, 4), (4, 8, 8)]
-    assert [d["path"] for d in datasets] == [layout.level_path(k) for k in range(4)]
+    assert [d["path"] for d in datasets] == ["0", "1", "2", "3"]
+    assert [f"{layout.LABEL_IMAGE}/{d['path']}" for d in datasets] == [layout.classes_path(3, k) for k in range(4)]
+    # the root image has the same levels, with a channel axis (scale 1, translation 0) in front
+    image_datasets = group.attrs[layout.OME_ATTR]["multiscales"][0]["datasets"]
+    assert [d["path"] for d in image_datasets] == ["0", "1", "2", "3"]
+    for d, image_d in zip(datasets, image_datasets):
+        assert [t["type"] for t in image_d["coordinateTransformations"]] == ["scale", "translation"]
+        for t, image_t in zip(d["coordinateTransformations"], image_d["coordinateTransformations"]):
+            assert image_t[t["type"]] == [1.0 if t["type"] == "scale" else 0.0, *t[t["type"]]]
+    assert group.attrs[layout.OME_ATTR]["multiscales"][0]["type"] == "mean"
     assert [r.shape for r in reports] == [(10, 20, 18), (5, 10, 9), (3, 5, 5)]
     want = volume
     for level, ((fz, fy, fx), d) in enumerate(zip(factors, datasets)):
@@ -185,7 +228,8 @@ def test_3d_levels_scale_translation_and_image_label(tmp_path):
         np.testing.assert_allclose(np.asarray(level_grid.affine)[:3, 3], [r, a, s])
         if level:
             want = mode_downsample(want, tuple(f1 // f0 for f0, f1 in zip(factors[level - 1], factors[level])))
-            np.testing.assert_array_equal(group[d["path"]][:], want)
+            np.testing.assert_array_equal(label_group[d["path"]][:], want)
+            assert group[d["path"]].shape == (1, *want.shape)
     label = ome["image-label"]
     assert ome["version"] == label["version"] == "0.5"
     assert label["colors"][:3] == [{"label-value": 0, "rgba": [31, 119, 180, 255]},
@@ -193,11 +237,67 @@ def test_3d_levels_scale_translation_and_image_label(tmp_path):
                                    {"label-value": 2, "rgba": [214, 39, 40, 255]}]
     assert label["colors"][3] == {"label-value": 255, "rgba": [0, 0, 0, 0]}
     assert [p["name"] for p in label["properties"]] == [*NAMES, "nodata"]
+    assert label["source"] == {"image": "../../"}
+    assert group[layout.LABELS].attrs[layout.OME_ATTR] == {"version": "0.5", "labels": ["classes"]}
+    assert "image-label" not in group.attrs[layout.OME_ATTR]
+
+
+@pytest.mark.parametrize("dtype", ["int16", "float32"])
+def test_3d_image_levels_are_block_means_of_the_level_before(tmp_path, dtype):
+    # odd sizes: the blocks at the far edges are cut short; the mean is over the voxels they have
+    grid = layout.VolumeGrid(affine=[[0, 0, 0.7, 0], [0, 0.7, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
+    shape, chunk = (9, 21, 19), (4, 8, 8)
+    rng = np.random.default_rng(3)
+    image = rng.normal(0, 400, (2, *shape)).astype(dtype)
+    if dtype == "float32":
+        image[0, :3, :5, :5] = np.nan  # nodata: left out of a block's mean, NaN where the whole block is
+    path = tmp_path / "v.zarr"
+    create_scene_store(path, shape=shape, chunk_shape=chunk, grid=grid, class_names=NAMES,
+                       provenance={"fingerprint": "f" * 64}, image=(2, dtype))
+    for z in range(0, shape[0], chunk[0]):
+        for y in range(0, shape[1], chunk[1]):
+            for x in range(0, shape[2], chunk[2]):
+                core = (slice(z, z + chunk[0]), slice(y, y + chunk[1]), slice(x, x + chunk[2]))
+                write_chunk(path, core, np.zeros([len(range(*s.indices(n))) for s, n in zip(core, shape)], np.uint8),
+                            image=image[(slice(None), *core)])
+    reports = build_overviews(path, class_colors=COLORS)
+    group = zarr.open_group(str(path), mode="r")
+    np.testing.assert_array_equal(group["0"][:], image)
+    records = group.attrs[layout.TESSERA_ATTR][layout.KEY_OVERVIEWS]
+    assert [r["image_path"] for r in records] == [str(k) for k in range(len(records))]
+    assert len(reports) >= 2
+    level0 = image
+    for record in records[1:]:
+        fz, fy, fx = record["factors"]
+        level1 = group[record["image_path"]][:]
+        assert level1.dtype == np.dtype(dtype) and level1.shape == (2, *record["shape"])
+        # numpy block means, written out: pad each axis to a multiple of its factor with NaN
+        padded_shape = [2, *(-(-n // f) * f for n, f in zip(level0.shape[1:], (fz, fy, fx)))]
+        padded = np.full(padded_shape, np.nan)
+        padded[:, :level0.shape[1], :level0.shape[2], :level0.shape[3]] = level0
+        blocks = padded.reshape(2, padded_shape[1] // fz, fz, padded_shape[2] // fy, fy, padded_shape[3] // fx, fx)
+        with warnings.catch_warnings():  # "Mean of empty slice" where a whole block is NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            want = np.nanmean(blocks, axis=(2, 4, 6))
+        want = want.astype(dtype) if dtype == "float32" else np.rint(want).astype(dtype)
+        np.testing.assert_array_equal(level1, want)
+        np.testing.assert_array_equal(mean_downsample(level0, (1, fz, fy, fx)), want)
+        level0 = level1
+    # the first level: the top-left block of channel 0 is all NaN at level 1 where the block is
+    if dtype == "float32":
+        assert np.isnan(group["1"][0, 0, 0, 0]) and not np.isnan(group["1"][1, 0, 0, 0])
+    # rebuilt: the same levels
+    before = {k: group[k][:] for k in group.array_keys()}
+    build_overviews(path)
+    again = zarr.open_group(str(path), mode="r")
+    assert sorted(again.array_keys()) == sorted(before)
+    for k, v in before.items():
+        np.testing.assert_array_equal(again[k][:], v)
 
 
 def test_oblique_volume_levels_translate_by_the_half_block_only(tmp_path):
     grid = layout.VolumeGrid(affine=[[0.6, 0.6, 0, 0], [-0.6, 0.6, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
-    ome = grid.ome_multiscales([("classes", (1, 1, 1)), ("overviews/1/classes", (2, 2, 2))])
+    ome = grid.ome_multiscales([("0", (1, 1, 1)), ("1", (2, 2, 2))])
     level0, level1 = ome["multiscales"][0]["datasets"]
     assert [t["type"] for t in level0["coordinateTransformations"]] == ["scale"]
     assert level1["coordinateTransformations"][1]["translation"] == pytest.approx(

@@ -95,8 +95,8 @@ def test_3d_quicklook_shows_three_mid_slices_with_the_voxel_aspect(tmp_path):
     labels[5:] = 1  # upper half (z >= 5) class 1
     path = tmp_path / "v.zarr"
     create_scene_store(path, shape=shape, chunk_shape=(8, 8, 8), grid=layout.VolumeGrid(affine=info.affine),
-                       class_names=NAMES, provenance={"fingerprint": "f" * 64})
-    write_chunk(path, tuple(slice(0, n) for n in shape), labels)
+                       class_names=NAMES, provenance={"fingerprint": "f" * 64}, image=(1, info.dtype))
+    write_chunk(path, tuple(slice(0, n) for n in shape), labels, image=xyz.transpose(2, 1, 0)[None])
     build_overviews(path, class_colors=COLORS)
     out = ql.write_quicklook(path, tmp_path / "v.png", info=info, model_bands=(0,))
     png = np.asarray(Image.open(out).convert("RGB"))

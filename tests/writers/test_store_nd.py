@@ -127,7 +127,7 @@ def test_2d_store_bytes_equal_reference_writer(tmp_path, transform, crs_wkt, wit
 
 def _create_volume(path: Path, grid: VolumeGrid, shape, chunk, *, with_probabilities=False) -> None:
     create_scene_store(path, shape=shape, chunk_shape=chunk, grid=grid, class_names=CLASS_NAMES,
-                       provenance=PROVENANCE, with_probabilities=with_probabilities)
+                       provenance=PROVENANCE, with_probabilities=with_probabilities, image=(2, "int16"))
 
 
 def test_3d_chunks_in_any_order_reproduce_the_volume_and_rewrite_same_bytes(tmp_path):
@@ -140,20 +140,27 @@ def test_3d_chunks_in_any_order_reproduce_the_volume_and_rewrite_same_bytes(tmp_
     _create_volume(path, grid, shape, chunk, with_probabilities=True)
     cores = _cores(shape, chunk)
     assert len(cores) == 27
+    image = rng.integers(-1000, 3000, size=(2, *shape)).astype(np.int16)
     order = rng.permutation(len(cores))
     for i in order:
-        write_chunk(path, cores[i], volume[cores[i]], probabilities=probs[(slice(None), *cores[i])])
-    classes = zarr.open_array(str(path), path=layout.CLASSES, mode="r")
+        write_chunk(path, cores[i], volume[cores[i]], probabilities=probs[(slice(None), *cores[i])],
+                    image=image[(slice(None), *cores[i])])
+    classes = zarr.open_array(str(path), path=layout.classes_path(3), mode="r")
     assert classes.shape == shape and classes.dtype == np.uint8
     assert classes.metadata.dimension_names == ("z", "y", "x")
     np.testing.assert_array_equal(classes[...], volume)
     stored_probs = zarr.open_array(str(path), path=layout.PROBABILITIES, mode="r")
     assert stored_probs.metadata.dimension_names == ("class", "z", "y", "x")
     np.testing.assert_array_equal(stored_probs[...], probs)
+    stored_image = zarr.open_array(str(path), path=layout.image_path(0), mode="r")
+    assert stored_image.metadata.dimension_names == ("c", "z", "y", "x")
+    assert stored_image.dtype == np.int16 and stored_image.chunks == (2, *chunk)
+    np.testing.assert_array_equal(stored_image[...], image)
 
     first = _tree_bytes(path)
     for i in order[::-1]:  # every chunk again, in the reverse order: a retry changes no byte
-        write_chunk(path, cores[i], volume[cores[i]], probabilities=probs[(slice(None), *cores[i])])
+        write_chunk(path, cores[i], volume[cores[i]], probabilities=probs[(slice(None), *cores[i])],
+                    image=image[(slice(None), *cores[i])])
     assert _tree_bytes(path) == first
 
 
@@ -163,37 +170,68 @@ def test_3d_ome_metadata_field_by_field(tmp_path):
     _create_volume(path, VolumeGrid(ALIGNED_AFFINE, SPACING_ZYX), shape, chunk)
     root = json.loads((path / "zarr.json").read_text())
     assert root["zarr_format"] == 3 and root["node_type"] == "group"
+    # the root: the OME image of the input volume, channel axis first
     ome = root["attributes"]["ome"]
     assert set(ome) == {"version", "multiscales"}
     assert ome["version"] == "0.5"
     assert len(ome["multiscales"]) == 1
     multiscale = ome["multiscales"][0]
-    assert multiscale["axes"] == [{"name": "z", "type": "space", "unit": "millimeter"},
-                                  {"name": "y", "type": "space", "unit": "millimeter"},
-                                  {"name": "x", "type": "space", "unit": "millimeter"}]
+    space = [{"name": n, "type": "space", "unit": "millimeter"} for n in ("z", "y", "x")]
+    assert multiscale["axes"] == [{"name": "c", "type": "channel"}, *space]
     assert len(multiscale["datasets"]) == 1
     dataset = multiscale["datasets"][0]
-    assert dataset["path"] == layout.CLASSES
+    assert dataset["path"] == "0" == layout.image_path(0)
     assert dataset["coordinateTransformations"] == [
-        {"type": "scale", "scale": [3.0, 0.8, 0.8]},
-        {"type": "translation", "translation": [20.0, 50.0, -100.0]},  # origin as (S, A, R)
+        {"type": "scale", "scale": [1.0, 3.0, 0.8, 0.8]},
+        {"type": "translation", "translation": [0.0, 20.0, 50.0, -100.0]},  # origin as (S, A, R)
     ]
-    # the dataset path is an integer array whose dimension_names are the axes names
-    array_meta = json.loads((path / dataset["path"] / "zarr.json").read_text())
+    image_meta = json.loads((path / "0" / "zarr.json").read_text())
+    assert image_meta["shape"] == [2, *shape] and image_meta["data_type"] == "int16"
+    assert image_meta["chunk_grid"]["configuration"]["chunk_shape"] == [2, *chunk]
+    assert image_meta["dimension_names"] == [a["name"] for a in multiscale["axes"]]
+    # the labels group lists the one label image, which points back to the root image
+    labels = json.loads((path / "labels" / "zarr.json").read_text())
+    assert labels["node_type"] == "group"
+    assert labels["attributes"] == {"ome": {"version": "0.5", "labels": ["classes"]}}
+    label_ome = json.loads((path / "labels" / "classes" / "zarr.json").read_text())["attributes"]["ome"]
+    assert set(label_ome) == {"version", "multiscales"}  # image-label comes with the levels and colours
+    label_multiscale = label_ome["multiscales"][0]
+    assert label_multiscale["axes"] == space
+    label_dataset = label_multiscale["datasets"][0]
+    assert label_dataset["path"] == "0"
+    assert label_dataset["coordinateTransformations"] == [
+        {"type": "scale", "scale": [3.0, 0.8, 0.8]},
+        {"type": "translation", "translation": [20.0, 50.0, -100.0]},
+    ]
+    # the label dataset is an integer array whose dimension_names are the axes names
+    array_meta = json.loads((path / layout.classes_path(3) / "zarr.json").read_text())
     assert array_meta["shape"] == list(shape)
-    assert array_meta["dimension_names"] == [a["name"] for a in multiscale["axes"]]
+    assert array_meta["dimension_names"] == [a["name"] for a in label_multiscale["axes"]]
     assert array_meta["data_type"] == "uint8"
     # the OME transform maps voxels where the affine does (physical z, y, x == S, A, R)
-    scale = np.array(dataset["coordinateTransformations"][0]["scale"])
-    shift = np.array(dataset["coordinateTransformations"][1]["translation"])
+    scale = np.array(label_dataset["coordinateTransformations"][0]["scale"])
+    shift = np.array(label_dataset["coordinateTransformations"][1]["translation"])
     index = np.array([[0, 0, 0], [4, 5, 6], [1, 3, 2]], dtype=np.float64)
     ras = (np.array(ALIGNED_AFFINE) @ np.c_[index, np.ones(3)].T).T[:, :3]
     np.testing.assert_allclose((index * scale + shift)[:, ::-1], ras, rtol=0, atol=1e-12)
-    # no 2D georeferencing arrays in a volume store
-    assert sorted(zarr.open_group(str(path), mode="r").array_keys()) == [layout.CLASSES]
+    # no 2D georeferencing arrays in a volume store: the image at the root, the classes under labels/
+    group = zarr.open_group(str(path), mode="r")
+    assert sorted(group.array_keys()) == ["0"]
+    assert sorted(group.group_keys()) == ["labels"]
+    assert sorted(group["labels/classes"].array_keys()) == ["0"]
     tessera = root["attributes"][layout.TESSERA_ATTR]
     assert tessera[layout.KEY_SPACING_MM] == [3.0, 0.8, 0.8]
     assert layout.KEY_TRANSFORM not in tessera and layout.KEY_CRS_WKT not in tessera
+
+
+def test_classes_path_is_the_2d_path_and_the_3d_label_image_level():
+    assert layout.classes_path(2) == "classes"
+    assert layout.classes_path(2, 3) == "overviews/3/classes"
+    assert layout.classes_path(GeoGrid((1.0, 0.0, 0.0, 0.0, -1.0, 0.0)), 1) == "overviews/1/classes"
+    assert layout.classes_path(3) == "labels/classes/0"
+    assert layout.classes_path(VolumeGrid(ALIGNED_AFFINE, SPACING_ZYX), 2) == "labels/classes/2"
+    with pytest.raises(ValueError, match="2 or 3 spatial axes"):
+        layout.classes_path(4)
 
 
 @pytest.mark.parametrize("kind", ["oblique", "diagonal"])
@@ -210,6 +248,8 @@ def test_3d_affine_without_ome_equivalent_keeps_scale_only_and_exact_affine(tmp_
     mark_complete(path)
     group = zarr.open_group(str(path), mode="r")
     dataset = group.attrs["ome"]["multiscales"][0]["datasets"][0]
+    assert dataset["coordinateTransformations"] == [{"type": "scale", "scale": [1.0, *spacing]}]
+    dataset = group["labels/classes"].attrs["ome"]["multiscales"][0]["datasets"][0]
     assert dataset["coordinateTransformations"] == [{"type": "scale", "scale": list(spacing)}]
     stored = np.array(group.attrs[layout.TESSERA_ATTR][layout.KEY_AFFINE], dtype=np.float64)
     assert stored.shape == (4, 4)
@@ -224,12 +264,14 @@ def test_3d_mark_complete_keeps_ome_and_provenance(tmp_path):
     _create_volume(path, VolumeGrid(ALIGNED_AFFINE, SPACING_ZYX), (3, 4, 4), (3, 4, 4))
     assert read_store_state(path)[layout.KEY_STATUS] == layout.STORE_STATUS_PARTIAL
     before = zarr.open_group(str(path), mode="r").attrs["ome"]
+    labels_before = zarr.open_group(str(path), mode="r")["labels/classes"].attrs["ome"]
     mark_complete(path, {"n_chunks": 1})
     state = read_store_state(path)
     assert state[layout.KEY_STATUS] == layout.STORE_STATUS_COMPLETE
     assert state["n_chunks"] == 1 and state[layout.KEY_FINGERPRINT] == "f" * 64
     assert state[layout.KEY_CLASS_NAMES] == list(CLASS_NAMES)
     assert zarr.open_group(str(path), mode="r").attrs["ome"] == before
+    assert zarr.open_group(str(path), mode="r")["labels/classes"].attrs["ome"] == labels_before
     assert (path / "zarr.json").is_file()
 
 
@@ -289,15 +331,20 @@ def test_store_rejects_shapes_and_geometry_that_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match=r"grid must be a GeoGrid or a VolumeGrid, got tuple"):
         create_scene_store(tmp_path / "c.zarr", shape=(4, 5), chunk_shape=(4, 5),
                            grid=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0), **common)
-    assert not any((tmp_path / n).exists() for n in ("a.zarr", "b.zarr", "c.zarr"))
+    with pytest.raises(ValueError, match=r"a volume store needs its input image"):
+        create_scene_store(tmp_path / "d.zarr", shape=(4, 5, 6), chunk_shape=(4, 5, 6), grid=volume, **common)
+    with pytest.raises(ValueError, match=r"a 2D store holds no input image"):
+        create_scene_store(tmp_path / "e.zarr", shape=(4, 5), chunk_shape=(4, 5),
+                           grid=GeoGrid((1.0, 0.0, 0.0, 0.0, -1.0, 0.0)), image=(1, "uint8"), **common)
+    assert not any((tmp_path / n).exists() for n in ("a.zarr", "b.zarr", "c.zarr", "d.zarr", "e.zarr"))
 
     path = tmp_path / "v.zarr"
     _create_volume(path, volume, (6, 8, 8), (3, 4, 4))
-    with pytest.raises(ValueError, match=r"has 2 axes, `classes` has 3"):
+    with pytest.raises(ValueError, match=r"no `classes` for a core of 2 axes"):
         write_chunk(path, (slice(0, 4), slice(0, 4)), np.zeros((4, 4), np.uint8))
     with pytest.raises(ValueError, match=r"starts inside a chunk on axis 1"):
         write_chunk(path, (slice(0, 3), slice(2, 6), slice(0, 4)), np.zeros((3, 4, 4), np.uint8))
-    classes = zarr.open_array(str(path), path=layout.CLASSES, mode="r")
+    classes = zarr.open_array(str(path), path=layout.classes_path(3), mode="r")
     assert (classes[...] == layout.NODATA_CLASS).all()  # nothing was written by the refused calls
 
 

@@ -60,12 +60,12 @@ def test_nifti_export_carries_the_affine_and_the_labels_voxel_for_voxel(tmp_path
     grid = VolumeGrid(tuple(map(tuple, AFFINE)))
     path = tmp_path / "ct.zarr"
     create_scene_store(path, shape=labels.shape, chunk_shape=(4, 4, 4), grid=grid, class_names=tuple(CLASSES[:4]),
-                       provenance={"fingerprint": "t"})
+                       provenance={"fingerprint": "t"}, image=(1, "int16"))
     for z in range(0, 9, 4):
         for y in range(0, 11, 4):
             for x in range(0, 13, 4):
                 core = (slice(z, min(z + 4, 9)), slice(y, min(y + 4, 11)), slice(x, min(x + 4, 13)))
-                write_chunk(path, core, labels[core])
+                write_chunk(path, core, labels[core], image=labels[None][(slice(None), *core)].astype(np.int16))
     out = export_nifti(path, tmp_path / "ct.nii.gz", grid=grid)
     img = nib.load(out)
     assert img.shape == (13, 11, 9) and img.get_data_dtype() == np.uint8

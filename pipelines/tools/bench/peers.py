@@ -193,7 +193,7 @@ def run_monai_peer(
     gpu_peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     del probs, x
 
-    stored = zarr.open_array(zarr_path, path=layout.CLASSES, mode="r")
+    stored = zarr.open_array(zarr_path, path=layout.classes_path(2), mode="r")
     ch, cw = stored.chunks
     same = n_valid = 0
     for r in range(0, height, ch):
@@ -391,7 +391,7 @@ def _agreement_3d(zarr_path: str, labels: np.ndarray) -> float | None:
 
     from schemas import store as layout
 
-    stored = zarr.open_array(zarr_path, path=layout.CLASSES, mode="r")
+    stored = zarr.open_array(zarr_path, path=layout.classes_path(3), mode="r")
     if tuple(stored.shape) != labels.shape:
         raise ValueError(f"{zarr_path}: classes of shape {tuple(stored.shape)}, MONAI's labels {labels.shape}")
     depth = stored.chunks[0]

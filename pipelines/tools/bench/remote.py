@@ -39,7 +39,7 @@ def _classes(root, scene: str) -> np.ndarray:
 
     from schemas import store as layout
 
-    return zarr.open_array(str(root / f"{scene}.zarr"), path=layout.CLASSES, mode="r")[:]
+    return zarr.open_array(str(root / f"{scene}.zarr"), path=layout.classes_path(2), mode="r")[:]
 
 
 def ensure_cog(scene: Path) -> Path:
