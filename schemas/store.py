@@ -428,28 +428,31 @@ class VolumeGrid:
         volume keeps the scale alone, see `ome_attributes`). `type` "mode" names the
         downsampling (pipelines.plan.pyramid).
         """
-        axes = [{"name": name, "type": "space", "unit": OME_SPACE_UNIT} for name in DIMENSIONS_3D]
-        multiscale: dict[str, Any] = {"name": CLASSES, "axes": axes,
-                                      "datasets": self._ome_datasets(levels, channel=False)}
-        if len(levels) > 1:
-            multiscale.update(type=RESAMPLING_MODE, metadata={
-                "description": "most frequent class of each 2x2x2 (or 1x2x2 on an already coarse axis) block, "
-                               "nodata (255) only where the whole block is nodata, ties to the lowest class id"})
-        return {"version": OME_VERSION, "multiscales": [multiscale]}
+        return self._ome_multiscale(
+            CLASSES, levels, channel=False, resampling=RESAMPLING_MODE,
+            description="most frequent class of each 2x2x2 (or 1x2x2 on an already coarse axis) block, "
+                        "nodata (255) only where the whole block is nodata, ties to the lowest class id")
 
     def ome_image_multiscales(self, levels: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
         """The OME-Zarr 0.5 `ome` object of the root image (the input volume, arrays `0`, `1`,
         ...): axes c (type channel) then z, y, x as in `ome_multiscales`; each level's `scale`
         and `translation` are the label level's with a leading 1 and 0 for the channel axis.
         `type` "mean": each level is the mean of the blocks of the level before."""
-        axes = [{"name": CHANNEL_DIM, "type": "channel"}]
-        axes += [{"name": name, "type": "space", "unit": OME_SPACE_UNIT} for name in DIMENSIONS_3D]
-        multiscale: dict[str, Any] = {"name": "image", "axes": axes,
-                                      "datasets": self._ome_datasets(levels, channel=True)}
+        return self._ome_multiscale(
+            "image", levels, channel=True, resampling=RESAMPLING_MEAN,
+            description="mean of each 2x2x2 (or 1x2x2 on an already coarse axis) block per channel, "
+                        "accumulated in float64, NaN ignored; integer inputs rounded to the nearest")
+
+    def _ome_multiscale(self, name: str, levels: list[tuple[str, tuple[int, ...]]], *, channel: bool,
+                        resampling: str, description: str) -> dict[str, Any]:
+        """The `ome` object of one multiscale image: axes (a leading channel axis when `channel`)
+        z, y, x in millimeter, `_ome_datasets`, and the downsampling `type` and its description
+        when there is more than one level."""
+        axes = [{"name": CHANNEL_DIM, "type": "channel"}] if channel else []
+        axes += [{"name": n, "type": "space", "unit": OME_SPACE_UNIT} for n in DIMENSIONS_3D]
+        multiscale: dict[str, Any] = {"name": name, "axes": axes, "datasets": self._ome_datasets(levels, channel=channel)}
         if len(levels) > 1:
-            multiscale.update(type=RESAMPLING_MEAN, metadata={
-                "description": "mean of each 2x2x2 (or 1x2x2 on an already coarse axis) block per channel, "
-                               "accumulated in float64, NaN ignored; integer inputs rounded to the nearest"})
+            multiscale.update(type=resampling, metadata={"description": description})
         return {"version": OME_VERSION, "multiscales": [multiscale]}
 
     def ome_label_attributes(self, levels: list[tuple[str, tuple[int, ...]]],
